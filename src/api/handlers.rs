@@ -1,0 +1,335 @@
+//! Thin handlers: request → interaction → response.
+
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::http::StatusCode;
+use axum::response::Response;
+
+use super::request::{FhirRequest, FhirResponse, Return};
+use super::AppState;
+use crate::error::{Error, Result};
+use crate::fhir::bundle::etag;
+use crate::fhir::{operation_outcome, Issue};
+use crate::interaction::{self, bundle, Written};
+use crate::store::{HistoryScope, Version};
+
+/// `Last-Modified` from a stored instant.
+fn http_date(instant: &str) -> Option<String> {
+    chrono::DateTime::parse_from_rfc3339(instant)
+        .ok()
+        .map(|t| httpdate::fmt_http_date(std::time::SystemTime::from(t)))
+}
+
+fn version_headers(mut r: FhirResponse, version: i64, last_updated: &str) -> FhirResponse {
+    r = r.header(header::ETAG, etag(version));
+    if let Some(d) = http_date(last_updated) {
+        r = r.header(header::LAST_MODIFIED, d);
+    }
+    r
+}
+
+/// A stored version as a response (read, vread).
+fn stored(v: Version) -> FhirResponse {
+    let r = FhirResponse::new(StatusCode::OK);
+    let r = version_headers(r, v.version, &v.last_updated);
+    r.with_json(v.body.unwrap_or_default())
+}
+
+/// A write's response, honouring `Prefer: return`.
+fn written(state: &AppState, req: &FhirRequest, w: Written) -> FhirResponse {
+    let location = format!("{}/{}", state.env.base, w.versioned_path());
+    let mut r = version_headers(FhirResponse::new(w.status), w.version, &w.last_updated);
+    r = r.header(
+        if w.status == StatusCode::CREATED {
+            header::LOCATION
+        } else {
+            header::CONTENT_LOCATION
+        },
+        location,
+    );
+    match req.prefer_return() {
+        Return::Minimal => r,
+        Return::Representation => match w.resource {
+            Some(res) => r.with_value(res),
+            None => r,
+        },
+        Return::OperationOutcome => r.with_value(operation_outcome(&[Issue::information(format!(
+            "{}/{} version {} stored",
+            w.rtype, w.id, w.version
+        ))])),
+    }
+}
+
+fn deleted(req: &FhirRequest, w: Option<Written>, what: &str) -> FhirResponse {
+    let mut r = match req.prefer_return() {
+        Return::OperationOutcome => FhirResponse::new(StatusCode::OK).with_value(operation_outcome(&[
+            Issue::information(match &w {
+                Some(_) => format!("{what} deleted"),
+                None => format!("{what}: nothing to delete"),
+            }),
+        ])),
+        _ => FhirResponse::new(StatusCode::NO_CONTENT),
+    };
+    if let Some(w) = w {
+        r = r.header(header::ETAG, etag(w.version));
+    }
+    r
+}
+
+pub async fn metadata(State(state): State<AppState>, req: FhirRequest) -> Response {
+    let cs = super::capability_statement(&state.env.base);
+    req.respond(Ok(FhirResponse::new(StatusCode::OK).with_value(cs)))
+}
+
+pub async fn read(
+    State(state): State<AppState>,
+    Path((rtype, id)): Path<(String, String)>,
+    req: FhirRequest,
+) -> Response {
+    let result = async {
+        let mut conn = state.store.reader().await?;
+        Ok(stored(interaction::read(&mut conn, &rtype, &id).await?))
+    };
+    req.respond(result.await)
+}
+
+pub async fn vread(
+    State(state): State<AppState>,
+    Path((rtype, id, vid)): Path<(String, String, String)>,
+    req: FhirRequest,
+) -> Response {
+    let result = async {
+        let mut conn = state.store.reader().await?;
+        Ok(stored(interaction::vread(&mut conn, &rtype, &id, &vid).await?))
+    };
+    req.respond(result.await)
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    Path(rtype): Path<String>,
+    req: FhirRequest,
+) -> Response {
+    let result = async {
+        interaction::check_type(&rtype)?;
+        let resource = req.resource()?;
+        let if_none_exist = req.header("if-none-exist").map(|q| q.trim_start_matches('?'));
+        let mut tx = state.store.begin().await?;
+        let w = interaction::create(&mut tx, &rtype, resource, if_none_exist).await?;
+        tx.commit().await?;
+        Ok(written(&state, &req, w))
+    };
+    req.respond(result.await)
+}
+
+pub async fn update(
+    State(state): State<AppState>,
+    Path((rtype, id)): Path<(String, String)>,
+    req: FhirRequest,
+) -> Response {
+    let result = async {
+        interaction::check_type(&rtype)?;
+        let resource = req.resource()?;
+        let if_match = req.if_match()?;
+        let mut tx = state.store.begin().await?;
+        let w = interaction::update(&mut tx, &rtype, &id, resource, if_match).await?;
+        tx.commit().await?;
+        Ok(written(&state, &req, w))
+    };
+    req.respond(result.await)
+}
+
+fn criteria(req: &FhirRequest) -> Result<&str> {
+    match req.raw_query.as_deref() {
+        Some(q) if !q.is_empty() => Ok(q),
+        _ => Err(Error::MethodNotAllowed(
+            "this operation on a resource type needs search criteria (Type?param=value)".into(),
+        )),
+    }
+}
+
+/// Criteria without result-shaping parameters such as `_format`.
+fn criteria_only(q: &str) -> String {
+    form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(
+            form_urlencoded::parse(q.as_bytes())
+                .filter(|(k, _)| !crate::search::RESULT_PARAMS.contains(&k.as_ref())),
+        )
+        .finish()
+}
+
+pub async fn conditional_update(
+    State(state): State<AppState>,
+    Path(rtype): Path<String>,
+    req: FhirRequest,
+) -> Response {
+    let result = async {
+        interaction::check_type(&rtype)?;
+        let query = criteria_only(criteria(&req)?);
+        let resource = req.resource()?;
+        let if_match = req.if_match()?;
+        let mut tx = state.store.begin().await?;
+        let w = interaction::conditional_update(&mut tx, &rtype, &query, resource, if_match).await?;
+        tx.commit().await?;
+        Ok(written(&state, &req, w))
+    };
+    req.respond(result.await)
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    Path((rtype, id)): Path<(String, String)>,
+    req: FhirRequest,
+) -> Response {
+    let result = async {
+        let if_match = req.if_match()?;
+        let mut tx = state.store.begin().await?;
+        let w = interaction::delete(&mut tx, &rtype, &id, if_match).await?;
+        tx.commit().await?;
+        Ok(deleted(&req, w, &format!("{rtype}/{id}")))
+    };
+    req.respond(result.await)
+}
+
+pub async fn conditional_delete(
+    State(state): State<AppState>,
+    Path(rtype): Path<String>,
+    req: FhirRequest,
+) -> Response {
+    let result = async {
+        interaction::check_type(&rtype)?;
+        let query = criteria_only(criteria(&req)?);
+        let mut tx = state.store.begin().await?;
+        let w = interaction::conditional_delete(&mut tx, &rtype, &query).await?;
+        tx.commit().await?;
+        Ok(deleted(&req, w, &format!("{rtype}?{query}")))
+    };
+    req.respond(result.await)
+}
+
+pub async fn patch(
+    State(state): State<AppState>,
+    Path((rtype, id)): Path<(String, String)>,
+    req: FhirRequest,
+) -> Response {
+    let result = async {
+        interaction::check_type(&rtype)?;
+        let doc = req.json_patch()?;
+        let if_match = req.if_match()?;
+        let mut tx = state.store.begin().await?;
+        let w = interaction::patch(&mut tx, &rtype, &id, &doc, if_match).await?;
+        tx.commit().await?;
+        Ok(written(&state, &req, w))
+    };
+    req.respond(result.await)
+}
+
+pub async fn conditional_patch(
+    State(state): State<AppState>,
+    Path(rtype): Path<String>,
+    req: FhirRequest,
+) -> Response {
+    let result = async {
+        interaction::check_type(&rtype)?;
+        let query = criteria_only(criteria(&req)?);
+        let doc = req.json_patch()?;
+        let if_match = req.if_match()?;
+        let mut tx = state.store.begin().await?;
+        let w = interaction::conditional_patch(&mut tx, &rtype, &query, &doc, if_match).await?;
+        tx.commit().await?;
+        Ok(written(&state, &req, w))
+    };
+    req.respond(result.await)
+}
+
+async fn history(state: &AppState, req: &FhirRequest, scope: HistoryScope<'_>) -> Result<FhirResponse> {
+    let mut conn = state.store.reader().await?;
+    let b = interaction::history(&mut conn, &state.env, scope, &req.params).await?;
+    Ok(FhirResponse::new(StatusCode::OK).with_value(b))
+}
+
+pub async fn history_system(State(state): State<AppState>, req: FhirRequest) -> Response {
+    req.respond(history(&state, &req, HistoryScope::System).await)
+}
+
+pub async fn history_type(
+    State(state): State<AppState>,
+    Path(rtype): Path<String>,
+    req: FhirRequest,
+) -> Response {
+    req.respond(history(&state, &req, HistoryScope::Type(&rtype)).await)
+}
+
+pub async fn history_instance(
+    State(state): State<AppState>,
+    Path((rtype, id)): Path<(String, String)>,
+    req: FhirRequest,
+) -> Response {
+    req.respond(history(&state, &req, HistoryScope::Instance(&rtype, &id)).await)
+}
+
+async fn search(state: &AppState, req: &FhirRequest, rtype: &str, params: &[(String, String)]) -> Result<FhirResponse> {
+    let mut conn = state.store.reader().await?;
+    let b = interaction::search(&mut conn, &state.env, rtype, params, req.strict_handling()).await?;
+    Ok(FhirResponse::new(StatusCode::OK).with_value(b))
+}
+
+pub async fn search_type(
+    State(state): State<AppState>,
+    Path(rtype): Path<String>,
+    req: FhirRequest,
+) -> Response {
+    req.respond(search(&state, &req, &rtype, &req.params).await)
+}
+
+/// `POST Type/_search` with an `application/x-www-form-urlencoded` body.
+pub async fn search_post(
+    State(state): State<AppState>,
+    Path(rtype): Path<String>,
+    req: FhirRequest,
+) -> Response {
+    let result = async {
+        let ct = req.header("content-type").unwrap_or("");
+        if !ct.starts_with("application/x-www-form-urlencoded") {
+            return Err(Error::UnsupportedMediaType(format!(
+                "{ct} (_search accepts application/x-www-form-urlencoded)"
+            )));
+        }
+        let mut params = req.params.clone();
+        params.extend(form_urlencoded::parse(&req.body).into_owned());
+        search(&state, &req, &rtype, &params).await
+    };
+    req.respond(result.await)
+}
+
+pub async fn system_search(req: FhirRequest) -> Response {
+    req.respond(Err(Error::NotSupported(
+        "search across all resource types is not supported yet; search one type (GET /Type?…)".into(),
+    )))
+}
+
+pub async fn transaction(State(state): State<AppState>, req: FhirRequest) -> Response {
+    let result = async {
+        let b = req.resource()?;
+        if b.get("resourceType").and_then(|v| v.as_str()) != Some("Bundle") {
+            return Err(Error::invalid_at(
+                "POST to the base URL takes a batch or transaction Bundle",
+                "resourceType",
+            ));
+        }
+        let response = bundle::process(&state.store, &state.env, b).await?;
+        Ok(FhirResponse::new(StatusCode::OK).with_value(response))
+    };
+    req.respond(result.await)
+}
+
+pub async fn not_found(req: FhirRequest) -> Response {
+    req.respond(Err(Error::NotFound("no FHIR endpoint at this URL".into())))
+}
+
+pub async fn method_not_allowed(req: FhirRequest) -> Response {
+    let m = req.method.clone();
+    req.respond(Err(Error::MethodNotAllowed(format!(
+        "{m} is not allowed on this URL"
+    ))))
+}

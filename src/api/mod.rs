@@ -1,0 +1,96 @@
+//! HTTP: the axum router and thin handlers. A handler turns the request into
+//! plain values, calls an `interaction` function, and renders the result or
+//! error in the negotiated format.
+
+mod capability;
+mod handlers;
+mod request;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::config::Config;
+use crate::interaction::Env;
+use crate::store::Store;
+
+pub use capability::capability_statement;
+pub use request::{FhirRequest, FhirResponse};
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub env: Arc<Env>,
+    pub config: Arc<Config>,
+}
+
+impl AppState {
+    pub fn new(store: Store, config: Config) -> AppState {
+        let env = Env {
+            base: config.base_url(),
+            default_count: config.default_count,
+            max_count: config.max_count,
+        };
+        AppState {
+            store,
+            env: Arc::new(env),
+            config: Arc::new(config),
+        }
+    }
+}
+
+/// The FHIR REST API.
+pub fn router(state: AppState) -> Router {
+    use handlers::*;
+    Router::new()
+        .route("/metadata", get(metadata))
+        .route("/", post(transaction).get(system_search))
+        .route("/_history", get(history_system))
+        .route(
+            "/{rtype}",
+            get(search_type)
+                .post(create)
+                .put(conditional_update)
+                .delete(conditional_delete)
+                .patch(conditional_patch),
+        )
+        .route("/{rtype}/_search", post(search_post))
+        .route("/{rtype}/_history", get(history_type))
+        .route(
+            "/{rtype}/{id}",
+            get(read).put(update).delete(delete).patch(patch),
+        )
+        .route("/{rtype}/{id}/_history", get(history_instance))
+        .route("/{rtype}/{id}/_history/{vid}", get(vread))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(log_request))
+        .with_state(state)
+}
+
+/// One log line per request: method, route template, status, latency.
+/// Query strings and bodies are never logged (they may carry PHI).
+async fn log_request(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let start = Instant::now();
+    let response = next.run(req).await;
+    tracing::info!(
+        %method,
+        route,
+        status = response.status().as_u16(),
+        micros = start.elapsed().as_micros() as u64,
+        "request"
+    );
+    response
+}

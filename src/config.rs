@@ -1,0 +1,83 @@
+//! Configuration: defaults, then `ehrx.toml`, then `EHRX_*` environment variables.
+
+use std::path::Path;
+
+use figment::providers::{Env, Format as _, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Socket address to listen on (`EHRX_LISTEN`).
+    pub listen: String,
+    /// Public base URL of the FHIR endpoint, used in links and `Location`
+    /// (`EHRX_BASE_URL`); defaults to `http://{listen}`.
+    pub base_url: Option<String>,
+    /// `sqlite:…` (default `./ehrx.db`) or `postgres://…` (`EHRX_DATABASE_URL`).
+    pub database_url: String,
+    /// Largest accepted request body in bytes (`EHRX_MAX_BODY_BYTES`).
+    pub max_body_bytes: usize,
+    /// Page size of searches and history when `_count` is absent (`EHRX_DEFAULT_COUNT`).
+    pub default_count: usize,
+    /// Largest page size a client may ask for (`EHRX_MAX_COUNT`).
+    pub max_count: usize,
+    /// Database connection pool size (`EHRX_DB_POOL_SIZE`).
+    pub db_pool_size: u32,
+    /// Log filter in `tracing` syntax (`EHRX_LOG`), e.g. `info,ehrx=debug`.
+    pub log: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".into(),
+            base_url: None,
+            database_url: "sqlite:ehrx.db".into(),
+            max_body_bytes: 32 * 1024 * 1024,
+            default_count: 50,
+            max_count: 1000,
+            db_pool_size: 8,
+            log: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// Loads the configuration: built-in defaults, then the TOML file (if it
+    /// exists), then `EHRX_*` environment variables.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let file = file.unwrap_or_else(|| Path::new("ehrx.toml"));
+        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::file(file))
+            .merge(Env::prefixed("EHRX_").ignore(&["test_database_url"]))
+            .extract()
+            .map_err(|e| ConfigError(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.default_count == 0 || self.max_count == 0 || self.default_count > self.max_count {
+            return Err(ConfigError(
+                "default_count and max_count must be positive, default_count <= max_count".into(),
+            ));
+        }
+        if self.max_body_bytes == 0 {
+            return Err(ConfigError("max_body_bytes must be positive".into()));
+        }
+        Ok(())
+    }
+
+    /// The public FHIR base URL, without a trailing slash.
+    pub fn base_url(&self) -> String {
+        match &self.base_url {
+            Some(b) => b.trim_end_matches('/').to_string(),
+            None => format!("http://{}", self.listen),
+        }
+    }
+}

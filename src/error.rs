@@ -1,0 +1,181 @@
+//! The one error type of the FHIR interaction layer, and the single place
+//! where errors become an HTTP status and an OperationOutcome.
+
+use axum::http::StatusCode;
+use serde_json::Value;
+
+use crate::fhir::codec::ParseFault;
+use crate::fhir::{operation_outcome, Issue};
+use crate::store::StoreError;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The body could not be parsed, or is not a valid R4 resource.
+    #[error("{}", .0.message)]
+    Parse(ParseFault),
+    /// The request is well formed but not acceptable (wrong id, wrong type, …).
+    #[error("{message}")]
+    Invalid {
+        message: String,
+        expression: Option<String>,
+    },
+    /// A search or request parameter ehrx does not understand.
+    #[error("{0}")]
+    UnknownParameter(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("unknown resource type '{0}'")]
+    UnknownType(String),
+    #[error("{0}")]
+    Gone(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    PreconditionFailed(String),
+    #[error("{0}")]
+    MultipleMatches(String),
+    #[error("{0}")]
+    Unprocessable(String),
+    #[error("unsupported media type '{0}'")]
+    UnsupportedMediaType(String),
+    #[error("none of the requested formats '{0}' is supported")]
+    NotAcceptable(String),
+    #[error("request body exceeds the limit of {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("{0}")]
+    NotSupported(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An error raised by one entry of a batch or transaction Bundle.
+    #[error("Bundle.entry[{index}]: {source}")]
+    InEntry {
+        index: usize,
+        #[source]
+        source: Box<Error>,
+    },
+}
+
+impl From<ParseFault> for Error {
+    fn from(f: ParseFault) -> Self {
+        Error::Parse(f)
+    }
+}
+
+impl Error {
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Error::Invalid {
+            message: message.into(),
+            expression: None,
+        }
+    }
+
+    pub fn invalid_at(message: impl Into<String>, expression: impl Into<String>) -> Self {
+        Error::Invalid {
+            message: message.into(),
+            expression: Some(expression.into()),
+        }
+    }
+
+    /// Names the Bundle entry the error came from.
+    pub fn in_entry(self, index: usize) -> Self {
+        match self {
+            e @ Error::InEntry { .. } => e,
+            e => Error::InEntry {
+                index,
+                source: Box::new(e),
+            },
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::Parse(_) | Error::Invalid { .. } | Error::UnknownParameter(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            Error::NotFound(_) | Error::UnknownType(_) => StatusCode::NOT_FOUND,
+            Error::Gone(_) => StatusCode::GONE,
+            Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::PreconditionFailed(_) | Error::MultipleMatches(_) => {
+                StatusCode::PRECONDITION_FAILED
+            }
+            Error::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Error::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
+            Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::NotSupported(_) => StatusCode::BAD_REQUEST,
+            Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Error::Store(StoreError::Conflict(_)) => StatusCode::CONFLICT,
+            Error::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::InEntry { source, .. } => source.status(),
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            Error::Parse(_) => "structure",
+            Error::Invalid { .. } => "invalid",
+            Error::UnknownParameter(_) => "not-supported",
+            Error::NotFound(_) => "not-found",
+            Error::UnknownType(_) => "not-supported",
+            Error::Gone(_) => "deleted",
+            Error::Conflict(_) => "conflict",
+            Error::PreconditionFailed(_) => "conflict",
+            Error::MultipleMatches(_) => "multiple-matches",
+            Error::Unprocessable(_) => "processing",
+            Error::UnsupportedMediaType(_) | Error::NotAcceptable(_) => "not-supported",
+            Error::PayloadTooLarge(_) => "too-costly",
+            Error::NotSupported(_) | Error::MethodNotAllowed(_) => "not-supported",
+            Error::Store(StoreError::Conflict(_)) => "conflict",
+            Error::Store(_) => "exception",
+            Error::InEntry { source, .. } => source.code(),
+        }
+    }
+
+    fn expression(&self) -> Option<String> {
+        match self {
+            Error::Parse(f) => f.expression.clone(),
+            Error::Invalid { expression, .. } => expression.clone(),
+            Error::InEntry { index, source } => Some(match source.expression() {
+                // A resource-relative path such as `Patient.name` sits under the entry's resource.
+                Some(inner) if inner.starts_with("Bundle.") => {
+                    format!("Bundle.entry[{index}].{}", &inner["Bundle.".len()..])
+                }
+                Some(inner) => format!("Bundle.entry[{index}].resource.{}", after_type(&inner)),
+                None => format!("Bundle.entry[{index}]"),
+            }),
+            _ => None,
+        }
+    }
+
+    fn diagnostics(&self) -> String {
+        match self {
+            Error::Parse(f) => match f.position {
+                Some((line, col)) => format!("{} (line {line}, column {col})", f.message),
+                None => f.message.clone(),
+            },
+            // Never leak database internals to the caller; they go to the log.
+            Error::Store(StoreError::Database(_)) => "internal storage error".to_string(),
+            other => other.to_string(),
+        }
+    }
+
+    /// The OperationOutcome describing this error.
+    pub fn outcome(&self) -> Value {
+        if self.status().is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        operation_outcome(&[Issue::error(self.code(), self.diagnostics()).at(self.expression())])
+    }
+}
+
+/// `Patient.name[0]` → `name[0]`; `Patient` → ``.
+fn after_type(path: &str) -> &str {
+    match path.find('.') {
+        Some(i) => &path[i + 1..],
+        None => "",
+    }
+}

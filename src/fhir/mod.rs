@@ -1,0 +1,12 @@
+//! FHIR R4: wire formats, resource types, and the shapes ehrx builds
+//! (OperationOutcome, Bundle), kept apart from HTTP and storage.
+pub mod bundle;
+pub mod codec;
+pub mod locate;
+pub mod media;
+pub mod outcome;
+pub mod reference;
+pub mod types;
+
+pub use media::Format;
+pub use outcome::{operation_outcome, Issue};

@@ -1,0 +1,393 @@
+//! The FHIR RESTful interactions (http.html) as plain functions over the
+//! store: no HTTP here, so the API handlers, the batch/transaction processor
+//! and the importer all share one implementation.
+
+pub mod bundle;
+mod read;
+
+use axum::http::StatusCode;
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::fhir::codec;
+use crate::fhir::types::is_resource_type;
+use crate::search;
+use crate::store::{self, Tx, Version};
+
+pub use read::{history, read, search, vread, HistoryParams};
+
+/// What the interactions need to know about the server.
+#[derive(Debug, Clone)]
+pub struct Env {
+    /// Public FHIR base URL, without trailing slash.
+    pub base: String,
+    pub default_count: usize,
+    pub max_count: usize,
+}
+
+/// The result of a write.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub rtype: String,
+    pub id: String,
+    pub version: i64,
+    pub last_updated: String,
+    /// The stored resource (`None` after a delete).
+    pub resource: Option<Value>,
+    /// 201 for a new resource, 200 otherwise.
+    pub status: StatusCode,
+}
+
+impl Written {
+    fn from_version(v: &Version, status: StatusCode) -> Result<Written> {
+        let resource = match &v.body {
+            Some(b) if !v.deleted => Some(parse_stored(b)?),
+            _ => None,
+        };
+        Ok(Written {
+            rtype: v.rtype.clone(),
+            id: v.id.clone(),
+            version: v.version,
+            last_updated: v.last_updated.clone(),
+            resource,
+            status,
+        })
+    }
+
+    /// `Type/id/_history/n`
+    pub fn versioned_path(&self) -> String {
+        format!("{}/{}/_history/{}", self.rtype, self.id, self.version)
+    }
+}
+
+/// Parses a stored body (written by ehrx, so trusted to be FHIR JSON).
+pub fn parse_stored(body: &str) -> Result<Value> {
+    serde_json::from_str(body).map_err(|e| {
+        Error::Store(store::StoreError::Conflict(format!(
+            "stored resource is unreadable: {e}"
+        )))
+    })
+}
+
+/// Checks a resource type named in a URL.
+pub fn check_type(rtype: &str) -> Result<()> {
+    if is_resource_type(rtype) {
+        Ok(())
+    } else {
+        Err(Error::UnknownType(rtype.to_string()))
+    }
+}
+
+/// FHIR id syntax: `[A-Za-z0-9\-\.]{1,64}`.
+pub fn check_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid_at(format!("'{id}' is not a valid FHIR id"), "id"))
+    }
+}
+
+/// Parses an `If-Match` value (`W/"3"`, `"3"` or `3`).
+pub fn parse_etag(value: &str) -> Result<i64> {
+    let v = value.trim();
+    let v = v.strip_prefix("W/").unwrap_or(v).trim_matches('"');
+    v.parse()
+        .map_err(|_| Error::invalid(format!("'{value}' is not a valid version ETag")))
+}
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+fn now() -> String {
+    search::format_instant(chrono::Utc::now())
+}
+
+fn check_resource_type(rtype: &str, resource: &Value) -> Result<()> {
+    match resource.get("resourceType").and_then(Value::as_str) {
+        Some(t) if t == rtype => Ok(()),
+        Some(t) => Err(Error::invalid_at(
+            format!("resource type '{t}' does not match the URL's type '{rtype}'"),
+            format!("{t}.resourceType"),
+        )),
+        None => Err(Error::invalid("resource has no resourceType")),
+    }
+}
+
+/// A resource with the server-controlled parts removed, for comparison.
+fn content_of(resource: &Value) -> Value {
+    let mut v = resource.clone();
+    if let Some(meta) = v.get_mut("meta").and_then(Value::as_object_mut) {
+        meta.remove("versionId");
+        meta.remove("lastUpdated");
+        if meta.is_empty() {
+            v.as_object_mut().unwrap().remove("meta");
+        }
+    }
+    v
+}
+
+/// Stores `resource` as the next version of `rtype/id` after `prev`.
+async fn write(
+    tx: &mut Tx,
+    rtype: &str,
+    id: &str,
+    prev: Option<&Version>,
+    mut resource: Value,
+) -> Result<Written> {
+    let version = prev.map(|p| p.version + 1).unwrap_or(1);
+    let last_updated = now();
+    let obj = resource
+        .as_object_mut()
+        .ok_or_else(|| Error::invalid("resource must be an object"))?;
+    obj.insert("id".into(), json!(id));
+    let meta = obj.entry("meta").or_insert_with(|| json!({}));
+    if let Some(meta) = meta.as_object_mut() {
+        meta.insert("versionId".into(), json!(version.to_string()));
+        meta.insert("lastUpdated".into(), json!(last_updated));
+    }
+    // `meta` must come first after `id` in serialised JSON for readability;
+    // key order has no meaning in FHIR JSON, so nothing else depends on it.
+    let tokens = search::tokens(rtype, &resource);
+    let body = serde_json::to_string(&resource).map_err(|e| Error::invalid(e.to_string()))?;
+    tx.put_version(
+        &Version {
+            rtype: rtype.to_string(),
+            id: id.to_string(),
+            version,
+            last_updated: last_updated.clone(),
+            deleted: false,
+            body: Some(body),
+        },
+        &tokens,
+    )
+    .await?;
+    let created = prev.map(|p| p.deleted).unwrap_or(true);
+    Ok(Written {
+        rtype: rtype.to_string(),
+        id: id.to_string(),
+        version,
+        last_updated,
+        resource: Some(resource),
+        status: if created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        },
+    })
+}
+
+/// Current resources matching conditional criteria (at most two are looked
+/// at: none, one, or "several").
+pub async fn find(conn: &mut sqlx::AnyConnection, rtype: &str, query: &str) -> Result<Vec<Version>> {
+    check_type(rtype)?;
+    let criteria = search::parse_conditional(rtype, query)?;
+    Ok(store::search(conn, rtype, &criteria, None, 2).await?)
+}
+
+fn several(rtype: &str, query: &str) -> Error {
+    Error::MultipleMatches(format!(
+        "conditional criteria '{rtype}?{query}' match more than one resource"
+    ))
+}
+
+/// create (POST), optionally conditional on `If-None-Exist`.
+pub async fn create(
+    tx: &mut Tx,
+    rtype: &str,
+    resource: Value,
+    if_none_exist: Option<&str>,
+) -> Result<Written> {
+    check_type(rtype)?;
+    check_resource_type(rtype, &resource)?;
+    if let Some(query) = if_none_exist {
+        let found = find(tx.conn(), rtype, query).await?;
+        match found.len() {
+            0 => {}
+            1 => return Written::from_version(&found[0], StatusCode::OK),
+            _ => return Err(several(rtype, query)),
+        }
+    }
+    write(tx, rtype, &new_id(), None, resource).await
+}
+
+/// create with an id the server already chose (transactions).
+pub async fn create_as(tx: &mut Tx, rtype: &str, id: &str, resource: Value) -> Result<Written> {
+    check_resource_type(rtype, &resource)?;
+    write(tx, rtype, id, None, resource).await
+}
+
+fn check_if_match(current: Option<&Version>, if_match: Option<i64>) -> Result<()> {
+    match (if_match, current) {
+        (None, _) => Ok(()),
+        (Some(want), Some(cur)) if cur.version == want && !cur.deleted => Ok(()),
+        (Some(want), Some(cur)) => Err(Error::PreconditionFailed(format!(
+            "If-Match version {want} does not match current version {} of {}/{}",
+            cur.version, cur.rtype, cur.id
+        ))),
+        (Some(want), None) => Err(Error::PreconditionFailed(format!(
+            "If-Match version {want} given, but the resource does not exist"
+        ))),
+    }
+}
+
+/// update (PUT `Type/id`); creates the resource if it does not exist.
+pub async fn update(
+    tx: &mut Tx,
+    rtype: &str,
+    id: &str,
+    resource: Value,
+    if_match: Option<i64>,
+) -> Result<Written> {
+    check_type(rtype)?;
+    check_id(id)?;
+    check_resource_type(rtype, &resource)?;
+    match resource.get("id").and_then(Value::as_str) {
+        Some(body_id) if body_id == id => {}
+        Some(body_id) => {
+            return Err(Error::invalid_at(
+                format!("resource id '{body_id}' does not match the URL's id '{id}'"),
+                format!("{rtype}.id"),
+            ))
+        }
+        None => {
+            return Err(Error::invalid_at(
+                "the resource in an update must carry its id",
+                format!("{rtype}.id"),
+            ))
+        }
+    }
+    let current = tx.current_for_update(rtype, id).await?;
+    check_if_match(current.as_ref(), if_match)?;
+    if let Some(cur) = current.as_ref().filter(|c| !c.deleted) {
+        // An update that changes nothing keeps the current version.
+        let stored = parse_stored(cur.body.as_deref().unwrap_or("{}"))?;
+        if content_of(&stored) == content_of(&resource) {
+            return Written::from_version(cur, StatusCode::OK);
+        }
+    }
+    write(tx, rtype, id, current.as_ref(), resource).await
+}
+
+/// conditional update (PUT `Type?criteria`).
+pub async fn conditional_update(
+    tx: &mut Tx,
+    rtype: &str,
+    query: &str,
+    resource: Value,
+    if_match: Option<i64>,
+) -> Result<Written> {
+    let found = find(tx.conn(), rtype, query).await?;
+    let body_id = resource.get("id").and_then(Value::as_str).map(str::to_string);
+    let id = match found.len() {
+        0 => body_id.unwrap_or_else(new_id),
+        1 => {
+            let id = found[0].id.clone();
+            if let Some(b) = body_id.filter(|b| *b != id) {
+                return Err(Error::invalid_at(
+                    format!("resource id '{b}' differs from the id '{id}' the criteria matched"),
+                    format!("{rtype}.id"),
+                ));
+            }
+            id
+        }
+        _ => return Err(several(rtype, query)),
+    };
+    let mut resource = resource;
+    resource["id"] = json!(id);
+    update(tx, rtype, &id, resource, if_match).await
+}
+
+/// delete: writes a tombstone version. Deleting what does not exist (or is
+/// already deleted) succeeds and changes nothing (`None`).
+pub async fn delete(tx: &mut Tx, rtype: &str, id: &str, if_match: Option<i64>) -> Result<Option<Written>> {
+    check_type(rtype)?;
+    check_id(id)?;
+    let current = tx.current_for_update(rtype, id).await?;
+    check_if_match(current.as_ref(), if_match)?;
+    let Some(cur) = current.filter(|c| !c.deleted) else {
+        return Ok(None);
+    };
+    let v = Version {
+        rtype: rtype.to_string(),
+        id: id.to_string(),
+        version: cur.version + 1,
+        last_updated: now(),
+        deleted: true,
+        body: None,
+    };
+    tx.put_version(&v, &[]).await?;
+    Ok(Some(Written::from_version(&v, StatusCode::NO_CONTENT)?))
+}
+
+/// conditional delete (DELETE `Type?criteria`): none or one match is
+/// deleted; several matches are refused with 412.
+pub async fn conditional_delete(tx: &mut Tx, rtype: &str, query: &str) -> Result<Option<Written>> {
+    let found = find(tx.conn(), rtype, query).await?;
+    match found.len() {
+        0 => Ok(None),
+        1 => delete(tx, rtype, &found[0].id, None).await,
+        _ => Err(several(rtype, query)),
+    }
+}
+
+/// patch with a JSON Patch document (RFC 6902).
+pub async fn patch(
+    tx: &mut Tx,
+    rtype: &str,
+    id: &str,
+    patch_doc: &Value,
+    if_match: Option<i64>,
+) -> Result<Written> {
+    check_type(rtype)?;
+    check_id(id)?;
+    let ops: json_patch::Patch = serde_json::from_value(patch_doc.clone())
+        .map_err(|e| Error::invalid(format!("invalid JSON Patch document: {e}")))?;
+    let current = tx.current_for_update(rtype, id).await?;
+    check_if_match(current.as_ref(), if_match)?;
+    let cur = match current {
+        None => return Err(Error::NotFound(format!("{rtype}/{id} does not exist"))),
+        Some(c) if c.deleted => return Err(Error::Gone(format!("{rtype}/{id} has been deleted"))),
+        Some(c) => c,
+    };
+    let mut doc = parse_stored(cur.body.as_deref().unwrap_or("{}"))?;
+    json_patch::patch(&mut doc, &ops)
+        .map_err(|e| Error::Unprocessable(format!("JSON Patch could not be applied: {e}")))?;
+    if doc.get("resourceType").and_then(Value::as_str) != Some(rtype)
+        || doc.get("id").and_then(Value::as_str) != Some(id)
+    {
+        return Err(Error::Unprocessable(
+            "a patch may not change the resource's type or id".into(),
+        ));
+    }
+    let doc = content_of(&doc);
+    let doc = codec::validate_json(doc).map_err(|f| {
+        Error::Unprocessable(format!(
+            "the patched resource is not valid: {}{}",
+            f.message,
+            f.expression.map(|e| format!(" at {e}")).unwrap_or_default()
+        ))
+    })?;
+    write(tx, rtype, id, Some(&cur), doc).await
+}
+
+/// conditional patch (PATCH `Type?criteria`).
+pub async fn conditional_patch(
+    tx: &mut Tx,
+    rtype: &str,
+    query: &str,
+    patch_doc: &Value,
+    if_match: Option<i64>,
+) -> Result<Written> {
+    let found = find(tx.conn(), rtype, query).await?;
+    match found.len() {
+        0 => Err(Error::NotFound(format!("no {rtype} matches '{query}'"))),
+        1 => patch(tx, rtype, &found[0].id.clone(), patch_doc, if_match).await,
+        _ => Err(several(rtype, query)),
+    }
+}

@@ -1,0 +1,245 @@
+//! read, vread, history and search.
+
+use serde_json::{json, Value};
+use sqlx::AnyConnection;
+
+use super::{check_id, check_type, parse_stored, Env};
+use crate::error::{Error, Result};
+use crate::fhir::bundle::{bundle, etag, link};
+use crate::search;
+use crate::store::{self, HistoryScope, Version};
+
+/// read: the current version; 404 if it never existed, 410 if deleted.
+pub async fn read(conn: &mut AnyConnection, rtype: &str, id: &str) -> Result<Version> {
+    check_type(rtype)?;
+    check_id(id)?;
+    match store::current(conn, rtype, id).await? {
+        None => Err(Error::NotFound(format!("{rtype}/{id} is not known"))),
+        Some(v) if v.deleted => Err(Error::Gone(format!(
+            "{rtype}/{id} was deleted (version {})",
+            v.version
+        ))),
+        Some(v) => Ok(v),
+    }
+}
+
+/// vread: one version; 404 if unknown, 410 if that version is a deletion.
+pub async fn vread(conn: &mut AnyConnection, rtype: &str, id: &str, vid: &str) -> Result<Version> {
+    check_type(rtype)?;
+    check_id(id)?;
+    let n: i64 = vid
+        .parse()
+        .map_err(|_| Error::NotFound(format!("{rtype}/{id} has no version '{vid}'")))?;
+    match store::version(conn, rtype, id, n).await? {
+        None => Err(Error::NotFound(format!("{rtype}/{id} has no version {n}"))),
+        Some(v) if v.deleted => Err(Error::Gone(format!(
+            "version {n} of {rtype}/{id} is a deletion"
+        ))),
+        Some(v) => Ok(v),
+    }
+}
+
+/// Query parameters of a history interaction.
+#[derive(Debug, Default)]
+pub struct HistoryParams {
+    pub since: Option<String>,
+    pub count: Option<usize>,
+    pub cursor: Option<i64>,
+}
+
+impl HistoryParams {
+    pub fn parse(params: &[(String, String)]) -> Result<HistoryParams> {
+        let mut out = HistoryParams::default();
+        for (k, v) in params {
+            match k.as_str() {
+                "_since" => {
+                    let (lo, _) = search::date_range(v).ok_or_else(|| {
+                        Error::invalid(format!("_since value '{v}' is not a valid instant"))
+                    })?;
+                    out.since = Some(search::format_instant(lo));
+                }
+                "_count" => out.count = Some(parse_count(v)?),
+                "_cursor" => {
+                    out.cursor = Some(v.parse().map_err(|_| {
+                        Error::invalid(format!("'{v}' is not a valid paging cursor"))
+                    })?)
+                }
+                "_format" | "_pretty" => {}
+                other => {
+                    return Err(Error::UnknownParameter(format!(
+                        "parameter '{other}' is not supported on history"
+                    )))
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn parse_count(v: &str) -> Result<usize> {
+    v.parse()
+        .map_err(|_| Error::invalid(format!("_count value '{v}' is not a non-negative integer")))
+}
+
+fn page_size(env: &Env, count: Option<usize>) -> usize {
+    count.unwrap_or(env.default_count).min(env.max_count)
+}
+
+/// Entry of a history Bundle.
+fn history_entry(env: &Env, v: &Version) -> Result<Value> {
+    let full_url = format!("{}/{}/{}", env.base, v.rtype, v.id);
+    let modified = v.last_updated.clone();
+    Ok(if v.deleted {
+        json!({
+            "fullUrl": full_url,
+            "request": {"method": "DELETE", "url": format!("{}/{}", v.rtype, v.id)},
+            "response": {"status": "204 No Content", "etag": etag(v.version), "lastModified": modified},
+        })
+    } else {
+        let resource = parse_stored(v.body.as_deref().unwrap_or("{}"))?;
+        let (method, url, status) = if v.version == 1 {
+            ("POST", v.rtype.clone(), "201 Created")
+        } else {
+            ("PUT", format!("{}/{}", v.rtype, v.id), "200 OK")
+        };
+        json!({
+            "fullUrl": full_url,
+            "resource": resource,
+            "request": {"method": method, "url": url},
+            "response": {"status": status, "etag": etag(v.version), "lastModified": modified},
+        })
+    })
+}
+
+/// history at system, type or instance level, newest first, keyset-paged.
+pub async fn history(
+    conn: &mut AnyConnection,
+    env: &Env,
+    scope: HistoryScope<'_>,
+    params: &[(String, String)],
+) -> Result<Value> {
+    let path = match &scope {
+        HistoryScope::System => "_history".to_string(),
+        HistoryScope::Type(t) => {
+            check_type(t)?;
+            format!("{t}/_history")
+        }
+        HistoryScope::Instance(t, id) => {
+            check_type(t)?;
+            check_id(id)?;
+            if store::current(conn, t, id).await?.is_none() {
+                return Err(Error::NotFound(format!("{t}/{id} is not known")));
+            }
+            format!("{t}/{id}/_history")
+        }
+    };
+    let hp = HistoryParams::parse(params)?;
+    let size = page_size(env, hp.count);
+    let mut rows = store::history(conn, &scope, hp.since.as_deref(), hp.cursor, size + 1).await?;
+    let more = rows.len() > size;
+    rows.truncate(size);
+
+    let mut base_params: Vec<(String, String)> = Vec::new();
+    if let Some(s) = params.iter().find(|(k, _)| k == "_since") {
+        base_params.push(s.clone());
+    }
+    base_params.push(("_count".into(), size.to_string()));
+    let mut self_params = base_params.clone();
+    if let Some(c) = hp.cursor {
+        self_params.push(("_cursor".into(), c.to_string()));
+    }
+    let mut links = vec![("self", link(&env.base, &path, &self_params))];
+    if hp.cursor.is_some() {
+        links.push(("first", link(&env.base, &path, &base_params)));
+    }
+    if more {
+        if let Some((seq, _)) = rows.last() {
+            let mut next = base_params.clone();
+            next.push(("_cursor".into(), seq.to_string()));
+            links.push(("next", link(&env.base, &path, &next)));
+        }
+    }
+    let entries = rows
+        .iter()
+        .map(|(_, v)| history_entry(env, v))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(bundle("history", None, links, entries))
+}
+
+/// search on one type, ordered by id, keyset-paged (`_cursor` = last id seen).
+pub async fn search(
+    conn: &mut AnyConnection,
+    env: &Env,
+    rtype: &str,
+    params: &[(String, String)],
+    strict: bool,
+) -> Result<Value> {
+    check_type(rtype)?;
+    let parsed = search::parse(rtype, params, strict)?;
+    let mut count = None;
+    let mut cursor = None;
+    let mut total_mode = "accurate";
+    for (k, v) in params {
+        match k.as_str() {
+            "_count" => count = Some(parse_count(v)?),
+            "_cursor" => cursor = Some(v.clone()),
+            "_total" => {
+                total_mode = match v.as_str() {
+                    "none" => "none",
+                    "estimate" | "accurate" => "accurate",
+                    other => {
+                        return Err(Error::invalid(format!(
+                            "_total must be none, estimate or accurate, not '{other}'"
+                        )))
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let size = page_size(env, count);
+    let total = if total_mode == "none" {
+        None
+    } else {
+        Some(store::count(conn, rtype, &parsed.criteria).await?)
+    };
+    let mut rows = if size == 0 {
+        Vec::new()
+    } else {
+        store::search(conn, rtype, &parsed.criteria, cursor.as_deref(), size + 1).await?
+    };
+    let more = rows.len() > size;
+    rows.truncate(size);
+
+    let mut base_params = parsed.applied.clone();
+    base_params.push(("_count".into(), size.to_string()));
+    if total_mode == "none" {
+        base_params.push(("_total".into(), "none".into()));
+    }
+    let mut self_params = base_params.clone();
+    if let Some(c) = &cursor {
+        self_params.push(("_cursor".into(), c.clone()));
+    }
+    let mut links = vec![("self", link(&env.base, rtype, &self_params))];
+    if cursor.is_some() {
+        links.push(("first", link(&env.base, rtype, &base_params)));
+    }
+    if more {
+        if let Some(last) = rows.last() {
+            let mut next = base_params.clone();
+            next.push(("_cursor".into(), last.id.clone()));
+            links.push(("next", link(&env.base, rtype, &next)));
+        }
+    }
+    let entries = rows
+        .iter()
+        .map(|v| {
+            Ok(json!({
+                "fullUrl": format!("{}/{}/{}", env.base, v.rtype, v.id),
+                "resource": parse_stored(v.body.as_deref().unwrap_or("{}"))?,
+                "search": {"mode": "match"},
+            }))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(bundle("searchset", total, links, entries))
+}

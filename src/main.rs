@@ -1,0 +1,81 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use ehrx::cli::{Cli, Command};
+use ehrx::config::Config;
+use ehrx::server::{shutdown_signal, Server};
+use ehrx::store::Store;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(Some(&cli.config)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ehrx: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ehrx: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli.command, config))
+}
+
+async fn run(command: Command, config: Config) -> ExitCode {
+    match command {
+        Command::Serve => {
+            let server = match Server::bind(config).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            if let Ok(addr) = server.local_addr() {
+                tracing::info!(%addr, base = %server.state.env.base, "ehrx FHIR server listening");
+            }
+            match server.run(shutdown_signal()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Migrate => match Store::open(&config.database_url, 1).await {
+            Ok(_) => {
+                tracing::info!("database schema is up to date");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Import { paths, quiet } => {
+            match ehrx::import::run(&config, &paths, !quiet).await {
+                Ok(report) => {
+                    print!("{}", report.summary());
+                    if report.failed.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("ehrx import: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

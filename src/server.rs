@@ -1,0 +1,82 @@
+//! Starting the HTTP server.
+
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+
+use crate::api::{router, AppState};
+use crate::config::Config;
+use crate::store::Store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("server failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A server bound to its socket, ready to run.
+pub struct Server {
+    pub listener: TcpListener,
+    pub state: AppState,
+}
+
+impl Server {
+    /// Opens (and migrates) the database and binds the listener.
+    pub async fn bind(config: Config) -> Result<Server, ServeError> {
+        let store = Store::open(&config.database_url, config.db_pool_size).await?;
+        let listener = TcpListener::bind(&config.listen)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: config.listen.clone(),
+                source,
+            })?;
+        Ok(Server {
+            listener,
+            state: AppState::new(store, config),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` resolves.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let app = router(self.state.clone());
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await?;
+        self.state.store.close().await;
+        Ok(())
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,308 @@
+//! Persistence of resource versions through sqlx, on SQLite (embedded, the
+//! default) or PostgreSQL, behind one API.
+//!
+//! Every version of every resource is kept in `resource_history`; the newest
+//! version is also kept in `resource`, so reading the current version is one
+//! indexed lookup. Writes happen inside a [`Tx`]; dropping a `Tx` without
+//! committing rolls everything back, so a failed request changes nothing.
+
+mod query;
+
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+pub use query::{Criterion, HistoryScope, TokenValue};
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A concurrent writer changed the same resource first.
+    #[error("{0}")]
+    Conflict(String),
+    #[error("unsupported database URL '{0}': use sqlite:PATH or postgres://…")]
+    UnsupportedUrl(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// One stored version of a resource.
+#[derive(Debug, Clone)]
+pub struct Version {
+    pub rtype: String,
+    pub id: String,
+    pub version: i64,
+    /// FHIR instant, UTC, millisecond precision (sorts as text).
+    pub last_updated: String,
+    pub deleted: bool,
+    /// The resource as FHIR JSON text (`None` for a deletion).
+    pub body: Option<String>,
+}
+
+/// A search-index token of a resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Token {
+    pub param: &'static str,
+    pub system: String,
+    pub code: String,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    dialect: Dialect,
+    /// SQLite allows one writer at a time; writers queue here instead of
+    /// failing with SQLITE_BUSY.
+    write_lock: Option<Arc<Mutex<()>>>,
+}
+
+/// Normalises a database URL: a bare SQLite path is created if missing.
+fn normalise_url(url: &str) -> StoreResult<(String, Dialect)> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok((url.to_string(), Dialect::Postgres));
+    }
+    if let Some(rest) = url.strip_prefix("sqlite:") {
+        let mut u = format!("sqlite:{rest}");
+        if !rest.contains("mode=") && !rest.contains(":memory:") {
+            u.push(if rest.contains('?') { '&' } else { '?' });
+            u.push_str("mode=rwc");
+        }
+        return Ok((u, Dialect::Sqlite));
+    }
+    Err(StoreError::UnsupportedUrl(url.to_string()))
+}
+
+impl Store {
+    /// Connects (creating an SQLite file if needed) without migrating.
+    pub async fn connect(url: &str, pool_size: u32) -> StoreResult<Store> {
+        static DRIVERS: Once = Once::new();
+        DRIVERS.call_once(sqlx::any::install_default_drivers);
+        let (url, dialect) = normalise_url(url)?;
+        let options: AnyConnectOptions = url.parse()?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(pool_size.max(1))
+            .acquire_timeout(Duration::from_secs(30))
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if dialect == Dialect::Sqlite {
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
+                        conn.execute("PRAGMA synchronous = NORMAL").await?;
+                        conn.execute("PRAGMA busy_timeout = 10000").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await?;
+        let write_lock = (dialect == Dialect::Sqlite).then(|| Arc::new(Mutex::new(())));
+        Ok(Store {
+            pool,
+            dialect,
+            write_lock,
+        })
+    }
+
+    /// Connects and brings the schema up to date.
+    pub async fn open(url: &str, pool_size: u32) -> StoreResult<Store> {
+        let store = Store::connect(url, pool_size).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    pub async fn migrate(&self) -> StoreResult<()> {
+        match self.dialect {
+            Dialect::Sqlite => SQLITE_MIGRATIONS.run(&self.pool).await?,
+            Dialect::Postgres => POSTGRES_MIGRATIONS.run(&self.pool).await?,
+        }
+        Ok(())
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// A connection for reads.
+    pub async fn reader(&self) -> StoreResult<sqlx::pool::PoolConnection<sqlx::Any>> {
+        Ok(self.pool.acquire().await?)
+    }
+
+    /// Starts a write transaction.
+    pub async fn begin(&self) -> StoreResult<Tx> {
+        let guard = match &self.write_lock {
+            Some(lock) => Some(lock.clone().lock_owned().await),
+            None => None,
+        };
+        let tx = self.pool.begin().await?;
+        Ok(Tx {
+            tx,
+            dialect: self.dialect,
+            _guard: guard,
+        })
+    }
+}
+
+/// A write transaction. Dropped without [`Tx::commit`], it rolls back.
+pub struct Tx {
+    tx: sqlx::Transaction<'static, sqlx::Any>,
+    dialect: Dialect,
+    _guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl Tx {
+    pub async fn commit(self) -> StoreResult<()> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+
+    pub fn conn(&mut self) -> &mut AnyConnection {
+        &mut self.tx
+    }
+
+    /// The current version of a resource, locked for update where the
+    /// database supports row locks.
+    pub async fn current_for_update(&mut self, rtype: &str, id: &str) -> StoreResult<Option<Version>> {
+        let lock = self.dialect == Dialect::Postgres;
+        query::current(&mut self.tx, rtype, id, lock).await
+    }
+
+    /// Appends a version (and makes it current), replacing the resource's
+    /// index tokens.
+    pub async fn put_version(&mut self, v: &Version, tokens: &[Token]) -> StoreResult<()> {
+        let conn: &mut AnyConnection = &mut self.tx;
+        let inserted = sqlx::query(
+            "INSERT INTO resource_history (rtype, id, version, last_updated, deleted, body) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&v.rtype)
+        .bind(&v.id)
+        .bind(v.version)
+        .bind(&v.last_updated)
+        .bind(v.deleted as i64)
+        .bind(v.body.as_deref())
+        .execute(&mut *conn)
+        .await;
+        if let Err(e) = inserted {
+            if let sqlx::Error::Database(db) = &e {
+                if db.is_unique_violation() {
+                    return Err(StoreError::Conflict(format!(
+                        "{}/{} was changed concurrently; version {} already exists",
+                        v.rtype, v.id, v.version
+                    )));
+                }
+            }
+            return Err(e.into());
+        }
+        sqlx::query(
+            "INSERT INTO resource (rtype, id, version, last_updated, deleted, body) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (rtype, id) DO UPDATE SET version = excluded.version, \
+             last_updated = excluded.last_updated, deleted = excluded.deleted, body = excluded.body",
+        )
+        .bind(&v.rtype)
+        .bind(&v.id)
+        .bind(v.version)
+        .bind(&v.last_updated)
+        .bind(v.deleted as i64)
+        .bind(v.body.as_deref())
+        .execute(&mut *conn)
+        .await?;
+        if v.version > 1 {
+            sqlx::query("DELETE FROM search_token WHERE rtype = $1 AND id = $2")
+                .bind(&v.rtype)
+                .bind(&v.id)
+                .execute(&mut *conn)
+                .await?;
+        }
+        for t in tokens {
+            sqlx::query(
+                "INSERT INTO search_token (rtype, id, param, system, code) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(&v.rtype)
+            .bind(&v.id)
+            .bind(t.param)
+            .bind(&t.system)
+            .bind(&t.code)
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Read operations, usable on a pooled connection or inside a [`Tx`].
+pub async fn current(conn: &mut AnyConnection, rtype: &str, id: &str) -> StoreResult<Option<Version>> {
+    query::current(conn, rtype, id, false).await
+}
+
+pub async fn version(
+    conn: &mut AnyConnection,
+    rtype: &str,
+    id: &str,
+    version: i64,
+) -> StoreResult<Option<Version>> {
+    let row = sqlx::query(
+        "SELECT rtype, id, version, last_updated, deleted, body FROM resource_history \
+         WHERE rtype = $1 AND id = $2 AND version = $3",
+    )
+    .bind(rtype)
+    .bind(id)
+    .bind(version)
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.map(|r| query::version_from_row(&r)).transpose()
+}
+
+/// History entries, newest first: `(seq, version)`. `before` is a keyset
+/// cursor (a `seq` from a previous page).
+pub async fn history(
+    conn: &mut AnyConnection,
+    scope: &HistoryScope<'_>,
+    since: Option<&str>,
+    before: Option<i64>,
+    limit: usize,
+) -> StoreResult<Vec<(i64, Version)>> {
+    query::history(conn, scope, since, before, limit).await
+}
+
+/// Current, non-deleted resources of `rtype` matching every criterion,
+/// ordered by id, starting after `after_id`.
+pub async fn search(
+    conn: &mut AnyConnection,
+    rtype: &str,
+    criteria: &[Criterion],
+    after_id: Option<&str>,
+    limit: usize,
+) -> StoreResult<Vec<Version>> {
+    query::search(conn, rtype, criteria, after_id, limit).await
+}
+
+/// Number of current resources matching every criterion.
+pub async fn count(conn: &mut AnyConnection, rtype: &str, criteria: &[Criterion]) -> StoreResult<i64> {
+    query::count(conn, rtype, criteria).await
+}
+
+/// Checks that the database answers.
+pub async fn ping(conn: &mut AnyConnection) -> StoreResult<()> {
+    conn.ping().await?;
+    let _ = sqlx::query("SELECT 1").fetch_one(&mut *conn).await?.try_get::<i64, _>(0);
+    Ok(())
+}
