@@ -31,6 +31,7 @@ fn strict() -> Option<DeserializationConfig> {
 /// Validates a FHIR JSON value against the R4 model and returns it normalised
 /// (the form the R4 model serialises to).
 pub fn validate_json(value: Value) -> Result<Value, ParseFault> {
+    check_primitives(&value)?;
     let probe = value.clone();
     let typed: R4Resource = fhirbolt::json::from_json_value(value, strict()).map_err(|e| {
         let message = e.to_string();
@@ -42,6 +43,14 @@ pub fn validate_json(value: Value) -> Result<Value, ParseFault> {
         }
     })?;
     to_json(typed)
+}
+
+fn check_primitives(value: &Value) -> Result<(), ParseFault> {
+    super::validate::check_resource(value).map_err(|f| ParseFault {
+        message: f.message,
+        expression: Some(f.path),
+        position: None,
+    })
 }
 
 fn to_json(typed: R4Resource) -> Result<Value, ParseFault> {
@@ -82,7 +91,14 @@ pub fn parse_xml(bytes: &[u8]) -> Result<Value, ParseFault> {
             position: None,
         }
     })?;
-    to_json(typed)
+    let mut value = to_json(typed)?;
+    if let Some(divs) = xhtml_divs(bytes) {
+        if divs.len() == count_divs(&value) {
+            restore_divs(&mut value, &mut divs.into_iter());
+        }
+    }
+    check_primitives(&value)?;
+    Ok(value)
 }
 
 /// Serialises FHIR JSON (already valid) to FHIR XML.
@@ -93,9 +109,136 @@ pub fn to_xml(value: &Value) -> Result<Vec<u8>, ParseFault> {
             expression: None,
             position: None,
         })?;
-    fhirbolt::xml::to_vec(&typed, None).map_err(|e| ParseFault {
+    let xml = fhirbolt::xml::to_vec(&typed, None).map_err(|e| ParseFault {
         message: format!("cannot serialise XML: {e}"),
         expression: None,
         position: None,
-    })
+    })?;
+    Ok(splice_divs(xml, value))
+}
+
+const XHTML_NS: &[u8] = b"http://www.w3.org/1999/xhtml";
+
+/// The exact source text of every narrative `<div>` (top-level XHTML `div`
+/// elements), in document order. fhirbolt's XML reader normalises
+/// whitespace inside XHTML, so the narrative is taken verbatim from here.
+fn xhtml_divs(bytes: &[u8]) -> Option<Vec<String>> {
+    Some(
+        xhtml_div_ranges(bytes)?
+            .into_iter()
+            .map(|(a, b)| String::from_utf8_lossy(&bytes[a..b]).into_owned())
+            .collect(),
+    )
+}
+
+/// Byte ranges of the top-level XHTML `div` elements, in document order.
+fn xhtml_div_ranges(bytes: &[u8]) -> Option<Vec<(usize, usize)>> {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_reader(bytes);
+    let mut divs = Vec::new();
+    let mut buf = Vec::new();
+    let mut depth_in_div = 0usize;
+    let mut start = 0usize;
+    loop {
+        let before = reader.buffer_position() as usize;
+        let event = reader.read_event_into(&mut buf).ok()?;
+        match event {
+            Event::Start(ref e) | Event::Empty(ref e) => {
+                let empty = matches!(event, Event::Empty(_));
+                if depth_in_div == 0 {
+                    let is_div = e.name().as_ref() == b"div"
+                        && e.attributes()
+                            .flatten()
+                            .any(|a| a.key.as_ref() == b"xmlns" && a.value.as_ref() == XHTML_NS);
+                    if is_div {
+                        if empty {
+                            divs.push((before, reader.buffer_position() as usize));
+                        } else {
+                            start = before;
+                            depth_in_div = 1;
+                        }
+                    }
+                } else if !empty {
+                    depth_in_div += 1;
+                }
+            }
+            Event::End(_) if depth_in_div > 0 => {
+                depth_in_div -= 1;
+                if depth_in_div == 0 {
+                    let end = reader.buffer_position() as usize;
+                    divs.push((start, end));
+                }
+            }
+            Event::Eof => return Some(divs),
+            _ => {}
+        }
+        buf.clear();
+    }
+}
+
+/// Replaces narrative `div` values, in document order, by `divs`.
+fn restore_divs(value: &mut Value, divs: &mut std::vec::IntoIter<String>) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map.iter_mut() {
+                if k == "div" && v.is_string() {
+                    if let Some(d) = divs.next() {
+                        *v = Value::String(d);
+                    }
+                } else {
+                    restore_divs(v, divs);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|v| restore_divs(v, divs)),
+        _ => {}
+    }
+}
+
+fn collect_divs(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                match (k.as_str(), v) {
+                    ("div", Value::String(d)) => out.push(d.clone()),
+                    _ => collect_divs(v, out),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_divs(v, out)),
+        _ => {}
+    }
+}
+
+/// Puts the narratives back into serialised XML verbatim (fhirbolt's
+/// writer re-indents XHTML).
+fn splice_divs(xml: Vec<u8>, value: &Value) -> Vec<u8> {
+    let mut divs = Vec::new();
+    collect_divs(value, &mut divs);
+    let Some(ranges) = xhtml_div_ranges(&xml) else {
+        return xml;
+    };
+    if divs.is_empty() || ranges.len() != divs.len() {
+        return xml;
+    }
+    let mut out = Vec::with_capacity(xml.len());
+    let mut last = 0;
+    for ((a, b), d) in ranges.into_iter().zip(divs) {
+        out.extend_from_slice(&xml[last..a]);
+        out.extend_from_slice(d.as_bytes());
+        last = b;
+    }
+    out.extend_from_slice(&xml[last..]);
+    out
+}
+
+fn count_divs(value: &Value) -> usize {
+    match value {
+        Value::Object(map) => map
+            .iter()
+            .map(|(k, v)| if k == "div" && v.is_string() { 1 } else { count_divs(v) })
+            .sum(),
+        Value::Array(items) => items.iter().map(count_divs).sum(),
+        _ => 0,
+    }
 }

@@ -7,6 +7,7 @@ pub mod media;
 pub mod outcome;
 pub mod reference;
 pub mod types;
+pub mod validate;
 
 pub use media::Format;
 pub use outcome::{operation_outcome, Issue};

@@ -1,0 +1,171 @@
+//! Shared test set-up: a real ehrx server on an ephemeral loopback port with
+//! a fresh database — a temporary SQLite file by default, or a fresh
+//! PostgreSQL database when `EHRX_TEST_DATABASE_URL` names a server.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use ehrx::config::Config;
+use ehrx::server::Server;
+use serde_json::Value;
+use sqlx::Connection;
+
+pub struct TestServer {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub database_url: String,
+    _dir: tempfile::TempDir,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// A fresh database URL for one test.
+pub async fn fresh_database(dir: &std::path::Path) -> String {
+    match std::env::var("EHRX_TEST_DATABASE_URL") {
+        Ok(url) if url.starts_with("postgres") => {
+            let name = format!("ehrx_test_{}", uuid::Uuid::new_v4().simple());
+            let mut admin = sqlx::postgres::PgConnection::connect(&url)
+                .await
+                .expect("connect to the PostgreSQL test server");
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&mut admin)
+                .await
+                .expect("create test database");
+            let (prefix, _) = url.rsplit_once('/').expect("database URL has a path");
+            format!("{prefix}/{name}")
+        }
+        _ => format!("sqlite:{}", dir.join("ehrx.db").display()),
+    }
+}
+
+pub fn data_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data")
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let database_url = fresh_database(dir.path()).await;
+        let mut config = Config {
+            listen: "127.0.0.1:0".into(),
+            database_url: database_url.clone(),
+            log: "warn".into(),
+            ..Config::default()
+        };
+        adjust(&mut config);
+        // Bind first to learn the port, then set the base URL to match.
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = probe.local_addr().unwrap().port();
+        drop(probe);
+        config.listen = format!("127.0.0.1:{port}");
+        let base = format!("http://127.0.0.1:{port}");
+        config.base_url = Some(base.clone());
+        let server = Server::bind(config).await.expect("server starts");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            server
+                .run(async {
+                    let _ = rx.await;
+                })
+                .await
+                .expect("server runs");
+        });
+        TestServer {
+            base,
+            client: reqwest::Client::new(),
+            database_url,
+            _dir: dir,
+            shutdown: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}/{}", self.base, path.trim_start_matches('/'))
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.unwrap()
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .header("Content-Type", "application/fhir+json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn put_json(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .put(self.url(path))
+            .header("Content-Type", "application/fhir+json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Creates a resource and returns it as stored.
+    pub async fn create(&self, body: &Value) -> Value {
+        let rtype = body["resourceType"].as_str().unwrap();
+        let r = self.post_json(rtype, body).await;
+        assert_eq!(r.status(), 201, "create {rtype}");
+        r.json().await.unwrap()
+    }
+
+    /// Counts current resources of a type through the search API.
+    pub async fn count(&self, rtype: &str) -> i64 {
+        let b: Value = self
+            .get(&format!("{rtype}?_count=0"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        b["total"].as_i64().unwrap()
+    }
+
+    /// Number of versions in the system history (every write leaves one).
+    pub async fn history_len(&self) -> usize {
+        let mut n = 0;
+        let mut url = self.url("_history?_count=1000");
+        loop {
+            let b: Value = self.client.get(&url).send().await.unwrap().json().await.unwrap();
+            n += b["entry"].as_array().map(|a| a.len()).unwrap_or(0);
+            match next_link(&b) {
+                Some(next) => url = next,
+                None => return n,
+            }
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            let _ = h.await;
+        }
+    }
+}
+
+pub fn next_link(bundle: &Value) -> Option<String> {
+    bundle["link"]
+        .as_array()?
+        .iter()
+        .find(|l| l["relation"] == "next")
+        .and_then(|l| l["url"].as_str())
+        .map(str::to_string)
+}
+
+/// The OperationOutcome's first issue, checked to be one.
+pub fn first_issue(outcome: &Value) -> &Value {
+    assert_eq!(outcome["resourceType"], "OperationOutcome", "{outcome}");
+    &outcome["issue"][0]
+}
