@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{data_dir, TestServer};
+use common::{data_dir, first_difference, TestServer};
 use futures_util::stream::{self, StreamExt};
 use serde_json::Value;
 
@@ -52,35 +52,6 @@ async fn round_trip(s: &TestServer, file: &str) -> Result<(), String> {
         return Err(format!("the XML round trip changed content: version {}", back["meta"]["versionId"]));
     }
     Ok(())
-}
-
-fn first_difference(a: &Value, b: &Value, path: &str) -> String {
-    match (a, b) {
-        (Value::Object(x), Value::Object(y)) => {
-            for (k, v) in x {
-                match y.get(k) {
-                    None => return format!("{path}.{k} lost"),
-                    Some(w) if v != w => return first_difference(v, w, &format!("{path}.{k}")),
-                    _ => {}
-                }
-            }
-            for k in y.keys() {
-                if !x.contains_key(k) {
-                    return format!("{path}.{k} added");
-                }
-            }
-            path.to_string()
-        }
-        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
-            for (i, (v, w)) in x.iter().zip(y).enumerate() {
-                if v != w {
-                    return first_difference(v, w, &format!("{path}[{i}]"));
-                }
-            }
-            path.to_string()
-        }
-        _ => format!("{path}: {a} became {b}"),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -169,3 +169,33 @@ pub fn first_issue(outcome: &Value) -> &Value {
     assert_eq!(outcome["resourceType"], "OperationOutcome", "{outcome}");
     &outcome["issue"][0]
 }
+
+/// Where two JSON values first differ, for assertion messages.
+pub fn first_difference(a: &Value, b: &Value, path: &str) -> String {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            for (k, v) in x {
+                match y.get(k) {
+                    None => return format!("{path}.{k} lost"),
+                    Some(w) if v != w => return first_difference(v, w, &format!("{path}.{k}")),
+                    _ => {}
+                }
+            }
+            for k in y.keys() {
+                if !x.contains_key(k) {
+                    return format!("{path}.{k} added");
+                }
+            }
+            path.to_string()
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (v, w)) in x.iter().zip(y).enumerate() {
+                if v != w {
+                    return first_difference(v, w, &format!("{path}[{i}]"));
+                }
+            }
+            path.to_string()
+        }
+        _ => format!("{path}: {a} became {b}"),
+    }
+}
