@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "ehrx", version, about = "eHealth Record eXchange: a FHIR R4 server")]
+#[command(
+    name = "ehrx",
+    version,
+    about = "eHealth Record eXchange: a FHIR R4 server"
+)]
 pub struct Cli {
     /// Configuration file (TOML). Every key can be overridden by an
     /// `EHRX_<KEY>` environment variable.

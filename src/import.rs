@@ -39,7 +39,10 @@ impl Report {
     pub fn summary(&self) -> String {
         let mut s = format!("loaded {} file(s)\n", self.files_loaded);
         if !self.counts.is_empty() {
-            s.push_str(&format!("{:<32} {:>9} {:>9}\n", "resource type", "created", "existing"));
+            s.push_str(&format!(
+                "{:<32} {:>9} {:>9}\n",
+                "resource type", "created", "existing"
+            ));
             for (t, (c, u)) in &self.counts {
                 s.push_str(&format!("{t:<32} {c:>9} {u:>9}\n"));
             }
@@ -124,7 +127,9 @@ pub async fn load_file(state: &AppState, path: &Path) -> Result<Value, String> {
     }
     let b = match parsed.get("type").and_then(Value::as_str) {
         Some("transaction") | Some("batch") => parsed,
-        Some("collection") | Some("searchset") | Some("document") => collection_as_transaction(&parsed),
+        Some("collection") | Some("searchset") | Some("document") => {
+            collection_as_transaction(&parsed)
+        }
         other => return Err(format!("Bundle type {other:?} cannot be imported")),
     };
     bundle::process(&state.store, &state.env, b)
@@ -174,7 +179,11 @@ fn tally(report: &mut Report, response: &Value) -> Vec<String> {
 }
 
 /// Imports every file under `paths`.
-pub async fn run(config: &Config, paths: &[PathBuf], progress: bool) -> Result<Report, ImportError> {
+pub async fn run(
+    config: &Config,
+    paths: &[PathBuf],
+    progress: bool,
+) -> Result<Report, ImportError> {
     let files = collect(paths)?;
     let store = Store::open(&config.database_url, config.db_pool_size).await?;
     let state = AppState::new(store, config.clone());

@@ -31,12 +31,13 @@ impl Server {
     /// Opens (and migrates) the database and binds the listener.
     pub async fn bind(config: Config) -> Result<Server, ServeError> {
         let store = Store::open(&config.database_url, config.db_pool_size).await?;
-        let listener = TcpListener::bind(&config.listen)
-            .await
-            .map_err(|source| ServeError::Bind {
-                addr: config.listen.clone(),
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(&config.listen)
+                .await
+                .map_err(|source| ServeError::Bind {
+                    addr: config.listen.clone(),
+                    source,
+                })?;
         Ok(Server {
             listener,
             state: AppState::new(store, config),
@@ -68,7 +69,8 @@ pub async fn shutdown_signal() {
     };
     #[cfg(unix)]
     let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
             s.recv().await;
         }
     };

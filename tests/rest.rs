@@ -20,7 +20,10 @@ async fn metadata_is_a_generated_capability_statement() {
     let s = TestServer::start().await;
     let r = s.get("metadata").await;
     assert_eq!(r.status(), 200);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("application/fhir+json"));
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/fhir+json"));
     let cs: Value = r.json().await.unwrap();
     assert_eq!(cs["resourceType"], "CapabilityStatement");
     assert_eq!(cs["fhirVersion"], "4.0.1");
@@ -33,7 +36,17 @@ async fn metadata_is_a_generated_capability_statement() {
         .iter()
         .map(|i| i["code"].as_str().unwrap())
         .collect();
-    for c in ["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create", "search-type"] {
+    for c in [
+        "read",
+        "vread",
+        "update",
+        "patch",
+        "delete",
+        "history-instance",
+        "history-type",
+        "create",
+        "search-type",
+    ] {
         assert!(codes.contains(&c), "{c}");
     }
     let params: Vec<&str> = patient["searchParam"]
@@ -45,8 +58,15 @@ async fn metadata_is_a_generated_capability_statement() {
     assert!(params.contains(&"identifier"));
     // XML too.
     let r = s.get("metadata?_format=xml").await;
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("application/fhir+xml"));
-    assert!(r.text().await.unwrap().contains("<CapabilityStatement xmlns=\"http://hl7.org/fhir\">"));
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/fhir+xml"));
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("<CapabilityStatement xmlns=\"http://hl7.org/fhir\">"));
     s.stop().await;
 }
 
@@ -80,23 +100,52 @@ async fn create_read_vread_update_delete() {
     assert_eq!(updated["meta"]["versionId"], "2");
 
     // vread both versions
-    let v1: Value = s.get(&format!("Patient/{id}/_history/1")).await.json().await.unwrap();
+    let v1: Value = s
+        .get(&format!("Patient/{id}/_history/1"))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(v1["name"][0]["family"], "Alpha");
-    let v2: Value = s.get(&format!("Patient/{id}/_history/2")).await.json().await.unwrap();
+    let v2: Value = s
+        .get(&format!("Patient/{id}/_history/2"))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(v2["name"][0]["family"], "Beta");
-    assert_eq!(s.get(&format!("Patient/{id}/_history/9")).await.status(), 404);
+    assert_eq!(
+        s.get(&format!("Patient/{id}/_history/9")).await.status(),
+        404
+    );
 
     // delete → 204, then read → 410, vread of the tombstone → 410, old version still readable
-    let r = s.client.delete(s.url(&format!("Patient/{id}"))).send().await.unwrap();
+    let r = s
+        .client
+        .delete(s.url(&format!("Patient/{id}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 204);
     let r = s.get(&format!("Patient/{id}")).await;
     assert_eq!(r.status(), 410);
     let oo: Value = r.json().await.unwrap();
     assert_eq!(first_issue(&oo)["code"], "deleted");
-    assert_eq!(s.get(&format!("Patient/{id}/_history/3")).await.status(), 410);
-    assert_eq!(s.get(&format!("Patient/{id}/_history/2")).await.status(), 200);
+    assert_eq!(
+        s.get(&format!("Patient/{id}/_history/3")).await.status(),
+        410
+    );
+    assert_eq!(
+        s.get(&format!("Patient/{id}/_history/2")).await.status(),
+        200
+    );
     // deleting again changes nothing and succeeds
-    let r = s.client.delete(s.url(&format!("Patient/{id}"))).send().await.unwrap();
+    let r = s
+        .client
+        .delete(s.url(&format!("Patient/{id}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 204);
     // update after delete re-creates (201) as version 4
     let r = s.put_json(&format!("Patient/{id}"), &changed).await;
@@ -122,9 +171,17 @@ async fn unknown_resource_type_is_404() {
         let r = s.get(path).await;
         assert_eq!(r.status(), 404, "{path}");
         let oo: Value = r.json().await.unwrap();
-        assert!(first_issue(&oo)["diagnostics"].as_str().unwrap().contains("Unicorn") || path.starts_with("Patientt"));
+        assert!(
+            first_issue(&oo)["diagnostics"]
+                .as_str()
+                .unwrap()
+                .contains("Unicorn")
+                || path.starts_with("Patientt")
+        );
     }
-    let r = s.post_json("Unicorn", &json!({"resourceType": "Unicorn"})).await;
+    let r = s
+        .post_json("Unicorn", &json!({"resourceType": "Unicorn"}))
+        .await;
     assert_eq!(r.status(), 404);
     s.stop().await;
 }
@@ -136,7 +193,10 @@ async fn update_as_create_and_id_mismatch() {
     p["id"] = json!("gamma-1");
     let r = s.put_json("Patient/gamma-1", &p).await;
     assert_eq!(r.status(), 201);
-    assert_eq!(r.headers()["location"], s.url("Patient/gamma-1/_history/1").as_str());
+    assert_eq!(
+        r.headers()["location"],
+        s.url("Patient/gamma-1/_history/1").as_str()
+    );
     // Same content again: no new version.
     let r = s.put_json("Patient/gamma-1", &p).await;
     assert_eq!(r.status(), 200);
@@ -293,7 +353,9 @@ async fn conditional_create() {
 async fn conditional_update_and_delete() {
     let s = TestServer::start().await;
     // No match → create
-    let r = s.put_json("Patient?identifier=urn:test:mrn|Eta", &patient("Eta")).await;
+    let r = s
+        .put_json("Patient?identifier=urn:test:mrn|Eta", &patient("Eta"))
+        .await;
     assert_eq!(r.status(), 201);
     let created: Value = r.json().await.unwrap();
     // One match → update
@@ -308,16 +370,31 @@ async fn conditional_update_and_delete() {
     s.create(&patient("Eta")).await;
     let r = s.put_json("Patient?identifier=urn:test:mrn|Eta", &p).await;
     assert_eq!(r.status(), 412);
-    let r = s.client.delete(s.url("Patient?identifier=urn:test:mrn|Eta")).send().await.unwrap();
+    let r = s
+        .client
+        .delete(s.url("Patient?identifier=urn:test:mrn|Eta"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 412);
     assert_eq!(s.count("Patient").await, 2);
     // One match → deleted
     s.create(&patient("Theta")).await;
-    let r = s.client.delete(s.url("Patient?identifier=urn:test:mrn|Theta")).send().await.unwrap();
+    let r = s
+        .client
+        .delete(s.url("Patient?identifier=urn:test:mrn|Theta"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 204);
     assert_eq!(s.count("Patient").await, 2);
     // No match → nothing to do
-    let r = s.client.delete(s.url("Patient?identifier=urn:test:mrn|Nobody")).send().await.unwrap();
+    let r = s
+        .client
+        .delete(s.url("Patient?identifier=urn:test:mrn|Nobody"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 204);
     // No criteria at all → refused
     let r = s.client.delete(s.url("Patient")).send().await.unwrap();
@@ -351,20 +428,28 @@ async fn json_patch() {
     assert_eq!(p["active"], true);
     assert_eq!(p["meta"]["versionId"], "2");
     // A patch that makes the resource invalid → 422, nothing stored
-    let r = send(r#"[{"op":"add","path":"/colour","value":"red"}]"#, "application/json-patch+json")
-        .await
-        .unwrap();
+    let r = send(
+        r#"[{"op":"add","path":"/colour","value":"red"}]"#,
+        "application/json-patch+json",
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status(), 422);
     // A failing test op → 422
-    let r = send(r#"[{"op":"test","path":"/gender","value":"male"}]"#, "application/json-patch+json")
-        .await
-        .unwrap();
+    let r = send(
+        r#"[{"op":"test","path":"/gender","value":"male"}]"#,
+        "application/json-patch+json",
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status(), 422);
     // Wrong media type → 415
     let r = send(r#"[]"#, "application/fhir+json").await.unwrap();
     assert_eq!(r.status(), 415);
     // Malformed patch → 400
-    let r = send(r#"[{"op":"#, "application/json-patch+json").await.unwrap();
+    let r = send(r#"[{"op":"#, "application/json-patch+json")
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
     let now: Value = s.get(&format!("Patient/{id}")).await.json().await.unwrap();
     assert_eq!(now["meta"]["versionId"], "2");
@@ -401,11 +486,21 @@ async fn history_at_every_level_with_paging() {
         p["gender"] = json!(g);
         assert_eq!(s.put_json(&format!("Patient/{id}"), &p).await.status(), 200);
     }
-    s.client.delete(s.url(&format!("Patient/{id}"))).send().await.unwrap();
-    s.create(&json!({"resourceType": "Organization", "name": "Org"})).await;
+    s.client
+        .delete(s.url(&format!("Patient/{id}")))
+        .send()
+        .await
+        .unwrap();
+    s.create(&json!({"resourceType": "Organization", "name": "Org"}))
+        .await;
 
     // instance history: 5 versions, newest first, tombstone first
-    let h: Value = s.get(&format!("Patient/{id}/_history")).await.json().await.unwrap();
+    let h: Value = s
+        .get(&format!("Patient/{id}/_history"))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(h["type"], "history");
     let entries = h["entry"].as_array().unwrap();
     assert_eq!(entries.len(), 5);
@@ -418,7 +513,15 @@ async fn history_at_every_level_with_paging() {
     let mut url = s.url(&format!("Patient/{id}/_history?_count=2"));
     let mut seen = Vec::new();
     loop {
-        let page: Value = s.client.get(&url).send().await.unwrap().json().await.unwrap();
+        let page: Value = s
+            .client
+            .get(&url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         for e in page["entry"].as_array().unwrap() {
             seen.push(e["response"]["etag"].as_str().unwrap().to_string());
         }
@@ -427,7 +530,10 @@ async fn history_at_every_level_with_paging() {
             None => break,
         }
     }
-    assert_eq!(seen, vec!["W/\"5\"", "W/\"4\"", "W/\"3\"", "W/\"2\"", "W/\"1\""]);
+    assert_eq!(
+        seen,
+        vec!["W/\"5\"", "W/\"4\"", "W/\"3\"", "W/\"2\"", "W/\"1\""]
+    );
 
     // type and system history
     let h: Value = s.get("Patient/_history").await.json().await.unwrap();
@@ -436,9 +542,19 @@ async fn history_at_every_level_with_paging() {
     assert_eq!(h["entry"].as_array().unwrap().len(), 6);
 
     // _since in the future → nothing; in the past → everything
-    let h: Value = s.get("_history?_since=2999-01-01T00:00:00Z").await.json().await.unwrap();
+    let h: Value = s
+        .get("_history?_since=2999-01-01T00:00:00Z")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert!(h.get("entry").is_none());
-    let h: Value = s.get("_history?_since=2000-01-01").await.json().await.unwrap();
+    let h: Value = s
+        .get("_history?_since=2000-01-01")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(h["entry"].as_array().unwrap().len(), 6);
     // bad parameters
     assert_eq!(s.get("_history?_since=yesterday").await.status(), 400);
@@ -458,9 +574,27 @@ async fn history_paging_is_stable_while_others_write() {
     for i in 0..4 {
         s.create(&patient(&format!("Q{i}"))).await;
     }
-    let page2: Value = s.client.get(next_link(&page1).unwrap()).send().await.unwrap().json().await.unwrap();
+    let page2: Value = s
+        .client
+        .get(next_link(&page1).unwrap())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let ids = |b: &Value| -> Vec<String> {
-        b["entry"].as_array().unwrap().iter().map(|e| e["resource"]["name"][0]["family"].as_str().unwrap().to_string()).collect()
+        b["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                e["resource"]["name"][0]["family"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
     };
     assert_eq!(ids(&page1), vec!["P5", "P4", "P3"]);
     assert_eq!(ids(&page2), vec!["P2", "P1", "P0"]);
@@ -482,7 +616,10 @@ async fn xml_in_and_out() {
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("application/fhir+xml"));
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/fhir+xml"));
     let location = r.headers()["location"].to_str().unwrap().to_string();
     let body = r.text().await.unwrap();
     assert!(body.contains(r#"<family value="Xml"/>"#), "{body}");
@@ -491,22 +628,57 @@ async fn xml_in_and_out() {
     assert_eq!(json["birthDate"], "1980-05");
     // _format variants
     for f in ["xml", "application/xml", "application/fhir+xml", "text/xml"] {
-        let r = s.client.get(s.url(&format!("Patient/{id}"))).query(&[("_format", f)]).send().await.unwrap();
-        assert!(r.headers()["content-type"].to_str().unwrap().starts_with("application/fhir+xml"), "{f}");
+        let r = s
+            .client
+            .get(s.url(&format!("Patient/{id}")))
+            .query(&[("_format", f)])
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/fhir+xml"),
+            "{f}"
+        );
     }
     for f in ["json", "application/json", "application/fhir+json"] {
-        let r = s.client.get(s.url(&format!("Patient/{id}"))).query(&[("_format", f)]).send().await.unwrap();
-        assert!(r.headers()["content-type"].to_str().unwrap().starts_with("application/fhir+json"), "{f}");
+        let r = s
+            .client
+            .get(s.url(&format!("Patient/{id}")))
+            .query(&[("_format", f)])
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/fhir+json"),
+            "{f}"
+        );
     }
     // _pretty
-    let pretty = s.get(&format!("Patient/{id}?_pretty=true")).await.text().await.unwrap();
+    let pretty = s
+        .get(&format!("Patient/{id}?_pretty=true"))
+        .await
+        .text()
+        .await
+        .unwrap();
     assert!(pretty.contains("\n  \"resourceType\""));
     // Unsupported _format / Accept → 406 with an OperationOutcome
     let r = s.get(&format!("Patient/{id}?_format=turtle")).await;
     assert_eq!(r.status(), 406);
     let oo: Value = r.json().await.unwrap();
     assert_eq!(oo["resourceType"], "OperationOutcome");
-    let r = s.client.get(s.url(&format!("Patient/{id}"))).header("Accept", "text/html").send().await.unwrap();
+    let r = s
+        .client
+        .get(s.url(&format!("Patient/{id}")))
+        .header("Accept", "text/html")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 406);
     s.stop().await;
 }
@@ -515,40 +687,113 @@ async fn xml_in_and_out() {
 async fn malformed_and_invalid_bodies_say_where() {
     let s = TestServer::start().await;
     let send = |body: &'static str, ct: &'static str| {
-        s.client.post(s.url("Patient")).header("Content-Type", ct).body(body).send()
+        s.client
+            .post(s.url("Patient"))
+            .header("Content-Type", ct)
+            .body(body)
+            .send()
     };
     // Malformed JSON: line and column
-    let r = send("{\n  \"resourceType\": \"Patient\",\n  \"name\": [", "application/fhir+json").await.unwrap();
+    let r = send(
+        "{\n  \"resourceType\": \"Patient\",\n  \"name\": [",
+        "application/fhir+json",
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status(), 400);
     let oo: Value = r.json().await.unwrap();
-    assert!(first_issue(&oo)["diagnostics"].as_str().unwrap().contains("line 3"), "{oo}");
+    assert!(
+        first_issue(&oo)["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("line 3"),
+        "{oo}"
+    );
     // Unknown element
-    let r = send(r#"{"resourceType":"Patient","name":[{"famly":"X"}]}"#, "application/fhir+json").await.unwrap();
+    let r = send(
+        r#"{"resourceType":"Patient","name":[{"famly":"X"}]}"#,
+        "application/fhir+json",
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status(), 400);
     let oo: Value = r.json().await.unwrap();
     assert_eq!(first_issue(&oo)["expression"][0], "Patient.name[0].famly");
     // Wrong type
-    let r = send(r#"{"resourceType":"Patient","active":"yes"}"#, "application/fhir+json").await.unwrap();
+    let r = send(
+        r#"{"resourceType":"Patient","active":"yes"}"#,
+        "application/fhir+json",
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status(), 400);
     let oo: Value = r.json().await.unwrap();
     assert_eq!(first_issue(&oo)["expression"][0], "Patient.active");
     // Invalid primitive
-    let r = send(r#"{"resourceType":"Patient","birthDate":"01/02/1990"}"#, "application/fhir+json").await.unwrap();
+    let r = send(
+        r#"{"resourceType":"Patient","birthDate":"01/02/1990"}"#,
+        "application/fhir+json",
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status(), 400);
     // Malformed XML
-    let r = send("<Patient xmlns=\"http://hl7.org/fhir\"><name>", "application/fhir+xml").await.unwrap();
+    let r = send(
+        "<Patient xmlns=\"http://hl7.org/fhir\">\n<name>",
+        "application/fhir+xml",
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status(), 400);
     let oo: Value = r.json().await.unwrap();
-    assert_eq!(first_issue(&oo)["severity"], "error");
+    assert!(
+        first_issue(&oo)["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("line 2"),
+        "{oo}"
+    );
+    // A DTD (the door to external entities) is refused
+    let r = send(
+        "<?xml version=\"1.0\"?><!DOCTYPE Patient [<!ENTITY x SYSTEM \"file:///etc/passwd\">]><Patient xmlns=\"http://hl7.org/fhir\"><name><family value=\"&x;\"/></name></Patient>",
+        "application/fhir+xml",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 400);
+    let oo: Value = r.json().await.unwrap();
+    assert!(
+        first_issue(&oo)["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("DTD"),
+        "{oo}"
+    );
     // Unknown XML element
-    let r = send(r#"<Patient xmlns="http://hl7.org/fhir"><colour value="red"/></Patient>"#, "application/fhir+xml").await.unwrap();
+    let r = send(
+        r#"<Patient xmlns="http://hl7.org/fhir"><colour value="red"/></Patient>"#,
+        "application/fhir+xml",
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status(), 400);
     let oo: Value = r.json().await.unwrap();
     assert_eq!(first_issue(&oo)["expression"][0], "Patient.colour");
     // Not JSON at all, no body, wrong media type
-    assert_eq!(send("[1,2]", "application/fhir+json").await.unwrap().status(), 400);
-    assert_eq!(send("", "application/fhir+json").await.unwrap().status(), 400);
-    let r = send("name=x", "application/x-www-form-urlencoded").await.unwrap();
+    assert_eq!(
+        send("[1,2]", "application/fhir+json")
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    assert_eq!(
+        send("", "application/fhir+json").await.unwrap().status(),
+        400
+    );
+    let r = send("name=x", "application/x-www-form-urlencoded")
+        .await
+        .unwrap();
     assert_eq!(r.status(), 415);
     let oo: Value = r.json().await.unwrap();
     assert_eq!(first_issue(&oo)["code"], "not-supported");
@@ -566,8 +811,18 @@ async fn body_over_the_limit_is_413() {
     let oo: Value = r.json().await.unwrap();
     assert_eq!(first_issue(&oo)["code"], "too-costly");
     // Chunked (no Content-Length) too
-    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(vec![Ok::<_, std::io::Error>(p.to_string())]));
-    let r = s.client.post(s.url("Patient")).header("Content-Type", "application/fhir+json").body(body).send().await.unwrap();
+    let body =
+        reqwest::Body::wrap_stream(futures_util::stream::iter(vec![Ok::<_, std::io::Error>(
+            p.to_string(),
+        )]));
+    let r = s
+        .client
+        .post(s.url("Patient"))
+        .header("Content-Type", "application/fhir+json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 413);
     assert_eq!(s.count("Patient").await, 0);
     s.stop().await;
@@ -592,19 +847,42 @@ async fn search_by_identifier_and_id_with_paging() {
     let s = TestServer::start().await;
     let mut ids = Vec::new();
     for i in 0..5 {
-        ids.push(s.create(&patient(&format!("S{i}"))).await["id"].as_str().unwrap().to_string());
+        ids.push(
+            s.create(&patient(&format!("S{i}"))).await["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
     }
-    let b: Value = s.get("Patient?identifier=urn:test:mrn|S3").await.json().await.unwrap();
+    let b: Value = s
+        .get("Patient?identifier=urn:test:mrn|S3")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(b["type"], "searchset");
     assert_eq!(b["total"], 1);
     assert_eq!(b["entry"][0]["search"]["mode"], "match");
-    let b: Value = s.get(&format!("Patient?_id={},{}", ids[0], ids[1])).await.json().await.unwrap();
+    let b: Value = s
+        .get(&format!("Patient?_id={},{}", ids[0], ids[1]))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(b["total"], 2);
     // paging
     let mut url = s.url("Patient?_count=2");
     let mut seen = Vec::new();
     loop {
-        let page: Value = s.client.get(&url).send().await.unwrap().json().await.unwrap();
+        let page: Value = s
+            .client
+            .get(&url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(page["total"], 5);
         for e in page["entry"].as_array().unwrap() {
             seen.push(e["resource"]["id"].as_str().unwrap().to_string());
@@ -621,8 +899,17 @@ async fn search_by_identifier_and_id_with_paging() {
     let r = s.get("Patient?colour=red").await;
     assert_eq!(r.status(), 400);
     let oo: Value = r.json().await.unwrap();
-    assert!(first_issue(&oo)["diagnostics"].as_str().unwrap().contains("colour"));
-    let r = s.client.get(s.url("Patient?colour=red")).header("Prefer", "handling=lenient").send().await.unwrap();
+    assert!(first_issue(&oo)["diagnostics"]
+        .as_str()
+        .unwrap()
+        .contains("colour"));
+    let r = s
+        .client
+        .get(s.url("Patient?colour=red"))
+        .header("Prefer", "handling=lenient")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let b: Value = r.json().await.unwrap();
     assert!(!b["link"][0]["url"].as_str().unwrap().contains("colour"));
@@ -638,9 +925,19 @@ async fn search_by_identifier_and_id_with_paging() {
     let b: Value = r.json().await.unwrap();
     assert_eq!(b["total"], 1);
     // _lastUpdated
-    let b: Value = s.get("Patient?_lastUpdated=gt2000-01-01").await.json().await.unwrap();
+    let b: Value = s
+        .get("Patient?_lastUpdated=gt2000-01-01")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(b["total"], 5);
-    let b: Value = s.get("Patient?_lastUpdated=lt2000-01-01").await.json().await.unwrap();
+    let b: Value = s
+        .get("Patient?_lastUpdated=lt2000-01-01")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(b["total"], 0);
     s.stop().await;
 }
@@ -657,7 +954,14 @@ async fn concurrent_updates_keep_every_version() {
         let mut p = created.clone();
         p["name"][0]["given"] = json!([format!("G{i}")]);
         tasks.push(tokio::spawn(async move {
-            client.put(url).header("Content-Type", "application/fhir+json").body(p.to_string()).send().await.unwrap().status()
+            client
+                .put(url)
+                .header("Content-Type", "application/fhir+json")
+                .body(p.to_string())
+                .send()
+                .await
+                .unwrap()
+                .status()
         }));
     }
     let mut ok = 0;

@@ -24,32 +24,78 @@ async fn round_trip(s: &TestServer, file: &str) -> Result<(), String> {
     let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
     let original: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
     let rtype = original["resourceType"].as_str().unwrap().to_string();
-    let id = original["id"].as_str().ok_or("example has no id")?.to_string();
+    let id = original["id"]
+        .as_str()
+        .ok_or("example has no id")?
+        .to_string();
     let url = s.url(&format!("{rtype}/{id}"));
 
     // JSON in
-    let r = s.client.put(&url).header("Content-Type", "application/fhir+json").body(text.clone()).send().await.unwrap();
+    let r = s
+        .client
+        .put(&url)
+        .header("Content-Type", "application/fhir+json")
+        .body(text.clone())
+        .send()
+        .await
+        .unwrap();
     if !r.status().is_success() {
-        return Err(format!("PUT json: {} {}", r.status(), r.text().await.unwrap()));
+        return Err(format!(
+            "PUT json: {} {}",
+            r.status(),
+            r.text().await.unwrap()
+        ));
     }
     // XML out
-    let r = s.client.get(&url).header("Accept", "application/fhir+xml").send().await.unwrap();
+    let r = s
+        .client
+        .get(&url)
+        .header("Accept", "application/fhir+xml")
+        .send()
+        .await
+        .unwrap();
     if r.status() != 200 {
         return Err(format!("GET xml: {}", r.status()));
     }
     let xml = r.text().await.unwrap();
     // XML in: the same content, so the server keeps version 1
-    let r = s.client.put(&url).header("Content-Type", "application/fhir+xml").body(xml).send().await.unwrap();
+    let r = s
+        .client
+        .put(&url)
+        .header("Content-Type", "application/fhir+xml")
+        .body(xml)
+        .send()
+        .await
+        .unwrap();
     if !r.status().is_success() {
-        return Err(format!("PUT xml: {} {}", r.status(), r.text().await.unwrap()));
+        return Err(format!(
+            "PUT xml: {} {}",
+            r.status(),
+            r.text().await.unwrap()
+        ));
     }
     // JSON out
-    let back: Value = s.client.get(&url).header("Accept", "application/fhir+json").send().await.unwrap().json().await.unwrap();
+    let back: Value = s
+        .client
+        .get(&url)
+        .header("Accept", "application/fhir+json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     if content(back.clone()) != content(original.clone()) {
-        return Err(format!("differs after the round trip: {}", first_difference(&content(original), &content(back), &rtype)));
+        return Err(format!(
+            "differs after the round trip: {}",
+            first_difference(&content(original), &content(back), &rtype)
+        ));
     }
     if back["meta"]["versionId"] != "1" {
-        return Err(format!("the XML round trip changed content: version {}", back["meta"]["versionId"]));
+        return Err(format!(
+            "the XML round trip changed content: version {}",
+            back["meta"]["versionId"]
+        ));
     }
     Ok(())
 }
@@ -57,8 +103,13 @@ async fn round_trip(s: &TestServer, file: &str) -> Result<(), String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_r4_example_round_trips_through_xml() {
     let s = TestServer::start().await;
-    let index = std::fs::read_to_string(data_dir().join("fhir-examples/index.csv")).expect("../shared/data present");
-    let files: Vec<String> = index.lines().skip(1).map(|l| l.split(',').nth(2).unwrap().to_string()).collect();
+    let index = std::fs::read_to_string(data_dir().join("fhir-examples/index.csv"))
+        .expect("../shared/data present");
+    let files: Vec<String> = index
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(2).unwrap().to_string())
+        .collect();
     assert!(files.len() >= 866);
     let results: Vec<(String, Result<(), String>)> = stream::iter(files.iter())
         .map(|f| async { (f.clone(), round_trip(&s, f).await) })
@@ -67,8 +118,17 @@ async fn every_r4_example_round_trips_through_xml() {
         .await;
     let failures: Vec<String> = results
         .into_iter()
-        .filter_map(|(f, r)| r.err().map(|e| format!("{f}: {}", e.chars().take(400).collect::<String>())))
+        .filter_map(|(f, r)| {
+            r.err()
+                .map(|e| format!("{f}: {}", e.chars().take(400).collect::<String>()))
+        })
         .collect();
-    assert!(failures.is_empty(), "{} of {} examples failed:\n{}", failures.len(), files.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} examples failed:\n{}",
+        failures.len(),
+        files.len(),
+        failures.join("\n")
+    );
     s.stop().await;
 }

@@ -42,7 +42,13 @@ fn conditional_refs(v: &Value, out: &mut Vec<String>) {
         Value::Object(o) => {
             for (k, x) in o {
                 match (k.as_str(), x) {
-                    ("reference", Value::String(s)) if s.split_once('?').map(|(t, _)| !t.contains('/')).unwrap_or(false) => out.push(s.clone()),
+                    ("reference", Value::String(s))
+                        if s.split_once('?')
+                            .map(|(t, _)| !t.contains('/'))
+                            .unwrap_or(false) =>
+                    {
+                        out.push(s.clone())
+                    }
                     _ => conditional_refs(x, out),
                 }
             }
@@ -73,7 +79,10 @@ async fn load(s: &TestServer, file: &std::path::Path) -> (Value, Value) {
 async fn synthea_bundles_load_and_read_back() {
     let s = TestServer::start().await;
     let dir = data_dir().join("synthea/hiv-transaction-bundles");
-    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     files.sort();
     // The shared Organization/Practitioner bundles load first.
     files.sort_by_key(|f| {
@@ -95,12 +104,21 @@ async fn synthea_bundles_load_and_read_back() {
         let mut map = HashMap::new();
         for (e, r) in entries.iter().zip(results) {
             let status = r["response"]["status"].as_str().unwrap();
-            assert!(status.starts_with("201") || status.starts_with("200"), "{}: {status}", file.display());
-            let loc = r["response"]["location"].as_str().expect("location on every write");
+            assert!(
+                status.starts_with("201") || status.starts_with("200"),
+                "{}: {status}",
+                file.display()
+            );
+            let loc = r["response"]["location"]
+                .as_str()
+                .expect("location on every write");
             let parts: Vec<&str> = loc.split('/').collect();
             assert_eq!(parts.len(), 4, "Type/id/_history/n: {loc}");
             assert!(r["response"]["etag"].as_str().unwrap().starts_with("W/\""));
-            map.insert(e["fullUrl"].as_str().unwrap().to_string(), format!("{}/{}", parts[0], parts[1]));
+            map.insert(
+                e["fullUrl"].as_str().unwrap().to_string(),
+                format!("{}/{}", parts[0], parts[1]),
+            );
         }
         // Conditional references resolve through search, as the server resolved them.
         let mut cond = Vec::new();
@@ -113,7 +131,14 @@ async fn synthea_bundles_load_and_read_back() {
             let b: Value = s.get(&c).await.json().await.unwrap();
             assert_eq!(b["total"], 1, "{c}");
             let r = &b["entry"][0]["resource"];
-            map.insert(c, format!("{}/{}", r["resourceType"].as_str().unwrap(), r["id"].as_str().unwrap()));
+            map.insert(
+                c,
+                format!(
+                    "{}/{}",
+                    r["resourceType"].as_str().unwrap(),
+                    r["id"].as_str().unwrap()
+                ),
+            );
         }
 
         let reads: Vec<(Value, String)> = entries
@@ -148,7 +173,12 @@ async fn synthea_bundles_load_and_read_back() {
             .filter_map(|x| async { x })
             .collect()
             .await;
-        assert!(mismatches.is_empty(), "{}: {:?}", file.display(), &mismatches[..mismatches.len().min(5)]);
+        assert!(
+            mismatches.is_empty(),
+            "{}: {:?}",
+            file.display(),
+            &mismatches[..mismatches.len().min(5)]
+        );
         checked += results.len();
     }
     assert!(checked >= 16_000, "checked {checked}");

@@ -49,10 +49,13 @@ async fn transaction_rewrites_references_and_reports_each_entry() {
     assert_eq!(e[2]["response"]["status"], "201 Created");
     assert_eq!(e[3]["response"]["status"], "201 Created");
     assert_eq!(e[4]["response"]["status"], "204 No Content");
-    for i in 1..=3 {
-        assert!(e[i]["response"]["location"].as_str().unwrap().contains("/_history/1"));
-        assert_eq!(e[i]["response"]["etag"], "W/\"1\"");
-        assert!(e[i]["response"]["lastModified"].is_string());
+    for written in &e[1..=3] {
+        assert!(written["response"]["location"]
+            .as_str()
+            .unwrap()
+            .contains("/_history/1"));
+        assert_eq!(written["response"]["etag"], "W/\"1\"");
+        assert!(written["response"]["lastModified"].is_string());
     }
     let obs_loc = e[1]["response"]["location"].as_str().unwrap();
     let pat_loc = e[2]["response"]["location"].as_str().unwrap();
@@ -61,9 +64,15 @@ async fn transaction_rewrites_references_and_reports_each_entry() {
     let obs: Value = s.get(obs_ref).await.json().await.unwrap();
     assert_eq!(obs["subject"]["reference"], pat_ref);
     assert_eq!(obs["extension"][0]["valueReference"]["reference"], pat_ref);
-    assert!(obs["performer"][0]["reference"].as_str().unwrap().starts_with("Organization/"));
+    assert!(obs["performer"][0]["reference"]
+        .as_str()
+        .unwrap()
+        .starts_with("Organization/"));
     let pat: Value = s.get(pat_ref).await.json().await.unwrap();
-    assert!(pat["text"]["div"].as_str().unwrap().contains(&format!("href=\"{obs_ref}\"")));
+    assert!(pat["text"]["div"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("href=\"{obs_ref}\"")));
     assert_eq!(s.get("Patient/fixed-id").await.status(), 200);
     assert_eq!(s.get(&format!("Patient/{old_id}")).await.status(), 410);
     s.stop().await;
@@ -91,19 +100,32 @@ async fn reads_in_a_transaction_see_its_writes() {
 #[tokio::test]
 async fn one_bad_entry_leaves_the_database_exactly_as_it_was() {
     let s = TestServer::start().await;
-    let keep = s.create(&json!({"resourceType": "Patient", "id": "x", "gender": "female"})).await;
+    let keep = s
+        .create(&json!({"resourceType": "Patient", "id": "x", "gender": "female"}))
+        .await;
     let keep_id = keep["id"].as_str().unwrap();
-    let other = s.create(&json!({"resourceType": "Patient", "gender": "other"})).await;
+    let other = s
+        .create(&json!({"resourceType": "Patient", "gender": "other"}))
+        .await;
     let other_id = other["id"].as_str().unwrap();
     let history_before = s.history_len().await;
     let cases = vec![
         // structurally invalid resource in entry 2
-        (json!({"resourceType": "Patient", "birthDate": "not-a-date"}), 400, "Bundle.entry[2].resource.birthDate"),
+        (
+            json!({"resourceType": "Patient", "birthDate": "not-a-date"}),
+            400,
+            "Bundle.entry[2].resource.birthDate",
+        ),
         // update with a stale If-Match in entry 2
-        (json!({"resourceType": "Patient", "id": other_id, "gender": "male"}), 412, "Bundle.entry[2]"),
+        (
+            json!({"resourceType": "Patient", "id": other_id, "gender": "male"}),
+            412,
+            "Bundle.entry[2]",
+        ),
     ];
     for (i, (bad, want_status, want_expr)) in cases.into_iter().enumerate() {
-        let mut bad_entry = json!({"resource": bad, "request": {"method": "POST", "url": "Patient"}});
+        let mut bad_entry =
+            json!({"resource": bad, "request": {"method": "POST", "url": "Patient"}});
         if i == 1 {
             bad_entry["request"] = json!({"method": "PUT", "url": format!("Patient/{other_id}"), "ifMatch": "W/\"9\""});
         }
@@ -145,7 +167,10 @@ async fn failing_conditional_reference_names_the_entry() {
     assert_eq!(status, 412);
     let issue = first_issue(&oo);
     assert_eq!(issue["expression"][0], "Bundle.entry[1]");
-    assert!(issue["diagnostics"].as_str().unwrap().contains("Patient?identifier=urn:none|nobody"));
+    assert!(issue["diagnostics"]
+        .as_str()
+        .unwrap()
+        .contains("Patient?identifier=urn:none|nobody"));
     assert_eq!(s.count("Patient").await, 0);
     s.stop().await;
 }
@@ -174,13 +199,22 @@ async fn transaction_conditional_create_and_update() {
     let (status, second) = post_bundle(&s, &b).await;
     assert_eq!(status, 200, "{second}");
     assert_eq!(second["entry"][0]["response"]["status"], "200 OK");
-    assert_eq!(second["entry"][0]["response"]["location"], first["entry"][0]["response"]["location"]);
+    assert_eq!(
+        second["entry"][0]["response"]["location"],
+        first["entry"][0]["response"]["location"]
+    );
     assert_eq!(second["entry"][2]["response"]["status"], "200 OK");
     assert_eq!(s.count("Patient").await, 1);
     assert_eq!(s.count("Organization").await, 1);
     assert_eq!(s.count("Observation").await, 2);
     let obs: Value = s.get("Observation?_count=10").await.json().await.unwrap();
-    let pat = first["entry"][0]["response"]["location"].as_str().unwrap().split("/_history").next().unwrap().to_string();
+    let pat = first["entry"][0]["response"]["location"]
+        .as_str()
+        .unwrap()
+        .split("/_history")
+        .next()
+        .unwrap()
+        .to_string();
     for e in obs["entry"].as_array().unwrap() {
         assert_eq!(e["resource"]["subject"]["reference"], pat.as_str());
     }
@@ -190,7 +224,11 @@ async fn transaction_conditional_create_and_update() {
 #[tokio::test]
 async fn transaction_patch_entry() {
     let s = TestServer::start().await;
-    s.put_json("Patient/p1", &json!({"resourceType": "Patient", "id": "p1", "gender": "male"})).await;
+    s.put_json(
+        "Patient/p1",
+        &json!({"resourceType": "Patient", "id": "p1", "gender": "male"}),
+    )
+    .await;
     let patch = base64_encode(br#"[{"op":"replace","path":"/gender","value":"female"}]"#);
     let b = json!({
         "resourceType": "Bundle", "type": "transaction",
@@ -229,7 +267,10 @@ async fn batch_entries_succeed_or_fail_alone() {
     let e = resp["entry"].as_array().unwrap();
     assert_eq!(e[0]["response"]["status"], "201 Created");
     assert_eq!(e[1]["response"]["status"], "404 Not Found");
-    assert_eq!(e[1]["response"]["outcome"]["resourceType"], "OperationOutcome");
+    assert_eq!(
+        e[1]["response"]["outcome"]["resourceType"],
+        "OperationOutcome"
+    );
     assert_eq!(e[2]["response"]["status"], "400 Bad Request");
     assert_eq!(e[3]["response"]["status"], "404 Not Found");
     assert_eq!(e[4]["response"]["status"], "201 Created");
@@ -245,7 +286,8 @@ async fn bundle_errors() {
     assert_eq!(status, 400);
     first_issue(&oo);
     // A Bundle type that is not processable
-    let (status, oo) = post_bundle(&s, &json!({"resourceType": "Bundle", "type": "collection"})).await;
+    let (status, oo) =
+        post_bundle(&s, &json!({"resourceType": "Bundle", "type": "collection"})).await;
     assert_eq!(status, 400);
     assert_eq!(first_issue(&oo)["expression"][0], "Bundle.type");
     // The same resource twice
@@ -256,15 +298,34 @@ async fn bundle_errors() {
     assert_eq!(status, 400);
     assert_eq!(first_issue(&oo)["expression"][0], "Bundle.entry[1]");
     // Missing request
-    let (status, oo) = post_bundle(&s, &json!({"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"resource": {"resourceType": "Patient"}}
-    ]})).await;
+    let (status, oo) = post_bundle(
+        &s,
+        &json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": {"resourceType": "Patient"}}
+        ]}),
+    )
+    .await;
     assert_eq!(status, 400);
-    assert!(first_issue(&oo)["expression"][0].as_str().unwrap().starts_with("Bundle.entry[0]"));
+    assert!(first_issue(&oo)["expression"][0]
+        .as_str()
+        .unwrap()
+        .starts_with("Bundle.entry[0]"));
     // XML transaction works too
     let xml = r#"<Bundle xmlns="http://hl7.org/fhir"><type value="transaction"/><entry><resource><Patient><gender value="other"/></Patient></resource><request><method value="POST"/><url value="Patient"/></request></entry></Bundle>"#;
-    let r = s.client.post(s.url("")).header("Content-Type", "application/fhir+xml").header("Accept", "application/fhir+xml").body(xml).send().await.unwrap();
+    let r = s
+        .client
+        .post(s.url(""))
+        .header("Content-Type", "application/fhir+xml")
+        .header("Accept", "application/fhir+xml")
+        .body(xml)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    assert!(r.text().await.unwrap().contains("<status value=\"201 Created\"/>"));
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("<status value=\"201 Created\"/>"));
     s.stop().await;
 }

@@ -53,21 +53,20 @@ fn written(state: &AppState, req: &FhirRequest, w: Written) -> FhirResponse {
             Some(res) => r.with_value(res),
             None => r,
         },
-        Return::OperationOutcome => r.with_value(operation_outcome(&[Issue::information(format!(
-            "{}/{} version {} stored",
-            w.rtype, w.id, w.version
-        ))])),
+        Return::OperationOutcome => r.with_value(operation_outcome(&[Issue::information(
+            format!("{}/{} version {} stored", w.rtype, w.id, w.version),
+        )])),
     }
 }
 
 fn deleted(req: &FhirRequest, w: Option<Written>, what: &str) -> FhirResponse {
     let mut r = match req.prefer_return() {
-        Return::OperationOutcome => FhirResponse::new(StatusCode::OK).with_value(operation_outcome(&[
-            Issue::information(match &w {
+        Return::OperationOutcome => FhirResponse::new(StatusCode::OK).with_value(
+            operation_outcome(&[Issue::information(match &w {
                 Some(_) => format!("{what} deleted"),
                 None => format!("{what}: nothing to delete"),
-            }),
-        ])),
+            })]),
+        ),
         _ => FhirResponse::new(StatusCode::NO_CONTENT),
     };
     if let Some(w) = w {
@@ -100,7 +99,9 @@ pub async fn vread(
 ) -> Response {
     let result = async {
         let mut conn = state.store.reader().await?;
-        Ok(stored(interaction::vread(&mut conn, &rtype, &id, &vid).await?))
+        Ok(stored(
+            interaction::vread(&mut conn, &rtype, &id, &vid).await?,
+        ))
     };
     req.respond(result.await)
 }
@@ -113,7 +114,9 @@ pub async fn create(
     let result = async {
         interaction::check_type(&rtype)?;
         let resource = req.resource()?;
-        let if_none_exist = req.header("if-none-exist").map(|q| q.trim_start_matches('?'));
+        let if_none_exist = req
+            .header("if-none-exist")
+            .map(|q| q.trim_start_matches('?'));
         let mut tx = state.store.begin().await?;
         let w = interaction::create(&mut tx, &rtype, resource, if_none_exist).await?;
         tx.commit().await?;
@@ -169,7 +172,8 @@ pub async fn conditional_update(
         let resource = req.resource()?;
         let if_match = req.if_match()?;
         let mut tx = state.store.begin().await?;
-        let w = interaction::conditional_update(&mut tx, &rtype, &query, resource, if_match).await?;
+        let w =
+            interaction::conditional_update(&mut tx, &rtype, &query, resource, if_match).await?;
         tx.commit().await?;
         Ok(written(&state, &req, w))
     };
@@ -242,7 +246,11 @@ pub async fn conditional_patch(
     req.respond(result.await)
 }
 
-async fn history(state: &AppState, req: &FhirRequest, scope: HistoryScope<'_>) -> Result<FhirResponse> {
+async fn history(
+    state: &AppState,
+    req: &FhirRequest,
+    scope: HistoryScope<'_>,
+) -> Result<FhirResponse> {
     let mut conn = state.store.reader().await?;
     let b = interaction::history(&mut conn, &state.env, scope, &req.params).await?;
     Ok(FhirResponse::new(StatusCode::OK).with_value(b))
@@ -268,9 +276,15 @@ pub async fn history_instance(
     req.respond(history(&state, &req, HistoryScope::Instance(&rtype, &id)).await)
 }
 
-async fn search(state: &AppState, req: &FhirRequest, rtype: &str, params: &[(String, String)]) -> Result<FhirResponse> {
+async fn search(
+    state: &AppState,
+    req: &FhirRequest,
+    rtype: &str,
+    params: &[(String, String)],
+) -> Result<FhirResponse> {
     let mut conn = state.store.reader().await?;
-    let b = interaction::search(&mut conn, &state.env, rtype, params, req.strict_handling()).await?;
+    let b =
+        interaction::search(&mut conn, &state.env, rtype, params, req.strict_handling()).await?;
     Ok(FhirResponse::new(StatusCode::OK).with_value(b))
 }
 
@@ -304,7 +318,8 @@ pub async fn search_post(
 
 pub async fn system_search(req: FhirRequest) -> Response {
     req.respond(Err(Error::NotSupported(
-        "search across all resource types is not supported yet; search one type (GET /Type?…)".into(),
+        "search across all resource types is not supported yet; search one type (GET /Type?…)"
+            .into(),
     )))
 }
 

@@ -88,10 +88,14 @@ impl FhirRequest {
     /// The body as a FHIR resource, parsed by its `Content-Type`.
     pub fn resource(&self) -> Result<Value> {
         if self.body.iter().all(|b| b.is_ascii_whitespace()) {
-            return Err(Error::invalid("the request has no body; a resource is required"));
+            return Err(Error::invalid(
+                "the request has no body; a resource is required",
+            ));
         }
         let format = match self.header("content-type") {
-            Some(ct) => parse_format(ct).ok_or_else(|| Error::UnsupportedMediaType(ct.to_string()))?,
+            Some(ct) => {
+                parse_format(ct).ok_or_else(|| Error::UnsupportedMediaType(ct.to_string()))?
+            }
             // No Content-Type: recognise the format by its first character.
             None => match self.body.iter().find(|b| !b.is_ascii_whitespace()) {
                 Some(b'<') => Format::Xml,
@@ -107,7 +111,12 @@ impl FhirRequest {
     /// The body as a JSON Patch document.
     pub fn json_patch(&self) -> Result<Value> {
         let ct = self.header("content-type").unwrap_or("");
-        let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let essence = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         if essence != "application/json-patch+json" {
             return Err(Error::UnsupportedMediaType(format!(
                 "{ct} (PATCH accepts application/json-patch+json)"
@@ -124,7 +133,9 @@ impl FhirRequest {
 
     /// `If-Match` as a version number.
     pub fn if_match(&self) -> Result<Option<i64>> {
-        self.header("if-match").map(crate::interaction::parse_etag).transpose()
+        self.header("if-match")
+            .map(crate::interaction::parse_etag)
+            .transpose()
     }
 
     /// `Prefer: return=…` (default: representation).
@@ -230,7 +241,11 @@ fn serialise(body: ResponseBody, format: Format, pretty: bool) -> Result<Vec<u8>
 pub fn render(result: Result<FhirResponse>, format: Format, pretty: bool) -> Response {
     let (status, headers, body) = match result {
         Ok(r) => (r.status, r.headers, r.body),
-        Err(e) => (e.status(), Vec::new(), Some(ResponseBody::Value(e.outcome()))),
+        Err(e) => (
+            e.status(),
+            Vec::new(),
+            Some(ResponseBody::Value(e.outcome())),
+        ),
     };
     let bytes = match body.map(|b| serialise(b, format, pretty)).transpose() {
         Ok(b) => b,
@@ -253,7 +268,10 @@ pub fn render(result: Result<FhirResponse>, format: Format, pretty: bool) -> Res
     *response.status_mut() = status;
     let h = response.headers_mut();
     if has_body {
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(format.content_type()),
+        );
     }
     for (name, value) in headers {
         if let Ok(v) = HeaderValue::from_str(&value) {

@@ -3,7 +3,12 @@
 use serde_json::{json, Map, Value};
 
 /// A Bundle of `kind` with the given entries and links.
-pub fn bundle(kind: &str, total: Option<i64>, links: Vec<(&str, String)>, entries: Vec<Value>) -> Value {
+pub fn bundle(
+    kind: &str,
+    total: Option<i64>,
+    links: Vec<(&str, String)>,
+    entries: Vec<Value>,
+) -> Value {
     let mut b = Map::new();
     b.insert("resourceType".into(), json!("Bundle"));
     b.insert("id".into(), json!(uuid::Uuid::new_v4().to_string()));

@@ -82,6 +82,7 @@ pub fn parse_json(bytes: &[u8]) -> Result<Value, ParseFault> {
 
 /// Parses FHIR XML text into FHIR JSON.
 pub fn parse_xml(bytes: &[u8]) -> Result<Value, ParseFault> {
+    let divs = scan_xml(bytes)?;
     let typed: R4Resource = fhirbolt::xml::from_slice(bytes, strict()).map_err(|e| {
         let message = e.to_string();
         let expression = super::locate::locate_in_xml(bytes, &message);
@@ -92,10 +93,12 @@ pub fn parse_xml(bytes: &[u8]) -> Result<Value, ParseFault> {
         }
     })?;
     let mut value = to_json(typed)?;
-    if let Some(divs) = xhtml_divs(bytes) {
-        if divs.len() == count_divs(&value) {
-            restore_divs(&mut value, &mut divs.into_iter());
-        }
+    if divs.len() == count_divs(&value) {
+        let divs: Vec<String> = divs
+            .into_iter()
+            .map(|(a, b)| String::from_utf8_lossy(&bytes[a..b]).into_owned())
+            .collect();
+        restore_divs(&mut value, &mut divs.into_iter());
     }
     check_primitives(&value)?;
     Ok(value)
@@ -119,33 +122,49 @@ pub fn to_xml(value: &Value) -> Result<Vec<u8>, ParseFault> {
 
 const XHTML_NS: &[u8] = b"http://www.w3.org/1999/xhtml";
 
-/// The exact source text of every narrative `<div>` (top-level XHTML `div`
-/// elements), in document order. fhirbolt's XML reader normalises
-/// whitespace inside XHTML, so the narrative is taken verbatim from here.
-fn xhtml_divs(bytes: &[u8]) -> Option<Vec<String>> {
-    Some(
-        xhtml_div_ranges(bytes)?
-            .into_iter()
-            .map(|(a, b)| String::from_utf8_lossy(&bytes[a..b]).into_owned())
-            .collect(),
-    )
-}
-
 /// Byte ranges of the top-level XHTML `div` elements, in document order.
 fn xhtml_div_ranges(bytes: &[u8]) -> Option<Vec<(usize, usize)>> {
+    scan_xml(bytes).ok()
+}
+
+/// Line and column (1-based) of a byte offset.
+fn line_col(bytes: &[u8], offset: usize) -> (usize, usize) {
+    let upto = &bytes[..offset.min(bytes.len())];
+    let line = upto.iter().filter(|&&b| b == b'\n').count() + 1;
+    let col = upto.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+    (line, col)
+}
+
+/// Checks that XML is well formed (every element closed, end tags match, no
+/// DTD) and returns the byte ranges of the top-level XHTML `div` elements.
+fn scan_xml(bytes: &[u8]) -> Result<Vec<(usize, usize)>, ParseFault> {
     use quick_xml::events::Event;
     let mut reader = quick_xml::Reader::from_reader(bytes);
+    reader.config_mut().check_end_names = true;
+    let fault = |message: String, at: usize| ParseFault {
+        message: format!("malformed XML: {message}"),
+        expression: None,
+        position: Some(line_col(bytes, at)),
+    };
     let mut divs = Vec::new();
     let mut buf = Vec::new();
-    let mut depth_in_div = 0usize;
+    let mut depth = 0usize;
+    let mut div_depth = 0usize;
     let mut start = 0usize;
+    let mut seen_root = false;
     loop {
         let before = reader.buffer_position() as usize;
-        let event = reader.read_event_into(&mut buf).ok()?;
+        let event = reader
+            .read_event_into(&mut buf)
+            .map_err(|e| fault(e.to_string(), reader.error_position() as usize))?;
         match event {
             Event::Start(ref e) | Event::Empty(ref e) => {
                 let empty = matches!(event, Event::Empty(_));
-                if depth_in_div == 0 {
+                if depth == 0 && seen_root {
+                    return Err(fault("more than one root element".into(), before));
+                }
+                seen_root = true;
+                if div_depth == 0 {
                     let is_div = e.name().as_ref() == b"div"
                         && e.attributes()
                             .flatten()
@@ -155,21 +174,43 @@ fn xhtml_div_ranges(bytes: &[u8]) -> Option<Vec<(usize, usize)>> {
                             divs.push((before, reader.buffer_position() as usize));
                         } else {
                             start = before;
-                            depth_in_div = 1;
+                            div_depth = 1;
                         }
                     }
                 } else if !empty {
-                    depth_in_div += 1;
+                    div_depth += 1;
+                }
+                if !empty {
+                    depth += 1;
                 }
             }
-            Event::End(_) if depth_in_div > 0 => {
-                depth_in_div -= 1;
-                if depth_in_div == 0 {
-                    let end = reader.buffer_position() as usize;
-                    divs.push((start, end));
+            Event::End(_) => {
+                depth = depth.saturating_sub(1);
+                if div_depth > 0 {
+                    div_depth -= 1;
+                    if div_depth == 0 {
+                        divs.push((start, reader.buffer_position() as usize));
+                    }
                 }
             }
-            Event::Eof => return Some(divs),
+            Event::DocType(_) => {
+                return Err(fault(
+                    "document type declarations (DTDs) are not accepted".into(),
+                    before,
+                ))
+            }
+            Event::Eof => {
+                if depth > 0 {
+                    return Err(fault(
+                        "the document ends before every element is closed".into(),
+                        bytes.len(),
+                    ));
+                }
+                if !seen_root {
+                    return Err(fault("no root element".into(), 0));
+                }
+                return Ok(divs);
+            }
             _ => {}
         }
         buf.clear();
@@ -236,7 +277,13 @@ fn count_divs(value: &Value) -> usize {
     match value {
         Value::Object(map) => map
             .iter()
-            .map(|(k, v)| if k == "div" && v.is_string() { 1 } else { count_divs(v) })
+            .map(|(k, v)| {
+                if k == "div" && v.is_string() {
+                    1
+                } else {
+                    count_divs(v)
+                }
+            })
             .sum(),
         Value::Array(items) => items.iter().map(count_divs).sum(),
         _ => 0,

@@ -32,7 +32,10 @@ pub fn parse_format(media: &str) -> Option<Format> {
         "json" | "application/json" | "application/fhir+json" | "application/json+fhir" => {
             Some(Format::Json)
         }
-        "xml" | "text/xml" | "application/xml" | "application/fhir+xml"
+        "xml"
+        | "text/xml"
+        | "application/xml"
+        | "application/fhir+xml"
         | "application/xml+fhir" => Some(Format::Xml),
         _ => None,
     }
@@ -91,12 +94,21 @@ mod tests {
             negotiate(None, Some("application/fhir+xml")),
             Ok(Format::Xml)
         );
-        assert_eq!(negotiate(Some("xml"), Some("application/json")), Ok(Format::Xml));
         assert_eq!(
-            negotiate(None, Some("application/fhir+json;q=0.5, application/fhir+xml")),
+            negotiate(Some("xml"), Some("application/json")),
             Ok(Format::Xml)
         );
-        assert_eq!(negotiate(None, Some("text/html, */*;q=0.8")), Ok(Format::Json));
+        assert_eq!(
+            negotiate(
+                None,
+                Some("application/fhir+json;q=0.5, application/fhir+xml")
+            ),
+            Ok(Format::Xml)
+        );
+        assert_eq!(
+            negotiate(None, Some("text/html, */*;q=0.8")),
+            Ok(Format::Json)
+        );
         assert!(negotiate(None, Some("text/html")).is_err());
         assert!(negotiate(Some("turtle"), None).is_err());
     }

@@ -103,8 +103,14 @@ mod tests {
         });
         rewrite(&mut v, &map);
         assert_eq!(v["subject"]["reference"], "Patient/abc");
-        assert_eq!(v["extension"][0]["valueReference"]["reference"], "Patient/abc");
-        assert!(v["text"]["div"].as_str().unwrap().contains("href=\"Patient/abc\""));
+        assert_eq!(
+            v["extension"][0]["valueReference"]["reference"],
+            "Patient/abc"
+        );
+        assert!(v["text"]["div"]
+            .as_str()
+            .unwrap()
+            .contains("href=\"Patient/abc\""));
         assert!(v["text"]["div"].as_str().unwrap().contains("urn:uuid:2"));
         assert_eq!(v["other"], "urn:uuid:1x");
     }

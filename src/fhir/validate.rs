@@ -118,7 +118,11 @@ fn is_primitive(t: &str) -> bool {
 }
 
 fn check_primitive(t: &str, v: &Value) -> Result<(), String> {
-    let want = |what: &str| Err(format!("expected {what} for a value of type {t}, found {v}"));
+    let want = |what: &str| {
+        Err(format!(
+            "expected {what} for a value of type {t}, found {v}"
+        ))
+    };
     match t {
         "boolean" | "System.Boolean" => {
             if v.is_boolean() {
@@ -157,11 +161,14 @@ fn check_primitive(t: &str, v: &Value) -> Result<(), String> {
                 "date" => is_date(s),
                 "dateTime" | "System.DateTime" => is_date_time(s),
                 "instant" => s.contains('T') && is_date_time(s),
-                "time" | "System.Time" => chrono::NaiveTime::parse_from_str(s, "%H:%M:%S%.f").is_ok(),
+                "time" | "System.Time" => {
+                    chrono::NaiveTime::parse_from_str(s, "%H:%M:%S%.f").is_ok()
+                }
                 "id" => {
                     !s.is_empty()
                         && s.len() <= 64
-                        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+                        && s.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
                 }
                 "code" => !s.is_empty() && s.trim() == s && !s.contains("  "),
                 "uri" | "url" | "canonical" => !s.is_empty() && !s.chars().any(char::is_whitespace),
@@ -173,9 +180,9 @@ fn check_primitive(t: &str, v: &Value) -> Result<(), String> {
                     .strip_prefix("urn:uuid:")
                     .map(|r| uuid::Uuid::parse_str(r).is_ok())
                     .unwrap_or(false),
-                "base64Binary" => s
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b) || b.is_ascii_whitespace()),
+                "base64Binary" => s.bytes().all(|b| {
+                    b.is_ascii_alphanumeric() || b"+/=".contains(&b) || b.is_ascii_whitespace()
+                }),
                 _ => !s.is_empty(),
             };
             if ok {
@@ -234,14 +241,22 @@ mod tests {
     fn primitives() {
         assert!(is_date("2020") && is_date("2020-02") && is_date("2020-02-29"));
         assert!(!is_date("2021-02-29") && !is_date("2020-13") && !is_date("01/02/1990"));
-        assert!(is_date_time("2020-01-01T10:00:00Z") && is_date_time("2020-01-01T10:00:00.123+02:00"));
+        assert!(
+            is_date_time("2020-01-01T10:00:00Z") && is_date_time("2020-01-01T10:00:00.123+02:00")
+        );
         assert!(!is_date_time("2020-01-01T10:00:00") && !is_date_time("2020-01-01T10:00Z"));
     }
 
     #[test]
     fn finds_the_faulty_element() {
-        assert_eq!(fault(json!({"resourceType": "Patient", "birthDate": "01/02/1990"})), Some("Patient.birthDate".into()));
-        assert_eq!(fault(json!({"resourceType": "Patient", "active": "yes"})), Some("Patient.active".into()));
+        assert_eq!(
+            fault(json!({"resourceType": "Patient", "birthDate": "01/02/1990"})),
+            Some("Patient.birthDate".into())
+        );
+        assert_eq!(
+            fault(json!({"resourceType": "Patient", "active": "yes"})),
+            Some("Patient.active".into())
+        );
         assert_eq!(
             fault(json!({"resourceType": "Patient", "name": [{"given": ["a", ""]}]})),
             Some("Patient.name[0].given[1]".into())
@@ -255,13 +270,20 @@ mod tests {
             Some("Observation.valueQuantity.value".into())
         );
         assert_eq!(
-            fault(json!({"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Patient", "id": "a b"}}]})),
+            fault(
+                json!({"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Patient", "id": "a b"}}]})
+            ),
             Some("Bundle.entry[0].resource.id".into())
         );
         assert_eq!(
             fault(json!({"resourceType": "Questionnaire", "item": [{"item": [{"required": 1}]}]})),
             Some("Questionnaire.item[0].item[0].required".into())
         );
-        assert_eq!(fault(json!({"resourceType": "Patient", "birthDate": "1990-01-02", "name": [{"given": ["x"]}]})), None);
+        assert_eq!(
+            fault(
+                json!({"resourceType": "Patient", "birthDate": "1990-01-02", "name": [{"given": ["x"]}]})
+            ),
+            None
+        );
     }
 }

@@ -332,7 +332,9 @@ async fn resolve_conditional_refs(
     map: &mut HashMap<String, String>,
 ) -> Result<()> {
     for e in entries {
-        let Some(resource) = &e.resource else { continue };
+        let Some(resource) = &e.resource else {
+            continue;
+        };
         let mut refs = Vec::new();
         reference::conditional_references(resource, &mut refs);
         for r in refs {
@@ -396,7 +398,9 @@ async fn perform(tx: &mut Tx, env: &Env, e: &Entry, new_id: &str) -> Result<Entr
             }
         }
         Method::Delete => match (&t.id, &t.query) {
-            (Some(id), _) => EntryResponse::deleted(delete(tx, &t.rtype, id, e.if_match).await?.as_ref()),
+            (Some(id), _) => {
+                EntryResponse::deleted(delete(tx, &t.rtype, id, e.if_match).await?.as_ref())
+            }
             (None, Some(q)) => {
                 EntryResponse::deleted(conditional_delete(tx, &t.rtype, q).await?.as_ref())
             }
@@ -407,11 +411,19 @@ async fn perform(tx: &mut Tx, env: &Env, e: &Entry, new_id: &str) -> Result<Entr
             let (status, resource, version) = match (&t.id, &t.version) {
                 (Some(id), None) => {
                     let v = read(tx.conn(), &t.rtype, id).await?;
-                    (StatusCode::OK, parse_stored(v.body.as_deref().unwrap_or("{}"))?, Some(v))
+                    (
+                        StatusCode::OK,
+                        parse_stored(v.body.as_deref().unwrap_or("{}"))?,
+                        Some(v),
+                    )
                 }
                 (Some(id), Some(vid)) => {
                     let v = vread(tx.conn(), &t.rtype, id, vid).await?;
-                    (StatusCode::OK, parse_stored(v.body.as_deref().unwrap_or("{}"))?, Some(v))
+                    (
+                        StatusCode::OK,
+                        parse_stored(v.body.as_deref().unwrap_or("{}"))?,
+                        Some(v),
+                    )
                 }
                 (None, _) => {
                     let params: Vec<(String, String)> =
@@ -434,7 +446,11 @@ async fn perform(tx: &mut Tx, env: &Env, e: &Entry, new_id: &str) -> Result<Entr
     })
 }
 
-async fn transaction(store: &Store, env: &Env, mut entries: Vec<Entry>) -> Result<Vec<EntryResponse>> {
+async fn transaction(
+    store: &Store,
+    env: &Env,
+    mut entries: Vec<Entry>,
+) -> Result<Vec<EntryResponse>> {
     // The same resource may not be the target of two entries.
     let mut targets = HashSet::new();
     for e in &entries {
@@ -458,8 +474,15 @@ async fn transaction(store: &Store, env: &Env, mut entries: Vec<Entry>) -> Resul
     order.sort_by_key(|&i| entries[i].method.phase());
 
     // 1. Deletes come first.
-    for &i in order.iter().filter(|&&i| entries[i].method == Method::Delete) {
-        responses[i] = Some(perform(&mut tx, env, &entries[i], "").await.map_err(|e| e.in_entry(i))?);
+    for &i in order
+        .iter()
+        .filter(|&&i| entries[i].method == Method::Delete)
+    {
+        responses[i] = Some(
+            perform(&mut tx, env, &entries[i], "")
+                .await
+                .map_err(|e| e.in_entry(i))?,
+        );
     }
 
     // 2. Decide the id every POST and PUT will have, so references can be rewritten.
@@ -475,7 +498,9 @@ async fn transaction(store: &Store, env: &Env, mut entries: Vec<Entry>) -> Resul
                         ids[i] = ids[first].clone();
                         Some(format!("{}/{}", e.target.rtype, ids[i]))
                     } else {
-                        let found = find(tx.conn(), &e.target.rtype, q).await.map_err(|err| err.in_entry(i))?;
+                        let found = find(tx.conn(), &e.target.rtype, q)
+                            .await
+                            .map_err(|err| err.in_entry(i))?;
                         match found.len() {
                             0 => {
                                 conditional_creates.insert(key, i);
@@ -506,7 +531,9 @@ async fn transaction(store: &Store, env: &Env, mut entries: Vec<Entry>) -> Resul
             Method::Put => match (&e.target.id, &e.target.query) {
                 (Some(id), _) => Some(format!("{}/{}", e.target.rtype, id)),
                 (None, Some(q)) => {
-                    let found = find(tx.conn(), &e.target.rtype, q).await.map_err(|err| err.in_entry(i))?;
+                    let found = find(tx.conn(), &e.target.rtype, q)
+                        .await
+                        .map_err(|err| err.in_entry(i))?;
                     let id = match found.len() {
                         0 => e
                             .resource
@@ -550,12 +577,16 @@ async fn transaction(store: &Store, env: &Env, mut entries: Vec<Entry>) -> Resul
 
     // 4. Writes, then reads, in the spec's order.
     let mut created: HashSet<String> = HashSet::new();
-    for &i in order.iter().filter(|&&i| entries[i].method != Method::Delete) {
+    for &i in order
+        .iter()
+        .filter(|&&i| entries[i].method != Method::Delete)
+    {
         if responses[i].is_some() {
             continue; // conditional create that matched
         }
         let e = &entries[i];
-        if e.method == Method::Post && e.if_none_exist.is_some() && !created.insert(ids[i].clone()) {
+        if e.method == Method::Post && e.if_none_exist.is_some() && !created.insert(ids[i].clone())
+        {
             // Second entry of a duplicated conditional create.
             let v = crate::store::current(tx.conn(), &e.target.rtype, &ids[i])
                 .await
@@ -568,7 +599,11 @@ async fn transaction(store: &Store, env: &Env, mut entries: Vec<Entry>) -> Resul
         }
         let mut e = e.clone();
         e.if_none_exist = None; // already resolved above
-        responses[i] = Some(perform(&mut tx, env, &e, &ids[i]).await.map_err(|err| err.in_entry(i))?);
+        responses[i] = Some(
+            perform(&mut tx, env, &e, &ids[i])
+                .await
+                .map_err(|err| err.in_entry(i))?,
+        );
     }
     tx.commit().await?;
     Ok(responses

@@ -88,7 +88,10 @@ pub fn check_id(id: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::invalid_at(format!("'{id}' is not a valid FHIR id"), "id"))
+        Err(Error::invalid_at(
+            format!("'{id}' is not a valid FHIR id"),
+            "id",
+        ))
     }
 }
 
@@ -184,7 +187,11 @@ async fn write(
 
 /// Current resources matching conditional criteria (at most two are looked
 /// at: none, one, or "several").
-pub async fn find(conn: &mut sqlx::AnyConnection, rtype: &str, query: &str) -> Result<Vec<Version>> {
+pub async fn find(
+    conn: &mut sqlx::AnyConnection,
+    rtype: &str,
+    query: &str,
+) -> Result<Vec<Version>> {
     check_type(rtype)?;
     let criteria = search::parse_conditional(rtype, query)?;
     Ok(store::search(conn, rtype, &criteria, None, 2).await?)
@@ -283,7 +290,10 @@ pub async fn conditional_update(
     if_match: Option<i64>,
 ) -> Result<Written> {
     let found = find(tx.conn(), rtype, query).await?;
-    let body_id = resource.get("id").and_then(Value::as_str).map(str::to_string);
+    let body_id = resource
+        .get("id")
+        .and_then(Value::as_str)
+        .map(str::to_string);
     let id = match found.len() {
         0 => body_id.unwrap_or_else(new_id),
         1 => {
@@ -305,7 +315,12 @@ pub async fn conditional_update(
 
 /// delete: writes a tombstone version. Deleting what does not exist (or is
 /// already deleted) succeeds and changes nothing (`None`).
-pub async fn delete(tx: &mut Tx, rtype: &str, id: &str, if_match: Option<i64>) -> Result<Option<Written>> {
+pub async fn delete(
+    tx: &mut Tx,
+    rtype: &str,
+    id: &str,
+    if_match: Option<i64>,
+) -> Result<Option<Written>> {
     check_type(rtype)?;
     check_id(id)?;
     let current = tx.current_for_update(rtype, id).await?;

@@ -55,7 +55,9 @@ pub fn parse(rtype: &str, params: &[(String, String)], strict: bool) -> Result<P
             continue;
         }
         if value.is_empty() {
-            return Err(Error::invalid(format!("search parameter '{name}' has no value")));
+            return Err(Error::invalid(format!(
+                "search parameter '{name}' has no value"
+            )));
         }
         let c = match base {
             "_id" => Criterion::Ids(split_or(value)),
@@ -152,17 +154,28 @@ pub fn date_range(value: &str) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
             NaiveDate::from_ymd_opt(d.format("%Y").to_string().parse::<i32>().ok()? + 1, 1, 1)?
         } else {
             NaiveDate::parse_from_str(
-                &format!("{}-{:02}-01", d.format("%Y"), d.format("%m").to_string().parse::<u32>().ok()? + 1),
+                &format!(
+                    "{}-{:02}-01",
+                    d.format("%Y"),
+                    d.format("%m").to_string().parse::<u32>().ok()? + 1
+                ),
                 "%Y-%m-%d",
             )
             .ok()?
         };
-        return Some((d.and_hms_opt(0, 0, 0)?.and_utc(), next.and_hms_opt(0, 0, 0)?.and_utc()));
+        return Some((
+            d.and_hms_opt(0, 0, 0)?.and_utc(),
+            next.and_hms_opt(0, 0, 0)?.and_utc(),
+        ));
     }
     if v.len() == 4 {
         let y: i32 = v.parse().ok()?;
-        let lo = NaiveDate::from_ymd_opt(y, 1, 1)?.and_hms_opt(0, 0, 0)?.and_utc();
-        let hi = NaiveDate::from_ymd_opt(y + 1, 1, 1)?.and_hms_opt(0, 0, 0)?.and_utc();
+        let lo = NaiveDate::from_ymd_opt(y, 1, 1)?
+            .and_hms_opt(0, 0, 0)?
+            .and_utc();
+        let hi = NaiveDate::from_ymd_opt(y + 1, 1, 1)?
+            .and_hms_opt(0, 0, 0)?
+            .and_utc();
         return Some((lo, hi));
     }
     None
@@ -171,7 +184,9 @@ pub fn date_range(value: &str) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
 fn minute_range(v: &str) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
     let (head, zone) = if let Some(h) = v.strip_suffix('Z') {
         (h, "+00:00")
-    } else if v.len() > 6 && (v.as_bytes()[v.len() - 6] == b'+' || v.as_bytes()[v.len() - 6] == b'-') {
+    } else if v.len() > 6
+        && (v.as_bytes()[v.len() - 6] == b'+' || v.as_bytes()[v.len() - 6] == b'-')
+    {
         (&v[..v.len() - 6], &v[v.len() - 6..])
     } else {
         return None;
@@ -185,13 +200,16 @@ fn minute_range(v: &str) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
 }
 
 fn last_updated(value: &str) -> Result<Criterion> {
-    let (prefix, rest) = if value.len() > 2 && value.as_bytes()[..2].iter().all(u8::is_ascii_alphabetic) {
-        (&value[..2], &value[2..])
-    } else {
-        ("eq", value)
-    };
+    let (prefix, rest) =
+        if value.len() > 2 && value.as_bytes()[..2].iter().all(u8::is_ascii_alphabetic) {
+            (&value[..2], &value[2..])
+        } else {
+            ("eq", value)
+        };
     let (lo, hi) = date_range(rest).ok_or_else(|| {
-        Error::invalid(format!("_lastUpdated value '{value}' is not a valid FHIR date/time"))
+        Error::invalid(format!(
+            "_lastUpdated value '{value}' is not a valid FHIR date/time"
+        ))
     })?;
     let (lo, hi) = (Some(format_instant(lo)), Some(format_instant(hi)));
     let (from, before) = match prefix {
@@ -263,7 +281,10 @@ mod tests {
                 code: None
             }
         );
-        assert_eq!(split_or(r"a,b\,c"), vec!["a".to_string(), "b,c".to_string()]);
+        assert_eq!(
+            split_or(r"a,b\,c"),
+            vec!["a".to_string(), "b,c".to_string()]
+        );
     }
 
     #[test]

@@ -179,7 +179,11 @@ impl Tx {
 
     /// The current version of a resource, locked for update where the
     /// database supports row locks.
-    pub async fn current_for_update(&mut self, rtype: &str, id: &str) -> StoreResult<Option<Version>> {
+    pub async fn current_for_update(
+        &mut self,
+        rtype: &str,
+        id: &str,
+    ) -> StoreResult<Option<Version>> {
         let lock = self.dialect == Dialect::Postgres;
         query::current(&mut self.tx, rtype, id, lock).await
     }
@@ -249,7 +253,11 @@ impl Tx {
 }
 
 /// Read operations, usable on a pooled connection or inside a [`Tx`].
-pub async fn current(conn: &mut AnyConnection, rtype: &str, id: &str) -> StoreResult<Option<Version>> {
+pub async fn current(
+    conn: &mut AnyConnection,
+    rtype: &str,
+    id: &str,
+) -> StoreResult<Option<Version>> {
     query::current(conn, rtype, id, false).await
 }
 
@@ -296,13 +304,20 @@ pub async fn search(
 }
 
 /// Number of current resources matching every criterion.
-pub async fn count(conn: &mut AnyConnection, rtype: &str, criteria: &[Criterion]) -> StoreResult<i64> {
+pub async fn count(
+    conn: &mut AnyConnection,
+    rtype: &str,
+    criteria: &[Criterion],
+) -> StoreResult<i64> {
     query::count(conn, rtype, criteria).await
 }
 
 /// Checks that the database answers.
 pub async fn ping(conn: &mut AnyConnection) -> StoreResult<()> {
     conn.ping().await?;
-    let _ = sqlx::query("SELECT 1").fetch_one(&mut *conn).await?.try_get::<i64, _>(0);
+    let _ = sqlx::query("SELECT 1")
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get::<i64, _>(0);
     Ok(())
 }

@@ -99,16 +99,15 @@ pub(super) async fn history(
         binds.push(s.to_string());
         sql.push_str(&format!(" AND last_updated >= ${}", binds.len()));
     }
-    let seq_param = before.map(|b| {
+    if before.is_some() {
         sql.push_str(&format!(" AND seq < ${}", binds.len() + 1));
-        b
-    });
+    }
     sql.push_str(&format!(" ORDER BY seq DESC LIMIT {}", limit));
     let mut q = sqlx::query(&sql);
     for b in &binds {
         q = q.bind(b.as_str());
     }
-    if let Some(b) = seq_param {
+    if let Some(b) = before {
         q = q.bind(b);
     }
     let rows = q.fetch_all(&mut *conn).await?;

@@ -136,7 +136,15 @@ impl TestServer {
         let mut n = 0;
         let mut url = self.url("_history?_count=1000");
         loop {
-            let b: Value = self.client.get(&url).send().await.unwrap().json().await.unwrap();
+            let b: Value = self
+                .client
+                .get(&url)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
             n += b["entry"].as_array().map(|a| a.len()).unwrap_or(0);
             match next_link(&b) {
                 Some(next) => url = next,

@@ -1,0 +1,163 @@
+//! The `ehrx` binary: `serve` with no configuration, `migrate`, and `import`.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::data_dir;
+use serde_json::Value;
+
+fn ehrx() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ehrx"));
+    // Start from a clean environment for EHRX_* settings.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("EHRX_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+#[tokio::test]
+async fn serve_with_no_configuration_creates_the_database_and_answers_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    // Only the listen address is set (the default port may be taken on a test machine).
+    let mut child = ehrx()
+        .arg("serve")
+        .current_dir(dir.path())
+        .env("EHRX_LISTEN", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let cs: Value = loop {
+        match client
+            .get(format!("http://127.0.0.1:{port}/metadata"))
+            .send()
+            .await
+        {
+            Ok(r) if r.status() == 200 => break r.json().await.unwrap(),
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => panic!("server did not come up: {other:?}"),
+        }
+    };
+    assert_eq!(cs["resourceType"], "CapabilityStatement");
+    assert_eq!(
+        cs["implementation"]["url"],
+        format!("http://127.0.0.1:{port}")
+    );
+    assert!(dir.path().join("ehrx.db").exists(), "./ehrx.db created");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn config_file_and_environment_override() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("ehrx.toml"),
+        "database_url = \"sqlite:from-file.db\"\nmax_count = 500\n",
+    )
+    .unwrap();
+    let out = ehrx()
+        .arg("migrate")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.path().join("from-file.db").exists());
+    let out = ehrx()
+        .arg("migrate")
+        .current_dir(dir.path())
+        .env("EHRX_DATABASE_URL", "sqlite:from-env.db")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(dir.path().join("from-env.db").exists());
+    // An invalid setting is refused with a message.
+    let out = ehrx()
+        .arg("migrate")
+        .current_dir(dir.path())
+        .env("EHRX_MAX_COUNT", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_count"));
+}
+
+#[test]
+fn import_loads_a_directory_and_reports_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    std::fs::create_dir(&input).unwrap();
+    let synthea = data_dir().join("synthea/hiv-transaction-bundles");
+    // A patient bundle named so it sorts before the shared bundles it depends on:
+    // the importer retries it after they load.
+    std::fs::copy(
+        synthea.join("Bob965_Keeling57_3f6fd0bb-6cd3-eb3f-4401-cd38ace25f2b.json"),
+        input.join("0-patient.json"),
+    )
+    .unwrap();
+    std::fs::copy(
+        synthea.join("hospitalInformation1633536936158.json"),
+        input.join("1-hospitals.json"),
+    )
+    .unwrap();
+    std::fs::copy(
+        synthea.join("practitionerInformation1633536936158.json"),
+        input.join("2-practitioners.json"),
+    )
+    .unwrap();
+    // An official example Bundle of type collection, in XML.
+    std::fs::copy(
+        data_dir().join("fhir-examples/r4-xml/diagnosticreport-example-f001-bloodexam.xml"),
+        input.join("3-collection.xml"),
+    )
+    .ok();
+    let db = format!("sqlite:{}", dir.path().join("import.db").display());
+    let out = ehrx()
+        .args(["import", "--quiet"])
+        .arg(&input)
+        .env("EHRX_DATABASE_URL", &db)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("Patient"), "{stdout}");
+    assert!(stdout.contains("Organization"), "{stdout}");
+    assert!(stdout.contains("Observation"), "{stdout}");
+
+    // A broken file and a non-Bundle: listed, and the exit code says so.
+    std::fs::write(input.join("9-broken.json"), "{ not json").unwrap();
+    std::fs::write(
+        input.join("9-patient.json"),
+        r#"{"resourceType":"Patient"}"#,
+    )
+    .unwrap();
+    let out = ehrx()
+        .args(["import", "--quiet"])
+        .arg(&input)
+        .env("EHRX_DATABASE_URL", &db)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(stdout.contains("2 file(s) failed"), "{stdout}");
+    assert!(stdout.contains("9-broken.json: malformed JSON"), "{stdout}");
+    assert!(stdout.contains("9-patient.json: not a Bundle"), "{stdout}");
+}
