@@ -1,17 +1,26 @@
-//! The CapabilityStatement, generated from what the server implements (the
-//! resource type list, the search parameters the search module accepts, the
-//! interactions the router serves), so it cannot drift from the code.
+//! The CapabilityStatement: its static parts come from
+//! `conformance/capability-statement.json`; everything that describes
+//! behaviour (resource types, interactions, search parameters) is generated
+//! from the code that implements it, so it cannot drift.
 
 use serde_json::{json, Value};
 
 use crate::fhir::types::RESOURCE_TYPES;
 use crate::search::criteria_params;
 
+static STATIC_PARTS: &str = include_str!("../../conformance/capability-statement.json");
+
 fn param_type(name: &str) -> &'static str {
     match name {
-        "_id" => "token",
         "_lastUpdated" => "date",
         _ => "token",
+    }
+}
+
+fn definition(rtype: &str, param: &str) -> String {
+    match param.strip_prefix('_') {
+        Some(p) => format!("http://hl7.org/fhir/SearchParameter/Resource-{p}"),
+        None => format!("http://hl7.org/fhir/SearchParameter/{rtype}-{param}"),
     }
 }
 
@@ -21,14 +30,7 @@ pub fn capability_statement(base: &str) -> Value {
         .map(|t| {
             let params: Vec<Value> = criteria_params(t)
                 .into_iter()
-                .map(|p| {
-                    json!({
-                        "name": p,
-                        "definition": format!("http://hl7.org/fhir/SearchParameter/{}",
-                            if p.starts_with('_') { format!("Resource{}", p.replace('_', "-")) } else { format!("{t}-{p}") }),
-                        "type": param_type(p),
-                    })
-                })
+                .map(|p| json!({"name": p, "definition": definition(t, p), "type": param_type(p)}))
                 .collect();
             json!({
                 "type": t,
@@ -50,23 +52,15 @@ pub fn capability_statement(base: &str) -> Value {
             })
         })
         .collect();
-    json!({
-        "resourceType": "CapabilityStatement",
-        "status": "active",
-        "date": crate::search::format_instant(chrono::Utc::now()),
-        "publisher": "ehrx",
-        "kind": "instance",
-        "software": {"name": "ehrx", "version": env!("CARGO_PKG_VERSION")},
-        "implementation": {"description": "ehrx FHIR R4 server", "url": base},
-        "fhirVersion": "4.0.1",
-        "format": ["application/fhir+json", "application/fhir+xml", "json", "xml"],
-        "patchFormat": ["application/json-patch+json"],
-        "rest": [{
-            "mode": "server",
-            "resource": resources,
-            "interaction": [
-                {"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}
-            ],
-        }],
-    })
+    let mut cs: Value = serde_json::from_str(STATIC_PARTS).unwrap_or_else(|_| json!({}));
+    cs["resourceType"] = json!("CapabilityStatement");
+    cs["date"] = json!(crate::search::format_instant(chrono::Utc::now()));
+    cs["software"]["version"] = json!(env!("CARGO_PKG_VERSION"));
+    cs["implementation"]["url"] = json!(base);
+    cs["rest"] = json!([{
+        "mode": "server",
+        "resource": resources,
+        "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
+    }]);
+    cs
 }

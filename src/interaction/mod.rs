@@ -141,21 +141,32 @@ async fn write(
     rtype: &str,
     id: &str,
     prev: Option<&Version>,
-    mut resource: Value,
+    resource: Value,
 ) -> Result<Written> {
     let version = prev.map(|p| p.version + 1).unwrap_or(1);
     let last_updated = now();
-    let obj = resource
-        .as_object_mut()
-        .ok_or_else(|| Error::invalid("resource must be an object"))?;
-    obj.insert("id".into(), json!(id));
-    let meta = obj.entry("meta").or_insert_with(|| json!({}));
-    if let Some(meta) = meta.as_object_mut() {
-        meta.insert("versionId".into(), json!(version.to_string()));
-        meta.insert("lastUpdated".into(), json!(last_updated));
-    }
-    // `meta` must come first after `id` in serialised JSON for readability;
-    // key order has no meaning in FHIR JSON, so nothing else depends on it.
+    let Value::Object(mut fields) = resource else {
+        return Err(Error::invalid("resource must be an object"));
+    };
+    // resourceType, id and meta lead, as in the spec's examples.
+    let mut meta = match fields.remove("meta") {
+        Some(Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    meta.insert("versionId".into(), json!(version.to_string()));
+    meta.insert("lastUpdated".into(), json!(last_updated));
+    fields.remove("id");
+    let mut ordered = serde_json::Map::with_capacity(fields.len() + 2);
+    ordered.insert(
+        "resourceType".into(),
+        fields
+            .remove("resourceType")
+            .unwrap_or_else(|| json!(rtype)),
+    );
+    ordered.insert("id".into(), json!(id));
+    ordered.insert("meta".into(), Value::Object(meta));
+    ordered.extend(fields);
+    let resource = Value::Object(ordered);
     let tokens = search::tokens(rtype, &resource);
     let body = serde_json::to_string(&resource).map_err(|e| Error::invalid(e.to_string()))?;
     tx.put_version(
