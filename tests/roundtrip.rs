@@ -10,10 +10,10 @@ use serde_json::Value;
 /// The example without the parts the server owns (`meta.versionId`, `meta.lastUpdated`).
 fn content(mut v: Value) -> Value {
     if let Some(meta) = v.get_mut("meta").and_then(Value::as_object_mut) {
-        meta.remove("versionId");
-        meta.remove("lastUpdated");
+        meta.shift_remove("versionId");
+        meta.shift_remove("lastUpdated");
         if meta.is_empty() {
-            v.as_object_mut().unwrap().remove("meta");
+            v.as_object_mut().unwrap().shift_remove("meta");
         }
     }
     v

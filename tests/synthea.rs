@@ -26,12 +26,12 @@ fn rewrite(v: &mut Value, map: &HashMap<String, String>) {
 
 fn without_server_parts(mut v: Value) -> Value {
     let o = v.as_object_mut().unwrap();
-    o.remove("id");
+    o.shift_remove("id");
     if let Some(meta) = o.get_mut("meta").and_then(Value::as_object_mut) {
-        meta.remove("versionId");
-        meta.remove("lastUpdated");
+        meta.shift_remove("versionId");
+        meta.shift_remove("lastUpdated");
         if meta.is_empty() {
-            o.remove("meta");
+            o.shift_remove("meta");
         }
     }
     v

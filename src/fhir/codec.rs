@@ -117,7 +117,12 @@ pub fn to_xml(value: &Value) -> Result<Vec<u8>, ParseFault> {
         expression: None,
         position: None,
     })?;
-    Ok(splice_divs(xml, value))
+    if count_divs(value) == 0 {
+        return Ok(xml);
+    }
+    // The narratives in element order (JSON key order is not significant).
+    let canonical = to_json(typed)?;
+    Ok(splice_divs(xml, &canonical))
 }
 
 const XHTML_NS: &[u8] = b"http://www.w3.org/1999/xhtml";
@@ -287,5 +292,34 @@ fn count_divs(value: &Value) -> usize {
             .sum(),
         Value::Array(items) => items.iter().map(count_divs).sum(),
         _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn narratives_follow_element_order_not_json_key_order() {
+        // JSON key order is not significant: `section` before `text` here.
+        let json = br#"{"resourceType":"Composition","status":"final",
+            "section":[{"title":"S","text":{"status":"generated",
+              "div":"<div xmlns=\"http://www.w3.org/1999/xhtml\">  section  </div>"}}],
+            "text":{"status":"generated",
+              "div":"<div xmlns=\"http://www.w3.org/1999/xhtml\">  top  </div>"},
+            "type":{"text":"note"},"date":"2020-01-01","author":[{"display":"A"}],"title":"T"}"#;
+        let value = parse_json(json).unwrap();
+        let xml = String::from_utf8(to_xml(&value).unwrap()).unwrap();
+        let top = xml.find("  top  ").expect("top narrative kept verbatim");
+        let section = xml
+            .find("  section  ")
+            .expect("section narrative kept verbatim");
+        assert!(top < section, "{xml}");
+        let back = parse_xml(xml.as_bytes()).unwrap();
+        assert_eq!(back["text"]["div"], value["text"]["div"]);
+        assert_eq!(
+            back["section"][0]["text"]["div"],
+            value["section"][0]["text"]["div"]
+        );
     }
 }

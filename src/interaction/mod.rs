@@ -126,10 +126,10 @@ fn check_resource_type(rtype: &str, resource: &Value) -> Result<()> {
 fn content_of(resource: &Value) -> Value {
     let mut v = resource.clone();
     if let Some(meta) = v.get_mut("meta").and_then(Value::as_object_mut) {
-        meta.remove("versionId");
-        meta.remove("lastUpdated");
+        meta.shift_remove("versionId");
+        meta.shift_remove("lastUpdated");
         if meta.is_empty() {
-            v.as_object_mut().unwrap().remove("meta");
+            v.as_object_mut().unwrap().shift_remove("meta");
         }
     }
     v
@@ -149,18 +149,18 @@ async fn write(
         return Err(Error::invalid("resource must be an object"));
     };
     // resourceType, id and meta lead, as in the spec's examples.
-    let mut meta = match fields.remove("meta") {
+    let mut meta = match fields.shift_remove("meta") {
         Some(Value::Object(m)) => m,
         _ => serde_json::Map::new(),
     };
     meta.insert("versionId".into(), json!(version.to_string()));
     meta.insert("lastUpdated".into(), json!(last_updated));
-    fields.remove("id");
+    fields.shift_remove("id");
     let mut ordered = serde_json::Map::with_capacity(fields.len() + 2);
     ordered.insert(
         "resourceType".into(),
         fields
-            .remove("resourceType")
+            .shift_remove("resourceType")
             .unwrap_or_else(|| json!(rtype)),
     );
     ordered.insert("id".into(), json!(id));
