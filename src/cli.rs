@@ -1,4 +1,4 @@
-//! Command line: `ehrx serve | migrate | import`.
+//! Command line: `ehrx serve | migrate | import | reindex`.
 
 use std::path::PathBuf;
 
@@ -35,4 +35,7 @@ pub enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Rebuild the search indexes of every current resource (after an
+    /// upgrade that changes what is indexed).
+    Reindex,
 }

@@ -64,6 +64,31 @@ async fn run(command: Command, config: Config) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Reindex => {
+            let store = match Store::open(&config.database_url, 2).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let bar = indicatif::ProgressBar::new_spinner();
+            let result = ehrx::search::reindex::reindex(&store, |n| {
+                bar.set_message(format!("{n} resources reindexed"))
+            })
+            .await;
+            bar.finish_and_clear();
+            match result {
+                Ok(n) => {
+                    println!("reindexed {n} resources");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    tracing::error!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Import { paths, quiet } => {
             match ehrx::import::run(&config, &paths, !quiet).await {
                 Ok(report) => {

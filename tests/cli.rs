@@ -1,4 +1,4 @@
-//! The `ehrx` binary: `serve` with no configuration, `migrate`, and `import`.
+//! The `ehrx` binary: `serve` with no configuration, `migrate`, `import` and `reindex`.
 
 mod common;
 
@@ -160,4 +160,65 @@ fn import_loads_a_directory_and_reports_failures() {
     assert!(stdout.contains("2 file(s) failed"), "{stdout}");
     assert!(stdout.contains("9-broken.json: malformed JSON"), "{stdout}");
     assert!(stdout.contains("9-patient.json: not a Bundle"), "{stdout}");
+}
+
+async fn index_rows(db: &str) -> i64 {
+    use sqlx::Connection;
+    let mut conn = sqlx::SqliteConnection::connect(db).await.unwrap();
+    let mut n = 0;
+    for t in ["idx_string", "idx_token", "idx_reference", "idx_date"] {
+        let (c,): (i64,) = sqlx::query_as(&format!("SELECT COUNT(*) FROM {t}"))
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        n += c;
+    }
+    n
+}
+
+#[tokio::test]
+async fn reindex_rebuilds_lost_index_rows() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("bundle.xml");
+    std::fs::copy(
+        data_dir().join("fhir-examples/r4-xml/diagnosticreport-example-f001-bloodexam.xml"),
+        &input,
+    )
+    .unwrap();
+    let db = format!("sqlite:{}", dir.path().join("r.db").display());
+    let out = ehrx()
+        .args(["import", "--quiet"])
+        .arg(&input)
+        .env("EHRX_DATABASE_URL", &db)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let before = index_rows(&db).await;
+    assert!(before > 0);
+    {
+        let mut conn = sqlx::SqliteConnection::connect(&db).await.unwrap();
+        for t in ["idx_string", "idx_token", "idx_reference", "idx_date"] {
+            sqlx::query(&format!("DELETE FROM {t}"))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+    assert_eq!(index_rows(&db).await, 0);
+    let out = ehrx()
+        .arg("reindex")
+        .env("EHRX_DATABASE_URL", &db)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let count: Vec<&str> = stdout.split_whitespace().collect();
+    assert_eq!(count.first(), Some(&"reindexed"), "{stdout}");
+    assert!(count[1].parse::<u64>().unwrap() >= 2, "{stdout}");
+    assert_eq!(index_rows(&db).await, before);
 }

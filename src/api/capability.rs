@@ -6,32 +6,33 @@
 use serde_json::{json, Value};
 
 use crate::fhir::types::RESOURCE_TYPES;
-use crate::search::criteria_params;
+use crate::search::registry::registry;
 
 static STATIC_PARTS: &str = include_str!("../../conformance/capability-statement.json");
 
-fn param_type(name: &str) -> &'static str {
-    match name {
-        "_lastUpdated" => "date",
-        _ => "token",
-    }
-}
-
-fn definition(rtype: &str, param: &str) -> String {
-    match param.strip_prefix('_') {
-        Some(p) => format!("http://hl7.org/fhir/SearchParameter/Resource-{p}"),
-        None => format!("http://hl7.org/fhir/SearchParameter/{rtype}-{param}"),
-    }
+/// The searchParam list of one type: every R4 core parameter, with those
+/// ehrx cannot evaluate marked as such.
+fn search_params(rtype: &str) -> Vec<Value> {
+    registry()
+        .params(rtype)
+        .iter()
+        .map(|p| {
+            let mut v = json!({"name": p.code, "definition": p.url, "type": p.kind.as_str()});
+            if !p.supported() {
+                v["documentation"] = json!("Not supported: ehrx rejects this parameter (or ignores it with Prefer: handling=lenient).");
+            } else if matches!(p.kind, crate::search::registry::Kind::Token) {
+                v["documentation"] = json!("Modifiers :not, :text, :of-type (identifiers) and :missing; :in, :not-in, :above and :below need a terminology service and are not supported.");
+            }
+            v
+        })
+        .collect()
 }
 
 pub fn capability_statement(base: &str) -> Value {
     let resources: Vec<Value> = RESOURCE_TYPES
         .iter()
         .map(|t| {
-            let params: Vec<Value> = criteria_params(t)
-                .into_iter()
-                .map(|p| json!({"name": p, "definition": definition(t, p), "type": param_type(p)}))
-                .collect();
+            let params = search_params(t);
             json!({
                 "type": t,
                 "profile": format!("http://hl7.org/fhir/StructureDefinition/{t}"),
@@ -40,6 +41,8 @@ pub fn capability_statement(base: &str) -> Value {
                     {"code": "delete"}, {"code": "history-instance"}, {"code": "history-type"},
                     {"code": "create"}, {"code": "search-type"}
                 ],
+                "searchInclude": ["*"],
+                "searchRevInclude": ["*"],
                 "versioning": "versioned",
                 "readHistory": true,
                 "updateCreate": true,
@@ -60,7 +63,25 @@ pub fn capability_statement(base: &str) -> Value {
     cs["rest"] = json!([{
         "mode": "server",
         "resource": resources,
-        "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
+        "interaction": [
+            {"code": "transaction"}, {"code": "batch"}, {"code": "history-system"},
+            {"code": "search-system"}
+        ],
+        "searchParam": [
+            {"name": "_type", "type": "token"},
+            {"name": "_count", "type": "number"},
+            {"name": "_sort", "type": "string"},
+            {"name": "_total", "type": "token"},
+            {"name": "_summary", "type": "token"},
+            {"name": "_elements", "type": "string"},
+            {"name": "_include", "type": "string"},
+            {"name": "_revinclude", "type": "string"}
+        ],
+        "operation": [{
+            "name": "everything",
+            "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"
+        }],
+        "compartment": ["http://hl7.org/fhir/CompartmentDefinition/patient"],
     }]);
     cs
 }

@@ -316,11 +316,47 @@ pub async fn search_post(
     req.respond(result.await)
 }
 
-pub async fn system_search(req: FhirRequest) -> Response {
-    req.respond(Err(Error::NotSupported(
-        "search across all resource types is not supported yet; search one type (GET /Type?…)"
-            .into(),
-    )))
+/// `GET /?_type=A,B&…`: search across the listed types.
+pub async fn system_search(State(state): State<AppState>, req: FhirRequest) -> Response {
+    let result = async {
+        let mut conn = state.store.reader().await?;
+        let b =
+            interaction::system_search(&mut conn, &state.env, &req.params, req.strict_handling())
+                .await?;
+        Ok(FhirResponse::new(StatusCode::OK).with_value(b))
+    };
+    req.respond(result.await)
+}
+
+/// `GET /Patient/{id}/$everything`, or a compartment search such as
+/// `GET /Patient/{id}/Observation?…`.
+pub async fn compartment_or_operation(
+    State(state): State<AppState>,
+    Path((rtype, id, what)): Path<(String, String, String)>,
+    req: FhirRequest,
+) -> Response {
+    let result = async {
+        let mut conn = state.store.reader().await?;
+        let b = if what == "$everything" && rtype == "Patient" {
+            interaction::everything(&mut conn, &state.env, &id, &req.params).await?
+        } else if what.starts_with('$') {
+            return Err(Error::NotSupported(format!(
+                "operation {what} is not supported on {rtype}"
+            )));
+        } else {
+            interaction::compartment_search(
+                &mut conn,
+                &state.env,
+                (&rtype, &id),
+                &what,
+                &req.params,
+                req.strict_handling(),
+            )
+            .await?
+        };
+        Ok(FhirResponse::new(StatusCode::OK).with_value(b))
+    };
+    req.respond(result.await)
 }
 
 pub async fn transaction(State(state): State<AppState>, req: FhirRequest) -> Response {

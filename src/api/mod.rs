@@ -67,6 +67,7 @@ pub fn router(state: AppState) -> Router {
             get(read).put(update).delete(delete).patch(patch),
         )
         .route("/{rtype}/{id}/_history", get(history_instance))
+        .route("/{rtype}/{id}/{what}", get(compartment_or_operation))
         .route("/{rtype}/{id}/_history/{vid}", get(vread))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -6,6 +6,7 @@ pub mod locate;
 pub mod media;
 pub mod outcome;
 pub mod reference;
+pub mod summary;
 pub mod types;
 pub mod validate;
 

@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 
 static TABLE_JSON: &str = include_str!("../../profiles/r4-elements.json");
 
-fn table() -> &'static Map<String, Value> {
+pub(crate) fn table() -> &'static Map<String, Value> {
     static TABLE: OnceLock<Map<String, Value>> = OnceLock::new();
     TABLE.get_or_init(|| match serde_json::from_str(TABLE_JSON) {
         Ok(Value::Object(m)) => m,

@@ -4,6 +4,7 @@
 
 pub mod bundle;
 mod read;
+mod searchset;
 
 use axum::http::StatusCode;
 use serde_json::{json, Value};
@@ -14,7 +15,8 @@ use crate::fhir::types::is_resource_type;
 use crate::search;
 use crate::store::{self, Tx, Version};
 
-pub use read::{history, read, search, vread, HistoryParams};
+pub use read::{history, read, vread, HistoryParams};
+pub use searchset::{compartment_params, compartment_search, everything, search, system_search};
 
 /// What the interactions need to know about the server.
 #[derive(Debug, Clone)]
@@ -167,7 +169,7 @@ async fn write(
     ordered.insert("meta".into(), Value::Object(meta));
     ordered.extend(fields);
     let resource = Value::Object(ordered);
-    let tokens = search::tokens(rtype, &resource);
+    let rows = search::index::extract(rtype, &resource);
     let body = serde_json::to_string(&resource).map_err(|e| Error::invalid(e.to_string()))?;
     tx.put_version(
         &Version {
@@ -178,7 +180,7 @@ async fn write(
             deleted: false,
             body: Some(body),
         },
-        &tokens,
+        &rows,
     )
     .await?;
     let created = prev.map(|p| p.deleted).unwrap_or(true);
@@ -204,8 +206,14 @@ pub async fn find(
     query: &str,
 ) -> Result<Vec<Version>> {
     check_type(rtype)?;
-    let criteria = search::parse_conditional(rtype, query)?;
-    Ok(store::search(conn, rtype, &criteria, None, 2).await?)
+    let conds = search::parse_conditional(rtype, query, "")?;
+    let q = store::search::Query {
+        rtype: rtype.to_string(),
+        conds,
+        sort: Vec::new(),
+    };
+    let found = store::search::search(conn, &q, None, 2).await?;
+    Ok(found.into_iter().map(|(v, _)| v).collect())
 }
 
 fn several(rtype: &str, query: &str) -> Error {
@@ -347,7 +355,7 @@ pub async fn delete(
         deleted: true,
         body: None,
     };
-    tx.put_version(&v, &[]).await?;
+    tx.put_version(&v, &search::index::Rows::default()).await?;
     Ok(Some(Written::from_version(&v, StatusCode::NO_CONTENT)?))
 }
 

@@ -7,6 +7,7 @@
 //! committing rolls everything back, so a failed request changes nothing.
 
 mod query;
+pub mod search;
 
 use std::sync::{Arc, Once};
 use std::time::Duration;
@@ -15,7 +16,9 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
-pub use query::{Criterion, HistoryScope, TokenValue};
+pub use query::HistoryScope;
+
+use crate::search::index::Rows;
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -52,14 +55,6 @@ pub struct Version {
     pub deleted: bool,
     /// The resource as FHIR JSON text (`None` for a deletion).
     pub body: Option<String>,
-}
-
-/// A search-index token of a resource.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Token {
-    pub param: &'static str,
-    pub system: String,
-    pub code: String,
 }
 
 #[derive(Clone)]
@@ -189,8 +184,8 @@ impl Tx {
     }
 
     /// Appends a version (and makes it current), replacing the resource's
-    /// index tokens.
-    pub async fn put_version(&mut self, v: &Version, tokens: &[Token]) -> StoreResult<()> {
+    /// search index rows.
+    pub async fn put_version(&mut self, v: &Version, rows: &Rows) -> StoreResult<()> {
         let conn: &mut AnyConnection = &mut self.tx;
         let inserted = sqlx::query(
             "INSERT INTO resource_history (rtype, id, version, last_updated, deleted, body) \
@@ -230,24 +225,29 @@ impl Tx {
         .execute(&mut *conn)
         .await?;
         if v.version > 1 {
-            sqlx::query("DELETE FROM search_token WHERE rtype = $1 AND id = $2")
-                .bind(&v.rtype)
-                .bind(&v.id)
+            for table in INDEX_TABLES {
+                sqlx::query(&format!("DELETE FROM {table} WHERE rtype = $1 AND id = $2"))
+                    .bind(&v.rtype)
+                    .bind(&v.id)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+        }
+        insert_rows(conn, &v.rtype, &v.id, rows).await?;
+        Ok(())
+    }
+
+    /// Replaces the search index rows of a current resource (reindexing).
+    pub async fn replace_index(&mut self, rtype: &str, id: &str, rows: &Rows) -> StoreResult<()> {
+        let conn: &mut AnyConnection = &mut self.tx;
+        for table in INDEX_TABLES {
+            sqlx::query(&format!("DELETE FROM {table} WHERE rtype = $1 AND id = $2"))
+                .bind(rtype)
+                .bind(id)
                 .execute(&mut *conn)
                 .await?;
         }
-        for t in tokens {
-            sqlx::query(
-                "INSERT INTO search_token (rtype, id, param, system, code) VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(&v.rtype)
-            .bind(&v.id)
-            .bind(t.param)
-            .bind(&t.system)
-            .bind(&t.code)
-            .execute(&mut *conn)
-            .await?;
-        }
+        insert_rows(conn, rtype, id, rows).await?;
         Ok(())
     }
 }
@@ -291,25 +291,25 @@ pub async fn history(
     query::history(conn, scope, since, before, limit).await
 }
 
-/// Current, non-deleted resources of `rtype` matching every criterion,
-/// ordered by id, starting after `after_id`.
-pub async fn search(
+/// Current, non-deleted resources of every type in (type, id) order,
+/// starting after `after`: for reindexing and exports.
+pub async fn current_page(
     conn: &mut AnyConnection,
-    rtype: &str,
-    criteria: &[Criterion],
-    after_id: Option<&str>,
+    after: Option<(&str, &str)>,
     limit: usize,
 ) -> StoreResult<Vec<Version>> {
-    query::search(conn, rtype, criteria, after_id, limit).await
-}
-
-/// Number of current resources matching every criterion.
-pub async fn count(
-    conn: &mut AnyConnection,
-    rtype: &str,
-    criteria: &[Criterion],
-) -> StoreResult<i64> {
-    query::count(conn, rtype, criteria).await
+    let (t, i) = after.unwrap_or(("", ""));
+    let rows = sqlx::query(&format!(
+        "SELECT rtype, id, version, last_updated, deleted, body FROM resource \
+         WHERE deleted = 0 AND (rtype > $1 OR (rtype = $2 AND id > $3)) \
+         ORDER BY rtype, id LIMIT {limit}"
+    ))
+    .bind(t)
+    .bind(t)
+    .bind(i)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(query::version_from_row).collect()
 }
 
 /// Checks that the database answers.
@@ -319,5 +319,180 @@ pub async fn ping(conn: &mut AnyConnection) -> StoreResult<()> {
         .fetch_one(&mut *conn)
         .await?
         .try_get::<i64, _>(0);
+    Ok(())
+}
+
+const INDEX_TABLES: [&str; 7] = [
+    "idx_string",
+    "idx_token",
+    "idx_reference",
+    "idx_date",
+    "idx_number",
+    "idx_quantity",
+    "idx_uri",
+];
+
+/// A value of an index row column.
+enum Col<'a> {
+    T(&'a str),
+    I(i64),
+    R(f64),
+}
+
+/// Inserts rows of one table in multi-row statements.
+async fn insert_table(
+    conn: &mut AnyConnection,
+    table: &str,
+    columns: &[&str],
+    rtype: &str,
+    id: &str,
+    rows: Vec<Vec<Col<'_>>>,
+) -> StoreResult<()> {
+    let per_row = columns.len() + 2;
+    for chunk in rows.chunks(4000 / per_row) {
+        let mut sql = format!(
+            "INSERT INTO {table} (rtype, id, {}) VALUES ",
+            columns.join(", ")
+        );
+        let mut n = 0;
+        for (i, _) in chunk.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            let marks: Vec<String> = (0..per_row)
+                .map(|_| {
+                    n += 1;
+                    format!("${n}")
+                })
+                .collect();
+            sql.push_str(&format!("({})", marks.join(", ")));
+        }
+        let mut q = sqlx::query(&sql);
+        for row in chunk {
+            q = q.bind(rtype).bind(id);
+            for c in row {
+                q = match c {
+                    Col::T(s) => q.bind(*s),
+                    Col::I(i) => q.bind(*i),
+                    Col::R(f) => q.bind(*f),
+                };
+            }
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+async fn insert_rows(
+    conn: &mut AnyConnection,
+    rtype: &str,
+    id: &str,
+    rows: &Rows,
+) -> StoreResult<()> {
+    use Col::{I, R, T};
+    if !rows.strings.is_empty() {
+        let v = rows
+            .strings
+            .iter()
+            .map(|r| vec![T(&r.param), I(r.grp), T(&r.norm), T(&r.raw)])
+            .collect();
+        insert_table(
+            conn,
+            "idx_string",
+            &["param", "grp", "norm", "raw"],
+            rtype,
+            id,
+            v,
+        )
+        .await?;
+    }
+    if !rows.tokens.is_empty() {
+        let v = rows
+            .tokens
+            .iter()
+            .map(|r| vec![T(&r.param), I(r.grp), T(&r.system), T(&r.code), T(&r.text)])
+            .collect();
+        insert_table(
+            conn,
+            "idx_token",
+            &["param", "grp", "system", "code", "text"],
+            rtype,
+            id,
+            v,
+        )
+        .await?;
+    }
+    if !rows.references.is_empty() {
+        let v = rows
+            .references
+            .iter()
+            .map(|r| {
+                vec![
+                    T(&r.param),
+                    I(r.grp),
+                    T(&r.target_type),
+                    T(&r.target_id),
+                    T(&r.url),
+                ]
+            })
+            .collect();
+        insert_table(
+            conn,
+            "idx_reference",
+            &["param", "grp", "target_type", "target_id", "url"],
+            rtype,
+            id,
+            v,
+        )
+        .await?;
+    }
+    if !rows.dates.is_empty() {
+        let v = rows
+            .dates
+            .iter()
+            .map(|r| vec![T(&r.param), I(r.grp), T(&r.lo), T(&r.hi)])
+            .collect();
+        insert_table(
+            conn,
+            "idx_date",
+            &["param", "grp", "lo", "hi"],
+            rtype,
+            id,
+            v,
+        )
+        .await?;
+    }
+    if !rows.numbers.is_empty() {
+        let v = rows
+            .numbers
+            .iter()
+            .map(|r| vec![T(&r.param), I(r.grp), R(r.value)])
+            .collect();
+        insert_table(conn, "idx_number", &["param", "grp", "value"], rtype, id, v).await?;
+    }
+    if !rows.quantities.is_empty() {
+        let v = rows
+            .quantities
+            .iter()
+            .map(|r| vec![T(&r.param), I(r.grp), T(&r.system), T(&r.code), R(r.value)])
+            .collect();
+        insert_table(
+            conn,
+            "idx_quantity",
+            &["param", "grp", "system", "code", "value"],
+            rtype,
+            id,
+            v,
+        )
+        .await?;
+    }
+    if !rows.uris.is_empty() {
+        let v = rows
+            .uris
+            .iter()
+            .map(|r| vec![T(&r.param), I(r.grp), T(&r.value)])
+            .collect();
+        insert_table(conn, "idx_uri", &["param", "grp", "value"], rtype, id, v).await?;
+    }
     Ok(())
 }

@@ -1,0 +1,802 @@
+//! search (type level, compartment, `_type` at system level),
+//! `_include`/`_revinclude`, `_summary`, `_elements`, `_total`, keyset
+//! paging, and `Patient/{id}/$everything`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::OnceLock;
+
+use base64::Engine;
+use serde_json::{json, Map, Value};
+use sqlx::AnyConnection;
+
+use super::{check_id, check_type, parse_stored, Env};
+use crate::error::{Error, Result};
+use crate::fhir::bundle::{bundle, link};
+use crate::fhir::types::is_resource_type;
+use crate::search::registry::{registry, Kind};
+use crate::search::{self, Parsed};
+use crate::store::search::{self as sq, Bind, Cond, Cursor, Query, Sort, Table, Test};
+use crate::store::Version;
+
+static COMPARTMENTS: &str = include_str!("../../conformance/compartments.json");
+
+/// Compartment type → resource type → parameters placing it there.
+fn compartments() -> &'static HashMap<String, HashMap<String, Vec<String>>> {
+    static C: OnceLock<HashMap<String, HashMap<String, Vec<String>>>> = OnceLock::new();
+    C.get_or_init(|| serde_json::from_str(COMPARTMENTS).unwrap_or_default())
+}
+
+/// The reference parameters of `rtype` that place it in the compartment
+/// of `owner_type` (only those ehrx indexes).
+pub fn compartment_params(owner_type: &str, rtype: &str) -> Vec<String> {
+    compartments()
+        .get(owner_type)
+        .and_then(|c| c.get(rtype))
+        .map(|ps| {
+            ps.iter()
+                .filter(|p| {
+                    registry()
+                        .get(rtype, p)
+                        .is_some_and(|d| d.kind == Kind::Reference && d.supported())
+                })
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `_summary` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Summary {
+    True,
+    Text,
+    Data,
+    Count,
+    False,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Total {
+    None,
+    Accurate,
+}
+
+/// `_include` / `_revinclude` value: `Source:param[:Target]` or `*`.
+#[derive(Debug, Clone)]
+struct IncludeSpec {
+    source: String,
+    /// `None` for `*` (every reference parameter).
+    param: Option<String>,
+    target: Option<String>,
+    iterate: bool,
+}
+
+/// The result-shaping parameters of a search.
+#[derive(Debug)]
+struct Control {
+    count: Option<usize>,
+    cursor: Option<Cursor>,
+    total: Total,
+    sort: Vec<Sort>,
+    summary: Summary,
+    elements: Vec<String>,
+    include: Vec<IncludeSpec>,
+    revinclude: Vec<IncludeSpec>,
+    /// The parameters as given, for links.
+    echo: Vec<(String, String)>,
+}
+
+fn parse_include(name: &str, v: &str, rtype: &str) -> Result<IncludeSpec> {
+    let iterate = name.ends_with(":iterate") || name.ends_with(":recurse");
+    if v == "*" {
+        return Ok(IncludeSpec {
+            source: rtype.to_string(),
+            param: None,
+            target: None,
+            iterate,
+        });
+    }
+    let parts: Vec<&str> = v.split(':').collect();
+    if parts.len() < 2 || parts.len() > 3 || !is_resource_type(parts[0]) {
+        return Err(Error::invalid(format!(
+            "{name} value '{v}' is not of the form Type:parameter[:TargetType]"
+        )));
+    }
+    let (source, param) = (parts[0], parts[1]);
+    let param = if param == "*" {
+        None
+    } else {
+        registry()
+            .get(source, param)
+            .filter(|p| p.kind == Kind::Reference && p.supported())
+            .ok_or_else(|| {
+                Error::UnknownParameter(format!(
+                    "{name}: {source} has no reference parameter '{param}'"
+                ))
+            })?;
+        Some(param.to_string())
+    };
+    let target = match parts.get(2) {
+        Some(t) if is_resource_type(t) => Some(t.to_string()),
+        Some(t) => {
+            return Err(Error::invalid(format!(
+                "{name}: '{t}' is not a resource type"
+            )))
+        }
+        None => None,
+    };
+    Ok(IncludeSpec {
+        source: source.to_string(),
+        param,
+        target,
+        iterate,
+    })
+}
+
+fn encode_cursor(c: &Cursor) -> String {
+    let vals: Vec<Value> =
+        c.0.iter()
+            .map(|b| match b {
+                Bind::Text(s) => json!(s),
+                Bind::Real(f) => json!(f),
+            })
+            .collect();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json!([vals, c.1]).to_string())
+}
+
+fn decode_cursor(s: &str) -> Result<Cursor> {
+    let bad = || Error::invalid(format!("'{s}' is not a valid paging cursor"));
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s)
+        .map_err(|_| bad())?;
+    let v: Value = serde_json::from_slice(&bytes).map_err(|_| bad())?;
+    let vals = v[0].as_array().ok_or_else(bad)?;
+    let id = v[1].as_str().ok_or_else(bad)?.to_string();
+    let binds = vals
+        .iter()
+        .map(|x| match x {
+            Value::String(s) => Ok(Bind::Text(s.clone())),
+            Value::Number(n) => n.as_f64().map(Bind::Real).ok_or_else(bad),
+            _ => Err(bad()),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((binds, id))
+}
+
+fn parse_count(v: &str) -> Result<usize> {
+    v.parse()
+        .map_err(|_| Error::invalid(format!("_count value '{v}' is not a non-negative integer")))
+}
+
+fn parse_control(rtype: &str, params: &[(String, String)]) -> Result<Control> {
+    let mut c = Control {
+        count: None,
+        cursor: None,
+        total: Total::Accurate,
+        sort: Vec::new(),
+        summary: Summary::False,
+        elements: Vec::new(),
+        include: Vec::new(),
+        revinclude: Vec::new(),
+        echo: Vec::new(),
+    };
+    for (k, v) in params {
+        let base = k.split(':').next().unwrap_or(k);
+        match base {
+            "_count" => c.count = Some(parse_count(v)?),
+            "_cursor" => {
+                c.cursor = Some(decode_cursor(v)?);
+                continue;
+            }
+            "_total" => {
+                c.total = match v.as_str() {
+                    "none" => Total::None,
+                    // An exact count is cheap enough from the index tables.
+                    "estimate" | "accurate" => Total::Accurate,
+                    other => {
+                        return Err(Error::invalid(format!(
+                            "_total must be none, estimate or accurate, not '{other}'"
+                        )))
+                    }
+                }
+            }
+            "_sort" => c.sort = search::parse_sort(rtype, v)?,
+            "_summary" => {
+                c.summary = match v.as_str() {
+                    "true" => Summary::True,
+                    "text" => Summary::Text,
+                    "data" => Summary::Data,
+                    "count" => Summary::Count,
+                    "false" => Summary::False,
+                    other => {
+                        return Err(Error::invalid(format!(
+                            "_summary must be true, text, data, count or false, not '{other}'"
+                        )))
+                    }
+                }
+            }
+            "_elements" => c.elements.extend(
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|e| !e.is_empty())
+                    .map(String::from),
+            ),
+            "_include" => c.include.push(parse_include(k, v, rtype)?),
+            "_revinclude" => c.revinclude.push(parse_include(k, v, rtype)?),
+            _ => continue,
+        }
+        c.echo.push((k.clone(), v.clone()));
+    }
+    Ok(c)
+}
+
+/// search on one type (or a compartment of it); see the module docs.
+pub async fn search(
+    conn: &mut AnyConnection,
+    env: &Env,
+    rtype: &str,
+    params: &[(String, String)],
+    strict: bool,
+) -> Result<Value> {
+    search_in(conn, env, rtype, None, params, strict).await
+}
+
+/// Compartment search: `Patient/123/Observation?…`.
+pub async fn compartment_search(
+    conn: &mut AnyConnection,
+    env: &Env,
+    owner: (&str, &str),
+    rtype: &str,
+    params: &[(String, String)],
+    strict: bool,
+) -> Result<Value> {
+    search_in(conn, env, rtype, Some(owner), params, strict).await
+}
+
+async fn search_in(
+    conn: &mut AnyConnection,
+    env: &Env,
+    rtype: &str,
+    owner: Option<(&str, &str)>,
+    params: &[(String, String)],
+    strict: bool,
+) -> Result<Value> {
+    check_type(rtype)?;
+    let Parsed { mut conds, applied } = search::parse(rtype, params, strict, &env.base)?;
+    let path = match owner {
+        Some((ot, oid)) => {
+            check_type(ot)?;
+            check_id(oid)?;
+            let ps = compartment_params(ot, rtype);
+            if ps.is_empty() && ot != rtype {
+                return Err(Error::invalid(format!(
+                    "{rtype} is not in the {ot} compartment"
+                )));
+            }
+            let mut alts: Vec<Cond> = ps
+                .iter()
+                .map(|p| Cond::Index {
+                    table: Table::Reference,
+                    param: p.clone(),
+                    test: Test::And(vec![
+                        Test::Eq("target_id", Bind::Text(oid.to_string())),
+                        Test::Eq("target_type", Bind::Text(ot.to_string())),
+                    ]),
+                })
+                .collect();
+            if ot == rtype {
+                alts.push(Cond::Ids(vec![oid.to_string()]));
+            }
+            conds.push(if alts.len() == 1 {
+                alts.pop().unwrap()
+            } else {
+                Cond::Or(alts)
+            });
+            format!("{ot}/{oid}/{rtype}")
+        }
+        None => rtype.to_string(),
+    };
+    let control = parse_control(rtype, params)?;
+    let query = Query {
+        rtype: rtype.to_string(),
+        conds,
+        sort: control.sort.clone(),
+    };
+    let size = if control.summary == Summary::Count {
+        0
+    } else {
+        control
+            .count
+            .unwrap_or(env.default_count)
+            .min(env.max_count)
+    };
+    let total = match control.total {
+        Total::None if control.summary != Summary::Count => None,
+        _ => Some(sq::count(conn, &query).await?),
+    };
+    let mut rows = if size == 0 {
+        Vec::new()
+    } else {
+        sq::search(conn, &query, control.cursor.as_ref(), size + 1).await?
+    };
+    let more = rows.len() > size;
+    rows.truncate(size);
+
+    // Links: the applied criteria, then the result parameters.
+    let mut base_params = applied.clone();
+    base_params.extend(control.echo.iter().filter(|(k, _)| k != "_count").cloned());
+    base_params.push(("_count".into(), size.to_string()));
+    let mut self_params = base_params.clone();
+    if let Some(c) = &control.cursor {
+        self_params.push(("_cursor".into(), encode_cursor(c)));
+    }
+    let mut links = vec![("self", link(&env.base, &path, &self_params))];
+    if control.cursor.is_some() {
+        links.push(("first", link(&env.base, &path, &base_params)));
+    }
+    if more {
+        if let Some((last, keys)) = rows.last() {
+            let mut next = base_params.clone();
+            next.push((
+                "_cursor".into(),
+                encode_cursor(&(keys.clone(), last.id.clone())),
+            ));
+            links.push(("next", link(&env.base, &path, &next)));
+        }
+    }
+
+    let matches: Vec<Version> = rows.into_iter().map(|(v, _)| v).collect();
+    let included = includes(conn, &matches, &control).await?;
+    let mut entries = Vec::with_capacity(matches.len() + included.len());
+    for v in &matches {
+        entries.push(entry(env, v, "match", &control)?);
+    }
+    for v in &included {
+        entries.push(entry(env, v, "include", &control)?);
+    }
+    Ok(bundle("searchset", total, links, entries))
+}
+
+fn entry(env: &Env, v: &Version, mode: &str, control: &Control) -> Result<Value> {
+    let mut resource = parse_stored(v.body.as_deref().unwrap_or("{}"))?;
+    shape(&mut resource, control.summary, &control.elements);
+    Ok(json!({
+        "fullUrl": format!("{}/{}/{}", env.base, v.rtype, v.id),
+        "resource": resource,
+        "search": {"mode": mode},
+    }))
+}
+
+/// Elements every summary keeps, besides the `isSummary` ones.
+const ALWAYS: &[&str] = &["resourceType", "id", "meta"];
+
+/// Applies `_summary` / `_elements`, marking the result SUBSETTED.
+fn shape(resource: &mut Value, summary: Summary, elements: &[String]) {
+    let Value::Object(map) = resource else { return };
+    let keep: Option<HashSet<String>> = match summary {
+        Summary::Text => Some(
+            ["text", "id", "meta"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain(mandatory(map))
+                .collect(),
+        ),
+        Summary::Data => Some(map.keys().filter(|k| *k != "text").cloned().collect()),
+        Summary::True => {
+            let rtype = map
+                .get("resourceType")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            Some(
+                map.keys()
+                    .filter(|k| crate::fhir::summary::is_summary(rtype, k))
+                    .cloned()
+                    .collect(),
+            )
+        }
+        _ if !elements.is_empty() => Some(elements.iter().cloned().chain(mandatory(map)).collect()),
+        _ => None,
+    };
+    let Some(keep) = keep else { return };
+    let before = map.len();
+    map.retain(|k, _| ALWAYS.contains(&k.as_str()) || keep.contains(k));
+    if map.len() < before {
+        let meta = map
+            .entry("meta")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(m) = meta {
+            let tags = m.entry("tag").or_insert_with(|| json!([]));
+            if let Value::Array(t) = tags {
+                t.push(json!({
+                    "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+                    "code": "SUBSETTED",
+                    "display": "subsetted"
+                }));
+            }
+        }
+    }
+}
+
+/// Mandatory elements present in the resource (kept by `_elements`).
+fn mandatory(map: &Map<String, Value>) -> Vec<String> {
+    let rtype = map
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    map.keys()
+        .filter(|k| crate::fhir::summary::is_mandatory(rtype, k))
+        .cloned()
+        .collect()
+}
+
+const MAX_ITERATIONS: usize = 8;
+
+/// `_include` and `_revinclude` (with `:iterate`) for a page of matches.
+async fn includes(
+    conn: &mut AnyConnection,
+    matches: &[Version],
+    control: &Control,
+) -> Result<Vec<Version>> {
+    if control.include.is_empty() && control.revinclude.is_empty() || matches.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut seen: HashSet<(String, String)> = matches
+        .iter()
+        .map(|v| (v.rtype.clone(), v.id.clone()))
+        .collect();
+    let mut out: Vec<Version> = Vec::new();
+    let mut frontier: Vec<Version> = matches.to_vec();
+    for round in 0..MAX_ITERATIONS {
+        let mut found: Vec<(String, String)> = Vec::new();
+        let by_type = group(&frontier);
+        for spec in control.include.iter().filter(|s| round == 0 || s.iterate) {
+            if let Some(ids) = by_type.get(spec.source.as_str()) {
+                let params = spec.param.as_ref().map(|p| vec![p.clone()]);
+                for (t, id) in
+                    sq::references_from(conn, &spec.source, ids, params.as_deref()).await?
+                {
+                    if spec.target.as_ref().map_or(true, |x| *x == t) {
+                        found.push((t, id));
+                    }
+                }
+            }
+        }
+        for spec in control
+            .revinclude
+            .iter()
+            .filter(|s| round == 0 || s.iterate)
+        {
+            let params = spec.param.as_ref().map(|p| vec![p.clone()]);
+            for (t, ids) in &by_type {
+                if spec.target.as_ref().is_some_and(|x| x != t) {
+                    continue;
+                }
+                for id in sq::references_to(conn, &spec.source, params.as_deref(), t, ids).await? {
+                    found.push((spec.source.clone(), id));
+                }
+            }
+        }
+        let fresh: Vec<(String, String)> = found
+            .into_iter()
+            .filter(|k| seen.insert(k.clone()))
+            .collect();
+        if fresh.is_empty() {
+            break;
+        }
+        let mut wanted: HashMap<String, Vec<String>> = HashMap::new();
+        for (t, id) in fresh {
+            wanted.entry(t).or_default().push(id);
+        }
+        let mut next = Vec::new();
+        let mut types: Vec<_> = wanted.into_iter().collect();
+        types.sort();
+        for (t, ids) in types {
+            next.extend(sq::fetch_many(conn, &t, &ids).await?);
+        }
+        out.extend(next.iter().cloned());
+        frontier = next;
+    }
+    Ok(out)
+}
+
+fn group(vs: &[Version]) -> HashMap<&str, Vec<String>> {
+    let mut m: HashMap<&str, Vec<String>> = HashMap::new();
+    for v in vs {
+        m.entry(v.rtype.as_str()).or_default().push(v.id.clone());
+    }
+    m
+}
+
+/// `Patient/{id}/$everything`: the patient and every resource in its
+/// compartment, paged by (type, id) with no cap and no duplicates.
+pub async fn everything(
+    conn: &mut AnyConnection,
+    env: &Env,
+    id: &str,
+    params: &[(String, String)],
+) -> Result<Value> {
+    check_id(id)?;
+    super::read::read(conn, "Patient", id).await?;
+    let mut since = None;
+    let mut types: Option<Vec<String>> = None;
+    let mut count = None;
+    let mut cursor: Option<(usize, String)> = None;
+    let mut echo = Vec::new();
+    let bad_cursor = |v: &str| Error::invalid(format!("'{v}' is not a valid paging cursor"));
+    for (k, v) in params {
+        match k.as_str() {
+            "_since" => {
+                let (lo, _) = search::date_range(v).ok_or_else(|| {
+                    Error::invalid(format!("_since value '{v}' is not a valid instant"))
+                })?;
+                since = Some(search::format_instant(lo));
+            }
+            "_type" => {
+                let ts: Vec<String> = v.split(',').map(String::from).collect();
+                for t in &ts {
+                    check_type(t)?;
+                }
+                types = Some(ts);
+            }
+            "_count" => {
+                count = Some(parse_count(v)?);
+                continue;
+            }
+            "_cursor" => {
+                cursor = Some(parse_multi_cursor(v).ok_or_else(|| bad_cursor(v))?);
+                continue;
+            }
+            "_format" | "_pretty" | "start" | "end" => continue,
+            other => {
+                return Err(Error::UnknownParameter(format!(
+                    "parameter '{other}' is not supported on $everything"
+                )))
+            }
+        }
+        echo.push((k.clone(), v.clone()));
+    }
+    let size = count.unwrap_or(env.default_count).min(env.max_count).max(1);
+    // The patient first, then every compartment type in name order.
+    let mut plan: Vec<(String, Vec<String>)> = vec![("Patient".into(), Vec::new())];
+    let mut others: Vec<(String, Vec<String>)> = compartments()
+        .get("Patient")
+        .map(|c| {
+            c.keys()
+                .map(|t| (t.clone(), compartment_params("Patient", t)))
+                .filter(|(t, ps)| !ps.is_empty() && t != "Patient")
+                .collect()
+        })
+        .unwrap_or_default();
+    others.sort();
+    plan.extend(others);
+    if let Some(ts) = &types {
+        plan.retain(|(t, _)| ts.contains(t));
+    }
+    let plan: Vec<Query> = plan
+        .into_iter()
+        .map(|(t, ps)| {
+            let mut conds = Vec::new();
+            if t == "Patient" {
+                conds.push(Cond::Ids(vec![id.to_string()]));
+            } else {
+                let refs: Vec<Cond> = ps
+                    .iter()
+                    .map(|p| Cond::Index {
+                        table: Table::Reference,
+                        param: p.clone(),
+                        test: Test::And(vec![
+                            Test::Eq("target_id", Bind::Text(id.to_string())),
+                            Test::Eq("target_type", Bind::Text("Patient".into())),
+                        ]),
+                    })
+                    .collect();
+                conds.push(if refs.len() == 1 {
+                    refs.into_iter().next().unwrap()
+                } else {
+                    Cond::Or(refs)
+                });
+            }
+            if let Some(s) = &since {
+                conds.push(Cond::LastUpdated(Test::Ge(
+                    "last_updated",
+                    Bind::Text(s.clone()),
+                )));
+            }
+            Query {
+                rtype: t,
+                conds,
+                sort: Vec::new(),
+            }
+        })
+        .collect();
+    let mut page = multi_page(conn, &plan, cursor.as_ref(), size).await?;
+    let more = page.len() > size;
+    page.truncate(size);
+    let mut base_params = echo;
+    base_params.push(("_count".into(), size.to_string()));
+    paged_bundle(
+        env,
+        &format!("Patient/{id}/$everything"),
+        base_params,
+        cursor,
+        more,
+        page,
+        None,
+    )
+}
+
+fn parse_multi_cursor(v: &str) -> Option<(usize, String)> {
+    let (t, rest) = v.split_once('.')?;
+    Some((t.parse().ok()?, rest.to_string()))
+}
+
+/// One page over several queries taken in order, keyset-paged by (query
+/// index, id): no cap, no duplicates, and no empty pages. Returns one row
+/// more than `size` when there is a next page.
+async fn multi_page(
+    conn: &mut AnyConnection,
+    plan: &[Query],
+    cursor: Option<&(usize, String)>,
+    size: usize,
+) -> Result<Vec<(usize, Version)>> {
+    let (start, after_id) = match cursor {
+        Some((t, id)) => (*t, Some(id.clone())),
+        None => (0, None),
+    };
+    let mut page: Vec<(usize, Version)> = Vec::new();
+    for (i, q) in plan.iter().enumerate().skip(start) {
+        let after = match (&after_id, i == start) {
+            (Some(a), true) => Some((Vec::new(), a.clone())),
+            _ => None,
+        };
+        let want = size + 1 - page.len();
+        let rows = sq::search(conn, q, after.as_ref(), want).await?;
+        page.extend(rows.into_iter().map(|(v, _)| (i, v)));
+        if page.len() > size {
+            break;
+        }
+    }
+    Ok(page)
+}
+
+/// System-level search: `GET /?_type=A,B&…` over the listed types, with
+/// the parameters every listed type defines.
+pub async fn system_search(
+    conn: &mut AnyConnection,
+    env: &Env,
+    params: &[(String, String)],
+    strict: bool,
+) -> Result<Value> {
+    let types: Vec<String> = params
+        .iter()
+        .filter(|(k, _)| k == "_type")
+        .flat_map(|(_, v)| v.split(',').map(String::from).collect::<Vec<_>>())
+        .collect();
+    if types.is_empty() {
+        return Err(Error::invalid(
+            "search at the base URL needs _type (e.g. ?_type=Patient,Practitioner)",
+        ));
+    }
+    for t in &types {
+        check_type(t)?;
+    }
+    let mut count = None;
+    let mut cursor = None;
+    let mut total_none = false;
+    let mut criteria = Vec::new();
+    for (k, v) in params {
+        match k.as_str() {
+            "_type" | "_format" | "_pretty" => {}
+            "_count" => count = Some(parse_count(v)?),
+            "_cursor" => {
+                cursor =
+                    Some(parse_multi_cursor(v).ok_or_else(|| {
+                        Error::invalid(format!("'{v}' is not a valid paging cursor"))
+                    })?)
+            }
+            "_total" => total_none = v == "none",
+            k if search::RESULT_PARAMS.contains(&k) => {
+                if strict {
+                    return Err(Error::UnknownParameter(format!(
+                        "'{k}' is not supported on search across types"
+                    )));
+                }
+            }
+            _ => criteria.push((k.clone(), v.clone())),
+        }
+    }
+    let mut plan = Vec::new();
+    let mut applied = Vec::new();
+    for t in &types {
+        let p = search::parse(t, &criteria, strict, &env.base)?;
+        applied = p.applied;
+        plan.push(Query {
+            rtype: t.clone(),
+            conds: p.conds,
+            sort: Vec::new(),
+        });
+    }
+    let size = count.unwrap_or(env.default_count).min(env.max_count);
+    let total = if total_none {
+        None
+    } else {
+        let mut n = 0;
+        for q in &plan {
+            n += sq::count(conn, q).await?;
+        }
+        Some(n)
+    };
+    let mut page = if size == 0 {
+        Vec::new()
+    } else {
+        multi_page(conn, &plan, cursor.as_ref(), size).await?
+    };
+    let more = page.len() > size;
+    page.truncate(size);
+    let mut base_params = vec![("_type".to_string(), types.join(","))];
+    base_params.extend(applied);
+    base_params.push(("_count".into(), size.to_string()));
+    if total_none {
+        base_params.push(("_total".into(), "none".into()));
+    }
+    paged_bundle(env, "", base_params, cursor, more, page, total)
+}
+
+/// A searchset Bundle of a multi-type page, with its links.
+fn paged_bundle(
+    env: &Env,
+    path: &str,
+    base_params: Vec<(String, String)>,
+    cursor: Option<(usize, String)>,
+    more: bool,
+    page: Vec<(usize, Version)>,
+    total: Option<i64>,
+) -> Result<Value> {
+    let mut self_params = base_params.clone();
+    if let Some((t, a)) = &cursor {
+        self_params.push(("_cursor".into(), format!("{t}.{a}")));
+    }
+    let mut links = vec![("self", link(&env.base, path, &self_params))];
+    if cursor.is_some() {
+        links.push(("first", link(&env.base, path, &base_params)));
+    }
+    if more {
+        if let Some((i, last)) = page.last() {
+            let mut next = base_params.clone();
+            next.push(("_cursor".into(), format!("{i}.{}", last.id)));
+            links.push(("next", link(&env.base, path, &next)));
+        }
+    }
+    let entries = page
+        .iter()
+        .map(|(_, v)| {
+            Ok(json!({
+                "fullUrl": format!("{}/{}/{}", env.base, v.rtype, v.id),
+                "resource": parse_stored(v.body.as_deref().unwrap_or("{}"))?,
+                "search": {"mode": "match"},
+            }))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(bundle("searchset", total, links, entries))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip() {
+        let c: Cursor = (
+            vec![Bind::Text("a,b".into()), Bind::Real(1.5)],
+            "id-1".into(),
+        );
+        assert_eq!(decode_cursor(&encode_cursor(&c)).unwrap(), c);
+        assert!(decode_cursor("%%").is_err());
+    }
+
+    #[test]
+    fn compartment_membership() {
+        assert!(compartment_params("Patient", "Observation").contains(&"subject".to_string()));
+        assert!(compartment_params("Patient", "Organization").is_empty());
+    }
+}

@@ -1,0 +1,564 @@
+//! The search query builder: one model of search conditions, rendered to
+//! SQL that runs unchanged on SQLite and PostgreSQL (placeholders `$n`,
+//! text compared bytewise, index tables from `migrations/*/0002_*`).
+
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Row};
+
+use super::query::version_from_row;
+use super::{StoreResult, Version};
+
+/// A bound SQL value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Bind {
+    Text(String),
+    Real(f64),
+}
+
+/// An index table (one per search parameter type).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    String,
+    Token,
+    Reference,
+    Date,
+    Number,
+    Quantity,
+    Uri,
+}
+
+impl Table {
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::String => "idx_string",
+            Table::Token => "idx_token",
+            Table::Reference => "idx_reference",
+            Table::Date => "idx_date",
+            Table::Number => "idx_number",
+            Table::Quantity => "idx_quantity",
+            Table::Uri => "idx_uri",
+        }
+    }
+    /// The column a sort on this table orders by.
+    pub fn sort_column(self) -> (&'static str, bool) {
+        match self {
+            Table::String => ("norm", false),
+            Table::Token => ("code", false),
+            Table::Reference => ("target_id", false),
+            Table::Date => ("lo", false),
+            Table::Number | Table::Quantity => ("value", true),
+            Table::Uri => ("value", false),
+        }
+    }
+}
+
+/// A test on the columns of one index row (`t.col …`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Test {
+    /// Any row of the parameter.
+    Any,
+    Eq(&'static str, Bind),
+    Ne(&'static str, Bind),
+    Lt(&'static str, Bind),
+    Le(&'static str, Bind),
+    Gt(&'static str, Bind),
+    Ge(&'static str, Bind),
+    /// Text starting with a prefix (an index range scan).
+    Prefix(&'static str, String),
+    /// Text containing a fragment.
+    Contains(&'static str, String),
+    /// Any of several texts.
+    In(&'static str, Vec<String>),
+    And(Vec<Test>),
+    Or(Vec<Test>),
+}
+
+/// A condition on the resources of one type; conditions in a list are ANDed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cond {
+    /// `_id`
+    Ids(Vec<String>),
+    /// A test on the `last_updated` column of the resource row.
+    LastUpdated(Test),
+    /// Some row of `param` in `table` passes `test`.
+    Index {
+        table: Table,
+        param: String,
+        test: Test,
+    },
+    /// Some composite value whose components all pass their tests.
+    Composite(Vec<(Table, String, Test)>),
+    /// A reference parameter pointing at a resource of one of `types`
+    /// that meets `inner` (chaining).
+    Chain {
+        param: String,
+        types: Vec<String>,
+        inner: Vec<Cond>,
+    },
+    /// Referenced by a `source` resource, through `param`, that meets
+    /// `inner` (`_has`).
+    Has {
+        source: String,
+        param: String,
+        inner: Vec<Cond>,
+    },
+    Not(Box<Cond>),
+    Or(Vec<Cond>),
+}
+
+/// One sort key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SortBy {
+    Id,
+    LastUpdated,
+    Index { table: Table, param: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sort {
+    pub by: SortBy,
+    pub descending: bool,
+}
+
+/// A search over one resource type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Query {
+    pub rtype: String,
+    pub conds: Vec<Cond>,
+    pub sort: Vec<Sort>,
+}
+
+/// A position in a sorted result: the sort values and id of the last row.
+pub type Cursor = (Vec<Bind>, String);
+
+struct Sql {
+    text: String,
+    binds: Vec<Bind>,
+}
+
+impl Sql {
+    fn bind(&mut self, b: Bind) -> String {
+        self.binds.push(b);
+        format!("${}", self.binds.len())
+    }
+    fn text(&mut self, s: &str) -> String {
+        self.bind(Bind::Text(s.to_string()))
+    }
+}
+
+/// Sorts after every real text (for a missing ascending key).
+const TEXT_HIGH: &str = "\u{10FFFF}";
+const REAL_HIGH: f64 = 1e300;
+
+fn render_test(sql: &mut Sql, alias: &str, t: &Test) -> String {
+    let col = |c: &str| format!("{alias}.{c}");
+    match t {
+        Test::Any => "1 = 1".into(),
+        Test::Eq(c, b) => format!("{} = {}", col(c), sql.bind(b.clone())),
+        Test::Ne(c, b) => format!("{} <> {}", col(c), sql.bind(b.clone())),
+        Test::Lt(c, b) => format!("{} < {}", col(c), sql.bind(b.clone())),
+        Test::Le(c, b) => format!("{} <= {}", col(c), sql.bind(b.clone())),
+        Test::Gt(c, b) => format!("{} > {}", col(c), sql.bind(b.clone())),
+        Test::Ge(c, b) => format!("{} >= {}", col(c), sql.bind(b.clone())),
+        Test::Prefix(c, p) => {
+            let lo = sql.text(p);
+            let hi = sql.text(&format!("{p}{TEXT_HIGH}"));
+            format!("{} >= {lo} AND {} < {hi}", col(c), col(c))
+        }
+        Test::Contains(c, p) => {
+            let escaped = p
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_");
+            let pat = sql.text(&format!("%{escaped}%"));
+            format!("{} LIKE {pat} ESCAPE '\\'", col(c))
+        }
+        Test::In(c, vals) => {
+            let list: Vec<String> = vals.iter().map(|v| sql.text(v)).collect();
+            format!("{} IN ({})", col(c), list.join(", "))
+        }
+        Test::And(ts) => {
+            let parts: Vec<String> = ts
+                .iter()
+                .map(|t| format!("({})", render_test(sql, alias, t)))
+                .collect();
+            if parts.is_empty() {
+                "1 = 1".into()
+            } else {
+                parts.join(" AND ")
+            }
+        }
+        Test::Or(ts) => {
+            let parts: Vec<String> = ts
+                .iter()
+                .map(|t| format!("({})", render_test(sql, alias, t)))
+                .collect();
+            if parts.is_empty() {
+                "1 = 0".into()
+            } else {
+                parts.join(" OR ")
+            }
+        }
+    }
+}
+
+/// `alias.id IN (…)`-style predicates for `conds` on resources of `rtype`
+/// held in the row alias `alias` (with `alias.rtype` already fixed).
+fn render_conds(sql: &mut Sql, alias: &str, rtype: &str, conds: &[Cond], depth: usize) -> String {
+    let mut parts = Vec::new();
+    for c in conds {
+        parts.push(render_cond(sql, alias, rtype, c, depth));
+    }
+    if parts.is_empty() {
+        "1 = 1".into()
+    } else {
+        parts.join(" AND ")
+    }
+}
+
+fn render_cond(sql: &mut Sql, alias: &str, rtype: &str, c: &Cond, depth: usize) -> String {
+    match c {
+        Cond::Ids(ids) => {
+            let list: Vec<String> = ids.iter().map(|i| sql.text(i)).collect();
+            format!("{alias}.id IN ({})", list.join(", "))
+        }
+        Cond::LastUpdated(t) => format!("({})", render_test(sql, alias, t)),
+        Cond::Not(inner) => format!("NOT ({})", render_cond(sql, alias, rtype, inner, depth)),
+        Cond::Or(alts) => {
+            let parts: Vec<String> = alts
+                .iter()
+                .map(|a| format!("({})", render_cond(sql, alias, rtype, a, depth)))
+                .collect();
+            if parts.is_empty() {
+                "1 = 0".into()
+            } else {
+                format!("({})", parts.join(" OR "))
+            }
+        }
+        _ => format!("{alias}.id IN ({})", ids_of(sql, rtype, c, depth)),
+    }
+}
+
+/// A `SELECT id …` of the resources of `rtype` that meet `c`.
+fn ids_of(sql: &mut Sql, rtype: &str, c: &Cond, depth: usize) -> String {
+    let a = format!("x{depth}");
+    match c {
+        Cond::Index { table, param, test } => {
+            let rt = sql.text(rtype);
+            let p = sql.text(param);
+            let t = render_test(sql, &a, test);
+            format!(
+                "SELECT {a}.id FROM {} {a} WHERE {a}.rtype = {rt} AND {a}.param = {p} AND ({t})",
+                table.name()
+            )
+        }
+        Cond::Composite(parts) => {
+            let rt = sql.text(rtype);
+            let mut from = String::new();
+            let mut wheres = Vec::new();
+            for (n, (table, param, test)) in parts.iter().enumerate() {
+                let an = format!("{a}c{n}");
+                let p = sql.text(param);
+                let t = render_test(sql, &an, test);
+                if n == 0 {
+                    from = format!("{} {an}", table.name());
+                    wheres.push(format!("{an}.rtype = {rt} AND {an}.param = {p} AND ({t})"));
+                } else {
+                    from.push_str(&format!(
+                        " JOIN {} {an} ON {an}.rtype = {a}c0.rtype AND {an}.id = {a}c0.id \
+                         AND {an}.grp = {a}c0.grp AND {an}.param = {p} AND ({t})",
+                        table.name()
+                    ));
+                }
+            }
+            format!("SELECT {a}c0.id FROM {from} WHERE {}", wheres.join(" AND "))
+        }
+        Cond::Chain {
+            param,
+            types,
+            inner,
+        } => {
+            let rt = sql.text(rtype);
+            let p = sql.text(param);
+            let mut alts = Vec::new();
+            for t in types {
+                let r2 = format!("r{}", depth + 1);
+                let tt = sql.text(t);
+                let tt2 = sql.text(t);
+                let w = render_conds(sql, &r2, t, inner, depth + 1);
+                alts.push(format!(
+                    "({a}.target_type = {tt} AND {a}.target_id IN (SELECT {r2}.id FROM resource {r2} \
+                     WHERE {r2}.rtype = {tt2} AND {r2}.deleted = 0 AND {w}))"
+                ));
+            }
+            let alts = if alts.is_empty() {
+                "1 = 0".to_string()
+            } else {
+                alts.join(" OR ")
+            };
+            format!(
+                "SELECT {a}.id FROM idx_reference {a} WHERE {a}.rtype = {rt} AND {a}.param = {p} AND ({alts})"
+            )
+        }
+        Cond::Has {
+            source,
+            param,
+            inner,
+        } => {
+            let r2 = format!("r{}", depth + 1);
+            let st = sql.text(source);
+            let p = sql.text(param);
+            let tt = sql.text(rtype);
+            let st2 = sql.text(source);
+            let w = render_conds(sql, &r2, source, inner, depth + 1);
+            format!(
+                "SELECT {a}.target_id FROM idx_reference {a} WHERE {a}.rtype = {st} AND {a}.param = {p} \
+                 AND {a}.target_type = {tt} AND {a}.id IN (SELECT {r2}.id FROM resource {r2} \
+                 WHERE {r2}.rtype = {st2} AND {r2}.deleted = 0 AND {w})"
+            )
+        }
+        // Resource-row conditions as an id set.
+        other => {
+            let r2 = format!("r{}", depth + 1);
+            let rt = sql.text(rtype);
+            let w = render_cond(sql, &r2, rtype, other, depth + 1);
+            format!("SELECT {r2}.id FROM resource {r2} WHERE {r2}.rtype = {rt} AND {w}")
+        }
+    }
+}
+
+/// The SQL expression of one sort key for the row `r`, missing values last.
+fn sort_expr(sql: &mut Sql, s: &Sort) -> String {
+    match &s.by {
+        SortBy::Id => "r.id".into(),
+        SortBy::LastUpdated => "r.last_updated".into(),
+        SortBy::Index { table, param } => {
+            let (col, numeric) = table.sort_column();
+            let agg = if s.descending { "MAX" } else { "MIN" };
+            let p = sql.text(param);
+            let missing = match (numeric, s.descending) {
+                (true, false) => REAL_HIGH.to_string(),
+                (true, true) => (-REAL_HIGH).to_string(),
+                (false, false) => format!("'{TEXT_HIGH}'"),
+                (false, true) => "''".into(),
+            };
+            format!(
+                "COALESCE((SELECT {agg}(s.{col}) FROM {} s WHERE s.rtype = r.rtype AND s.id = r.id \
+                 AND s.param = {p}), {missing})",
+                table.name()
+            )
+        }
+    }
+}
+
+fn build(q: &Query, after: Option<&Cursor>, limit: Option<usize>, count: bool) -> Sql {
+    let mut sql = Sql {
+        text: String::new(),
+        binds: Vec::new(),
+    };
+    let rt = sql.text(&q.rtype);
+    let w = render_conds(&mut sql, "r", &q.rtype, &q.conds, 0);
+    if count {
+        sql.text = format!(
+            "SELECT COUNT(*) AS n FROM resource r WHERE r.rtype = {rt} AND r.deleted = 0 AND {w}"
+        );
+        return sql;
+    }
+    let keys: Vec<String> = q.sort.iter().map(|s| sort_expr(&mut sql, s)).collect();
+    let mut select = String::from("r.rtype, r.id, r.version, r.last_updated, r.deleted, r.body");
+    for (i, k) in keys.iter().enumerate() {
+        select.push_str(&format!(", {k} AS k{i}"));
+    }
+    let inner =
+        format!("SELECT {select} FROM resource r WHERE r.rtype = {rt} AND r.deleted = 0 AND {w}");
+    let mut outer = format!("SELECT * FROM ({inner}) q");
+    if let Some((values, id)) = after {
+        // (k0, k1, …, id) strictly after the cursor in sort order.
+        let mut alts = Vec::new();
+        for i in 0..=keys.len() {
+            let mut eqs = Vec::new();
+            for (j, v) in values.iter().enumerate().take(i) {
+                eqs.push(format!("q.k{j} = {}", sql.bind(v.clone())));
+            }
+            let last = if i < keys.len() {
+                let op = if q.sort[i].descending { "<" } else { ">" };
+                match values.get(i) {
+                    Some(v) => format!("q.k{i} {op} {}", sql.bind(v.clone())),
+                    None => "1 = 0".into(),
+                }
+            } else {
+                format!("q.id > {}", sql.text(id))
+            };
+            eqs.push(last);
+            alts.push(format!("({})", eqs.join(" AND ")));
+        }
+        outer.push_str(&format!(" WHERE {}", alts.join(" OR ")));
+    }
+    let mut order: Vec<String> = q
+        .sort
+        .iter()
+        .enumerate()
+        .map(|(i, s)| format!("q.k{i}{}", if s.descending { " DESC" } else { "" }))
+        .collect();
+    order.push("q.id".into());
+    outer.push_str(&format!(" ORDER BY {}", order.join(", ")));
+    if let Some(n) = limit {
+        outer.push_str(&format!(" LIMIT {n}"));
+    }
+    sql.text = outer;
+    sql
+}
+
+fn bound<'q>(
+    text: &'q str,
+    binds: &'q [Bind],
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    let mut q = sqlx::query(text);
+    for b in binds {
+        q = match b {
+            Bind::Text(s) => q.bind(s.as_str()),
+            Bind::Real(f) => q.bind(*f),
+        };
+    }
+    q
+}
+
+/// One page of matches, each with its sort values (for the next cursor).
+pub async fn search(
+    conn: &mut AnyConnection,
+    q: &Query,
+    after: Option<&Cursor>,
+    limit: usize,
+) -> StoreResult<Vec<(Version, Vec<Bind>)>> {
+    let sql = build(q, after, Some(limit), false);
+    let rows = bound(&sql.text, &sql.binds).fetch_all(&mut *conn).await?;
+    rows.iter()
+        .map(|r| Ok((version_from_row(r)?, sort_values(r, q)?)))
+        .collect()
+}
+
+fn sort_values(r: &AnyRow, q: &Query) -> StoreResult<Vec<Bind>> {
+    let mut out = Vec::new();
+    for (i, s) in q.sort.iter().enumerate() {
+        let name = format!("k{i}");
+        let numeric = matches!(&s.by, SortBy::Index { table, .. } if table.sort_column().1);
+        out.push(if numeric {
+            Bind::Real(r.try_get::<f64, _>(name.as_str())?)
+        } else {
+            Bind::Text(r.try_get::<String, _>(name.as_str())?)
+        });
+    }
+    Ok(out)
+}
+
+/// Number of matches.
+pub async fn count(conn: &mut AnyConnection, q: &Query) -> StoreResult<i64> {
+    let sql = build(q, None, None, true);
+    Ok(bound(&sql.text, &sql.binds)
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get::<i64, _>("n")?)
+}
+
+/// The SQL of a query, for `EXPLAIN` in benchmarks and diagnostics.
+pub fn explain_sql(q: &Query, limit: usize) -> (String, Vec<Bind>) {
+    let sql = build(q, None, Some(limit), false);
+    (sql.text, sql.binds)
+}
+
+/// References from resources `(rtype, ids)` through `params` (`None`: all):
+/// `(target_type, target_id)`.
+pub async fn references_from(
+    conn: &mut AnyConnection,
+    rtype: &str,
+    ids: &[String],
+    params: Option<&[String]>,
+) -> StoreResult<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for chunk in ids.chunks(500) {
+        let mut sql = Sql {
+            text: String::new(),
+            binds: Vec::new(),
+        };
+        let rt = sql.text(rtype);
+        let list: Vec<String> = chunk.iter().map(|i| sql.text(i)).collect();
+        let mut text = format!(
+            "SELECT DISTINCT x.target_type, x.target_id FROM idx_reference x WHERE x.rtype = {rt} \
+             AND x.id IN ({}) AND x.target_id <> ''",
+            list.join(", ")
+        );
+        if let Some(ps) = params {
+            let pl: Vec<String> = ps.iter().map(|p| sql.text(p)).collect();
+            text.push_str(&format!(" AND x.param IN ({})", pl.join(", ")));
+        }
+        sql.text = text;
+        let rows = bound(&sql.text, &sql.binds).fetch_all(&mut *conn).await?;
+        for r in rows {
+            out.push((r.try_get("target_type")?, r.try_get("target_id")?));
+        }
+    }
+    Ok(out)
+}
+
+/// Resources of `source` type that reference `(target_type, ids)` through
+/// `params` (`None`: any reference parameter): their ids.
+pub async fn references_to(
+    conn: &mut AnyConnection,
+    source: &str,
+    params: Option<&[String]>,
+    target_type: &str,
+    ids: &[String],
+) -> StoreResult<Vec<String>> {
+    let mut out = Vec::new();
+    for chunk in ids.chunks(500) {
+        let mut sql = Sql {
+            text: String::new(),
+            binds: Vec::new(),
+        };
+        let st = sql.text(source);
+        let tt = sql.text(target_type);
+        let list: Vec<String> = chunk.iter().map(|i| sql.text(i)).collect();
+        let mut text = format!(
+            "SELECT DISTINCT x.id FROM idx_reference x WHERE x.rtype = {st} AND x.target_type = {tt} \
+             AND x.target_id IN ({})",
+            list.join(", ")
+        );
+        if let Some(ps) = params {
+            let pl: Vec<String> = ps.iter().map(|p| sql.text(p)).collect();
+            text.push_str(&format!(" AND x.param IN ({})", pl.join(", ")));
+        }
+        sql.text = text;
+        let rows = bound(&sql.text, &sql.binds).fetch_all(&mut *conn).await?;
+        for r in rows {
+            out.push(r.try_get("id")?);
+        }
+    }
+    Ok(out)
+}
+
+/// Current, non-deleted resources by type and ids.
+pub async fn fetch_many(
+    conn: &mut AnyConnection,
+    rtype: &str,
+    ids: &[String],
+) -> StoreResult<Vec<Version>> {
+    let mut out = Vec::new();
+    for chunk in ids.chunks(500) {
+        let mut sql = Sql {
+            text: String::new(),
+            binds: Vec::new(),
+        };
+        let rt = sql.text(rtype);
+        let list: Vec<String> = chunk.iter().map(|i| sql.text(i)).collect();
+        sql.text = format!(
+            "SELECT rtype, id, version, last_updated, deleted, body FROM resource \
+             WHERE rtype = {rt} AND id IN ({}) AND deleted = 0 ORDER BY id",
+            list.join(", ")
+        );
+        let rows = bound(&sql.text, &sql.binds).fetch_all(&mut *conn).await?;
+        for r in rows {
+            out.push(version_from_row(&r)?);
+        }
+    }
+    Ok(out)
+}
