@@ -1,4 +1,4 @@
-//! Command line: `ehrx serve | migrate | import | reindex`.
+//! Command line: `ehrx serve | migrate | import | reindex | explain`.
 
 use std::path::PathBuf;
 
@@ -38,4 +38,10 @@ pub enum Command {
     /// Rebuild the search indexes of every current resource (after an
     /// upgrade that changes what is indexed).
     Reindex,
+    /// Print the SQL and the database's query plan of a search, e.g.
+    /// `ehrx explain 'Observation?patient=123&code=http://loinc.org|8867-4'`.
+    Explain {
+        /// `Type?query` or `Patient/ID/$everything`.
+        search: String,
+    },
 }

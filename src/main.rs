@@ -89,6 +89,27 @@ async fn run(command: Command, config: Config) -> ExitCode {
                 }
             }
         }
+        Command::Explain { search } => {
+            let result = async {
+                let store = Store::open(&config.database_url, 1)
+                    .await
+                    .map_err(ehrx::error::Error::from)?;
+                let env = ehrx::interaction::Env::from_config(&config);
+                let mut conn = store.reader().await.map_err(ehrx::error::Error::from)?;
+                ehrx::interaction::explain(&mut conn, store.dialect(), &env, &search).await
+            }
+            .await;
+            match result {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ehrx explain: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Import { paths, quiet } => {
             match ehrx::import::run(&config, &paths, !quiet).await {
                 Ok(report) => {

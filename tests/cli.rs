@@ -221,4 +221,35 @@ async fn reindex_rebuilds_lost_index_rows() {
     assert_eq!(count.first(), Some(&"reindexed"), "{stdout}");
     assert!(count[1].parse::<u64>().unwrap() >= 2, "{stdout}");
     assert_eq!(index_rows(&db).await, before);
+
+    // explain prints the SQL and SQLite's plan, which uses the indexes.
+    let out = ehrx()
+        .args([
+            "explain",
+            "Observation?patient=f001&code=http://loinc.org|15074-8",
+        ])
+        .env("EHRX_DATABASE_URL", &db)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("idx_reference") && stdout.contains("idx_token"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("USING INDEX") || stdout.contains("USING COVERING INDEX"),
+        "{stdout}"
+    );
+    let out = ehrx()
+        .args(["explain", "Observation?nonsense=1"])
+        .env("EHRX_DATABASE_URL", &db)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nonsense"));
 }

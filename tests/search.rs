@@ -227,6 +227,21 @@ async fn search_over_the_r4_examples() {
         &format!("Condition?subject:Patient.name={}", many.join(",")),
         &["f201", "f202", "f203", "f204", "f205"]
     );
+    // reference :identifier (a logical reference by identifier)
+    let r = s
+        .put_json(
+            "Observation/by-identifier",
+            &serde_json::json!({"resourceType": "Observation", "id": "by-identifier", "status": "final",
+                "code": {"text": "x"},
+                "subject": {"identifier": {"system": "urn:oid:1.2.36.146.595.217.0.1", "value": "12345"}}}),
+        )
+        .await;
+    assert!(r.status().is_success());
+    expect!(
+        "Observation?subject:identifier=urn:oid:1.2.36.146.595.217.0.1|12345",
+        &["by-identifier"]
+    );
+    expect!("Observation?subject:identifier=12345", &["by-identifier"]);
     // _has (reverse chaining)
     expect!(
         "Patient?_has:Observation:patient:code=http://loinc.org|29463-7",
@@ -280,6 +295,14 @@ async fn search_over_the_r4_examples() {
         &["genetic", "riskexample"]
     );
     expect!("RiskAssessment?probability=ap0.02", &["cardiac"]);
+    expect!("RiskAssessment?probability=ge0.02", &["cardiac"]);
+    expect!("RiskAssessment?probability=le0.000168", &["genetic"]);
+    expect!("RiskAssessment?probability=sa0.01", &["cardiac"]);
+    expect!("RiskAssessment?probability=eb0.0002", &["genetic"]);
+    expect!(
+        "RiskAssessment?probability=ne0.02",
+        &["genetic", "riskexample"]
+    );
     // quantity
     expect!(
         "Observation?value-quantity=gt100",
@@ -484,6 +507,20 @@ async fn search_over_the_r4_examples() {
         ]),
     );
 
+    // _include with a wildcard
+    let got = all_entries(&s, "Observation?_id=blood-pressure&_include=Observation:*").await;
+    if !got.contains(&("include".to_string(), "Patient/example".to_string())) {
+        failures
+            .borrow_mut()
+            .push(format!("_include=Observation:*: {got:?}"));
+    }
+    // $everything: _since in the future leaves nothing
+    let got = all_entries(&s, "Patient/example/$everything?_since=2999-01-01").await;
+    if !got.is_empty() {
+        failures
+            .borrow_mut()
+            .push(format!("$everything _since: {got:?}"));
+    }
     // compartment search
     expect!(
         "Patient/f001/Observation",

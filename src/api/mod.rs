@@ -32,11 +32,7 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(store: Store, config: Config) -> AppState {
-        let env = Env {
-            base: config.base_url(),
-            default_count: config.default_count,
-            max_count: config.max_count,
-        };
+        let env = Env::from_config(&config);
         AppState {
             store,
             env: Arc::new(env),

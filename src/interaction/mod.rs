@@ -16,7 +16,9 @@ use crate::search;
 use crate::store::{self, Tx, Version};
 
 pub use read::{history, read, vread, HistoryParams};
-pub use searchset::{compartment_params, compartment_search, everything, search, system_search};
+pub use searchset::{
+    compartment_params, compartment_search, everything, explain, search, system_search,
+};
 
 /// What the interactions need to know about the server.
 #[derive(Debug, Clone)]
@@ -25,6 +27,16 @@ pub struct Env {
     pub base: String,
     pub default_count: usize,
     pub max_count: usize,
+}
+
+impl Env {
+    pub fn from_config(config: &crate::config::Config) -> Env {
+        Env {
+            base: config.base_url(),
+            default_count: config.default_count,
+            max_count: config.max_count,
+        }
+    }
 }
 
 /// The result of a write.

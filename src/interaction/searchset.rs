@@ -15,7 +15,8 @@ use crate::fhir::bundle::{bundle, link};
 use crate::fhir::types::is_resource_type;
 use crate::search::registry::{registry, Kind};
 use crate::search::{self, Parsed};
-use crate::store::search::{self as sq, Bind, Cond, Cursor, Query, Sort, Table, Test};
+use crate::store::search::{self as sq, Bind, Cond, Cursor, Query, Sort, Test};
+use crate::store::Dialect;
 use crate::store::Version;
 
 static COMPARTMENTS: &str = include_str!("../../conformance/compartments.json");
@@ -273,17 +274,14 @@ async fn search_in(
                     "{rtype} is not in the {ot} compartment"
                 )));
             }
-            let mut alts: Vec<Cond> = ps
-                .iter()
-                .map(|p| Cond::Index {
-                    table: Table::Reference,
-                    param: p.clone(),
-                    test: Test::And(vec![
-                        Test::Eq("target_id", Bind::Text(oid.to_string())),
-                        Test::Eq("target_type", Bind::Text(ot.to_string())),
-                    ]),
-                })
-                .collect();
+            let mut alts: Vec<Cond> = Vec::new();
+            if !ps.is_empty() {
+                alts.push(Cond::RefersTo {
+                    params: ps,
+                    target_type: ot.to_string(),
+                    target_id: oid.to_string(),
+                });
+            }
             if ot == rtype {
                 alts.push(Cond::Ids(vec![oid.to_string()]));
             }
@@ -574,40 +572,7 @@ pub async fn everything(
     }
     let plan: Vec<Query> = plan
         .into_iter()
-        .map(|(t, ps)| {
-            let mut conds = Vec::new();
-            if t == "Patient" {
-                conds.push(Cond::Ids(vec![id.to_string()]));
-            } else {
-                let refs: Vec<Cond> = ps
-                    .iter()
-                    .map(|p| Cond::Index {
-                        table: Table::Reference,
-                        param: p.clone(),
-                        test: Test::And(vec![
-                            Test::Eq("target_id", Bind::Text(id.to_string())),
-                            Test::Eq("target_type", Bind::Text("Patient".into())),
-                        ]),
-                    })
-                    .collect();
-                conds.push(if refs.len() == 1 {
-                    refs.into_iter().next().unwrap()
-                } else {
-                    Cond::Or(refs)
-                });
-            }
-            if let Some(s) = &since {
-                conds.push(Cond::LastUpdated(Test::Ge(
-                    "last_updated",
-                    Bind::Text(s.clone()),
-                )));
-            }
-            Query {
-                rtype: t,
-                conds,
-                sort: Vec::new(),
-            }
-        })
+        .map(|(t, ps)| everything_query(&t, ps, id, since.as_deref()))
         .collect();
     let mut page = multi_page(conn, &plan, cursor.as_ref(), size).await?;
     let more = page.len() > size;
@@ -623,6 +588,31 @@ pub async fn everything(
         page,
         None,
     )
+}
+
+/// The `$everything` query for one resource type of the compartment.
+pub fn everything_query(rtype: &str, params: Vec<String>, id: &str, since: Option<&str>) -> Query {
+    let mut conds = Vec::new();
+    if rtype == "Patient" {
+        conds.push(Cond::Ids(vec![id.to_string()]));
+    } else {
+        conds.push(Cond::RefersTo {
+            params,
+            target_type: "Patient".into(),
+            target_id: id.to_string(),
+        });
+    }
+    if let Some(s) = since {
+        conds.push(Cond::LastUpdated(Test::Ge(
+            "last_updated",
+            Bind::Text(s.to_string()),
+        )));
+    }
+    Query {
+        rtype: rtype.to_string(),
+        conds,
+        sort: Vec::new(),
+    }
 }
 
 fn parse_multi_cursor(v: &str) -> Option<(usize, String)> {
@@ -778,6 +768,77 @@ fn paged_bundle(
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(bundle("searchset", total, links, entries))
+}
+
+/// The SQL and query plan(s) of a search given as `Type?query` or
+/// `Patient/ID/$everything` (for `ehrx explain` and BENCHMARKS.md).
+pub async fn explain(
+    conn: &mut AnyConnection,
+    dialect: Dialect,
+    env: &Env,
+    request: &str,
+) -> Result<String> {
+    let (path, query) = request.split_once('?').unwrap_or((request, ""));
+    let params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    let mut out = String::new();
+    let mut show = |title: &str, (sql, plan): (String, Vec<String>)| {
+        out.push_str(&format!("-- {title}\n{sql}\n"));
+        for line in plan {
+            out.push_str(&format!("  {line}\n"));
+        }
+        out.push('\n');
+    };
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if let ["Patient", id, "$everything"] = segs.as_slice() {
+        for t in ["Patient", "Observation"] {
+            let ps = compartment_params("Patient", t);
+            let q = everything_query(t, ps, id, None);
+            show(
+                &format!("$everything, {t} part"),
+                sq::explain(conn, dialect, &q, env.default_count + 1).await?,
+            );
+        }
+        return Ok(out);
+    }
+    let rtype = segs[0];
+    check_type(rtype)?;
+    let parsed = search::parse(rtype, &params, true, &env.base)?;
+    let control = parse_control(rtype, &params)?;
+    let size = control
+        .count
+        .unwrap_or(env.default_count)
+        .min(env.max_count);
+    let q = Query {
+        rtype: rtype.to_string(),
+        conds: parsed.conds,
+        sort: control.sort.clone(),
+    };
+    show("matches", sq::explain(conn, dialect, &q, size + 1).await?);
+    if !control.revinclude.is_empty() {
+        let ids: Vec<String> = sq::search(conn, &q, None, size)
+            .await?
+            .into_iter()
+            .map(|(v, _)| v.id)
+            .collect();
+        for spec in &control.revinclude {
+            let params = spec.param.as_ref().map(|p| vec![p.clone()]);
+            show(
+                &format!("_revinclude {}", spec.source),
+                sq::explain_references_to(
+                    conn,
+                    dialect,
+                    &spec.source,
+                    params.as_deref(),
+                    rtype,
+                    &ids,
+                )
+                .await?,
+            );
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

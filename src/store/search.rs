@@ -86,6 +86,13 @@ pub enum Cond {
         param: String,
         test: Test,
     },
+    /// Refers to `target_type/target_id` through any of `params`
+    /// (compartment membership).
+    RefersTo {
+        params: Vec<String>,
+        target_type: String,
+        target_id: String,
+    },
     /// Some composite value whose components all pass their tests.
     Composite(Vec<(Table, String, Test)>),
     /// A reference parameter pointing at a resource of one of `types`
@@ -250,6 +257,21 @@ fn ids_of(sql: &mut Sql, rtype: &str, c: &Cond, depth: usize) -> String {
             format!(
                 "SELECT {a}.id FROM {} {a} WHERE {a}.rtype = {rt} AND {a}.param = {p} AND ({t})",
                 table.name()
+            )
+        }
+        Cond::RefersTo {
+            params,
+            target_type,
+            target_id,
+        } => {
+            let rt = sql.text(rtype);
+            let ps: Vec<String> = params.iter().map(|p| sql.text(p)).collect();
+            let tid = sql.text(target_id);
+            let tt = sql.text(target_type);
+            format!(
+                "SELECT {a}.id FROM idx_reference {a} WHERE {a}.rtype = {rt} AND {a}.param IN ({}) \
+                 AND {a}.target_id = {tid} AND {a}.target_type = {tt}",
+                ps.join(", ")
             )
         }
         Cond::Composite(parts) => {
@@ -460,10 +482,44 @@ pub async fn count(conn: &mut AnyConnection, q: &Query) -> StoreResult<i64> {
         .try_get::<i64, _>("n")?)
 }
 
-/// The SQL of a query, for `EXPLAIN` in benchmarks and diagnostics.
-pub fn explain_sql(q: &Query, limit: usize) -> (String, Vec<Bind>) {
+/// The query plan of a search, as the database reports it (SQLite
+/// `EXPLAIN QUERY PLAN`, PostgreSQL `EXPLAIN ANALYZE`).
+pub async fn explain(
+    conn: &mut AnyConnection,
+    dialect: super::Dialect,
+    q: &Query,
+    limit: usize,
+) -> StoreResult<(String, Vec<String>)> {
     let sql = build(q, None, Some(limit), false);
-    (sql.text, sql.binds)
+    let plan = explain_raw(conn, dialect, &sql).await?;
+    Ok((sql.text, plan))
+}
+
+async fn explain_raw(
+    conn: &mut AnyConnection,
+    dialect: super::Dialect,
+    sql: &Sql,
+) -> StoreResult<Vec<String>> {
+    let prefix = match dialect {
+        super::Dialect::Sqlite => "EXPLAIN QUERY PLAN ",
+        super::Dialect::Postgres => "EXPLAIN ANALYZE ",
+    };
+    let rows = bound(&format!("{prefix}{}", sql.text), &sql.binds)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut plan = Vec::new();
+    for r in rows {
+        plan.push(match dialect {
+            super::Dialect::Sqlite => {
+                let id: i64 = r.try_get(0)?;
+                let parent: i64 = r.try_get(1)?;
+                let detail: String = r.try_get(3)?;
+                format!("{id:>3} {parent:>3}  {detail}")
+            }
+            super::Dialect::Postgres => r.try_get::<String, _>(0)?,
+        });
+    }
+    Ok(plan)
 }
 
 /// References from resources `(rtype, ids)` through `params` (`None`: all):
@@ -500,6 +556,32 @@ pub async fn references_from(
     Ok(out)
 }
 
+fn references_to_sql(
+    source: &str,
+    params: Option<&[String]>,
+    target_type: &str,
+    ids: &[String],
+) -> Sql {
+    let mut sql = Sql {
+        text: String::new(),
+        binds: Vec::new(),
+    };
+    let st = sql.text(source);
+    let tt = sql.text(target_type);
+    let list: Vec<String> = ids.iter().map(|i| sql.text(i)).collect();
+    let mut text = format!(
+        "SELECT DISTINCT x.id FROM idx_reference x WHERE x.rtype = {st} AND x.target_type = {tt} \
+         AND x.target_id IN ({})",
+        list.join(", ")
+    );
+    if let Some(ps) = params {
+        let pl: Vec<String> = ps.iter().map(|p| sql.text(p)).collect();
+        text.push_str(&format!(" AND x.param IN ({})", pl.join(", ")));
+    }
+    sql.text = text;
+    sql
+}
+
 /// Resources of `source` type that reference `(target_type, ids)` through
 /// `params` (`None`: any reference parameter): their ids.
 pub async fn references_to(
@@ -511,29 +593,27 @@ pub async fn references_to(
 ) -> StoreResult<Vec<String>> {
     let mut out = Vec::new();
     for chunk in ids.chunks(500) {
-        let mut sql = Sql {
-            text: String::new(),
-            binds: Vec::new(),
-        };
-        let st = sql.text(source);
-        let tt = sql.text(target_type);
-        let list: Vec<String> = chunk.iter().map(|i| sql.text(i)).collect();
-        let mut text = format!(
-            "SELECT DISTINCT x.id FROM idx_reference x WHERE x.rtype = {st} AND x.target_type = {tt} \
-             AND x.target_id IN ({})",
-            list.join(", ")
-        );
-        if let Some(ps) = params {
-            let pl: Vec<String> = ps.iter().map(|p| sql.text(p)).collect();
-            text.push_str(&format!(" AND x.param IN ({})", pl.join(", ")));
-        }
-        sql.text = text;
+        let sql = references_to_sql(source, params, target_type, chunk);
         let rows = bound(&sql.text, &sql.binds).fetch_all(&mut *conn).await?;
         for r in rows {
             out.push(r.try_get("id")?);
         }
     }
     Ok(out)
+}
+
+/// The plan of the `_revinclude` lookup for a page of `ids`.
+pub async fn explain_references_to(
+    conn: &mut AnyConnection,
+    dialect: super::Dialect,
+    source: &str,
+    params: Option<&[String]>,
+    target_type: &str,
+    ids: &[String],
+) -> StoreResult<(String, Vec<String>)> {
+    let sql = references_to_sql(source, params, target_type, ids);
+    let plan = explain_raw(conn, dialect, &sql).await?;
+    Ok((sql.text, plan))
 }
 
 /// Current, non-deleted resources by type and ids.
