@@ -15,7 +15,7 @@ use crate::fhir::bundle::{bundle, link};
 use crate::fhir::types::is_resource_type;
 use crate::search::registry::{registry, Kind};
 use crate::search::{self, Parsed};
-use crate::store::search::{self as sq, Bind, Cond, Cursor, Query, Sort, Test};
+use crate::store::search::{self as sq, Bind, Cond, Cursor, Query, Sort};
 use crate::store::Dialect;
 use crate::store::Version;
 
@@ -518,7 +518,7 @@ pub async fn everything(
     let mut since = None;
     let mut types: Option<Vec<String>> = None;
     let mut count = None;
-    let mut cursor: Option<(usize, String)> = None;
+    let mut cursor: Option<(String, String)> = None;
     let mut echo = Vec::new();
     let bad_cursor = |v: &str| Error::invalid(format!("'{v}' is not a valid paging cursor"));
     for (k, v) in params {
@@ -541,7 +541,13 @@ pub async fn everything(
                 continue;
             }
             "_cursor" => {
-                cursor = Some(parse_multi_cursor(v).ok_or_else(|| bad_cursor(v))?);
+                // `Type.id` of the last compartment resource, or `.` when
+                // only the patient has been returned.
+                let (t, i) = v.split_once('.').ok_or_else(|| bad_cursor(v))?;
+                if !(t.is_empty() && i.is_empty() || is_resource_type(t) && !i.is_empty()) {
+                    return Err(bad_cursor(v));
+                }
+                cursor = Some((t.to_string(), i.to_string()));
                 continue;
             }
             "_format" | "_pretty" | "start" | "end" => continue,
@@ -554,65 +560,70 @@ pub async fn everything(
         echo.push((k.clone(), v.clone()));
     }
     let size = count.unwrap_or(env.default_count).min(env.max_count).max(1);
-    // The patient first, then every compartment type in name order.
-    let mut plan: Vec<(String, Vec<String>)> = vec![("Patient".into(), Vec::new())];
-    let mut others: Vec<(String, Vec<String>)> = compartments()
-        .get("Patient")
-        .map(|c| {
-            c.keys()
-                .map(|t| (t.clone(), compartment_params("Patient", t)))
-                .filter(|(t, ps)| !ps.is_empty() && t != "Patient")
-                .collect()
-        })
-        .unwrap_or_default();
-    others.sort();
-    plan.extend(others);
-    if let Some(ts) = &types {
-        plan.retain(|(t, _)| ts.contains(t));
+    // The patient first, then every resource of its compartment in
+    // (type, id) order, found by one lookup of the references to it.
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    if let Some(c) = compartments().get("Patient") {
+        for t in c.keys() {
+            if types.as_ref().is_some_and(|ts| !ts.contains(t)) {
+                continue;
+            }
+            for p in compartment_params("Patient", t) {
+                pairs.push((t.clone(), p));
+            }
+        }
     }
-    let plan: Vec<Query> = plan
-        .into_iter()
-        .map(|(t, ps)| everything_query(&t, ps, id, since.as_deref()))
-        .collect();
-    let mut page = multi_page(conn, &plan, cursor.as_ref(), size).await?;
+    let with_patient = types
+        .as_ref()
+        .map_or(true, |ts| ts.iter().any(|t| t == "Patient"));
+    let mut page: Vec<Version> = Vec::new();
+    let mut patient_first = false;
+    if cursor.is_none() && with_patient {
+        for v in sq::fetch_many(conn, "Patient", &[id.to_string()]).await? {
+            if since.as_ref().map_or(true, |s| v.last_updated >= *s) {
+                page.push(v);
+                patient_first = true;
+            }
+        }
+    }
+    let after = cursor
+        .as_ref()
+        .filter(|(t, _)| !t.is_empty())
+        .map(|(t, i)| (t.as_str(), i.as_str()));
+    let rows = sq::compartment_page(
+        conn,
+        ("Patient", id),
+        &pairs,
+        since.as_deref(),
+        after,
+        size + 1 - page.len(),
+    )
+    .await?;
+    page.extend(rows);
     let more = page.len() > size;
     page.truncate(size);
+    let next = if more {
+        page.last().map(|v| {
+            if patient_first && page.len() == 1 {
+                ".".to_string()
+            } else {
+                format!("{}.{}", v.rtype, v.id)
+            }
+        })
+    } else {
+        None
+    };
     let mut base_params = echo;
     base_params.push(("_count".into(), size.to_string()));
     paged_bundle(
         env,
         &format!("Patient/{id}/$everything"),
         base_params,
-        cursor,
-        more,
+        cursor.map(|(t, i)| format!("{t}.{i}")),
+        next,
         page,
         None,
     )
-}
-
-/// The `$everything` query for one resource type of the compartment.
-pub fn everything_query(rtype: &str, params: Vec<String>, id: &str, since: Option<&str>) -> Query {
-    let mut conds = Vec::new();
-    if rtype == "Patient" {
-        conds.push(Cond::Ids(vec![id.to_string()]));
-    } else {
-        conds.push(Cond::RefersTo {
-            params,
-            target_type: "Patient".into(),
-            target_id: id.to_string(),
-        });
-    }
-    if let Some(s) = since {
-        conds.push(Cond::LastUpdated(Test::Ge(
-            "last_updated",
-            Bind::Text(s.to_string()),
-        )));
-    }
-    Query {
-        rtype: rtype.to_string(),
-        conds,
-        sort: Vec::new(),
-    }
 }
 
 fn parse_multi_cursor(v: &str) -> Option<(usize, String)> {
@@ -729,7 +740,21 @@ pub async fn system_search(
     if total_none {
         base_params.push(("_total".into(), "none".into()));
     }
-    paged_bundle(env, "", base_params, cursor, more, page, total)
+    let next = if more {
+        page.last().map(|(i, v)| format!("{i}.{}", v.id))
+    } else {
+        None
+    };
+    let page = page.into_iter().map(|(_, v)| v).collect();
+    paged_bundle(
+        env,
+        "",
+        base_params,
+        cursor.map(|(t, i)| format!("{t}.{i}")),
+        next,
+        page,
+        total,
+    )
 }
 
 /// A searchset Bundle of a multi-type page, with its links.
@@ -737,29 +762,27 @@ fn paged_bundle(
     env: &Env,
     path: &str,
     base_params: Vec<(String, String)>,
-    cursor: Option<(usize, String)>,
-    more: bool,
-    page: Vec<(usize, Version)>,
+    cursor: Option<String>,
+    next: Option<String>,
+    page: Vec<Version>,
     total: Option<i64>,
 ) -> Result<Value> {
     let mut self_params = base_params.clone();
-    if let Some((t, a)) = &cursor {
-        self_params.push(("_cursor".into(), format!("{t}.{a}")));
+    if let Some(c) = &cursor {
+        self_params.push(("_cursor".into(), c.clone()));
     }
     let mut links = vec![("self", link(&env.base, path, &self_params))];
     if cursor.is_some() {
         links.push(("first", link(&env.base, path, &base_params)));
     }
-    if more {
-        if let Some((i, last)) = page.last() {
-            let mut next = base_params.clone();
-            next.push(("_cursor".into(), format!("{i}.{}", last.id)));
-            links.push(("next", link(&env.base, path, &next)));
-        }
+    if let Some(c) = next {
+        let mut next = base_params.clone();
+        next.push(("_cursor".into(), c));
+        links.push(("next", link(&env.base, path, &next)));
     }
     let entries = page
         .iter()
-        .map(|(_, v)| {
+        .map(|v| {
             Ok(json!({
                 "fullUrl": format!("{}/{}/{}", env.base, v.rtype, v.id),
                 "resource": parse_stored(v.body.as_deref().unwrap_or("{}"))?,
@@ -792,14 +815,19 @@ pub async fn explain(
     };
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     if let ["Patient", id, "$everything"] = segs.as_slice() {
-        for t in ["Patient", "Observation"] {
-            let ps = compartment_params("Patient", t);
-            let q = everything_query(t, ps, id, None);
-            show(
-                &format!("$everything, {t} part"),
-                sq::explain(conn, dialect, &q, env.default_count + 1).await?,
-            );
+        let mut pairs = Vec::new();
+        if let Some(c) = compartments().get("Patient") {
+            for t in c.keys() {
+                for p in compartment_params("Patient", t) {
+                    pairs.push((t.clone(), p));
+                }
+            }
         }
+        show(
+            "$everything (after the patient itself)",
+            sq::explain_compartment_page(conn, dialect, ("Patient", id), &pairs, env.default_count)
+                .await?,
+        );
         return Ok(out);
     }
     let rtype = segs[0];

@@ -212,9 +212,19 @@ fn render_test(sql: &mut Sql, alias: &str, t: &Test) -> String {
 /// `alias.id IN (…)`-style predicates for `conds` on resources of `rtype`
 /// held in the row alias `alias` (with `alias.rtype` already fixed).
 fn render_conds(sql: &mut Sql, alias: &str, rtype: &str, conds: &[Cond], depth: usize) -> String {
+    // The most selective condition drives (an `IN` list the database looks
+    // rows up by); the others are checked per row with correlated index
+    // seeks, so a common code or an open date range never builds a large
+    // list.
+    let driver = conds
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| rank(c) < 6)
+        .min_by_key(|(_, c)| rank(c))
+        .map(|(i, _)| i);
     let mut parts = Vec::new();
-    for c in conds {
-        parts.push(render_cond(sql, alias, rtype, c, depth));
+    for (i, c) in conds.iter().enumerate() {
+        parts.push(render_cond(sql, alias, rtype, c, depth, Some(i) != driver));
     }
     if parts.is_empty() {
         "1 = 1".into()
@@ -223,18 +233,57 @@ fn render_conds(sql: &mut Sql, alias: &str, rtype: &str, conds: &[Cond], depth: 
     }
 }
 
-fn render_cond(sql: &mut Sql, alias: &str, rtype: &str, c: &Cond, depth: usize) -> String {
+/// How selective a condition usually is (lower is more selective).
+fn rank(c: &Cond) -> u8 {
+    fn eq_on(t: &Test, col: &str) -> bool {
+        match t {
+            Test::Eq(c, _) => *c == col,
+            Test::And(ts) => ts.iter().any(|t| eq_on(t, col)),
+            Test::Or(ts) => !ts.is_empty() && ts.iter().all(|t| eq_on(t, col)),
+            _ => false,
+        }
+    }
+    match c {
+        Cond::Ids(_) => 0,
+        Cond::RefersTo { .. } => 1,
+        Cond::Index { table, test, .. } => match table {
+            Table::Reference if eq_on(test, "target_id") || eq_on(test, "url") => 1,
+            Table::Token if eq_on(test, "code") => 2,
+            Table::String if eq_on(test, "raw") => 2,
+            Table::Uri if eq_on(test, "value") => 2,
+            Table::String if matches!(test, Test::Prefix(..)) => 3,
+            Table::Token | Table::Reference | Table::Uri => 4,
+            _ => 5,
+        },
+        Cond::Composite(_) => 3,
+        Cond::Chain { .. } | Cond::Has { .. } => 4,
+        Cond::LastUpdated(_) | Cond::Or(_) => 6,
+        Cond::Not(_) => 7,
+    }
+}
+
+fn render_cond(
+    sql: &mut Sql,
+    alias: &str,
+    rtype: &str,
+    c: &Cond,
+    depth: usize,
+    correlated: bool,
+) -> String {
     match c {
         Cond::Ids(ids) => {
             let list: Vec<String> = ids.iter().map(|i| sql.text(i)).collect();
             format!("{alias}.id IN ({})", list.join(", "))
         }
         Cond::LastUpdated(t) => format!("({})", render_test(sql, alias, t)),
-        Cond::Not(inner) => format!("NOT ({})", render_cond(sql, alias, rtype, inner, depth)),
+        Cond::Not(inner) => format!(
+            "NOT ({})",
+            render_cond(sql, alias, rtype, inner, depth, true)
+        ),
         Cond::Or(alts) => {
             let parts: Vec<String> = alts
                 .iter()
-                .map(|a| format!("({})", render_cond(sql, alias, rtype, a, depth)))
+                .map(|a| format!("({})", render_cond(sql, alias, rtype, a, depth, true)))
                 .collect();
             if parts.is_empty() {
                 "1 = 0".into()
@@ -242,20 +291,27 @@ fn render_cond(sql: &mut Sql, alias: &str, rtype: &str, c: &Cond, depth: usize) 
                 format!("({})", parts.join(" OR "))
             }
         }
-        _ => format!("{alias}.id IN ({})", ids_of(sql, rtype, c, depth)),
+        _ if correlated => format!("EXISTS ({})", ids_of(sql, rtype, c, depth, Some(alias))),
+        _ => format!("{alias}.id IN ({})", ids_of(sql, rtype, c, depth, None)),
     }
 }
 
-/// A `SELECT id …` of the resources of `rtype` that meet `c`.
-fn ids_of(sql: &mut Sql, rtype: &str, c: &Cond, depth: usize) -> String {
+/// A `SELECT id …` of the resources of `rtype` that meet `c`; with
+/// `corr`, a correlated `SELECT` for the row `corr` (used under `EXISTS`).
+fn ids_of(sql: &mut Sql, rtype: &str, c: &Cond, depth: usize, corr: Option<&str>) -> String {
     let a = format!("x{depth}");
+    // `{a}.rtype = …` (and `{a}.id = corr.id` when correlated).
+    let owner = |sql: &mut Sql, a: &str| match corr {
+        Some(r) => format!("{a}.rtype = {r}.rtype AND {a}.id = {r}.id"),
+        None => format!("{a}.rtype = {}", sql.text(rtype)),
+    };
     match c {
         Cond::Index { table, param, test } => {
-            let rt = sql.text(rtype);
+            let own = owner(sql, &a);
             let p = sql.text(param);
             let t = render_test(sql, &a, test);
             format!(
-                "SELECT {a}.id FROM {} {a} WHERE {a}.rtype = {rt} AND {a}.param = {p} AND ({t})",
+                "SELECT {a}.id FROM {} {a} WHERE {own} AND {a}.param = {p} AND ({t})",
                 table.name()
             )
         }
@@ -264,18 +320,18 @@ fn ids_of(sql: &mut Sql, rtype: &str, c: &Cond, depth: usize) -> String {
             target_type,
             target_id,
         } => {
-            let rt = sql.text(rtype);
+            let own = owner(sql, &a);
             let ps: Vec<String> = params.iter().map(|p| sql.text(p)).collect();
             let tid = sql.text(target_id);
             let tt = sql.text(target_type);
             format!(
-                "SELECT {a}.id FROM idx_reference {a} WHERE {a}.rtype = {rt} AND {a}.param IN ({}) \
+                "SELECT {a}.id FROM idx_reference {a} WHERE {own} AND {a}.param IN ({}) \
                  AND {a}.target_id = {tid} AND {a}.target_type = {tt}",
                 ps.join(", ")
             )
         }
         Cond::Composite(parts) => {
-            let rt = sql.text(rtype);
+            let own = owner(sql, &format!("{a}c0"));
             let mut from = String::new();
             let mut wheres = Vec::new();
             for (n, (table, param, test)) in parts.iter().enumerate() {
@@ -284,7 +340,7 @@ fn ids_of(sql: &mut Sql, rtype: &str, c: &Cond, depth: usize) -> String {
                 let t = render_test(sql, &an, test);
                 if n == 0 {
                     from = format!("{} {an}", table.name());
-                    wheres.push(format!("{an}.rtype = {rt} AND {an}.param = {p} AND ({t})"));
+                    wheres.push(format!("{own} AND {an}.param = {p} AND ({t})"));
                 } else {
                     from.push_str(&format!(
                         " JOIN {} {an} ON {an}.rtype = {a}c0.rtype AND {an}.id = {a}c0.id \
@@ -300,7 +356,7 @@ fn ids_of(sql: &mut Sql, rtype: &str, c: &Cond, depth: usize) -> String {
             types,
             inner,
         } => {
-            let rt = sql.text(rtype);
+            let own = owner(sql, &a);
             let p = sql.text(param);
             let mut alts = Vec::new();
             for t in types {
@@ -319,7 +375,7 @@ fn ids_of(sql: &mut Sql, rtype: &str, c: &Cond, depth: usize) -> String {
                 alts.join(" OR ")
             };
             format!(
-                "SELECT {a}.id FROM idx_reference {a} WHERE {a}.rtype = {rt} AND {a}.param = {p} AND ({alts})"
+                "SELECT {a}.id FROM idx_reference {a} WHERE {own} AND {a}.param = {p} AND ({alts})"
             )
         }
         Cond::Has {
@@ -330,21 +386,27 @@ fn ids_of(sql: &mut Sql, rtype: &str, c: &Cond, depth: usize) -> String {
             let r2 = format!("r{}", depth + 1);
             let st = sql.text(source);
             let p = sql.text(param);
-            let tt = sql.text(rtype);
+            let target = match corr {
+                Some(r) => format!("{a}.target_type = {r}.rtype AND {a}.target_id = {r}.id"),
+                None => format!("{a}.target_type = {}", sql.text(rtype)),
+            };
             let st2 = sql.text(source);
             let w = render_conds(sql, &r2, source, inner, depth + 1);
             format!(
                 "SELECT {a}.target_id FROM idx_reference {a} WHERE {a}.rtype = {st} AND {a}.param = {p} \
-                 AND {a}.target_type = {tt} AND {a}.id IN (SELECT {r2}.id FROM resource {r2} \
+                 AND {target} AND {a}.id IN (SELECT {r2}.id FROM resource {r2} \
                  WHERE {r2}.rtype = {st2} AND {r2}.deleted = 0 AND {w})"
             )
         }
         // Resource-row conditions as an id set.
         other => {
             let r2 = format!("r{}", depth + 1);
-            let rt = sql.text(rtype);
-            let w = render_cond(sql, &r2, rtype, other, depth + 1);
-            format!("SELECT {r2}.id FROM resource {r2} WHERE {r2}.rtype = {rt} AND {w}")
+            let own = match corr {
+                Some(r) => format!("{r2}.rtype = {r}.rtype AND {r2}.id = {r}.id"),
+                None => format!("{r2}.rtype = {}", sql.text(rtype)),
+            };
+            let w = render_cond(sql, &r2, rtype, other, depth + 1, false);
+            format!("SELECT {r2}.id FROM resource {r2} WHERE {own} AND {w}")
         }
     }
 }
@@ -566,19 +628,23 @@ fn references_to_sql(
         text: String::new(),
         binds: Vec::new(),
     };
+    // No DISTINCT (the caller removes duplicates): sorting for it would
+    // tempt the planner away from the (rtype, param, target_id) index.
     let st = sql.text(source);
-    let tt = sql.text(target_type);
+    let filter = match params {
+        Some(ps) => {
+            let pl: Vec<String> = ps.iter().map(|p| sql.text(p)).collect();
+            format!(" AND x.param IN ({})", pl.join(", "))
+        }
+        None => String::new(),
+    };
     let list: Vec<String> = ids.iter().map(|i| sql.text(i)).collect();
-    let mut text = format!(
-        "SELECT DISTINCT x.id FROM idx_reference x WHERE x.rtype = {st} AND x.target_type = {tt} \
-         AND x.target_id IN ({})",
+    let tt = sql.text(target_type);
+    sql.text = format!(
+        "SELECT x.id FROM idx_reference x WHERE x.rtype = {st}{filter} AND x.target_id IN ({}) \
+         AND x.target_type = {tt}",
         list.join(", ")
     );
-    if let Some(ps) = params {
-        let pl: Vec<String> = ps.iter().map(|p| sql.text(p)).collect();
-        text.push_str(&format!(" AND x.param IN ({})", pl.join(", ")));
-    }
-    sql.text = text;
     sql
 }
 
@@ -596,9 +662,11 @@ pub async fn references_to(
         let sql = references_to_sql(source, params, target_type, chunk);
         let rows = bound(&sql.text, &sql.binds).fetch_all(&mut *conn).await?;
         for r in rows {
-            out.push(r.try_get("id")?);
+            out.push(r.try_get::<String, _>("id")?);
         }
     }
+    out.sort();
+    out.dedup();
     Ok(out)
 }
 
@@ -612,6 +680,81 @@ pub async fn explain_references_to(
     ids: &[String],
 ) -> StoreResult<(String, Vec<String>)> {
     let sql = references_to_sql(source, params, target_type, ids);
+    let plan = explain_raw(conn, dialect, &sql).await?;
+    Ok((sql.text, plan))
+}
+
+fn compartment_sql(
+    target: (&str, &str),
+    pairs: &[(String, String)],
+    since: Option<&str>,
+    after: Option<(&str, &str)>,
+    limit: usize,
+) -> Sql {
+    let mut sql = Sql {
+        text: String::new(),
+        binds: Vec::new(),
+    };
+    let tt = sql.text(target.0);
+    let tid = sql.text(target.1);
+    let list: Vec<String> = pairs
+        .iter()
+        .map(|(t, p)| sql.text(&format!("{t}|{p}")))
+        .collect();
+    let list = if list.is_empty() {
+        "NULL".to_string()
+    } else {
+        list.join(", ")
+    };
+    let mut inner = format!(
+        "SELECT DISTINCT x.rtype AS t, x.id AS i FROM idx_reference x \
+         WHERE x.target_type = {tt} AND x.target_id = {tid} AND x.rtype || '|' || x.param IN ({list})"
+    );
+    if let Some((t, i)) = after {
+        let t1 = sql.text(t);
+        let t2 = sql.text(t);
+        let i1 = sql.text(i);
+        inner.push_str(&format!(
+            " AND (x.rtype > {t1} OR (x.rtype = {t2} AND x.id > {i1}))"
+        ));
+    }
+    let mut text = format!(
+        "SELECT r.rtype, r.id, r.version, r.last_updated, r.deleted, r.body FROM ({inner}) m \
+         JOIN resource r ON r.rtype = m.t AND r.id = m.i WHERE r.deleted = 0"
+    );
+    if let Some(s) = since {
+        text.push_str(&format!(" AND r.last_updated >= {}", sql.text(s)));
+    }
+    text.push_str(&format!(" ORDER BY r.rtype, r.id LIMIT {limit}"));
+    sql.text = text;
+    sql
+}
+
+/// Resources in the compartment of `target` (`(type, id)`): those that
+/// refer to it through one of the `(type, param)` pairs, in (type, id)
+/// order after `after`.
+pub async fn compartment_page(
+    conn: &mut AnyConnection,
+    target: (&str, &str),
+    pairs: &[(String, String)],
+    since: Option<&str>,
+    after: Option<(&str, &str)>,
+    limit: usize,
+) -> StoreResult<Vec<Version>> {
+    let sql = compartment_sql(target, pairs, since, after, limit);
+    let rows = bound(&sql.text, &sql.binds).fetch_all(&mut *conn).await?;
+    rows.iter().map(version_from_row).collect()
+}
+
+/// The plan of the first [`compartment_page`].
+pub async fn explain_compartment_page(
+    conn: &mut AnyConnection,
+    dialect: super::Dialect,
+    target: (&str, &str),
+    pairs: &[(String, String)],
+    limit: usize,
+) -> StoreResult<(String, Vec<String>)> {
+    let sql = compartment_sql(target, pairs, None, None, limit);
     let plan = explain_raw(conn, dialect, &sql).await?;
     Ok((sql.text, plan))
 }
