@@ -308,16 +308,18 @@ async fn search_in(
             .unwrap_or(env.default_count)
             .min(env.max_count)
     };
-    let total = match control.total {
-        Total::None if control.summary != Summary::Count => None,
-        _ => Some(sq::count(conn, &query).await?),
-    };
     let mut rows = if size == 0 {
         Vec::new()
     } else {
         sq::search(conn, &query, control.cursor.as_ref(), size + 1).await?
     };
     let more = rows.len() > size;
+    let total = match control.total {
+        Total::None if control.summary != Summary::Count => None,
+        // A first page that holds every match is its own count.
+        _ if control.cursor.is_none() && size > 0 && !more => Some(rows.len() as i64),
+        _ => Some(sq::count(conn, &query).await?),
+    };
     rows.truncate(size);
 
     // Links: the applied criteria, then the result parameters.
