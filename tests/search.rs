@@ -354,6 +354,31 @@ async fn search_over_the_r4_examples() {
         "Patient?birthdate:missing=true",
         &["dicom", "ihe-pcd", "infant-fetal", "pat1", "pat2"]
     );
+    expect!(
+        "Patient?family:missing=true",
+        &["animal", "ch-example", "infant-fetal", "newborn", "proband"]
+    );
+    expect!("Patient?gender:missing=true", &["ihe-pcd"]);
+    expect!(
+        "Patient?organization:missing=true",
+        &[
+            "animal",
+            "ihe-pcd",
+            "infant-fetal",
+            "infant-mom",
+            "infant-twin-1",
+            "infant-twin-2",
+            "newborn",
+            "proband"
+        ]
+    );
+    expect!("ValueSet?url:missing=true", &[]);
+    let with_value = ids(&s, "Observation?value-quantity:missing=false").await;
+    if with_value.len() != 30 {
+        failures
+            .borrow_mut()
+            .push(format!("value-quantity:missing=false: {with_value:?}"));
+    }
     let present = ids(&s, "Patient?birthdate:missing=false").await;
     if present.len() != 17 {
         failures
