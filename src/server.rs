@@ -54,9 +54,20 @@ impl Server {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let app = router(self.state.clone());
+        let store = self.state.store.clone();
+        let optimizer = tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(30));
+            loop {
+                every.tick().await;
+                if let Err(e) = store.optimize().await {
+                    tracing::warn!("planner statistics not refreshed: {e}");
+                }
+            }
+        });
         axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await?;
+        optimizer.abort();
         self.state.store.close().await;
         Ok(())
     }

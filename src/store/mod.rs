@@ -116,7 +116,22 @@ impl Store {
     pub async fn open(url: &str, pool_size: u32) -> StoreResult<Store> {
         let store = Store::connect(url, pool_size).await?;
         store.migrate().await?;
+        store.optimize().await?;
         Ok(store)
+    }
+
+    /// Keeps the query planner's statistics current. SQLite has none until
+    /// `ANALYZE` runs, and without them it may scan a whole index where one
+    /// seek would do; `PRAGMA optimize` re-analyses only tables that grew or
+    /// shrank a lot, bounded by `analysis_limit`, so it is cheap to call
+    /// often. PostgreSQL's autovacuum does this by itself.
+    pub async fn optimize(&self) -> StoreResult<()> {
+        if self.dialect == Dialect::Sqlite {
+            let mut conn = self.pool.acquire().await?;
+            conn.execute("PRAGMA analysis_limit = 1000").await?;
+            conn.execute("PRAGMA optimize = 0x10002").await?;
+        }
+        Ok(())
     }
 
     pub async fn migrate(&self) -> StoreResult<()> {

@@ -331,9 +331,9 @@ fn ids_of(sql: &mut Sql, rtype: &str, c: &Cond, depth: usize, corr: Option<&str>
             let own = owner(sql, &a);
             let p = sql.text(param);
             let t = render_test(sql, &a, test);
-            if corr.is_some() {
-                // Checked on the rows of one resource: wrapped so that no
-                // planner turns the value test into a scan of the
+            if corr.is_some() && matches!(table, Table::Date | Table::Number | Table::Quantity) {
+                // A range test checked on the rows of one resource: wrapped
+                // so that no planner turns it into a range scan of the
                 // parameter's whole index.
                 return format!(
                     "SELECT {a}.id FROM {} {a} WHERE {own} AND {a}.param = {p} \
