@@ -127,6 +127,11 @@ impl Store {
     /// often. PostgreSQL's autovacuum does this by itself.
     pub async fn optimize(&self) -> StoreResult<()> {
         if self.dialect == Dialect::Sqlite {
+            // ANALYZE writes statistics: it queues with the other writers.
+            let _guard = match &self.write_lock {
+                Some(lock) => Some(lock.clone().lock_owned().await),
+                None => None,
+            };
             let mut conn = self.pool.acquire().await?;
             conn.execute("PRAGMA analysis_limit = 1000").await?;
             conn.execute("PRAGMA optimize = 0x10002").await?;
