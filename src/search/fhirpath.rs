@@ -312,8 +312,8 @@ fn root_of(e: &Expr) -> &str {
 
 // ------------------------------------------------------------- evaluation
 
-/// Evaluates `e` on a resource.
-pub fn eval<'v>(e: &Expr, resource: &'v Value) -> Vec<Item<'v>> {
+/// The resource as the root item of an evaluation.
+fn root_item(resource: &Value) -> Item<'_> {
     let rtype = resource
         .get("resourceType")
         .and_then(Value::as_str)
@@ -323,30 +323,22 @@ pub fn eval<'v>(e: &Expr, resource: &'v Value) -> Vec<Item<'v>> {
         .and_then(Value::as_object)
         .map(Ty::Backbone)
         .unwrap_or(Ty::Unknown);
-    let root = Item {
+    Item {
         value: resource,
         ty,
-    };
+    }
+}
+
+/// Evaluates `e` on a resource.
+pub fn eval<'v>(e: &Expr, resource: &'v Value) -> Vec<Item<'v>> {
+    let root = root_item(resource);
     eval_in(e, &[root], root)
 }
 
 /// Evaluates a relative expression (a composite component) on one item
 /// of `resource` (which `%resource` denotes).
 pub fn eval_relative<'v>(e: &Expr, item: Item<'v>, resource: &'v Value) -> Vec<Item<'v>> {
-    let rtype = resource
-        .get("resourceType")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    let ty = table()
-        .get(rtype)
-        .and_then(Value::as_object)
-        .map(Ty::Backbone)
-        .unwrap_or(Ty::Unknown);
-    let root = Item {
-        value: resource,
-        ty,
-    };
-    eval_in(e, &[item], root)
+    eval_in(e, &[item], root_item(resource))
 }
 
 fn eval_in<'v>(e: &Expr, ctx: &[Item<'v>], root: Item<'v>) -> Vec<Item<'v>> {

@@ -245,13 +245,7 @@ impl Tx {
         .execute(&mut *conn)
         .await?;
         if v.version > 1 {
-            for table in INDEX_TABLES {
-                sqlx::query(&format!("DELETE FROM {table} WHERE rtype = $1 AND id = $2"))
-                    .bind(&v.rtype)
-                    .bind(&v.id)
-                    .execute(&mut *conn)
-                    .await?;
-            }
+            delete_rows(conn, &v.rtype, &v.id).await?;
         }
         insert_rows(conn, &v.rtype, &v.id, rows).await?;
         Ok(())
@@ -260,13 +254,7 @@ impl Tx {
     /// Replaces the search index rows of a current resource (reindexing).
     pub async fn replace_index(&mut self, rtype: &str, id: &str, rows: &Rows) -> StoreResult<()> {
         let conn: &mut AnyConnection = &mut self.tx;
-        for table in INDEX_TABLES {
-            sqlx::query(&format!("DELETE FROM {table} WHERE rtype = $1 AND id = $2"))
-                .bind(rtype)
-                .bind(id)
-                .execute(&mut *conn)
-                .await?;
-        }
+        delete_rows(conn, rtype, id).await?;
         insert_rows(conn, rtype, id, rows).await?;
         Ok(())
     }
@@ -351,6 +339,18 @@ const INDEX_TABLES: [&str; 7] = [
     "idx_quantity",
     "idx_uri",
 ];
+
+/// Removes the search index rows of one resource.
+async fn delete_rows(conn: &mut AnyConnection, rtype: &str, id: &str) -> StoreResult<()> {
+    for table in INDEX_TABLES {
+        sqlx::query(&format!("DELETE FROM {table} WHERE rtype = $1 AND id = $2"))
+            .bind(rtype)
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
 
 /// A value of an index row column.
 enum Col<'a> {
