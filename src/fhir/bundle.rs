@@ -50,6 +50,36 @@ pub fn link(base: &str, path: &str, params: &[(String, String)]) -> String {
     url
 }
 
+/// `self`, `first` (on later pages) and `next` links of a keyset-paged
+/// Bundle: `base_params` are the query without a cursor.
+pub fn paging_links(
+    base: &str,
+    path: &str,
+    base_params: &[(String, String)],
+    cursor: Option<String>,
+    next: Option<String>,
+) -> Vec<(&'static str, String)> {
+    let with = |c: &str| {
+        let mut p = base_params.to_vec();
+        p.push(("_cursor".into(), c.to_string()));
+        link(base, path, &p)
+    };
+    let mut links = vec![(
+        "self",
+        match &cursor {
+            Some(c) => with(c),
+            None => link(base, path, base_params),
+        },
+    )];
+    if cursor.is_some() {
+        links.push(("first", link(base, path, base_params)));
+    }
+    if let Some(n) = next {
+        links.push(("next", with(&n)));
+    }
+    links
+}
+
 /// The `etag` form of a version id.
 pub fn etag(version: i64) -> String {
     format!("W/\"{version}\"")

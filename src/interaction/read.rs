@@ -5,7 +5,7 @@ use sqlx::AnyConnection;
 
 use super::{check_id, check_type, parse_stored, Env};
 use crate::error::{Error, Result};
-use crate::fhir::bundle::{bundle, etag, link};
+use crate::fhir::bundle::{bundle, etag, paging_links};
 use crate::search;
 use crate::store::{self, HistoryScope, Version};
 
@@ -76,7 +76,7 @@ impl HistoryParams {
     }
 }
 
-fn parse_count(v: &str) -> Result<usize> {
+pub(super) fn parse_count(v: &str) -> Result<usize> {
     v.parse()
         .map_err(|_| Error::invalid(format!("_count value '{v}' is not a non-negative integer")))
 }
@@ -144,21 +144,18 @@ pub async fn history(
         base_params.push(s.clone());
     }
     base_params.push(("_count".into(), size.to_string()));
-    let mut self_params = base_params.clone();
-    if let Some(c) = hp.cursor {
-        self_params.push(("_cursor".into(), c.to_string()));
-    }
-    let mut links = vec![("self", link(&env.base, &path, &self_params))];
-    if hp.cursor.is_some() {
-        links.push(("first", link(&env.base, &path, &base_params)));
-    }
-    if more {
-        if let Some((seq, _)) = rows.last() {
-            let mut next = base_params.clone();
-            next.push(("_cursor".into(), seq.to_string()));
-            links.push(("next", link(&env.base, &path, &next)));
-        }
-    }
+    let next = if more {
+        rows.last().map(|(seq, _)| seq.to_string())
+    } else {
+        None
+    };
+    let links = paging_links(
+        &env.base,
+        &path,
+        &base_params,
+        hp.cursor.map(|c| c.to_string()),
+        next,
+    );
     let entries = rows
         .iter()
         .map(|(_, v)| history_entry(env, v))

@@ -9,9 +9,10 @@ use base64::Engine;
 use serde_json::{json, Map, Value};
 use sqlx::AnyConnection;
 
+use super::read::parse_count;
 use super::{check_id, check_type, parse_stored, Env};
 use crate::error::{Error, Result};
-use crate::fhir::bundle::{bundle, link};
+use crate::fhir::bundle::{bundle, paging_links};
 use crate::fhir::types::is_resource_type;
 use crate::search::registry::{registry, Kind};
 use crate::search::{self, Parsed};
@@ -162,11 +163,6 @@ fn decode_cursor(s: &str) -> Result<Cursor> {
         })
         .collect::<Result<Vec<_>>>()?;
     Ok((binds, id))
-}
-
-fn parse_count(v: &str) -> Result<usize> {
-    v.parse()
-        .map_err(|_| Error::invalid(format!("_count value '{v}' is not a non-negative integer")))
 }
 
 fn parse_control(rtype: &str, params: &[(String, String)]) -> Result<Control> {
@@ -326,24 +322,19 @@ async fn search_in(
     let mut base_params = applied.clone();
     base_params.extend(control.echo.iter().filter(|(k, _)| k != "_count").cloned());
     base_params.push(("_count".into(), size.to_string()));
-    let mut self_params = base_params.clone();
-    if let Some(c) = &control.cursor {
-        self_params.push(("_cursor".into(), encode_cursor(c)));
-    }
-    let mut links = vec![("self", link(&env.base, &path, &self_params))];
-    if control.cursor.is_some() {
-        links.push(("first", link(&env.base, &path, &base_params)));
-    }
-    if more {
-        if let Some((last, keys)) = rows.last() {
-            let mut next = base_params.clone();
-            next.push((
-                "_cursor".into(),
-                encode_cursor(&(keys.clone(), last.id.clone())),
-            ));
-            links.push(("next", link(&env.base, &path, &next)));
-        }
-    }
+    let next = if more {
+        rows.last()
+            .map(|(last, keys)| encode_cursor(&(keys.clone(), last.id.clone())))
+    } else {
+        None
+    };
+    let links = paging_links(
+        &env.base,
+        &path,
+        &base_params,
+        control.cursor.as_ref().map(encode_cursor),
+        next,
+    );
 
     let matches: Vec<Version> = rows.into_iter().map(|(v, _)| v).collect();
     let included = includes(conn, &matches, &control).await?;
@@ -769,19 +760,7 @@ fn paged_bundle(
     page: Vec<Version>,
     total: Option<i64>,
 ) -> Result<Value> {
-    let mut self_params = base_params.clone();
-    if let Some(c) = &cursor {
-        self_params.push(("_cursor".into(), c.clone()));
-    }
-    let mut links = vec![("self", link(&env.base, path, &self_params))];
-    if cursor.is_some() {
-        links.push(("first", link(&env.base, path, &base_params)));
-    }
-    if let Some(c) = next {
-        let mut next = base_params.clone();
-        next.push(("_cursor".into(), c));
-        links.push(("next", link(&env.base, path, &next)));
-    }
+    let links = paging_links(&env.base, path, &base_params, cursor, next);
     let entries = page
         .iter()
         .map(|v| {

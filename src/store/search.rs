@@ -184,29 +184,20 @@ fn render_test(sql: &mut Sql, alias: &str, t: &Test) -> String {
             let list: Vec<String> = vals.iter().map(|v| sql.text(v)).collect();
             format!("{} IN ({})", col(c), list.join(", "))
         }
-        Test::And(ts) => {
-            let parts: Vec<String> = ts
-                .iter()
-                .map(|t| format!("({})", render_test(sql, alias, t)))
-                .collect();
-            if parts.is_empty() {
-                "1 = 1".into()
-            } else {
-                parts.join(" AND ")
-            }
-        }
-        Test::Or(ts) => {
-            let parts: Vec<String> = ts
-                .iter()
-                .map(|t| format!("({})", render_test(sql, alias, t)))
-                .collect();
-            if parts.is_empty() {
-                "1 = 0".into()
-            } else {
-                parts.join(" OR ")
-            }
-        }
+        Test::And(ts) => join_tests(sql, alias, ts, " AND ", "1 = 1"),
+        Test::Or(ts) => join_tests(sql, alias, ts, " OR ", "1 = 0"),
     }
+}
+
+/// Tests joined by `op`; `empty` when there are none.
+fn join_tests(sql: &mut Sql, alias: &str, ts: &[Test], op: &str, empty: &str) -> String {
+    if ts.is_empty() {
+        return empty.into();
+    }
+    ts.iter()
+        .map(|t| format!("({})", render_test(sql, alias, t)))
+        .collect::<Vec<_>>()
+        .join(op)
 }
 
 /// `alias.id IN (…)`-style predicates for `conds` on resources of `rtype`
