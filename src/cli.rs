@@ -1,4 +1,4 @@
-//! Command line: `ehrx serve | migrate | import | reindex | explain`.
+//! Command line: `ehrx serve | migrate | import | reindex | explain | subscriber | exchange-cert`.
 
 use std::path::PathBuf;
 
@@ -44,4 +44,48 @@ pub enum Command {
         /// `Type?query` or `Patient/ID/$everything`.
         search: String,
     },
+    /// Manage the subscribers of the signed-XML exchange and their certificates.
+    Subscriber {
+        #[command(subcommand)]
+        command: SubscriberCommand,
+    },
+    /// Print ehrx's exchange certificate (PEM), which subscribers use to
+    /// encrypt for ehrx and to verify what ehrx signs. Generates the key pair
+    /// on first use.
+    ExchangeCert,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SubscriberCommand {
+    /// Register an organisation with its signing certificate; prints JSON
+    /// with the ids of the created Organization (and Endpoint).
+    Add {
+        #[arg(long)]
+        name: String,
+        /// hospital, lab, radiology, insurer or pharmacy.
+        #[arg(long)]
+        kind: String,
+        /// The signing certificate (PEM).
+        #[arg(long)]
+        cert: PathBuf,
+        /// Where the organisation receives documents.
+        #[arg(long)]
+        endpoint: Option<String>,
+    },
+    /// Add another signing certificate to a subscriber; older ones stay valid
+    /// until they expire or are revoked.
+    RotateCert {
+        /// `Organization/ID` or `ID`.
+        #[arg(long)]
+        organization: String,
+        #[arg(long)]
+        cert: PathBuf,
+    },
+    /// Revoke a certificate by its SHA-256 fingerprint (hex, as `list` prints it).
+    RevokeCert {
+        #[arg(long)]
+        fingerprint: String,
+    },
+    /// Print every registered certificate as JSON.
+    List,
 }

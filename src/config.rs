@@ -26,6 +26,14 @@ pub struct Config {
     pub db_pool_size: u32,
     /// Log filter in `tracing` syntax (`EHRX_LOG`), e.g. `info,ehrx=debug`.
     pub log: String,
+    /// Largest signed document `POST /exchange/documents` accepts, in bytes
+    /// (`EHRX_EXCHANGE_MAX_DOCUMENT_BYTES`).
+    pub exchange_max_document_bytes: usize,
+    /// Deepest element nesting accepted in exchanged XML (`EHRX_EXCHANGE_MAX_DEPTH`).
+    pub exchange_max_depth: usize,
+    /// Folder of the C-CDA mapping rules (`EHRX_MAPPINGS_DIR`); defaults to
+    /// `./mappings`, then the one in the source tree.
+    pub mappings_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -39,6 +47,9 @@ impl Default for Config {
             max_count: 1000,
             db_pool_size: 8,
             log: "info".into(),
+            exchange_max_document_bytes: 8 * 1024 * 1024,
+            exchange_max_depth: 128,
+            mappings_dir: None,
         }
     }
 }
@@ -65,6 +76,11 @@ impl Config {
         if self.default_count == 0 || self.max_count == 0 || self.default_count > self.max_count {
             return Err(ConfigError(
                 "default_count and max_count must be positive, default_count <= max_count".into(),
+            ));
+        }
+        if self.exchange_max_document_bytes == 0 || self.exchange_max_depth == 0 {
+            return Err(ConfigError(
+                "exchange_max_document_bytes and exchange_max_depth must be positive".into(),
             ));
         }
         if self.max_body_bytes == 0 {

@@ -50,6 +50,9 @@ pub enum Error {
     MethodNotAllowed(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A signed-XML document refused by the exchange.
+    #[error(transparent)]
+    Exchange(#[from] crate::exchange::ExchangeError),
     /// An error raised by one entry of a batch or transaction Bundle.
     #[error("Bundle.entry[{index}]: {source}")]
     InEntry {
@@ -110,6 +113,7 @@ impl Error {
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::Store(StoreError::Conflict(_)) => StatusCode::CONFLICT,
             Error::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::Exchange(e) => e.status(),
             Error::InEntry { source, .. } => source.status(),
         }
     }
@@ -131,6 +135,7 @@ impl Error {
             Error::NotSupported(_) | Error::MethodNotAllowed(_) => "not-supported",
             Error::Store(StoreError::Conflict(_)) => "conflict",
             Error::Store(_) => "exception",
+            Error::Exchange(e) => e.code(),
             Error::InEntry { source, .. } => source.code(),
         }
     }
@@ -139,6 +144,7 @@ impl Error {
         match self {
             Error::Parse(f) => f.expression.clone(),
             Error::Invalid { expression, .. } => expression.clone(),
+            Error::Exchange(e) => e.xpath(),
             Error::InEntry { index, source } => Some(match source.expression() {
                 // A resource-relative path such as `Patient.name` sits under the entry's resource.
                 Some(inner) if inner.starts_with("Bundle.") => {
@@ -158,7 +164,10 @@ impl Error {
                 None => f.message.clone(),
             },
             // Never leak database internals to the caller; they go to the log.
-            Error::Store(StoreError::Database(_)) => "internal storage error".to_string(),
+            Error::Store(StoreError::Database(_))
+            | Error::Exchange(crate::exchange::ExchangeError::Store(StoreError::Database(_))) => {
+                "internal storage error".to_string()
+            }
             other => other.to_string(),
         }
     }

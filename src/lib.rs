@@ -8,6 +8,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod exchange;
 pub mod fhir;
 pub mod import;
 pub mod interaction;

@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use ehrx::cli::{Cli, Command};
+use ehrx::cli::{Cli, Command, SubscriberCommand};
 use ehrx::config::Config;
 use ehrx::server::{shutdown_signal, Server};
 use ehrx::store::Store;
@@ -125,6 +125,68 @@ async fn run(command: Command, config: Config) -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Subscriber { command } => subscriber(command, &config).await,
+        Command::ExchangeCert => {
+            let result = async {
+                let store = Store::open(&config.database_url, 1)
+                    .await
+                    .map_err(ehrx::error::Error::from)?;
+                ehrx::exchange::keys::exchange_key(&store)
+                    .await
+                    .map_err(ehrx::error::Error::from)
+            }
+            .await;
+            match result {
+                Ok(key) => {
+                    print!("{}", key.cert.to_pem());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ehrx exchange-cert: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn subscriber(command: SubscriberCommand, config: &Config) -> ExitCode {
+    use ehrx::exchange::subscriber;
+    let result = async {
+        let store = Store::open(&config.database_url, 1)
+            .await
+            .map_err(ehrx::error::Error::from)?;
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| {
+                ehrx::error::Error::invalid(format!("cannot read {}: {e}", p.display()))
+            })
+        };
+        match command {
+            SubscriberCommand::Add {
+                name,
+                kind,
+                cert,
+                endpoint,
+            } => subscriber::add(&store, &name, &kind, &read(&cert)?, endpoint.as_deref()).await,
+            SubscriberCommand::RotateCert { organization, cert } => {
+                subscriber::rotate_cert(&store, &organization, &read(&cert)?).await
+            }
+            SubscriberCommand::RevokeCert { fingerprint } => {
+                subscriber::revoke_cert(&store, &fingerprint).await
+            }
+            SubscriberCommand::List => subscriber::list(&store).await,
+        }
+    }
+    .await;
+    match result {
+        Ok(v) => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ehrx subscriber: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -17,6 +17,8 @@ pub enum ServeError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("exchange: {0}")]
+    Exchange(String),
     #[error("server failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -38,10 +40,10 @@ impl Server {
                     addr: config.listen.clone(),
                     source,
                 })?;
-        Ok(Server {
-            listener,
-            state: AppState::new(store, config),
-        })
+        let state = AppState::new(store, config);
+        // The exchange key is generated on first start, not on first use.
+        state.exchange().await.map_err(|e| ServeError::Exchange(e.to_string()))?;
+        Ok(Server { listener, state })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {

@@ -374,6 +374,23 @@ pub async fn transaction(State(state): State<AppState>, req: FhirRequest) -> Res
     req.respond(result.await)
 }
 
+/// `POST /exchange/documents`: a signed XML document from a subscriber.
+pub async fn exchange_document(State(state): State<AppState>, req: FhirRequest) -> Response {
+    let result = async {
+        let exchange = state.exchange().await?;
+        let receipt =
+            crate::exchange::inbound::receive(&state.store, &state.env, &exchange, &req.body)
+                .await?;
+        let status = if receipt.created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        };
+        Ok(FhirResponse::new(status).with_value(receipt.body))
+    };
+    req.respond(result.await)
+}
+
 pub async fn not_found(req: FhirRequest) -> Response {
     req.respond(Err(Error::NotFound("no FHIR endpoint at this URL".into())))
 }

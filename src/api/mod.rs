@@ -28,6 +28,8 @@ pub struct AppState {
     pub store: Store,
     pub env: Arc<Env>,
     pub config: Arc<Config>,
+    /// The signed-XML exchange (key, mapping rules), loaded at start.
+    pub exchange: Arc<tokio::sync::OnceCell<Arc<crate::exchange::inbound::Exchange>>>,
 }
 
 impl AppState {
@@ -37,7 +39,20 @@ impl AppState {
             store,
             env: Arc::new(env),
             config: Arc::new(config),
+            exchange: Arc::new(tokio::sync::OnceCell::new()),
         }
+    }
+
+    /// The exchange, loaded (and its key generated) on first use.
+    pub async fn exchange(&self) -> crate::Result<Arc<crate::exchange::inbound::Exchange>> {
+        self.exchange
+            .get_or_try_init(|| async {
+                crate::exchange::inbound::Exchange::load(&self.store, &self.config)
+                    .await
+                    .map(Arc::new)
+            })
+            .await
+            .cloned()
     }
 }
 
@@ -56,6 +71,7 @@ pub fn router(state: AppState) -> Router {
                 .delete(conditional_delete)
                 .patch(conditional_patch),
         )
+        .route("/exchange/documents", post(exchange_document))
         .route("/{rtype}/_search", post(search_post))
         .route("/{rtype}/_history", get(history_type))
         .route(

@@ -117,7 +117,7 @@ pub fn parse_etag(value: &str) -> Result<i64> {
         .map_err(|_| Error::invalid(format!("'{value}' is not a valid version ETag")))
 }
 
-fn new_id() -> String {
+pub fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 

@@ -1,0 +1,25 @@
+-- Signed-XML exchange: ehrx's own exchange key pair and the signing
+-- certificates of the subscribers (hospitals, labs, …) that send documents.
+
+-- At most one row (id = 1): the private key (PKCS#8 PEM) and its self-signed
+-- certificate (PEM), generated on first start.
+CREATE TABLE exchange_key (
+    id              INTEGER PRIMARY KEY,
+    private_key_pem TEXT NOT NULL,
+    certificate_pem TEXT NOT NULL,
+    created         TEXT NOT NULL
+);
+
+-- One row per registered signing certificate; a subscriber (a FHIR
+-- Organization) may have several, each valid for its own period.
+CREATE TABLE exchange_certificate (
+    fingerprint     TEXT PRIMARY KEY,   -- SHA-256 of the DER, lower-case hex
+    organization_id TEXT NOT NULL,
+    certificate_pem TEXT NOT NULL,
+    subject         TEXT NOT NULL,
+    not_before      TEXT NOT NULL,      -- RFC 3339, UTC
+    not_after       TEXT NOT NULL,
+    added           TEXT NOT NULL,
+    revoked         TEXT                -- when revoked, else NULL
+);
+CREATE INDEX exchange_certificate_org ON exchange_certificate (organization_id);

@@ -1,0 +1,321 @@
+//! `POST /exchange/documents`: verify, decrypt, map and store one signed
+//! document.
+//!
+//! The answer is a `Parameters` resource with two parts: `outcome`, an
+//! OperationOutcome with what was not mapped (warnings, with XPaths) or an
+//! information issue, and `result`, the transaction-response Bundle of the
+//! store (absent when the document had been received before; then
+//! `documentReference` names the earlier DocumentReference).
+
+use std::path::PathBuf;
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use super::keys::{self, ExchangeKey};
+use super::mapping::{self, Rules};
+use super::ns::{FHIR, HL7};
+use super::xml::{self, Limits};
+use super::{dsig, xenc, ExchangeError};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::fhir::{codec, operation_outcome, Issue};
+use crate::interaction::{self, bundle, Env};
+use crate::store::Store;
+
+/// Identifier system of received documents: the SHA-256 of their signed,
+/// canonicalized content (the same document signed twice is one document).
+pub const DOCUMENT_SYSTEM: &str = "urn:ehrx:exchange:sha256";
+const EXT_SUBJECT: &str = "urn:ehrx:exchange:signer-certificate-subject";
+const EXT_FINGERPRINT: &str = "urn:ehrx:exchange:signer-certificate-sha256";
+
+/// What the exchange needs at run time: ehrx's key, the mapping rules, limits.
+#[derive(Debug)]
+pub struct Exchange {
+    pub key: ExchangeKey,
+    pub rules: Rules,
+    pub limits: Limits,
+}
+
+impl Exchange {
+    /// Loads (or on first start generates) the exchange key and reads the
+    /// mapping rules.
+    pub async fn load(store: &Store, config: &Config) -> Result<Exchange> {
+        let key = keys::exchange_key(store).await?;
+        let dir = config
+            .mappings_dir
+            .clone()
+            .filter(|d| d.is_dir())
+            .or_else(|| Some(PathBuf::from("mappings")).filter(|d| d.is_dir()));
+        let rules = Rules::load_default(dir.as_deref()).map_err(|e| {
+            Error::Exchange(ExchangeError::Mapping {
+                message: e,
+                xpath: None,
+            })
+        })?;
+        Ok(Exchange {
+            key,
+            rules,
+            limits: Limits {
+                max_bytes: config.exchange_max_document_bytes,
+                max_depth: config.exchange_max_depth,
+                ..Limits::default()
+            },
+        })
+    }
+}
+
+/// The outcome of a receipt: HTTP status and the `Parameters` answer.
+pub struct Receipt {
+    pub created: bool,
+    pub body: Value,
+}
+
+/// Verifies, decrypts, maps and stores one document.
+pub async fn receive(store: &Store, env: &Env, ex: &Exchange, body: &[u8]) -> Result<Receipt> {
+    let now = chrono::Utc::now();
+    let text = xml::prescan(body, &ex.limits)?;
+    let registered = keys::registered(store).await?;
+    let (verified, unsigned_text) = {
+        let doc = xml::parse(&text, &ex.limits)?;
+        let v = dsig::verify(&doc, &registered, now)?;
+        // Take the signature out: what remains is exactly what was signed.
+        let r = v.signature_range.clone();
+        let rest = format!("{}{}", &text[..r.start], &text[r.end..]);
+        (v, rest)
+    };
+    let org = format!("Organization/{}", verified.signer.organization_id);
+    // The same content received before?
+    let query = format!("identifier={DOCUMENT_SYSTEM}|{}", verified.content_digest);
+    {
+        let mut conn = store.reader().await?;
+        let found = interaction::find(&mut conn, "DocumentReference", &query).await?;
+        if let Some(existing) = found.first() {
+            let outcome = operation_outcome(&[Issue::information(format!(
+                "this document (SHA-256 {}) was received before and stored as \
+                 DocumentReference/{}; nothing was changed",
+                verified.content_digest, existing.id
+            ))]);
+            return Ok(Receipt {
+                created: false,
+                body: json!({
+                    "resourceType": "Parameters",
+                    "parameter": [
+                        {"name": "outcome", "resource": outcome},
+                        {"name": "documentReference", "valueReference": {"reference": format!("DocumentReference/{}", existing.id)}}
+                    ]
+                }),
+            });
+        }
+    }
+    let (plain, decrypted) = xenc::decrypt_all(unsigned_text, &ex.key, &ex.limits)?;
+    let doc = xml::parse(&plain, &ex.limits)?;
+    let root = doc.root_element();
+    let (entries, mut warnings, patient, doc_type, title, master_id) =
+        match (root.tag_name().namespace(), root.tag_name().name()) {
+            (Some(HL7), "ClinicalDocument") => {
+                let m = mapping::map_document(&doc, &ex.rules, &org)?;
+                let patient = m.keys.get("patient").and_then(|v| v.first()).cloned();
+                let composition = m
+                    .resources
+                    .iter()
+                    .find(|r| r.resource["resourceType"] == "Composition");
+                let doc_type = composition.map(|c| c.resource["type"].clone());
+                let title = composition.and_then(|c| c.resource["title"].as_str().map(str::to_string));
+                let master = composition.map(|c| c.resource["identifier"].clone());
+                let entries: Vec<Value> = m
+                    .resources
+                    .into_iter()
+                    .map(|r| {
+                        let mut req = json!({"method": "POST", "url": r.resource["resourceType"]});
+                        if let Some(q) = &r.if_none_exist {
+                            req["ifNoneExist"] = json!(q);
+                        }
+                        json!({"fullUrl": r.full_url, "resource": r.resource, "request": req})
+                    })
+                    .collect();
+                (entries, m.warnings, patient, doc_type, title, master)
+            }
+            (Some(FHIR), "Bundle") => {
+                let b = codec::parse_xml(plain.as_bytes())?;
+                let (entries, patient) = fhir_bundle_entries(b)?;
+                (entries, Vec::new(), patient, None, None, None)
+            }
+            (ns, name) => {
+                return Err(ExchangeError::xml(
+                    format!(
+                        "the document element {{{}}}{name} is neither an HL7 CDA ClinicalDocument \
+                         nor a FHIR Bundle",
+                        ns.unwrap_or("")
+                    ),
+                    Some(xml::xpath(root)),
+                )
+                .into())
+            }
+        };
+    if decrypted > 0 {
+        warnings.push(Issue::information(format!(
+            "{decrypted} encrypted element(s) decrypted with ehrx's exchange key"
+        )));
+    }
+    // The original, the DocumentReference and the Provenance.
+    let binary_url = format!("urn:uuid:{}", uuid::Uuid::new_v4());
+    let docref_url = format!("urn:uuid:{}", uuid::Uuid::new_v4());
+    let std = base64::engine::general_purpose::STANDARD;
+    let recorded = crate::search::format_instant(now);
+    let mut binary = json!({
+        "resourceType": "Binary",
+        "contentType": "application/xml",
+        "data": std.encode(body),
+    });
+    let mut docref = json!({
+        "resourceType": "DocumentReference",
+        "identifier": [{"system": DOCUMENT_SYSTEM, "value": verified.content_digest}],
+        "status": "current",
+        "date": recorded,
+        "author": [{"reference": org}],
+        "content": [{"attachment": {
+            "contentType": "application/xml",
+            "url": binary_url,
+            "size": body.len(),
+        }}],
+    });
+    if let Some(p) = &patient {
+        docref["subject"] = json!({"reference": p});
+        binary["securityContext"] = json!({"reference": p});
+    }
+    if let Some(t) = doc_type.filter(|t| t.is_object()) {
+        docref["type"] = t;
+    }
+    if let Some(t) = title {
+        docref["description"] = json!(t);
+    }
+    if let Some(m) = master_id.filter(|m| m.is_object()) {
+        docref["masterIdentifier"] = m;
+    }
+    let mut targets: Vec<Value> = entries
+        .iter()
+        .filter_map(|e| {
+            e["fullUrl"]
+                .as_str()
+                .map(str::to_string)
+                .or_else(|| e["request"]["url"].as_str().map(str::to_string))
+        })
+        .map(|u| json!({"reference": u}))
+        .collect();
+    targets.push(json!({"reference": docref_url}));
+    targets.push(json!({"reference": binary_url}));
+    let provenance = json!({
+        "resourceType": "Provenance",
+        "target": targets,
+        "recorded": recorded,
+        "activity": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation", "code": "CREATE", "display": "create"}]},
+        "agent": [{
+            "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type", "code": "author", "display": "Author"}]},
+            "who": {"reference": org}
+        }],
+        "entity": [{"role": "source", "what": {"reference": docref_url}}],
+        "signature": [{
+            "extension": [
+                {"url": EXT_SUBJECT, "valueString": verified.signer.cert.subject},
+                {"url": EXT_FINGERPRINT, "valueString": verified.signer.cert.fingerprint}
+            ],
+            "type": [{"system": "urn:iso-astm:E1762-95:2013", "code": "1.2.840.10065.1.12.1.1", "display": "Author's Signature"}],
+            "when": recorded,
+            "who": {"reference": org, "display": verified.signer.cert.subject},
+            "targetFormat": "application/xml",
+            "sigFormat": "application/signature+xml",
+            "data": std.encode(verified.signature_xml.as_bytes()),
+        }],
+    });
+    let mut all = entries;
+    all.push(json!({"fullUrl": binary_url, "resource": binary, "request": {"method": "POST", "url": "Binary"}}));
+    all.push(json!({"fullUrl": docref_url, "resource": docref, "request": {"method": "POST", "url": "DocumentReference", "ifNoneExist": query}}));
+    all.push(json!({"fullUrl": format!("urn:uuid:{}", uuid::Uuid::new_v4()), "resource": provenance, "request": {"method": "POST", "url": "Provenance"}}));
+    let transaction = json!({"resourceType": "Bundle", "type": "transaction", "entry": all});
+    // Everything mapped must be valid R4 before anything is written.
+    let transaction = codec::validate_json(transaction).map_err(|f| {
+        Error::Exchange(ExchangeError::Mapping {
+            message: format!("the mapped resources are not valid FHIR R4: {}", f.message),
+            xpath: f.expression.clone(),
+        })
+    })?;
+    let response = bundle::process(store, env, transaction).await?;
+    let n = all_len(&response);
+    if warnings.is_empty() {
+        warnings.push(Issue::information(format!(
+            "document signed by '{}' verified and stored as {n} resources",
+            verified.signer.cert.subject
+        )));
+    }
+    Ok(Receipt {
+        created: true,
+        body: json!({
+            "resourceType": "Parameters",
+            "parameter": [
+                {"name": "outcome", "resource": operation_outcome(&warnings)},
+                {"name": "result", "resource": response}
+            ]
+        }),
+    })
+}
+
+fn all_len(bundle: &Value) -> usize {
+    bundle["entry"].as_array().map(Vec::len).unwrap_or(0)
+}
+
+/// The entries a received FHIR Bundle contributes: a transaction's entries
+/// as they are (POST and PUT only), a document's or collection's resources
+/// as creates.
+fn fhir_bundle_entries(b: Value) -> Result<(Vec<Value>, Option<String>)> {
+    let kind = b["type"].as_str().unwrap_or("").to_string();
+    let entries = b["entry"].as_array().cloned().unwrap_or_default();
+    let mut out = Vec::with_capacity(entries.len());
+    let mut patient = None;
+    for (i, e) in entries.into_iter().enumerate() {
+        let Some(res) = e.get("resource").cloned() else {
+            return Err(Error::invalid_at("entry has no resource", format!("Bundle.entry[{i}]")));
+        };
+        let rtype = res["resourceType"].as_str().unwrap_or("").to_string();
+        let full_url = e["fullUrl"]
+            .as_str()
+            .filter(|u| u.starts_with("urn:uuid:"))
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("urn:uuid:{}", uuid::Uuid::new_v4()));
+        let request = match kind.as_str() {
+            "transaction" => {
+                let method = e["request"]["method"].as_str().unwrap_or("");
+                if method != "POST" && method != "PUT" {
+                    return Err(Error::invalid_at(
+                        format!("a received transaction may only create or update (found {method})"),
+                        format!("Bundle.entry[{i}].request.method"),
+                    ));
+                }
+                e["request"].clone()
+            }
+            // Resources keep their ids, so references between them hold.
+            "document" | "collection" => match res["id"].as_str() {
+                Some(id) => json!({"method": "PUT", "url": format!("{rtype}/{id}")}),
+                None => json!({"method": "POST", "url": rtype}),
+            },
+            other => {
+                return Err(Error::invalid_at(
+                    format!("a received Bundle must be a document, collection or transaction (found '{other}')"),
+                    "Bundle.type",
+                ))
+            }
+        };
+        if request["method"] == "PUT" {
+            if rtype == "Patient" && patient.is_none() {
+                patient = request["url"].as_str().map(str::to_string);
+            }
+            out.push(json!({"resource": res, "request": request}));
+        } else {
+            if rtype == "Patient" && patient.is_none() {
+                patient = Some(full_url.clone());
+            }
+            out.push(json!({"fullUrl": full_url, "resource": res, "request": request}));
+        }
+    }
+    Ok((out, patient))
+}

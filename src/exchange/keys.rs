@@ -1,0 +1,314 @@
+//! Certificates and keys of the exchange: ehrx's own exchange key pair and
+//! self-signed certificate (generated on first start, kept in the database),
+//! and the signing certificates registered for subscribers.
+//!
+//! Parsing and generation use the RustCrypto crates (`x509-cert`, `rsa`,
+//! `p256`): no C library is needed to build ehrx.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use rsa::pkcs8::{DecodePrivateKey, EncodePrivateKey, LineEnding};
+use sha2::{Digest, Sha256};
+use sqlx::Row;
+use x509_cert::der::{Decode, DecodePem, Encode, EncodePem};
+use x509_cert::Certificate;
+
+use super::ExchangeError;
+use crate::store::{Store, StoreError};
+
+/// A public key that can check an XML signature.
+#[derive(Clone, Debug)]
+pub enum PublicKey {
+    Rsa(rsa::RsaPublicKey),
+    P256(p256::ecdsa::VerifyingKey),
+}
+
+/// A parsed X.509 certificate with what the exchange needs of it.
+#[derive(Clone, Debug)]
+pub struct Cert {
+    pub der: Vec<u8>,
+    /// SHA-256 of the DER, lower-case hex.
+    pub fingerprint: String,
+    /// The subject as an RFC 4514 string.
+    pub subject: String,
+    pub not_before: chrono::DateTime<chrono::Utc>,
+    pub not_after: chrono::DateTime<chrono::Utc>,
+    pub key: PublicKey,
+}
+
+impl Cert {
+    /// Parses one certificate from PEM (`-----BEGIN CERTIFICATE-----`) or DER.
+    pub fn parse(bytes: &[u8]) -> Result<Cert, ExchangeError> {
+        let cert = if bytes.starts_with(b"-----") || bytes.iter().take(64).all(u8::is_ascii) {
+            let text = std::str::from_utf8(bytes)
+                .map_err(|_| ExchangeError::Certificate("certificate PEM is not UTF-8".into()))?;
+            let start = text.find("-----BEGIN CERTIFICATE-----").ok_or_else(|| {
+                ExchangeError::Certificate("no '-----BEGIN CERTIFICATE-----' block found".into())
+            })?;
+            Certificate::from_pem(text[start..].as_bytes())
+                .map_err(|e| ExchangeError::Certificate(format!("invalid certificate PEM: {e}")))?
+        } else {
+            Certificate::from_der(bytes)
+                .map_err(|e| ExchangeError::Certificate(format!("invalid certificate DER: {e}")))?
+        };
+        Cert::from_x509(cert)
+    }
+
+    pub fn from_der(der: &[u8]) -> Result<Cert, ExchangeError> {
+        let cert = Certificate::from_der(der)
+            .map_err(|e| ExchangeError::Certificate(format!("invalid certificate DER: {e}")))?;
+        Cert::from_x509(cert)
+    }
+
+    fn from_x509(cert: Certificate) -> Result<Cert, ExchangeError> {
+        let der = cert
+            .to_der()
+            .map_err(|e| ExchangeError::Certificate(e.to_string()))?;
+        let tbs = &cert.tbs_certificate;
+        let spki = &tbs.subject_public_key_info;
+        let spki_der = spki
+            .to_der()
+            .map_err(|e| ExchangeError::Certificate(e.to_string()))?;
+        let key = match spki.algorithm.oid.to_string().as_str() {
+            "1.2.840.113549.1.1.1" => {
+                use rsa::pkcs8::DecodePublicKey;
+                PublicKey::Rsa(rsa::RsaPublicKey::from_public_key_der(&spki_der).map_err(
+                    |e| ExchangeError::Certificate(format!("invalid RSA public key: {e}")),
+                )?)
+            }
+            "1.2.840.10045.2.1" => {
+                use p256::pkcs8::DecodePublicKey;
+                PublicKey::P256(
+                    p256::ecdsa::VerifyingKey::from_public_key_der(&spki_der).map_err(|e| {
+                        ExchangeError::Certificate(format!(
+                            "unsupported EC public key (only P-256 is accepted): {e}"
+                        ))
+                    })?,
+                )
+            }
+            other => {
+                return Err(ExchangeError::Certificate(format!(
+                    "unsupported public key algorithm {other}: use RSA or ECDSA P-256"
+                )))
+            }
+        };
+        let time = |t: &x509_cert::time::Time| {
+            let secs = t.to_unix_duration().as_secs() as i64;
+            chrono::DateTime::from_timestamp(secs, 0).unwrap_or_default()
+        };
+        Ok(Cert {
+            fingerprint: hex::encode(Sha256::digest(&der)),
+            subject: tbs.subject.to_string(),
+            not_before: time(&tbs.validity.not_before),
+            not_after: time(&tbs.validity.not_after),
+            der,
+            key,
+        })
+    }
+
+    pub fn to_pem(&self) -> String {
+        let cert = Certificate::from_der(&self.der).expect("parsed before");
+        cert.to_pem(LineEnding::LF).expect("PEM encoding")
+    }
+
+    /// The certificate as base64 DER (the content of `ds:X509Certificate`).
+    pub fn to_base64(&self) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(&self.der)
+    }
+
+    pub fn is_valid_at(&self, now: chrono::DateTime<chrono::Utc>) -> bool {
+        self.not_before <= now && now <= self.not_after
+    }
+}
+
+/// ehrx's own exchange key pair: signs what ehrx sends, decrypts what is
+/// encrypted for ehrx.
+#[derive(Clone)]
+pub struct ExchangeKey {
+    pub private: rsa::RsaPrivateKey,
+    pub cert: Cert,
+}
+
+impl std::fmt::Debug for ExchangeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExchangeKey")
+            .field("cert", &self.cert.fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
+fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// Generates a fresh RSA-2048 key pair and a self-signed certificate valid
+/// for `years`.
+pub fn generate_exchange_key(subject: &str, years: u64) -> Result<ExchangeKey, ExchangeError> {
+    use x509_cert::builder::{Builder, CertificateBuilder, Profile};
+    let mut rng = rand_core::OsRng;
+    let private = rsa::RsaPrivateKey::new(&mut rng, 2048)
+        .map_err(|e| ExchangeError::Certificate(format!("key generation failed: {e}")))?;
+    let public = private.to_public_key();
+    let signer = rsa::pkcs1v15::SigningKey::<Sha256>::new(private.clone());
+    let fail = |e: &dyn std::fmt::Display| ExchangeError::Certificate(format!("{e}"));
+    let mut serial = [0u8; 16];
+    rand_core::RngCore::fill_bytes(&mut rng, &mut serial);
+    serial[0] &= 0x7f;
+    let serial = x509_cert::serial_number::SerialNumber::new(&serial).map_err(|e| fail(&e))?;
+    let validity = x509_cert::time::Validity::from_now(Duration::from_secs(
+        years * 365 * 24 * 3600,
+    ))
+    .map_err(|e| fail(&e))?;
+    let name = x509_cert::name::Name::from_str(subject).map_err(|e| fail(&e))?;
+    let spki = x509_cert::spki::SubjectPublicKeyInfoOwned::from_key(public).map_err(|e| fail(&e))?;
+    let builder = CertificateBuilder::new(Profile::Root, serial, validity, name, spki, &signer)
+        .map_err(|e| fail(&e))?;
+    let cert = builder
+        .build::<rsa::pkcs1v15::Signature>()
+        .map_err(|e| fail(&e))?;
+    let cert = Cert::from_x509(cert)?;
+    Ok(ExchangeKey { private, cert })
+}
+
+/// Loads ehrx's exchange key, generating and storing it on first use.
+pub async fn exchange_key(store: &Store) -> Result<ExchangeKey, ExchangeError> {
+    if let Some(k) = load_exchange_key(store).await? {
+        return Ok(k);
+    }
+    let key = tokio::task::spawn_blocking(|| generate_exchange_key("CN=ehrx exchange", 10))
+        .await
+        .map_err(|e| ExchangeError::Certificate(e.to_string()))??;
+    let pem = key
+        .private
+        .to_pkcs8_pem(LineEnding::LF)
+        .map_err(|e| ExchangeError::Certificate(e.to_string()))?;
+    let mut tx = store.begin().await?;
+    // Two processes starting at once: the first row wins, both use it.
+    sqlx::query(
+        "INSERT INTO exchange_key (id, private_key_pem, certificate_pem, created) \
+         VALUES (1, $1, $2, $3) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(pem.as_str())
+    .bind(key.cert.to_pem())
+    .bind(rfc3339(chrono::Utc::now()))
+    .execute(tx.conn())
+    .await
+    .map_err(StoreError::from)?;
+    tx.commit().await?;
+    load_exchange_key(store)
+        .await?
+        .ok_or_else(|| ExchangeError::Certificate("exchange key not stored".into()))
+}
+
+async fn load_exchange_key(store: &Store) -> Result<Option<ExchangeKey>, ExchangeError> {
+    let mut conn = store.reader().await?;
+    let row = sqlx::query("SELECT private_key_pem, certificate_pem FROM exchange_key WHERE id = 1")
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(StoreError::from)?;
+    let Some(row) = row else { return Ok(None) };
+    let key_pem: String = row.try_get(0).map_err(StoreError::from)?;
+    let cert_pem: String = row.try_get(1).map_err(StoreError::from)?;
+    let private = rsa::RsaPrivateKey::from_pkcs8_pem(&key_pem)
+        .map_err(|e| ExchangeError::Certificate(format!("stored exchange key: {e}")))?;
+    let cert = Cert::parse(cert_pem.as_bytes())?;
+    Ok(Some(ExchangeKey { private, cert }))
+}
+
+/// A subscriber's registered signing certificate.
+#[derive(Clone, Debug)]
+pub struct Registered {
+    pub organization_id: String,
+    pub cert: Cert,
+    pub revoked: Option<String>,
+}
+
+impl Registered {
+    pub fn summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "organization": format!("Organization/{}", self.organization_id),
+            "fingerprint": self.cert.fingerprint,
+            "subject": self.cert.subject,
+            "notBefore": rfc3339(self.cert.not_before),
+            "notAfter": rfc3339(self.cert.not_after),
+            "revoked": self.revoked,
+        })
+    }
+}
+
+/// Every registered certificate (revoked and expired ones too, so that a
+/// refusal can say why).
+pub async fn registered(store: &Store) -> Result<Vec<Registered>, ExchangeError> {
+    let mut conn = store.reader().await?;
+    let rows = sqlx::query(
+        "SELECT organization_id, certificate_pem, revoked FROM exchange_certificate \
+         ORDER BY organization_id, not_before",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(StoreError::from)?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let organization_id: String = row.try_get(0).map_err(StoreError::from)?;
+        let pem: String = row.try_get(1).map_err(StoreError::from)?;
+        let revoked: Option<String> = row.try_get(2).map_err(StoreError::from)?;
+        out.push(Registered {
+            organization_id,
+            cert: Cert::parse(pem.as_bytes())?,
+            revoked,
+        });
+    }
+    Ok(out)
+}
+
+/// Registers `cert` for the subscriber organisation.
+pub async fn register(
+    tx: &mut crate::store::Tx,
+    organization_id: &str,
+    cert: &Cert,
+) -> Result<(), ExchangeError> {
+    let existing = sqlx::query("SELECT organization_id FROM exchange_certificate WHERE fingerprint = $1")
+        .bind(cert.fingerprint.as_str())
+        .fetch_optional(tx.conn())
+        .await
+        .map_err(StoreError::from)?;
+    if let Some(row) = existing {
+        let org: String = row.try_get(0).map_err(StoreError::from)?;
+        return Err(ExchangeError::Certificate(format!(
+            "certificate {} is already registered for Organization/{org}",
+            cert.fingerprint
+        )));
+    }
+    sqlx::query(
+        "INSERT INTO exchange_certificate (fingerprint, organization_id, certificate_pem, subject, \
+         not_before, not_after, added, revoked) VALUES ($1, $2, $3, $4, $5, $6, $7, NULL)",
+    )
+    .bind(cert.fingerprint.as_str())
+    .bind(organization_id)
+    .bind(cert.to_pem())
+    .bind(cert.subject.as_str())
+    .bind(rfc3339(cert.not_before))
+    .bind(rfc3339(cert.not_after))
+    .bind(rfc3339(chrono::Utc::now()))
+    .execute(tx.conn())
+    .await
+    .map_err(StoreError::from)?;
+    Ok(())
+}
+
+/// Marks a certificate revoked; returns false when no such certificate is registered.
+pub async fn revoke(store: &Store, fingerprint: &str) -> Result<bool, ExchangeError> {
+    let mut tx = store.begin().await?;
+    let done = sqlx::query(
+        "UPDATE exchange_certificate SET revoked = $1 WHERE fingerprint = $2 AND revoked IS NULL",
+    )
+    .bind(rfc3339(chrono::Utc::now()))
+    .bind(fingerprint.to_ascii_lowercase().replace(':', ""))
+    .execute(tx.conn())
+    .await
+    .map_err(StoreError::from)?;
+    tx.commit().await?;
+    Ok(done.rows_affected() > 0)
+}
