@@ -123,6 +123,21 @@ pub async fn receive(store: &Store, env: &Env, ex: &Exchange, body: &[u8]) -> Re
                 let doc_type = composition.map(|c| c.resource["type"].clone());
                 let title = composition.and_then(|c| c.resource["title"].as_str().map(str::to_string));
                 let master = composition.map(|c| c.resource["identifier"].clone());
+                // Every mapped resource must be valid R4 before anything is written.
+                for r in &m.resources {
+                    codec::validate_json(r.resource.clone()).map_err(|f| {
+                        Error::Exchange(ExchangeError::Mapping {
+                            message: format!(
+                                "the {} mapped from {} is not valid FHIR R4: {}{}",
+                                r.resource["resourceType"].as_str().unwrap_or("resource"),
+                                r.source,
+                                f.message,
+                                f.expression.map(|e| format!(" (at {e})")).unwrap_or_default()
+                            ),
+                            xpath: Some(r.source.clone()),
+                        })
+                    })?;
+                }
                 let entries: Vec<Value> = m
                     .resources
                     .into_iter()

@@ -31,6 +31,10 @@ pub struct Rule {
     /// rule that matches it.
     #[serde(default)]
     pub order: i32,
+    /// Applies to the document element whatever templateIds it carries
+    /// (the header rule: many documents name only their document template).
+    #[serde(default)]
+    pub document: bool,
     pub resources: Vec<ResourceRule>,
 }
 
@@ -255,8 +259,11 @@ fn split_steps(path: &str) -> Vec<&str> {
     out.into_iter().filter(|s| !s.is_empty()).collect()
 }
 
-/// `path='value'`, `path!='value'` or `path` (exists).
+/// `path='value'`, `path!='value'`, `path` (exists) or `not(path)`.
 fn predicate(node: Node, pred: &str) -> bool {
+    if let Some(inner) = pred.strip_prefix("not(").and_then(|p| p.strip_suffix(')')) {
+        return !predicate(node, inner);
+    }
     if let Some((p, v)) = pred.split_once("!=") {
         let v = v.trim().trim_matches('\'');
         return !select(node, p.trim()).iter().any(|i| item_text(i) == v);
@@ -654,7 +661,9 @@ pub fn map_document(doc: &Document, rules: &Rules, sender: &str) -> Result<Mappi
     let mut claimed: HashSet<NodeId> = HashSet::new();
     let elements: Vec<Node> = doc.descendants().filter(|n| n.is_element()).collect();
     for rule in &rules.rules {
-        for el in elements.iter().filter(|e| has_template(**e, &rule.template)) {
+        let applies =
+            |e: &Node| has_template(*e, &rule.template) || (rule.document && *e == root);
+        for el in elements.iter().filter(|e| applies(e)) {
             if !claimed.insert(el.id()) {
                 continue;
             }

@@ -1,0 +1,708 @@
+//! The signed-XML exchange, end to end: keys made with `openssl`, documents
+//! signed and encrypted by the `xmlsec1` command-line tool (libxmlsec1, an
+//! independent implementation), subscribers registered with the `ehrx`
+//! binary, documents posted to a real server.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{data_dir, TestServer};
+use serde_json::Value;
+
+const CCD: &str = "ccda/hl7-c-cda-examples/Documents_CCD_CCD_2_CCD.xml";
+const EXC_C14N: &str = "http://www.w3.org/2001/10/xml-exc-c14n#";
+const C14N: &str = "http://www.w3.org/TR/2001/REC-xml-c14n-20010315";
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("command runs");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A signing identity made with openssl: private key and self-signed certificate.
+struct Signer {
+    key: PathBuf,
+    cert: PathBuf,
+    ecdsa: bool,
+}
+
+/// A scratch folder for keys and documents.
+struct Work {
+    dir: tempfile::TempDir,
+}
+
+impl Work {
+    fn new() -> Work {
+        Work {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn rsa(&self, name: &str) -> Signer {
+        let (key, cert) = (self.path(&format!("{name}.key")), self.path(&format!("{name}.pem")));
+        run(Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .args(["-subj", &format!("/CN={name}/O=Test Hospital")]));
+        Signer {
+            key,
+            cert,
+            ecdsa: false,
+        }
+    }
+
+    fn ecdsa(&self, name: &str) -> Signer {
+        let (key, cert) = (self.path(&format!("{name}.key")), self.path(&format!("{name}.pem")));
+        run(Command::new("openssl")
+            .args(["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out"])
+            .arg(&key));
+        run(Command::new("openssl")
+            .args(["req", "-x509", "-new", "-days", "30", "-key"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .args(["-subj", &format!("/CN={name}/O=Test Lab")]));
+        Signer {
+            key,
+            cert,
+            ecdsa: true,
+        }
+    }
+
+    /// An RSA certificate whose validity ended in 2021 (made with `openssl ca`).
+    fn expired(&self, name: &str) -> Signer {
+        let ca = self.path("ca");
+        std::fs::create_dir_all(&ca).unwrap();
+        std::fs::write(ca.join("index.txt"), "").unwrap();
+        std::fs::write(ca.join("serial"), "01\n").unwrap();
+        std::fs::write(
+            ca.join("ca.cnf"),
+            "[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\nnew_certs_dir = .\nserial = serial\n\
+             default_md = sha256\npolicy = p\n[p]\ncommonName = supplied\n",
+        )
+        .unwrap();
+        let key = self.path(&format!("{name}.key"));
+        let cert = self.path(&format!("{name}.pem"));
+        run(Command::new("openssl")
+            .args(["req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(ca.join("req.csr"))
+            .args(["-subj", &format!("/CN={name}")]));
+        run(Command::new("openssl")
+            .current_dir(&ca)
+            .args(["ca", "-batch", "-notext", "-config", "ca.cnf", "-selfsign", "-keyfile"])
+            .arg(&key)
+            .args(["-in", "req.csr", "-out"])
+            .arg(&cert)
+            .args(["-startdate", "20200101000000Z", "-enddate", "20210101000000Z"]));
+        Signer {
+            key,
+            cert,
+            ecdsa: false,
+        }
+    }
+
+    /// Signs `xml` with `xmlsec1`: an enveloped signature as the last child of
+    /// the document element, over `reference` (`""` or `#id`).
+    fn sign_with(&self, xml: &str, s: &Signer, c14n: &str, reference: &str) -> String {
+        let alg = if s.ecdsa { "ecdsa-sha256" } else { "rsa-sha256" };
+        let template = format!(
+            "<ds:Signature xmlns:ds=\"http://www.w3.org/2000/09/xmldsig#\"><ds:SignedInfo>\
+             <ds:CanonicalizationMethod Algorithm=\"{c14n}\"/>\
+             <ds:SignatureMethod Algorithm=\"http://www.w3.org/2001/04/xmldsig-more#{alg}\"/>\
+             <ds:Reference URI=\"{reference}\"><ds:Transforms>\
+             <ds:Transform Algorithm=\"http://www.w3.org/2000/09/xmldsig#enveloped-signature\"/>\
+             <ds:Transform Algorithm=\"{c14n}\"/></ds:Transforms>\
+             <ds:DigestMethod Algorithm=\"http://www.w3.org/2001/04/xmlenc#sha256\"/>\
+             <ds:DigestValue/></ds:Reference></ds:SignedInfo><ds:SignatureValue/>\
+             <ds:KeyInfo><ds:X509Data/></ds:KeyInfo></ds:Signature>"
+        );
+        let close = xml.rfind("</").unwrap();
+        let doc = format!("{}{template}{}", &xml[..close], &xml[close..]);
+        let (input, output) = (self.path("to-sign.xml"), self.path("signed.xml"));
+        std::fs::write(&input, doc).unwrap();
+        let mut cmd = Command::new("xmlsec1");
+        cmd.arg("--sign")
+            .arg("--privkey-pem")
+            .arg(format!("{},{}", s.key.display(), s.cert.display()))
+            .args(["--id-attr:ID", "ClinicalDocument", "--output"])
+            .arg(&output)
+            .arg(&input);
+        run(&mut cmd);
+        std::fs::read_to_string(output).unwrap()
+    }
+
+    fn sign(&self, xml: &str, s: &Signer) -> String {
+        self.sign_with(xml, s, EXC_C14N, "")
+    }
+
+    /// Encrypts the element `xpath` of `xml` with `xmlsec1` for `cert`
+    /// (AES-128-GCM content key, RSA-OAEP key transport).
+    fn encrypt(&self, xml: &str, xpath: &str, cert: &Path, aes: &str) -> String {
+        let template = format!(
+            "<xenc:EncryptedData xmlns:xenc=\"http://www.w3.org/2001/04/xmlenc#\" \
+             Type=\"http://www.w3.org/2001/04/xmlenc#Element\">\
+             <xenc:EncryptionMethod Algorithm=\"http://www.w3.org/2009/xmlenc11#{aes}-gcm\"/>\
+             <ds:KeyInfo xmlns:ds=\"http://www.w3.org/2000/09/xmldsig#\"><xenc:EncryptedKey>\
+             <xenc:EncryptionMethod Algorithm=\"http://www.w3.org/2001/04/xmlenc#rsa-oaep-mgf1p\"/>\
+             <xenc:CipherData><xenc:CipherValue/></xenc:CipherData></xenc:EncryptedKey></ds:KeyInfo>\
+             <xenc:CipherData><xenc:CipherValue/></xenc:CipherData></xenc:EncryptedData>"
+        );
+        let (tmpl, data, out) = (
+            self.path("enc-tmpl.xml"),
+            self.path("enc-data.xml"),
+            self.path("encrypted.xml"),
+        );
+        std::fs::write(&tmpl, template).unwrap();
+        std::fs::write(&data, xml).unwrap();
+        let key_size = if aes == "aes128" { "aes-128" } else { "aes-256" };
+        run(Command::new("xmlsec1")
+            .arg("--encrypt")
+            .arg("--pubkey-cert-pem")
+            .arg(cert)
+            .args(["--session-key", key_size, "--xml-data"])
+            .arg(&data)
+            .args(["--node-xpath", xpath, "--output"])
+            .arg(&out)
+            .arg(&tmpl));
+        std::fs::read_to_string(out).unwrap()
+    }
+}
+
+/// The `ehrx` binary against the test server's database.
+fn ehrx(server: &TestServer) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ehrx"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("EHRX_") {
+            c.env_remove(k);
+        }
+    }
+    c.env("EHRX_DATABASE_URL", &server.database_url)
+        .env("EHRX_LOG", "warn");
+    c
+}
+
+/// `ehrx subscriber add`; returns its JSON answer.
+fn add_subscriber(server: &TestServer, name: &str, kind: &str, s: &Signer) -> Value {
+    let out = run(ehrx(server)
+        .args(["subscriber", "add", "--name", name, "--kind", kind, "--cert"])
+        .arg(&s.cert)
+        .args(["--endpoint", "https://example.org/exchange"]));
+    serde_json::from_str(&out).unwrap()
+}
+
+fn ccd() -> String {
+    std::fs::read_to_string(data_dir().join(CCD)).unwrap()
+}
+
+async fn post_xml(server: &TestServer, body: &str) -> (u16, Value) {
+    let r = server
+        .client
+        .post(server.url("exchange/documents"))
+        .header("Content-Type", "application/xml")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+fn part<'a>(params: &'a Value, name: &str) -> &'a Value {
+    params["parameter"]
+        .as_array()
+        .unwrap_or_else(|| panic!("not Parameters: {params}"))
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("no part {name} in {params}"))
+}
+
+/// Posts `body`, expects a refusal with `status` whose diagnostics contain
+/// `says`, and checks nothing was stored.
+async fn assert_refused(server: &TestServer, body: &str, status: u16, says: &str) -> Value {
+    let before = server.history_len().await;
+    let (got, outcome) = post_xml(server, body).await;
+    assert_eq!(got, status, "{outcome}");
+    let issue = common::first_issue(&outcome);
+    assert_eq!(issue["severity"], "error", "{outcome}");
+    let diagnostics = issue["diagnostics"].as_str().unwrap();
+    assert!(
+        diagnostics.contains(says),
+        "expected '{says}' in '{diagnostics}'"
+    );
+    assert_eq!(server.history_len().await, before, "nothing stored");
+    outcome
+}
+
+async fn search(server: &TestServer, query: &str) -> Value {
+    let r = server.get(query).await;
+    assert_eq!(r.status(), 200, "{query}");
+    r.json().await.unwrap()
+}
+
+fn total(bundle: &Value) -> i64 {
+    bundle["total"].as_i64().unwrap()
+}
+
+/// Entries of the source document whose template the rules map.
+fn count_template(xml: &str, oid: &str) -> i64 {
+    xml.matches(&format!("templateId root=\"{oid}\"")).count() as i64
+}
+
+#[tokio::test]
+async fn rsa_signed_ccda_is_verified_mapped_and_stored_once() {
+    let server = TestServer::start().await;
+    let work = Work::new();
+    let signer = work.rsa("General Hospital signing");
+    let added = add_subscriber(&server, "General Hospital", "hospital", &signer);
+    let org = added["organization"].as_str().unwrap().to_string();
+    assert!(added["endpoint"].as_str().unwrap().starts_with("Endpoint/"));
+    let source = ccd();
+    let signed = work.sign(&source, &signer);
+
+    let (status, answer) = post_xml(&server, &signed).await;
+    assert_eq!(status, 201, "{answer}");
+    let result = &part(&answer, "result")["resource"];
+    assert_eq!(result["type"], "transaction-response");
+    let outcome = &part(&answer, "outcome")["resource"];
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+
+    // The patient of the header.
+    let patients = search(&server, "Patient?family=Jones&birthdate=1950-12-19").await;
+    assert_eq!(total(&patients), 1, "{patients}");
+    let patient = &patients["entry"][0]["resource"];
+    assert_eq!(patient["name"][0]["given"][0], "Isabella");
+    assert_eq!(patient["gender"], "female");
+    let pid = patient["id"].as_str().unwrap();
+
+    // The entries, by template, as FHIR resources of the patient.
+    let count = |rtype: &'static str, extra: &'static str| {
+        let q = format!("{rtype}?patient={pid}{extra}&_count=0");
+        let server = &server;
+        async move { total(&search(server, &q).await) }
+    };
+    let p = "2.16.840.1.113883.10.20.22.4.";
+    assert_eq!(count("Condition", "").await, count_template(&source, &format!("{p}4")));
+    assert_eq!(
+        count("AllergyIntolerance", "").await,
+        count_template(&source, &format!("{p}7"))
+    );
+    assert_eq!(
+        count("Observation", "&category=vital-signs").await,
+        count_template(&source, &format!("{p}27"))
+    );
+    assert_eq!(
+        count("Observation", "&category=laboratory").await,
+        count_template(&source, &format!("{p}2"))
+    );
+    assert_eq!(
+        count("MedicationStatement", "").await,
+        count_template(&source, &format!("{p}16"))
+    );
+    assert_eq!(
+        count("Immunization", "").await,
+        count_template(&source, &format!("{p}52"))
+    );
+    assert!(count("Procedure", "").await >= 1);
+    let compositions = search(&server, &format!("Composition?patient={pid}")).await;
+    assert_eq!(total(&compositions), 1);
+    let composition = &compositions["entry"][0]["resource"];
+    let sections = composition["section"].as_array().unwrap();
+    assert!(sections.len() >= 5);
+    assert!(sections
+        .iter()
+        .any(|s| s["text"]["div"].as_str().unwrap_or("").contains("<table")));
+
+    // The original, its DocumentReference and the Provenance of it all.
+    let docs = search(&server, &format!("DocumentReference?patient={pid}")).await;
+    assert_eq!(total(&docs), 1);
+    let docref = &docs["entry"][0]["resource"];
+    let binary_ref = docref["content"][0]["attachment"]["url"].as_str().unwrap();
+    assert!(binary_ref.starts_with("Binary/"), "{docref}");
+    let binary: Value = server
+        .client
+        .get(server.url(binary_ref))
+        .header("Accept", "application/fhir+json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    use base64::Engine as _;
+    let original = base64::engine::general_purpose::STANDARD
+        .decode(binary["data"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(original, signed.as_bytes(), "the signed original is kept");
+    let provenances = search(&server, "Provenance?_count=10").await;
+    assert_eq!(total(&provenances), 1);
+    let prov = &provenances["entry"][0]["resource"];
+    assert_eq!(prov["agent"][0]["who"]["reference"], org);
+    let targets: Vec<&str> = prov["target"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["reference"].as_str().unwrap())
+        .collect();
+    assert!(targets.contains(&format!("Patient/{pid}").as_str()));
+    assert!(targets.iter().any(|t| t.starts_with("DocumentReference/")));
+    assert!(targets.iter().any(|t| t.starts_with("Binary/")));
+    assert!(targets.iter().all(|t| !t.starts_with("urn:")));
+    let sig = &prov["signature"][0];
+    assert!(sig["who"]["display"]
+        .as_str()
+        .unwrap()
+        .contains("General Hospital signing"));
+    let fingerprint = added["certificate"]["fingerprint"].as_str().unwrap();
+    assert!(sig["extension"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["valueString"] == fingerprint));
+
+    // Resubmission: nothing new.
+    let before = server.history_len().await;
+    let (status, again) = post_xml(&server, &signed).await;
+    assert_eq!(status, 200, "{again}");
+    assert!(part(&again, "documentReference")["valueReference"]["reference"]
+        .as_str()
+        .unwrap()
+        .starts_with("DocumentReference/"));
+    assert_eq!(server.history_len().await, before);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn ecdsa_signed_with_inclusive_c14n_and_id_reference_is_accepted() {
+    let server = TestServer::start().await;
+    let work = Work::new();
+    let signer = work.ecdsa("Central Lab signing");
+    add_subscriber(&server, "Central Lab", "lab", &signer);
+    let source = ccd().replacen("<ClinicalDocument ", "<ClinicalDocument ID=\"ccd2\" ", 1);
+    let signed = work.sign_with(&source, &signer, C14N, "#ccd2");
+    let (status, answer) = post_xml(&server, &signed).await;
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(total(&search(&server, "Patient?family=Jones").await), 1);
+    // Exclusive c14n with ECDSA too: another document of the same patient.
+    let signed = work.sign(&ccd().replace("<title>", "<title>Second "), &signer);
+    let (status, answer) = post_xml(&server, &signed).await;
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(server.count("Composition").await, 2);
+    assert_eq!(server.count("Patient").await, 1, "the patient is matched by identifier");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn element_encrypted_for_ehrx_is_decrypted_and_mapped() {
+    let server = TestServer::start().await;
+    let work = Work::new();
+    let signer = work.rsa("Radiology signing");
+    add_subscriber(&server, "Radiology Centre", "radiology", &signer);
+    // ehrx's exchange certificate, as `ehrx exchange-cert` prints it.
+    let pem = run(&mut ehrx(&server).arg("exchange-cert"));
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
+    let ehrx_cert = work.path("ehrx.pem");
+    std::fs::write(&ehrx_cert, &pem).unwrap();
+    // The same certificate every time (generated once, kept in the database).
+    assert_eq!(run(&mut ehrx(&server).arg("exchange-cert")), pem);
+    let x = "/*/*[local-name()='recordTarget']";
+    let encrypted = work.encrypt(&ccd(), x, &ehrx_cert, "aes128");
+    assert!(encrypted.contains("EncryptedData") && !encrypted.contains("Isabella"));
+    let signed = work.sign(&encrypted, &signer);
+    let (status, answer) = post_xml(&server, &signed).await;
+    assert_eq!(status, 201, "{answer}");
+    let patients = search(&server, "Patient?given=Isabella").await;
+    assert_eq!(total(&patients), 1);
+    let outcome = part(&answer, "outcome")["resource"].to_string();
+    assert!(outcome.contains("1 encrypted element(s) decrypted"), "{outcome}");
+
+    // AES-256-GCM, a section encrypted.
+    let x = "(//*[local-name()='section'])[1]";
+    let encrypted = work.encrypt(&ccd().replace("<title>", "<title>Second "), x, &ehrx_cert, "aes256");
+    let signed = work.sign(&encrypted, &signer);
+    let (status, answer) = post_xml(&server, &signed).await;
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(server.count("Composition").await, 2);
+
+    // Encrypted for a key ehrx does not hold: refused, nothing stored.
+    let other = work.rsa("Somebody else");
+    let encrypted = work.encrypt(&ccd().replace("<title>", "<title>Third "), x, &other.cert, "aes128");
+    let signed = work.sign(&encrypted, &signer);
+    let outcome = assert_refused(
+        &server,
+        &signed,
+        422,
+        "was not encrypted for ehrx's exchange certificate",
+    )
+    .await;
+    assert!(outcome["issue"][0]["expression"][0]
+        .as_str()
+        .unwrap()
+        .contains("EncryptedKey"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn unsigned_and_unregistered_documents_are_refused() {
+    let server = TestServer::start().await;
+    let work = Work::new();
+    let registered = work.rsa("Registered");
+    add_subscriber(&server, "Registered Hospital", "hospital", &registered);
+    assert_refused(&server, &ccd(), 403, "the document is not signed").await;
+    let stranger = work.rsa("Stranger");
+    let signed = work.sign(&ccd(), &stranger);
+    assert_refused(&server, &signed, 403, "is not registered for any subscriber").await;
+    // Without KeyInfo, no registered certificate verifies it.
+    let start = signed.find("<ds:KeyInfo>").unwrap();
+    let end = signed.find("</ds:KeyInfo>").unwrap() + "</ds:KeyInfo>".len();
+    let bare = format!("{}{}", &signed[..start], &signed[end..]);
+    assert_refused(
+        &server,
+        &bare,
+        403,
+        "does not verify with any registered subscriber certificate",
+    )
+    .await;
+    // Two signatures.
+    let good = work.sign(&ccd(), &registered);
+    let sig_start = good.find("<ds:Signature").unwrap();
+    let sig_end = good.find("</ds:Signature>").unwrap() + "</ds:Signature>".len();
+    let sig = &good[sig_start..sig_end];
+    let twice = format!("{}{sig}{}", &good[..sig_end], &good[sig_end..]);
+    assert_refused(&server, &twice, 403, "carries 2 ds:Signature elements").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn expired_and_revoked_certificates_are_refused() {
+    let server = TestServer::start().await;
+    let work = Work::new();
+    let expired = work.expired("Expired Clinic");
+    add_subscriber(&server, "Expired Clinic", "hospital", &expired);
+    let signed = work.sign(&ccd(), &expired);
+    assert_refused(&server, &signed, 403, "not now").await;
+
+    let signer = work.ecdsa("Pharmacy signing");
+    let added = add_subscriber(&server, "Corner Pharmacy", "pharmacy", &signer);
+    let fingerprint = added["certificate"]["fingerprint"].as_str().unwrap();
+    let signed = work.sign(&ccd(), &signer);
+    run(ehrx(&server).args(["subscriber", "revoke-cert", "--fingerprint", fingerprint]));
+    assert_refused(&server, &signed, 403, "was revoked").await;
+
+    // A rotated-in certificate signs for the same organisation.
+    let org = added["organization"].as_str().unwrap();
+    let next = work.rsa("Pharmacy signing 2");
+    run(ehrx(&server)
+        .args(["subscriber", "rotate-cert", "--organization", org, "--cert"])
+        .arg(&next.cert));
+    let list: Value = serde_json::from_str(&run(ehrx(&server).args(["subscriber", "list"]))).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 3, "{list}");
+    let (status, answer) = post_xml(&server, &work.sign(&ccd(), &next)).await;
+    assert_eq!(status, 201, "{answer}");
+    let prov = search(&server, "Provenance").await;
+    assert_eq!(prov["entry"][0]["resource"]["agent"][0]["who"]["reference"], org);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_changed_character_in_a_signed_element_is_refused() {
+    let server = TestServer::start().await;
+    let work = Work::new();
+    let signer = work.rsa("Tamper test");
+    add_subscriber(&server, "Hospital", "hospital", &signer);
+    let signed = work.sign(&ccd(), &signer);
+    let tampered = signed.replacen("<family qualifier=\"SP\">Jones</family>", "<family qualifier=\"SP\">Jonas</family>", 1);
+    assert_ne!(tampered, signed);
+    let outcome =
+        assert_refused(&server, &tampered, 403, "does not match its signature").await;
+    assert!(outcome["issue"][0]["expression"][0]
+        .as_str()
+        .unwrap()
+        .ends_with("ds:DigestValue"));
+    // An attribute value changed.
+    let tampered = signed.replacen("value=\"19501219\"", "value=\"19501218\"", 1);
+    assert_ne!(tampered, signed);
+    assert_refused(&server, &tampered, 403, "does not match its signature").await;
+    // The signature value changed.
+    let i = signed.find("<ds:SignatureValue>").unwrap() + "<ds:SignatureValue>".len();
+    let mut bytes = signed.clone().into_bytes();
+    bytes[i + 5] = if bytes[i + 5] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(bytes).unwrap();
+    assert_refused(&server, &tampered, 403, "signature value does not verify").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_comment_in_a_signed_text_node_does_not_change_what_is_mapped() {
+    // c14n without comments (what XML-DSig references to the same document
+    // use) does not see comments, so the signature still verifies; ehrx must
+    // then map the text as signed, not the part before the comment.
+    let server = TestServer::start().await;
+    let work = Work::new();
+    let signer = work.rsa("Comment test");
+    add_subscriber(&server, "Hospital", "hospital", &signer);
+    let signed = work.sign(&ccd(), &signer);
+    let commented = signed.replacen("<family qualifier=\"SP\">Jones</family>", "<family qualifier=\"SP\">Jo<!---->nes</family>", 1);
+    assert_ne!(commented, signed);
+    let (status, answer) = post_xml(&server, &commented).await;
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(total(&search(&server, "Patient?family:exact=Jones").await), 1);
+    assert_eq!(total(&search(&server, "Patient?family:exact=Jo").await), 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn xml_signature_wrapping_variants_are_refused() {
+    let server = TestServer::start().await;
+    let work = Work::new();
+    let signer = work.rsa("XSW test");
+    add_subscriber(&server, "Hospital", "hospital", &signer);
+    let source = ccd().replacen("<ClinicalDocument ", "<ClinicalDocument ID=\"orig\" ", 1);
+    let by_uri = work.sign(&source, &signer);
+    let by_id = work.sign_with(&source, &signer, EXC_C14N, "#orig");
+    let split = |signed: &str| {
+        let open = signed.find("<ClinicalDocument ").unwrap();
+        let body = signed[open..].to_string();
+        let s = body.find("<ds:Signature").unwrap();
+        let e = body.find("</ds:Signature>").unwrap() + "</ds:Signature>".len();
+        let signature = body[s..e].to_string();
+        let unsigned = format!("{}{}", &body[..s], &body[e..]);
+        (body, signature, unsigned)
+    };
+    let evil = |xml: &str| {
+        xml.replace("<family qualifier=\"SP\">Jones</family>", "<family qualifier=\"SP\">Evil</family>")
+            .replace("ID=\"orig\"", "ID=\"evil\"")
+    };
+    let close = |xml: &str| xml.rfind("</ClinicalDocument>").unwrap();
+    let (orig_id, sig_id, unsigned_id) = split(&by_id);
+    let (orig_uri, _sig_uri, _) = split(&by_uri);
+    let ev = evil(&unsigned_id);
+    let variants: Vec<(&str, String, &str)> = vec![
+        (
+            // The signed original moved into the signature's ds:Object; an
+            // evil document around it names it by ID.
+            "XSW1 original in ds:Object",
+            {
+                let sig = sig_id.replace(
+                    "</ds:Signature>",
+                    &format!("<ds:Object>{unsigned_id}</ds:Object></ds:Signature>"),
+                );
+                format!("{}{sig}{}", &ev[..close(&ev)], &ev[close(&ev)..])
+            },
+            "ds:Object is not accepted",
+        ),
+        (
+            "XSW2 signed original nested in an evil document",
+            format!("{}{orig_id}{}", &ev[..close(&ev)], &ev[close(&ev)..]),
+            "ds:Signature must be a child of the document element",
+        ),
+        (
+            "XSW3 evil document with the same ID carrying the signature",
+            {
+                let ev_same = unsigned_id.replace("<family qualifier=\"SP\">Jones</family>", "<family qualifier=\"SP\">Evil</family>");
+                format!(
+                    "{}{sig_id}<component>{unsigned_id}</component>{}",
+                    &ev_same[..close(&ev_same)],
+                    &ev_same[close(&ev_same)..]
+                )
+            },
+            "is used by more than one element",
+        ),
+        (
+            "XSW4 evil document carrying the signature, the original elsewhere inside",
+            format!(
+                "{}{sig_id}<component>{}</component>{}",
+                &ev[..close(&ev)],
+                unsigned_id,
+                &ev[close(&ev)..]
+            ),
+            "does not name the document element",
+        ),
+        (
+            "XSW5 signature copied into an evil document whose ID differs",
+            format!("{}{sig_id}{}", &ev[..close(&ev)], &ev[close(&ev)..]),
+            "does not name the document element",
+        ),
+        (
+            "XSW6 original inside ds:Object, signature carried by the evil root",
+            {
+                let sig = sig_id.replace(
+                    "</ds:SignatureValue>",
+                    &format!("</ds:SignatureValue><ds:Object>{unsigned_id}</ds:Object>"),
+                );
+                let e2 = unsigned_id.replace("<family qualifier=\"SP\">Jones</family>", "<family qualifier=\"SP\">Evil</family>");
+                format!("{}{sig}{}", &e2[..close(&e2)], &e2[close(&e2)..])
+            },
+            "is used by more than one element",
+        ),
+        (
+            "XSW7 original wrapped in an extension element of the evil document",
+            format!(
+                "{}<sdtc:extension>{unsigned_id}</sdtc:extension>{sig_id}{}",
+                &ev[..close(&ev)],
+                &ev[close(&ev)..]
+            ),
+            "does not name the document element",
+        ),
+        (
+            "XSW8 URI=\"\" signature, the evil content after the signed document",
+            {
+                let (head, tail) = orig_uri.split_at(close(&orig_uri));
+                format!("{head}<component><section><title>Evil</title></section></component>{tail}")
+            },
+            "does not match its signature",
+        ),
+    ];
+    for (name, body, says) in variants {
+        let before = server.history_len().await;
+        let (status, outcome) = post_xml(&server, &body).await;
+        assert_eq!(status, 403, "{name}: {outcome}");
+        let d = common::first_issue(&outcome)["diagnostics"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(d.contains(says), "{name}: expected '{says}' in '{d}'");
+        assert_eq!(server.history_len().await, before, "{name}: nothing stored");
+    }
+    assert_eq!(server.count("Patient").await, 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn dtds_entities_and_oversize_documents_are_refused() {
+    let server = TestServer::start_with(|c| c.exchange_max_document_bytes = 40_000).await;
+    let xxe = "<?xml version=\"1.0\"?>\n<!DOCTYPE ClinicalDocument [<!ENTITY xxe SYSTEM \"file:///etc/passwd\">]>\
+               <ClinicalDocument xmlns=\"urn:hl7-org:v3\"><title>&xxe;</title></ClinicalDocument>";
+    let o = assert_refused(&server, xxe, 400, "<!DOCTYPE").await;
+    assert_eq!(o["issue"][0]["code"], "security");
+    let laughs = "<?xml version=\"1.0\"?>\n<!DOCTYPE lolz [<!ENTITY lol \"lol\">\
+                  <!ENTITY lol2 \"&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;\">\
+                  <!ENTITY lol3 \"&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;\">]>\
+                  <lolz>&lol3;</lolz>";
+    assert_refused(&server, laughs, 400, "<!DOCTYPE").await;
+    // An undeclared entity without a DTD.
+    let undeclared = "<ClinicalDocument xmlns=\"urn:hl7-org:v3\"><title>&ent;</title></ClinicalDocument>";
+    assert_refused(&server, undeclared, 400, "undeclared entity").await;
+    // Nesting too deep.
+    let deep = format!("{}{}", "<a>".repeat(1000), "</a>".repeat(1000));
+    assert_refused(&server, &deep, 400, "deeper than the limit").await;
+    // Over the configured limit (the CCD is about 48 kB).
+    let o = assert_refused(&server, &ccd(), 413, "exceeds the exchange limit of 40000 bytes").await;
+    assert_eq!(o["issue"][0]["code"], "too-costly");
+    server.stop().await;
+}
