@@ -42,7 +42,10 @@ impl Server {
                 })?;
         let state = AppState::new(store, config);
         // The exchange key is generated on first start, not on first use.
-        state.exchange().await.map_err(|e| ServeError::Exchange(e.to_string()))?;
+        state
+            .exchange()
+            .await
+            .map_err(|e| ServeError::Exchange(e.to_string()))?;
         Ok(Server { listener, state })
     }
 

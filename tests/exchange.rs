@@ -50,9 +50,14 @@ impl Work {
     }
 
     fn rsa(&self, name: &str) -> Signer {
-        let (key, cert) = (self.path(&format!("{name}.key")), self.path(&format!("{name}.pem")));
+        let (key, cert) = (
+            self.path(&format!("{name}.key")),
+            self.path(&format!("{name}.pem")),
+        );
         run(Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30"])
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+            ])
             .arg("-keyout")
             .arg(&key)
             .arg("-out")
@@ -66,9 +71,19 @@ impl Work {
     }
 
     fn ecdsa(&self, name: &str) -> Signer {
-        let (key, cert) = (self.path(&format!("{name}.key")), self.path(&format!("{name}.pem")));
+        let (key, cert) = (
+            self.path(&format!("{name}.key")),
+            self.path(&format!("{name}.pem")),
+        );
         run(Command::new("openssl")
-            .args(["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out"])
+            .args([
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+            ])
             .arg(&key));
         run(Command::new("openssl")
             .args(["req", "-x509", "-new", "-days", "30", "-key"])
@@ -105,11 +120,24 @@ impl Work {
             .args(["-subj", &format!("/CN={name}")]));
         run(Command::new("openssl")
             .current_dir(&ca)
-            .args(["ca", "-batch", "-notext", "-config", "ca.cnf", "-selfsign", "-keyfile"])
+            .args([
+                "ca",
+                "-batch",
+                "-notext",
+                "-config",
+                "ca.cnf",
+                "-selfsign",
+                "-keyfile",
+            ])
             .arg(&key)
             .args(["-in", "req.csr", "-out"])
             .arg(&cert)
-            .args(["-startdate", "20200101000000Z", "-enddate", "20210101000000Z"]));
+            .args([
+                "-startdate",
+                "20200101000000Z",
+                "-enddate",
+                "20210101000000Z",
+            ]));
         Signer {
             key,
             cert,
@@ -120,7 +148,11 @@ impl Work {
     /// Signs `xml` with `xmlsec1`: an enveloped signature as the last child of
     /// the document element, over `reference` (`""` or `#id`).
     fn sign_with(&self, xml: &str, s: &Signer, c14n: &str, reference: &str) -> String {
-        let alg = if s.ecdsa { "ecdsa-sha256" } else { "rsa-sha256" };
+        let alg = if s.ecdsa {
+            "ecdsa-sha256"
+        } else {
+            "rsa-sha256"
+        };
         let template = format!(
             "<ds:Signature xmlns:ds=\"http://www.w3.org/2000/09/xmldsig#\"><ds:SignedInfo>\
              <ds:CanonicalizationMethod Algorithm=\"{c14n}\"/>\
@@ -170,7 +202,11 @@ impl Work {
         );
         std::fs::write(&tmpl, template).unwrap();
         std::fs::write(&data, xml).unwrap();
-        let key_size = if aes == "aes128" { "aes-128" } else { "aes-256" };
+        let key_size = if aes == "aes128" {
+            "aes-128"
+        } else {
+            "aes-256"
+        };
         run(Command::new("xmlsec1")
             .arg("--encrypt")
             .arg("--pubkey-cert-pem")
@@ -200,7 +236,15 @@ fn ehrx(server: &TestServer) -> Command {
 /// `ehrx subscriber add`; returns its JSON answer.
 fn add_subscriber(server: &TestServer, name: &str, kind: &str, s: &Signer) -> Value {
     let out = run(ehrx(server)
-        .args(["subscriber", "add", "--name", name, "--kind", kind, "--cert"])
+        .args([
+            "subscriber",
+            "add",
+            "--name",
+            name,
+            "--kind",
+            kind,
+            "--cert",
+        ])
         .arg(&s.cert)
         .args(["--endpoint", "https://example.org/exchange"]));
     serde_json::from_str(&out).unwrap()
@@ -297,7 +341,10 @@ async fn rsa_signed_ccda_is_verified_mapped_and_stored_once() {
         async move { total(&search(server, &q).await) }
     };
     let p = "2.16.840.1.113883.10.20.22.4.";
-    assert_eq!(count("Condition", "").await, count_template(&source, &format!("{p}4")));
+    assert_eq!(
+        count("Condition", "").await,
+        count_template(&source, &format!("{p}4"))
+    );
     assert_eq!(
         count("AllergyIntolerance", "").await,
         count_template(&source, &format!("{p}7"))
@@ -379,10 +426,12 @@ async fn rsa_signed_ccda_is_verified_mapped_and_stored_once() {
     let before = server.history_len().await;
     let (status, again) = post_xml(&server, &signed).await;
     assert_eq!(status, 200, "{again}");
-    assert!(part(&again, "documentReference")["valueReference"]["reference"]
-        .as_str()
-        .unwrap()
-        .starts_with("DocumentReference/"));
+    assert!(
+        part(&again, "documentReference")["valueReference"]["reference"]
+            .as_str()
+            .unwrap()
+            .starts_with("DocumentReference/")
+    );
     assert_eq!(server.history_len().await, before);
     server.stop().await;
 }
@@ -403,7 +452,11 @@ async fn ecdsa_signed_with_inclusive_c14n_and_id_reference_is_accepted() {
     let (status, answer) = post_xml(&server, &signed).await;
     assert_eq!(status, 201, "{answer}");
     assert_eq!(server.count("Composition").await, 2);
-    assert_eq!(server.count("Patient").await, 1, "the patient is matched by identifier");
+    assert_eq!(
+        server.count("Patient").await,
+        1,
+        "the patient is matched by identifier"
+    );
     server.stop().await;
 }
 
@@ -414,12 +467,12 @@ async fn element_encrypted_for_ehrx_is_decrypted_and_mapped() {
     let signer = work.rsa("Radiology signing");
     add_subscriber(&server, "Radiology Centre", "radiology", &signer);
     // ehrx's exchange certificate, as `ehrx exchange-cert` prints it.
-    let pem = run(&mut ehrx(&server).arg("exchange-cert"));
+    let pem = run(ehrx(&server).arg("exchange-cert"));
     assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
     let ehrx_cert = work.path("ehrx.pem");
     std::fs::write(&ehrx_cert, &pem).unwrap();
     // The same certificate every time (generated once, kept in the database).
-    assert_eq!(run(&mut ehrx(&server).arg("exchange-cert")), pem);
+    assert_eq!(run(ehrx(&server).arg("exchange-cert")), pem);
     let x = "/*/*[local-name()='recordTarget']";
     let encrypted = work.encrypt(&ccd(), x, &ehrx_cert, "aes128");
     assert!(encrypted.contains("EncryptedData") && !encrypted.contains("Isabella"));
@@ -429,11 +482,19 @@ async fn element_encrypted_for_ehrx_is_decrypted_and_mapped() {
     let patients = search(&server, "Patient?given=Isabella").await;
     assert_eq!(total(&patients), 1);
     let outcome = part(&answer, "outcome")["resource"].to_string();
-    assert!(outcome.contains("1 encrypted element(s) decrypted"), "{outcome}");
+    assert!(
+        outcome.contains("1 encrypted element(s) decrypted"),
+        "{outcome}"
+    );
 
     // AES-256-GCM, a section encrypted.
     let x = "(//*[local-name()='section'])[1]";
-    let encrypted = work.encrypt(&ccd().replace("<title>", "<title>Second "), x, &ehrx_cert, "aes256");
+    let encrypted = work.encrypt(
+        &ccd().replace("<title>", "<title>Second "),
+        x,
+        &ehrx_cert,
+        "aes256",
+    );
     let signed = work.sign(&encrypted, &signer);
     let (status, answer) = post_xml(&server, &signed).await;
     assert_eq!(status, 201, "{answer}");
@@ -441,7 +502,12 @@ async fn element_encrypted_for_ehrx_is_decrypted_and_mapped() {
 
     // Encrypted for a key ehrx does not hold: refused, nothing stored.
     let other = work.rsa("Somebody else");
-    let encrypted = work.encrypt(&ccd().replace("<title>", "<title>Third "), x, &other.cert, "aes128");
+    let encrypted = work.encrypt(
+        &ccd().replace("<title>", "<title>Third "),
+        x,
+        &other.cert,
+        "aes128",
+    );
     let signed = work.sign(&encrypted, &signer);
     let outcome = assert_refused(
         &server,
@@ -466,7 +532,13 @@ async fn unsigned_and_unregistered_documents_are_refused() {
     assert_refused(&server, &ccd(), 403, "the document is not signed").await;
     let stranger = work.rsa("Stranger");
     let signed = work.sign(&ccd(), &stranger);
-    assert_refused(&server, &signed, 403, "is not registered for any subscriber").await;
+    assert_refused(
+        &server,
+        &signed,
+        403,
+        "is not registered for any subscriber",
+    )
+    .await;
     // Without KeyInfo, no registered certificate verifies it.
     let start = signed.find("<ds:KeyInfo>").unwrap();
     let end = signed.find("</ds:KeyInfo>").unwrap() + "</ds:KeyInfo>".len();
@@ -510,12 +582,16 @@ async fn expired_and_revoked_certificates_are_refused() {
     run(ehrx(&server)
         .args(["subscriber", "rotate-cert", "--organization", org, "--cert"])
         .arg(&next.cert));
-    let list: Value = serde_json::from_str(&run(ehrx(&server).args(["subscriber", "list"]))).unwrap();
+    let list: Value =
+        serde_json::from_str(&run(ehrx(&server).args(["subscriber", "list"]))).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 3, "{list}");
     let (status, answer) = post_xml(&server, &work.sign(&ccd(), &next)).await;
     assert_eq!(status, 201, "{answer}");
     let prov = search(&server, "Provenance").await;
-    assert_eq!(prov["entry"][0]["resource"]["agent"][0]["who"]["reference"], org);
+    assert_eq!(
+        prov["entry"][0]["resource"]["agent"][0]["who"]["reference"],
+        org
+    );
     server.stop().await;
 }
 
@@ -526,10 +602,13 @@ async fn a_changed_character_in_a_signed_element_is_refused() {
     let signer = work.rsa("Tamper test");
     add_subscriber(&server, "Hospital", "hospital", &signer);
     let signed = work.sign(&ccd(), &signer);
-    let tampered = signed.replacen("<family qualifier=\"SP\">Jones</family>", "<family qualifier=\"SP\">Jonas</family>", 1);
+    let tampered = signed.replacen(
+        "<family qualifier=\"SP\">Jones</family>",
+        "<family qualifier=\"SP\">Jonas</family>",
+        1,
+    );
     assert_ne!(tampered, signed);
-    let outcome =
-        assert_refused(&server, &tampered, 403, "does not match its signature").await;
+    let outcome = assert_refused(&server, &tampered, 403, "does not match its signature").await;
     assert!(outcome["issue"][0]["expression"][0]
         .as_str()
         .unwrap()
@@ -557,11 +636,18 @@ async fn a_comment_in_a_signed_text_node_does_not_change_what_is_mapped() {
     let signer = work.rsa("Comment test");
     add_subscriber(&server, "Hospital", "hospital", &signer);
     let signed = work.sign(&ccd(), &signer);
-    let commented = signed.replacen("<family qualifier=\"SP\">Jones</family>", "<family qualifier=\"SP\">Jo<!---->nes</family>", 1);
+    let commented = signed.replacen(
+        "<family qualifier=\"SP\">Jones</family>",
+        "<family qualifier=\"SP\">Jo<!---->nes</family>",
+        1,
+    );
     assert_ne!(commented, signed);
     let (status, answer) = post_xml(&server, &commented).await;
     assert_eq!(status, 201, "{answer}");
-    assert_eq!(total(&search(&server, "Patient?family:exact=Jones").await), 1);
+    assert_eq!(
+        total(&search(&server, "Patient?family:exact=Jones").await),
+        1
+    );
     assert_eq!(total(&search(&server, "Patient?family:exact=Jo").await), 0);
     server.stop().await;
 }
@@ -584,14 +670,14 @@ async fn xml_signature_wrapping_variants_are_refused() {
         let unsigned = format!("{}{}", &body[..s], &body[e..]);
         (body, signature, unsigned)
     };
-    let evil = |xml: &str| {
-        xml.replace("<family qualifier=\"SP\">Jones</family>", "<family qualifier=\"SP\">Evil</family>")
-            .replace("ID=\"orig\"", "ID=\"evil\"")
-    };
     let close = |xml: &str| xml.rfind("</ClinicalDocument>").unwrap();
     let (orig_id, sig_id, unsigned_id) = split(&by_id);
     let (orig_uri, _sig_uri, _) = split(&by_uri);
-    let ev = evil(&unsigned_id);
+    // A document of the attacker's own making, to be passed off as signed.
+    let ev = "<ClinicalDocument xmlns=\"urn:hl7-org:v3\" xmlns:sdtc=\"urn:hl7-org:sdtc\" ID=\"evil\">\
+              <recordTarget><patientRole><id root=\"1.2.3\" extension=\"666\"/><patient><name>\
+              <family>Evil</family></name></patient></patientRole></recordTarget></ClinicalDocument>"
+        .to_string();
     let variants: Vec<(&str, String, &str)> = vec![
         (
             // The signed original moved into the signature's ds:Object; an
@@ -614,7 +700,10 @@ async fn xml_signature_wrapping_variants_are_refused() {
         (
             "XSW3 evil document with the same ID carrying the signature",
             {
-                let ev_same = unsigned_id.replace("<family qualifier=\"SP\">Jones</family>", "<family qualifier=\"SP\">Evil</family>");
+                let ev_same = unsigned_id.replace(
+                    "<family qualifier=\"SP\">Jones</family>",
+                    "<family qualifier=\"SP\">Evil</family>",
+                );
                 format!(
                     "{}{sig_id}<component>{unsigned_id}</component>{}",
                     &ev_same[..close(&ev_same)],
@@ -645,7 +734,10 @@ async fn xml_signature_wrapping_variants_are_refused() {
                     "</ds:SignatureValue>",
                     &format!("</ds:SignatureValue><ds:Object>{unsigned_id}</ds:Object>"),
                 );
-                let e2 = unsigned_id.replace("<family qualifier=\"SP\">Jones</family>", "<family qualifier=\"SP\">Evil</family>");
+                let e2 = unsigned_id.replace(
+                    "<family qualifier=\"SP\">Jones</family>",
+                    "<family qualifier=\"SP\">Evil</family>",
+                );
                 format!("{}{sig}{}", &e2[..close(&e2)], &e2[close(&e2)..])
             },
             "is used by more than one element",
@@ -696,13 +788,20 @@ async fn dtds_entities_and_oversize_documents_are_refused() {
                   <lolz>&lol3;</lolz>";
     assert_refused(&server, laughs, 400, "<!DOCTYPE").await;
     // An undeclared entity without a DTD.
-    let undeclared = "<ClinicalDocument xmlns=\"urn:hl7-org:v3\"><title>&ent;</title></ClinicalDocument>";
+    let undeclared =
+        "<ClinicalDocument xmlns=\"urn:hl7-org:v3\"><title>&ent;</title></ClinicalDocument>";
     assert_refused(&server, undeclared, 400, "undeclared entity").await;
     // Nesting too deep.
     let deep = format!("{}{}", "<a>".repeat(1000), "</a>".repeat(1000));
     assert_refused(&server, &deep, 400, "deeper than the limit").await;
     // Over the configured limit (the CCD is about 48 kB).
-    let o = assert_refused(&server, &ccd(), 413, "exceeds the exchange limit of 40000 bytes").await;
+    let o = assert_refused(
+        &server,
+        &ccd(),
+        413,
+        "exceeds the exchange limit of 40000 bytes",
+    )
+    .await;
     assert_eq!(o["issue"][0]["code"], "too-costly");
     server.stop().await;
 }

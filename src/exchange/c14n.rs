@@ -179,7 +179,14 @@ fn element<'a>(
     }
     let mut sorted: Vec<_> = attrs
         .iter()
-        .map(|a| (a.namespace().unwrap_or(""), a.name(), &input[a.range_qname()], a.value()))
+        .map(|a| {
+            (
+                a.namespace().unwrap_or(""),
+                a.name(),
+                &input[a.range_qname()],
+                a.value(),
+            )
+        })
         .collect();
     sorted.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
     for (_, _, q, value) in sorted {
@@ -285,7 +292,8 @@ mod tests {
             r#"<e xmlns="http://d" xmlns:a="http://a" xmlns:b="http://b" z="3" a:y="2" b:x="1"><f a:q="&lt;&#x9;"></f></e>"#
         );
         // Exclusive: only visibly utilised namespaces, where first used.
-        let input = r#"<a:e xmlns:a="http://a" xmlns:u="http://unused"><b:f xmlns:b="http://b"/></a:e>"#;
+        let input =
+            r#"<a:e xmlns:a="http://a" xmlns:u="http://unused"><b:f xmlns:b="http://b"/></a:e>"#;
         assert_eq!(
             c14n(input, true),
             r#"<a:e xmlns:a="http://a"><b:f xmlns:b="http://b"></b:f></a:e>"#
@@ -295,7 +303,13 @@ mod tests {
     #[test]
     fn default_namespace_undeclared() {
         let input = r#"<e xmlns="http://d"><f xmlns=""/></e>"#;
-        assert_eq!(c14n(input, false), r#"<e xmlns="http://d"><f xmlns=""></f></e>"#);
-        assert_eq!(c14n(input, true), r#"<e xmlns="http://d"><f xmlns=""></f></e>"#);
+        assert_eq!(
+            c14n(input, false),
+            r#"<e xmlns="http://d"><f xmlns=""></f></e>"#
+        );
+        assert_eq!(
+            c14n(input, true),
+            r#"<e xmlns="http://d"><f xmlns=""></f></e>"#
+        );
     }
 }

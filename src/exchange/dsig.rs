@@ -52,7 +52,10 @@ fn only<'a, 'i>(parent: Node<'a, 'i>, name: &'a str) -> Result<Node<'a, 'i>, Exc
     match child(parent, DSIG, name) {
         Some(c) => Ok(c),
         None => Err(ExchangeError::signature(
-            format!("{} must have exactly one ds:{name} (found {n})", super::xml::qname(parent)),
+            format!(
+                "{} must have exactly one ds:{name} (found {n})",
+                super::xml::qname(parent)
+            ),
             Some(xpath(parent)),
         )),
     }
@@ -65,7 +68,8 @@ fn check_ids(doc: &Document) -> Result<(), ExchangeError> {
     for node in doc.descendants().filter(|n| n.is_element()) {
         for a in node.attributes() {
             let is_id = matches!(a.name(), "ID" | "Id" | "id") && a.namespace().is_none()
-                || (a.name() == "id" && a.namespace() == Some("http://www.w3.org/XML/1998/namespace"));
+                || (a.name() == "id"
+                    && a.namespace() == Some("http://www.w3.org/XML/1998/namespace"));
             if !is_id {
                 continue;
             }
@@ -95,7 +99,11 @@ pub fn verify(
     let root = doc.root_element();
     let signatures: Vec<Node> = doc
         .descendants()
-        .filter(|n| n.is_element() && n.tag_name().namespace() == Some(DSIG) && n.tag_name().name() == "Signature")
+        .filter(|n| {
+            n.is_element()
+                && n.tag_name().namespace() == Some(DSIG)
+                && n.tag_name().name() == "Signature"
+        })
         .collect();
     let signature = match signatures.as_slice() {
         [] => {
@@ -222,7 +230,10 @@ pub fn verify(
     }
     let digest_node = only(reference, "DigestValue")?;
     let expected = b64(&super::xml::text_of(digest_node)).map_err(|e| {
-        ExchangeError::signature(format!("DigestValue is not base64: {e}"), Some(xpath(digest_node)))
+        ExchangeError::signature(
+            format!("DigestValue is not base64: {e}"),
+            Some(xpath(digest_node)),
+        )
     })?;
     let canonical = c14n::canonicalize(apex, Some(signature.id()), &ref_method);
     let actual = Sha256::digest(canonical.as_bytes());
@@ -236,7 +247,10 @@ pub fn verify(
     // The signature over SignedInfo.
     let value_node = only(signature, "SignatureValue")?;
     let sig_value = b64(&super::xml::text_of(value_node)).map_err(|e| {
-        ExchangeError::signature(format!("SignatureValue is not base64: {e}"), Some(xpath(value_node)))
+        ExchangeError::signature(
+            format!("SignatureValue is not base64: {e}"),
+            Some(xpath(value_node)),
+        )
     })?;
     let signed_info_c14n = c14n::canonicalize(signed_info, None, &si_method);
     // KeyInfo may name the certificate; then only that one is tried.
@@ -259,7 +273,14 @@ pub fn verify(
     };
     let signer = candidates
         .into_iter()
-        .find(|r| check(&r.cert.key, sig_alg, signed_info_c14n.as_bytes(), &sig_value))
+        .find(|r| {
+            check(
+                &r.cert.key,
+                sig_alg,
+                signed_info_c14n.as_bytes(),
+                &sig_value,
+            )
+        })
         .ok_or_else(|| match &named {
             Some(_) => ExchangeError::signature(
                 "the signature value does not verify with the signing certificate",
@@ -295,7 +316,10 @@ pub fn verify(
 
 fn with_prefix_list(mut m: Method, node: Node) -> Method {
     if m.exclusive {
-        if let Some(list) = node.children().find(|c| c.is_element() && c.tag_name().name() == "InclusiveNamespaces") {
+        if let Some(list) = node
+            .children()
+            .find(|c| c.is_element() && c.tag_name().name() == "InclusiveNamespaces")
+        {
             m.inclusive_prefixes = list
                 .attribute("PrefixList")
                 .unwrap_or("")
@@ -320,7 +344,10 @@ fn key_info_certificate(signature: Node) -> Result<Option<Cert>, ExchangeError> 
         return Ok(None);
     };
     let der = b64(&super::xml::text_of(cert_node)).map_err(|e| {
-        ExchangeError::signature(format!("X509Certificate is not base64: {e}"), Some(xpath(cert_node)))
+        ExchangeError::signature(
+            format!("X509Certificate is not base64: {e}"),
+            Some(xpath(cert_node)),
+        )
     })?;
     Cert::from_der(&der).map(Some).map_err(|e| {
         ExchangeError::signature(format!("X509Certificate: {e}"), Some(xpath(cert_node)))
@@ -349,10 +376,7 @@ fn check(key: &PublicKey, alg: &str, data: &[u8], sig: &[u8]) -> bool {
 /// the end) with ehrx's exchange key: an enveloped RSA-SHA256 signature over
 /// `URI=""` with exclusive c14n, and the certificate in KeyInfo. Returns the
 /// signed document.
-pub fn sign_enveloped(
-    xml: &str,
-    key: &super::keys::ExchangeKey,
-) -> Result<String, ExchangeError> {
+pub fn sign_enveloped(xml: &str, key: &super::keys::ExchangeKey) -> Result<String, ExchangeError> {
     use rsa::signature::{SignatureEncoding, Signer};
     let limits = super::xml::Limits {
         max_bytes: usize::MAX,
@@ -375,7 +399,10 @@ pub fn sign_enveloped(
     // Canonicalize SignedInfo as it will sit inside the signature.
     let wrapped = format!("<ds:Signature xmlns:ds=\"{DSIG}\">{signed_info}</ds:Signature>");
     let wdoc = super::xml::parse(&wrapped, &limits)?;
-    let si = wdoc.root_element().first_element_child().expect("SignedInfo");
+    let si = wdoc
+        .root_element()
+        .first_element_child()
+        .expect("SignedInfo");
     let si_c14n = c14n::canonicalize(si, None, &method);
     let signer = rsa::pkcs1v15::SigningKey::<Sha256>::new(key.private.clone());
     let value = signer.sign(si_c14n.as_bytes()).to_vec();
@@ -388,8 +415,8 @@ pub fn sign_enveloped(
     );
     let root = doc.root_element();
     let end = root.range().end;
-    let close = xml[..end].rfind("</").ok_or_else(|| {
-        ExchangeError::xml("the document element to sign has no end tag", None)
-    })?;
+    let close = xml[..end]
+        .rfind("</")
+        .ok_or_else(|| ExchangeError::xml("the document element to sign has no end tag", None))?;
     Ok(format!("{}{}{}", &xml[..close], signature, &xml[close..]))
 }

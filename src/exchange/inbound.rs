@@ -121,7 +121,8 @@ pub async fn receive(store: &Store, env: &Env, ex: &Exchange, body: &[u8]) -> Re
                     .iter()
                     .find(|r| r.resource["resourceType"] == "Composition");
                 let doc_type = composition.map(|c| c.resource["type"].clone());
-                let title = composition.and_then(|c| c.resource["title"].as_str().map(str::to_string));
+                let title =
+                    composition.and_then(|c| c.resource["title"].as_str().map(str::to_string));
                 let master = composition.map(|c| c.resource["identifier"].clone());
                 // Every mapped resource must be valid R4 before anything is written.
                 for r in &m.resources {
@@ -132,7 +133,9 @@ pub async fn receive(store: &Store, env: &Env, ex: &Exchange, body: &[u8]) -> Re
                                 r.resource["resourceType"].as_str().unwrap_or("resource"),
                                 r.source,
                                 f.message,
-                                f.expression.map(|e| format!(" (at {e})")).unwrap_or_default()
+                                f.expression
+                                    .map(|e| format!(" (at {e})"))
+                                    .unwrap_or_default()
                             ),
                             xpath: Some(r.source.clone()),
                         })
@@ -289,7 +292,10 @@ fn fhir_bundle_entries(b: Value) -> Result<(Vec<Value>, Option<String>)> {
     let mut patient = None;
     for (i, e) in entries.into_iter().enumerate() {
         let Some(res) = e.get("resource").cloned() else {
-            return Err(Error::invalid_at("entry has no resource", format!("Bundle.entry[{i}]")));
+            return Err(Error::invalid_at(
+                "entry has no resource",
+                format!("Bundle.entry[{i}]"),
+            ));
         };
         let rtype = res["resourceType"].as_str().unwrap_or("").to_string();
         let full_url = e["fullUrl"]

@@ -46,7 +46,7 @@ impl Cert {
             let start = text.find("-----BEGIN CERTIFICATE-----").ok_or_else(|| {
                 ExchangeError::Certificate("no '-----BEGIN CERTIFICATE-----' block found".into())
             })?;
-            Certificate::from_pem(text[start..].as_bytes())
+            Certificate::from_pem(&text.as_bytes()[start..])
                 .map_err(|e| ExchangeError::Certificate(format!("invalid certificate PEM: {e}")))?
         } else {
             Certificate::from_der(bytes)
@@ -70,29 +70,30 @@ impl Cert {
         let spki_der = spki
             .to_der()
             .map_err(|e| ExchangeError::Certificate(e.to_string()))?;
-        let key = match spki.algorithm.oid.to_string().as_str() {
-            "1.2.840.113549.1.1.1" => {
-                use rsa::pkcs8::DecodePublicKey;
-                PublicKey::Rsa(rsa::RsaPublicKey::from_public_key_der(&spki_der).map_err(
-                    |e| ExchangeError::Certificate(format!("invalid RSA public key: {e}")),
-                )?)
-            }
-            "1.2.840.10045.2.1" => {
-                use p256::pkcs8::DecodePublicKey;
-                PublicKey::P256(
-                    p256::ecdsa::VerifyingKey::from_public_key_der(&spki_der).map_err(|e| {
-                        ExchangeError::Certificate(format!(
-                            "unsupported EC public key (only P-256 is accepted): {e}"
-                        ))
-                    })?,
-                )
-            }
-            other => {
-                return Err(ExchangeError::Certificate(format!(
-                    "unsupported public key algorithm {other}: use RSA or ECDSA P-256"
-                )))
-            }
-        };
+        let key =
+            match spki.algorithm.oid.to_string().as_str() {
+                "1.2.840.113549.1.1.1" => {
+                    use rsa::pkcs8::DecodePublicKey;
+                    PublicKey::Rsa(rsa::RsaPublicKey::from_public_key_der(&spki_der).map_err(
+                        |e| ExchangeError::Certificate(format!("invalid RSA public key: {e}")),
+                    )?)
+                }
+                "1.2.840.10045.2.1" => {
+                    use p256::pkcs8::DecodePublicKey;
+                    PublicKey::P256(
+                        p256::ecdsa::VerifyingKey::from_public_key_der(&spki_der).map_err(|e| {
+                            ExchangeError::Certificate(format!(
+                                "unsupported EC public key (only P-256 is accepted): {e}"
+                            ))
+                        })?,
+                    )
+                }
+                other => {
+                    return Err(ExchangeError::Certificate(format!(
+                        "unsupported public key algorithm {other}: use RSA or ECDSA P-256"
+                    )))
+                }
+            };
         let time = |t: &x509_cert::time::Time| {
             let secs = t.to_unix_duration().as_secs() as i64;
             chrono::DateTime::from_timestamp(secs, 0).unwrap_or_default()
@@ -157,12 +158,12 @@ pub fn generate_exchange_key(subject: &str, years: u64) -> Result<ExchangeKey, E
     rand_core::RngCore::fill_bytes(&mut rng, &mut serial);
     serial[0] &= 0x7f;
     let serial = x509_cert::serial_number::SerialNumber::new(&serial).map_err(|e| fail(&e))?;
-    let validity = x509_cert::time::Validity::from_now(Duration::from_secs(
-        years * 365 * 24 * 3600,
-    ))
-    .map_err(|e| fail(&e))?;
+    let validity =
+        x509_cert::time::Validity::from_now(Duration::from_secs(years * 365 * 24 * 3600))
+            .map_err(|e| fail(&e))?;
     let name = x509_cert::name::Name::from_str(subject).map_err(|e| fail(&e))?;
-    let spki = x509_cert::spki::SubjectPublicKeyInfoOwned::from_key(public).map_err(|e| fail(&e))?;
+    let spki =
+        x509_cert::spki::SubjectPublicKeyInfoOwned::from_key(public).map_err(|e| fail(&e))?;
     let builder = CertificateBuilder::new(Profile::Root, serial, validity, name, spki, &signer)
         .map_err(|e| fail(&e))?;
     let cert = builder
@@ -269,11 +270,12 @@ pub async fn register(
     organization_id: &str,
     cert: &Cert,
 ) -> Result<(), ExchangeError> {
-    let existing = sqlx::query("SELECT organization_id FROM exchange_certificate WHERE fingerprint = $1")
-        .bind(cert.fingerprint.as_str())
-        .fetch_optional(tx.conn())
-        .await
-        .map_err(StoreError::from)?;
+    let existing =
+        sqlx::query("SELECT organization_id FROM exchange_certificate WHERE fingerprint = $1")
+            .bind(cert.fingerprint.as_str())
+            .fetch_optional(tx.conn())
+            .await
+            .map_err(StoreError::from)?;
     if let Some(row) = existing {
         let org: String = row.try_get(0).map_err(StoreError::from)?;
         return Err(ExchangeError::Certificate(format!(

@@ -144,8 +144,8 @@ impl Rules {
             let text = std::fs::read_to_string(&p)
                 .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
             if p.file_name().and_then(|n| n.to_str()) == Some("code-systems.json") {
-                code_systems = serde_json::from_str(&text)
-                    .map_err(|e| format!("{}: {e}", p.display()))?;
+                code_systems =
+                    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?;
                 continue;
             }
             let rule: Rule =
@@ -394,7 +394,10 @@ impl Ctx<'_, '_, '_> {
 
     fn codeable(&self, n: Node) -> Option<Value> {
         let mut codings: Vec<Value> = self.coding(n).into_iter().collect();
-        for t in n.children().filter(|c| c.is_element() && c.tag_name().name() == "translation") {
+        for t in n
+            .children()
+            .filter(|c| c.is_element() && c.tag_name().name() == "translation")
+        {
             codings.extend(self.coding(t));
         }
         let mut cc = Map::new();
@@ -455,7 +458,11 @@ impl Ctx<'_, '_, '_> {
         if let Some(f) = parts("family").into_iter().next() {
             name.insert("family".into(), f);
         }
-        for (k, l) in [("given", "given"), ("prefix", "prefix"), ("suffix", "suffix")] {
+        for (k, l) in [
+            ("given", "given"),
+            ("prefix", "prefix"),
+            ("suffix", "suffix"),
+        ] {
             let v = parts(l);
             if !v.is_empty() {
                 name.insert(k.into(), Value::Array(v));
@@ -499,7 +506,13 @@ impl Ctx<'_, '_, '_> {
         if !lines.is_empty() {
             a.insert("line".into(), json!(lines));
         }
-        for (k, l) in [("city", "city"), ("state", "state"), ("postalCode", "postalCode"), ("country", "country"), ("district", "county")] {
+        for (k, l) in [
+            ("city", "city"),
+            ("state", "state"),
+            ("postalCode", "postalCode"),
+            ("country", "country"),
+            ("district", "county"),
+        ] {
             if let Some(v) = get(l).into_iter().next() {
                 a.insert(k.into(), json!(v));
             }
@@ -661,8 +674,7 @@ pub fn map_document(doc: &Document, rules: &Rules, sender: &str) -> Result<Mappi
     let mut claimed: HashSet<NodeId> = HashSet::new();
     let elements: Vec<Node> = doc.descendants().filter(|n| n.is_element()).collect();
     for rule in &rules.rules {
-        let applies =
-            |e: &Node| has_template(*e, &rule.template) || (rule.document && *e == root);
+        let applies = |e: &Node| has_template(*e, &rule.template) || (rule.document && *e == root);
         for el in elements.iter().filter(|e| applies(e)) {
             if !claimed.insert(el.id()) {
                 continue;
@@ -710,7 +722,9 @@ pub fn map_document(doc: &Document, rules: &Rules, sender: &str) -> Result<Mappi
     }
     if let Some((i, node)) = sections_of {
         if let Some(body) = select(node, "component/structuredBody").into_iter().next() {
-            let Item::Node(body) = body else { unreachable!() };
+            let Item::Node(body) = body else {
+                unreachable!()
+            };
             let sections: Vec<Value> = select(body, "component/section")
                 .into_iter()
                 .filter_map(|s| match s {
@@ -737,11 +751,12 @@ pub fn map_document(doc: &Document, rules: &Rules, sender: &str) -> Result<Mappi
         }
     }
     // Report entries no rule covered.
-    for entry in doc
-        .descendants()
-        .filter(|n| n.is_element() && n.tag_name().name() == "entry" && n.tag_name().namespace() == Some(HL7))
-    {
-        let covered = entry.descendants().any(|d| ctx.by_node.contains_key(&d.id()));
+    for entry in doc.descendants().filter(|n| {
+        n.is_element() && n.tag_name().name() == "entry" && n.tag_name().namespace() == Some(HL7)
+    }) {
+        let covered = entry
+            .descendants()
+            .any(|d| ctx.by_node.contains_key(&d.id()));
         if !covered {
             let templates: Vec<&str> = entry
                 .first_element_child()
@@ -805,7 +820,12 @@ fn apply_fields(ctx: &mut Ctx, node: Node, fields: &[Field], res: &mut Map<Strin
             } else if f.required {
                 let primitive = matches!(
                     f.kind,
-                    Kind::String | Kind::Code | Kind::Boolean | Kind::Integer | Kind::Date | Kind::DateTime
+                    Kind::String
+                        | Kind::Code
+                        | Kind::Boolean
+                        | Kind::Integer
+                        | Kind::Date
+                        | Kind::DateTime
                 );
                 if primitive {
                     res.insert(format!("_{key}"), dar(nf));
@@ -832,7 +852,10 @@ fn field_values(ctx: &mut Ctx, node: Node, f: &Field) -> (Vec<Value>, Option<&'s
             .find_map(|k| ctx.keys.get(k).filter(|v| !v.is_empty()))
             .cloned()
             .unwrap_or_default();
-        return (urls.into_iter().map(|u| json!({"reference": u})).collect(), None);
+        return (
+            urls.into_iter().map(|u| json!({"reference": u})).collect(),
+            None,
+        );
     }
     let items = match &f.path {
         Some(p) => select(node, p),
@@ -996,7 +1019,9 @@ pub fn narrative(text: Node) -> Option<String> {
     if body.trim().is_empty() {
         return None;
     }
-    Some(format!("<div xmlns=\"http://www.w3.org/1999/xhtml\">{body}</div>"))
+    Some(format!(
+        "<div xmlns=\"http://www.w3.org/1999/xhtml\">{body}</div>"
+    ))
 }
 
 fn narrative_node(n: Node, out: &mut String) {
@@ -1027,7 +1052,10 @@ fn narrative_node(n: Node, out: &mut String) {
         out.push('"');
     }
     if tag == "a" {
-        if let Some(h) = n.attribute("href").filter(|h| h.starts_with("http") || h.starts_with('#')) {
+        if let Some(h) = n
+            .attribute("href")
+            .filter(|h| h.starts_with("http") || h.starts_with('#'))
+        {
             out.push_str(" href=\"");
             escape(h, out);
             out.push('"');
@@ -1053,7 +1081,10 @@ fn narrative_node(n: Node, out: &mut String) {
     out.push_str(tag);
     out.push('>');
     if is_list {
-        if let Some(cap) = n.children().find(|c| c.is_element() && c.tag_name().name() == "caption") {
+        if let Some(cap) = n
+            .children()
+            .find(|c| c.is_element() && c.tag_name().name() == "caption")
+        {
             let mut p = String::from("<p>");
             escape(&text_of(cap), &mut p);
             p.push_str("</p>");
@@ -1083,7 +1114,10 @@ mod tests {
     fn dates_keep_their_precision() {
         assert_eq!(hl7_datetime("2015", false).as_deref(), Some("2015"));
         assert_eq!(hl7_datetime("201506", false).as_deref(), Some("2015-06"));
-        assert_eq!(hl7_datetime("20150622", false).as_deref(), Some("2015-06-22"));
+        assert_eq!(
+            hl7_datetime("20150622", false).as_deref(),
+            Some("2015-06-22")
+        );
         assert_eq!(
             hl7_datetime("20150622103026-0500", false).as_deref(),
             Some("2015-06-22T10:30:26-05:00")
@@ -1093,8 +1127,14 @@ mod tests {
             Some("2015-06-22T10:30:00+01:00")
         );
         // A time without a zone is cut to the date.
-        assert_eq!(hl7_datetime("201506221030", false).as_deref(), Some("2015-06-22"));
-        assert_eq!(hl7_datetime("20150622103026-0500", true).as_deref(), Some("2015-06-22"));
+        assert_eq!(
+            hl7_datetime("201506221030", false).as_deref(),
+            Some("2015-06-22")
+        );
+        assert_eq!(
+            hl7_datetime("20150622103026-0500", true).as_deref(),
+            Some("2015-06-22")
+        );
         assert_eq!(hl7_datetime("junk", false), None);
     }
 

@@ -98,7 +98,9 @@ pub async fn rotate_cert(store: &Store, organization: &str, cert_pem: &[u8]) -> 
     let mut tx = store.begin().await?;
     let current = tx.current_for_update("Organization", org_id).await?;
     if current.map(|v| v.deleted) != Some(false) {
-        return Err(Error::NotFound(format!("Organization/{org_id} does not exist")));
+        return Err(Error::NotFound(format!(
+            "Organization/{org_id} does not exist"
+        )));
     }
     keys::register(&mut tx, org_id, &cert).await?;
     tx.commit().await.map_err(Error::from)?;

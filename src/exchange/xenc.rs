@@ -44,7 +44,10 @@ fn cipher_value(parent: Node) -> Result<Vec<u8>, ExchangeError> {
             )
         })?;
     b64(&super::xml::text_of(value)).map_err(|e| {
-        ExchangeError::decryption(format!("CipherValue is not base64: {e}"), Some(xpath(value)))
+        ExchangeError::decryption(
+            format!("CipherValue is not base64: {e}"),
+            Some(xpath(value)),
+        )
     })
 }
 
@@ -126,7 +129,10 @@ fn decrypt_one(node: Node, key: &ExchangeKey) -> Result<String, ExchangeError> {
     }
     let data = cipher_value(node)?;
     if data.len() < 12 + 16 {
-        return Err(ExchangeError::decryption("CipherValue too short for AES-GCM", at()));
+        return Err(ExchangeError::decryption(
+            "CipherValue too short for AES-GCM",
+            at(),
+        ));
     }
     let (iv, ciphertext) = data.split_at(12);
     let nonce = aes_gcm::Nonce::from_slice(iv);

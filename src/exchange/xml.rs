@@ -149,8 +149,9 @@ pub fn children<'a, 'i>(
     ns: &'a str,
     name: &'a str,
 ) -> impl Iterator<Item = Node<'a, 'i>> + 'a {
-    node.children()
-        .filter(move |c| c.is_element() && c.tag_name().namespace() == Some(ns) && c.tag_name().name() == name)
+    node.children().filter(move |c| {
+        c.is_element() && c.tag_name().namespace() == Some(ns) && c.tag_name().name() == name
+    })
 }
 
 /// The one element child in `ns` named `name`, if exactly one.
