@@ -805,3 +805,147 @@ async fn dtds_entities_and_oversize_documents_are_refused() {
     assert_eq!(o["issue"][0]["code"], "too-costly");
     server.stop().await;
 }
+
+/// Elements of `doc` carrying templateId `oid` (an element with the template
+/// twice, e.g. with two versions, counts once).
+fn elements_with_template(doc: &roxmltree::Document, oid: &str) -> usize {
+    doc.descendants()
+        .filter(|n| {
+            n.children().any(|c| {
+                c.is_element()
+                    && c.tag_name().name() == "templateId"
+                    && c.attribute("root") == Some(oid)
+            })
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn every_sample_ccda_maps_to_valid_resources_or_is_refused_as_not_namespace_well_formed() {
+    let server = TestServer::start().await;
+    let work = Work::new();
+    let signer = work.rsa("Sample sender");
+    add_subscriber(&server, "Sample sender", "hospital", &signer);
+    let mut files: Vec<PathBuf> = Vec::new();
+    for dir in ["ccda/hl7-c-cda-examples", "ccda/chb-sample-ccdas"] {
+        for e in std::fs::read_dir(data_dir().join(dir)).unwrap() {
+            files.push(e.unwrap().path());
+        }
+    }
+    files.sort();
+    assert_eq!(files.len(), 44);
+    let p = "2.16.840.1.113883.10.20.22.4.";
+    let mut mapped = 0;
+    for file in &files {
+        let name = file.file_name().unwrap().to_string_lossy().to_string();
+        let source = std::fs::read_to_string(file).unwrap();
+        let signed = work.sign(&source, &signer);
+        let (status, answer) = post_xml(&server, &signed).await;
+        if std::env::var("EXCHANGE_SAMPLES_REPORT").is_ok() && status != 201 {
+            eprintln!(
+                "{name}: {status} {}",
+                common::first_issue(&answer)["diagnostics"]
+            );
+            continue;
+        }
+        let parsed = roxmltree::Document::parse(&source);
+        let Ok(doc) = parsed else {
+            // Published with the `xsi:` prefix undeclared: not namespace-well-formed.
+            assert_eq!(status, 400, "{name}: {answer}");
+            let d = common::first_issue(&answer)["diagnostics"].to_string();
+            assert!(
+                d.contains("not well-formed") && d.contains("xsi"),
+                "{name}: {d}"
+            );
+            continue;
+        };
+        if doc.root_element().tag_name().namespace().is_none() {
+            // Guide fragments without the CDA namespace.
+            assert_eq!(status, 400, "{name}: {answer}");
+            let d = common::first_issue(&answer)["diagnostics"].to_string();
+            assert!(d.contains("not in the HL7 v3 namespace"), "{name}: {d}");
+            continue;
+        }
+        assert_eq!(status, 201, "{name}: {answer}");
+        mapped += 1;
+        let result = &part(&answer, "result")["resource"];
+        let created = |rtype: &str| {
+            result["entry"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| {
+                    e["response"]["location"]
+                        .as_str()
+                        .unwrap_or("")
+                        .starts_with(&format!("{rtype}/"))
+                })
+                .count()
+        };
+        for (rtype, oid, what) in [
+            ("Condition", "4", "problems"),
+            ("AllergyIntolerance", "7", "allergies"),
+            ("MedicationStatement", "16", "medications"),
+            ("Immunization", "52", "immunizations"),
+        ] {
+            assert_eq!(
+                created(rtype),
+                elements_with_template(&doc, &format!("{p}{oid}")),
+                "{name}: {what}"
+            );
+        }
+        let results = elements_with_template(&doc, &format!("{p}2"))
+            + elements_with_template(&doc, &format!("{p}27"))
+            + elements_with_template(&doc, &format!("{p}38"))
+            + elements_with_template(&doc, &format!("{p}78"));
+        assert!(created("Observation") <= results, "{name}: observations");
+        // The patient: name and birth date as in the header.
+        let patient_el = doc.descendants().find(|n| {
+            n.tag_name().name() == "patient"
+                && n.parent().map(|p| p.tag_name().name()) == Some("patientRole")
+        });
+        let location = result["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            // A patient matched by identifier to one stored before keeps its data.
+            .filter(|e| {
+                e["response"]["status"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("201")
+            })
+            .filter_map(|e| e["response"]["location"].as_str())
+            .find(|l| l.starts_with("Patient/"))
+            .map(|l| l.split("/_history").next().unwrap().to_string());
+        let (Some(patient_el), Some(location)) = (patient_el, location) else {
+            continue;
+        };
+        let patient: Value = server.get(&location).await.json().await.unwrap();
+        let family = patient_el
+            .descendants()
+            .find(|n| n.tag_name().name() == "family")
+            .and_then(|n| n.text())
+            .map(str::trim);
+        if let Some(family) = family.filter(|f| !f.is_empty()) {
+            assert!(
+                patient["name"].to_string().contains(family),
+                "{name}: family {family} in {}",
+                patient["name"]
+            );
+        }
+        let birth = patient_el
+            .descendants()
+            .find(|n| n.tag_name().name() == "birthTime")
+            .and_then(|n| n.attribute("value"));
+        if let Some(b) = birth.filter(|b| b.len() >= 8) {
+            assert_eq!(
+                patient["birthDate"],
+                format!("{}-{}-{}", &b[..4], &b[4..6], &b[6..8]),
+                "{name}"
+            );
+        }
+    }
+    assert_eq!(mapped, 34, "documents mapped");
+    server.stop().await;
+}

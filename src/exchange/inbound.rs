@@ -159,6 +159,14 @@ pub async fn receive(store: &Store, env: &Env, ex: &Exchange, body: &[u8]) -> Re
                 let (entries, patient) = fhir_bundle_entries(b)?;
                 (entries, Vec::new(), patient, None, None, None)
             }
+            (None, "ClinicalDocument") => {
+                return Err(ExchangeError::xml(
+                    "the ClinicalDocument element is not in the HL7 v3 namespace \
+                     (xmlns=\"urn:hl7-org:v3\" is missing)",
+                    Some(xml::xpath(root)),
+                )
+                .into())
+            }
             (ns, name) => {
                 return Err(ExchangeError::xml(
                     format!(

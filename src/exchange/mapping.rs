@@ -331,6 +331,13 @@ pub fn hl7_datetime(ts: &str, date_only: bool) -> Option<String> {
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
+    let num = |r: std::ops::Range<usize>| digits.get(r).and_then(|d| d.parse::<u32>().ok());
+    if num(0..4) == Some(0)
+        || num(4..6).is_some_and(|m| !(1..=12).contains(&m))
+        || num(6..8).is_some_and(|d| !(1..=31).contains(&d))
+    {
+        return None;
+    }
     let date = match digits.len() {
         4 => digits.to_string(),
         6 => format!("{}-{}", &digits[..4], &digits[4..6]),
@@ -341,7 +348,12 @@ pub fn hl7_datetime(ts: &str, date_only: bool) -> Option<String> {
         return Some(date);
     }
     let zone = match zone {
-        Some(z) if z.len() == 5 && z[1..].bytes().all(|b| b.is_ascii_digit()) => {
+        Some(z)
+            if z.len() == 5
+                && z[1..].bytes().all(|b| b.is_ascii_digit())
+                && z[1..3] <= *"14"
+                && z[3..5] < *"60" =>
+        {
             format!("{}:{}", &z[..3], &z[3..])
         }
         _ => return Some(date),
@@ -380,9 +392,9 @@ impl Ctx<'_, '_, '_> {
     }
 
     fn coding(&self, n: Node) -> Option<Value> {
-        let code = n.attribute("code")?;
+        let code = n.attribute("code").filter(|c| !c.trim().is_empty())?;
         let mut c = Map::new();
-        if let Some(sys) = n.attribute("codeSystem") {
+        if let Some(sys) = n.attribute("codeSystem").filter(|s| !s.trim().is_empty()) {
             c.insert("system".into(), json!(self.system(sys)));
         }
         c.insert("code".into(), json!(code.trim()));
@@ -435,14 +447,23 @@ impl Ctx<'_, '_, '_> {
     }
 
     fn identifier(&self, n: Node) -> Option<Value> {
-        let root = n.attribute("root")?;
-        Some(match n.attribute("extension") {
-            Some(ext) => json!({"system": self.system(root), "value": ext}),
-            None => json!({
-                "system": "urn:ietf:rfc:3986",
-                "value": if is_uuid(root) { format!("urn:uuid:{}", root.to_ascii_lowercase()) } else { format!("urn:oid:{root}") }
-            }),
-        })
+        let root = n
+            .attribute("root")
+            .map(str::trim)
+            .filter(|r| !r.is_empty())?;
+        Some(
+            match n
+                .attribute("extension")
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+            {
+                Some(ext) => json!({"system": self.system(root), "value": ext}),
+                None => json!({
+                    "system": "urn:ietf:rfc:3986",
+                    "value": if is_uuid(root) { format!("urn:uuid:{}", root.to_ascii_lowercase()) } else { format!("urn:oid:{root}") }
+                }),
+            },
+        )
     }
 
     fn human_name(&self, n: Node) -> Option<Value> {
@@ -1136,6 +1157,12 @@ mod tests {
             Some("2015-06-22")
         );
         assert_eq!(hl7_datetime("junk", false), None);
+        assert_eq!(hl7_datetime("00000000", false), None);
+        assert_eq!(
+            hl7_datetime("201507222300-5000", false).as_deref(),
+            Some("2015-07-22")
+        );
+        assert_eq!(hl7_datetime("20151301", false), None);
     }
 
     #[test]
