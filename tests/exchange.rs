@@ -949,3 +949,77 @@ async fn every_sample_ccda_maps_to_valid_resources_or_is_refused_as_not_namespac
     assert_eq!(mapped, 34, "documents mapped");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn signed_document_out_verifies_and_decrypts_with_xmlsec1() {
+    let server = TestServer::start().await;
+    let work = Work::new();
+    let signer = work.rsa("Outbound test sender");
+    add_subscriber(&server, "Sender", "hospital", &signer);
+    let (status, answer) = post_xml(&server, &work.sign(&ccd(), &signer)).await;
+    assert_eq!(status, 201, "{answer}");
+    let patients = search(&server, "Patient?family=Jones").await;
+    let pid = patients["entry"][0]["resource"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ehrx_cert = work.path("ehrx.pem");
+    std::fs::write(&ehrx_cert, run(ehrx(&server).arg("exchange-cert"))).unwrap();
+
+    let r = server.get(&format!("Patient/{pid}/$signed-document")).await;
+    if r.status() != 200 {
+        panic!("{}", r.text().await.unwrap());
+    }
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/fhir+xml"));
+    let xml = r.text().await.unwrap();
+    assert!(xml.contains("<Bundle xmlns=\"http://hl7.org/fhir\">") && xml.contains("Isabella"));
+    let out = work.path("out.xml");
+    std::fs::write(&out, &xml).unwrap();
+    let verify = |path: &Path| {
+        Command::new("xmlsec1")
+            .arg("--verify")
+            .arg("--pubkey-cert-pem")
+            .arg(&ehrx_cert)
+            .arg(path)
+            .output()
+            .unwrap()
+    };
+    let v = verify(&out);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    // A changed byte no longer verifies.
+    let tampered = work.path("tampered.xml");
+    std::fs::write(&tampered, xml.replacen("Isabella", "Isabelle", 1)).unwrap();
+    assert!(!verify(&tampered).status.success());
+
+    // For a recipient: the Patient is encrypted for its certificate, and the
+    // signature covers the ciphertext.
+    let recipient = work.rsa("Recipient");
+    let added = add_subscriber(&server, "Recipient Clinic", "hospital", &recipient);
+    let org = added["organization"].as_str().unwrap();
+    let r = server
+        .get(&format!("Patient/{pid}/$signed-document?recipient={org}"))
+        .await;
+    assert_eq!(r.status(), 200);
+    let xml = r.text().await.unwrap();
+    assert!(xml.contains("EncryptedData") && !xml.contains("Isabella"));
+    std::fs::write(&out, &xml).unwrap();
+    let v = verify(&out);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    let decrypted = run(Command::new("xmlsec1")
+        .arg("--decrypt")
+        .arg("--privkey-pem")
+        .arg(&recipient.key)
+        .arg(&out));
+    assert!(decrypted.contains("Isabella"), "{decrypted}");
+    // An organisation without a certificate to encrypt for.
+    let r = server
+        .get(&format!(
+            "Patient/{pid}/$signed-document?recipient=Organization/nope"
+        ))
+        .await;
+    assert_eq!(r.status(), 422);
+    server.stop().await;
+}

@@ -3,7 +3,7 @@
 use axum::extract::{Path, State};
 use axum::http::header;
 use axum::http::StatusCode;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 
 use super::request::{FhirRequest, FhirResponse, Return};
 use super::AppState;
@@ -336,6 +336,23 @@ pub async fn compartment_or_operation(
     req: FhirRequest,
 ) -> Response {
     let result = async {
+        if what == "$signed-document" && rtype == "Patient" {
+            let exchange = state.exchange().await?;
+            let recipient = req
+                .params
+                .iter()
+                .find(|(k, _)| k == "recipient")
+                .map(|(_, v)| v.as_str());
+            let xml = crate::exchange::outbound::signed_document(
+                &state.store,
+                &state.env,
+                &exchange,
+                &id,
+                recipient,
+            )
+            .await?;
+            return Ok(Err(xml));
+        }
         let mut conn = state.store.reader().await?;
         let b = if what == "$everything" && rtype == "Patient" {
             interaction::everything(&mut conn, &state.env, &id, &req.params).await?
@@ -354,9 +371,19 @@ pub async fn compartment_or_operation(
             )
             .await?
         };
-        Ok(FhirResponse::new(StatusCode::OK).with_value(b))
+        Ok(Ok(FhirResponse::new(StatusCode::OK).with_value(b)))
     };
-    req.respond(result.await)
+    match result.await {
+        // A signed document goes out byte for byte as signed.
+        Ok(Err(xml)) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/fhir+xml; charset=utf-8")],
+            xml,
+        )
+            .into_response(),
+        Ok(Ok(r)) => req.respond(Ok(r)),
+        Err(e) => req.respond(Err(e)),
+    }
 }
 
 pub async fn transaction(State(state): State<AppState>, req: FhirRequest) -> Response {

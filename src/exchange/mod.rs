@@ -26,6 +26,7 @@ pub mod dsig;
 pub mod inbound;
 pub mod keys;
 pub mod mapping;
+pub mod outbound;
 pub mod subscriber;
 pub mod xenc;
 pub mod xml;
