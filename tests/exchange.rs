@@ -1023,3 +1023,57 @@ async fn signed_document_out_verifies_and_decrypts_with_xmlsec1() {
     assert_eq!(r.status(), 422);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn signed_fhir_xml_document_bundle_is_accepted() {
+    let server = TestServer::start().await;
+    let work = Work::new();
+    let signer = work.ecdsa("FHIR sender");
+    let added = add_subscriber(&server, "FHIR Hospital", "hospital", &signer);
+    let source = std::fs::read_to_string(
+        data_dir().join("fhir-examples/r4-xml/document-example-dischargesummary.xml"),
+    )
+    .unwrap();
+    let signed = work.sign(&source, &signer);
+    let (status, answer) = post_xml(&server, &signed).await;
+    assert_eq!(status, 201, "{answer}");
+    // Resources keep their ids; references by absolute full URL now point here.
+    let patient = server.get("Patient/d1").await;
+    assert_eq!(patient.status(), 200);
+    let comps = search(&server, "Composition?subject=Patient/d1").await;
+    assert_eq!(total(&comps), 1, "{comps}");
+    assert_eq!(
+        comps["entry"][0]["resource"]["encounter"]["reference"],
+        "Encounter/doc-example"
+    );
+    let prov = search(&server, "Provenance").await;
+    let prov = &prov["entry"][0]["resource"];
+    assert_eq!(prov["agent"][0]["who"]["reference"], added["organization"]);
+    assert!(prov["target"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["reference"] == "Patient/d1"));
+    // A signed transaction Bundle too.
+    let source =
+        std::fs::read_to_string(data_dir().join("fhir-examples/r4-xml/bundle-transaction.xml"))
+            .unwrap();
+    let (status, answer) = post_xml(&server, &work.sign(&source, &signer)).await;
+    // The example transaction also deletes and reads: only creates and updates are taken.
+    assert_eq!(status, 400, "{answer}");
+    let d = common::first_issue(&answer)["diagnostics"].to_string();
+    assert!(d.contains("may only create or update"), "{d}");
+    let transaction = "<Bundle xmlns=\"http://hl7.org/fhir\"><type value=\"transaction\"/>\
+        <entry><fullUrl value=\"urn:uuid:61ebe359-bfdc-4613-8bf2-c5e300945f0a\"/><resource><Patient>\
+        <name><family value=\"Transactional\"/></name></Patient></resource>\
+        <request><method value=\"POST\"/><url value=\"Patient\"/></request></entry>\
+        <entry><resource><Observation><status value=\"final\"/><code><text value=\"note\"/></code>\
+        <subject><reference value=\"urn:uuid:61ebe359-bfdc-4613-8bf2-c5e300945f0a\"/></subject>\
+        </Observation></resource><request><method value=\"POST\"/><url value=\"Observation\"/></request></entry>\
+        </Bundle>";
+    let (status, answer) = post_xml(&server, &work.sign(transaction, &signer)).await;
+    assert_eq!(status, 201, "{answer}");
+    let obs = search(&server, "Observation?subject:Patient.family=Transactional").await;
+    assert_eq!(total(&obs), 1, "{obs}");
+    server.stop().await;
+}

@@ -227,6 +227,8 @@ pub async fn receive(store: &Store, env: &Env, ex: &Exchange, body: &[u8]) -> Re
                 .map(str::to_string)
                 .or_else(|| e["request"]["url"].as_str().map(str::to_string))
         })
+        // A conditional update names no single resource before it runs.
+        .filter(|u| !u.contains('?'))
         .map(|u| json!({"reference": u}))
         .collect();
     targets.push(json!({"reference": docref_url}));
@@ -291,14 +293,32 @@ fn all_len(bundle: &Value) -> usize {
 }
 
 /// The entries a received FHIR Bundle contributes: a transaction's entries
-/// as they are (POST and PUT only), a document's or collection's resources
-/// as creates.
+/// as they are (POST and PUT only); a document's or collection's resources as
+/// creates (`urn:uuid` full URLs, replaced by new ids in every reference) or,
+/// when they have an id and an absolute full URL, as updates of `Type/id`
+/// (references by that full URL are rewritten to `Type/id`).
 fn fhir_bundle_entries(b: Value) -> Result<(Vec<Value>, Option<String>)> {
     let kind = b["type"].as_str().unwrap_or("").to_string();
     let entries = b["entry"].as_array().cloned().unwrap_or_default();
+    if !matches!(kind.as_str(), "transaction" | "document" | "collection") {
+        return Err(Error::invalid_at(
+            format!(
+                "a received Bundle must be a document, collection or transaction (found '{kind}')"
+            ),
+            "Bundle.type",
+        ));
+    }
+    let mut absolute: std::collections::HashMap<String, String> = Default::default();
     let mut out = Vec::with_capacity(entries.len());
     let mut patient = None;
     for (i, e) in entries.into_iter().enumerate() {
+        let method = e["request"]["method"].as_str().unwrap_or("");
+        if kind == "transaction" && method != "POST" && method != "PUT" {
+            return Err(Error::invalid_at(
+                format!("a received transaction may only create or update (found {method})"),
+                format!("Bundle.entry[{i}].request.method"),
+            ));
+        }
         let Some(res) = e.get("resource").cloned() else {
             return Err(Error::invalid_at(
                 "entry has no resource",
@@ -306,45 +326,42 @@ fn fhir_bundle_entries(b: Value) -> Result<(Vec<Value>, Option<String>)> {
             ));
         };
         let rtype = res["resourceType"].as_str().unwrap_or("").to_string();
-        let full_url = e["fullUrl"]
-            .as_str()
-            .filter(|u| u.starts_with("urn:uuid:"))
-            .map(str::to_string)
-            .unwrap_or_else(|| format!("urn:uuid:{}", uuid::Uuid::new_v4()));
-        let request = match kind.as_str() {
-            "transaction" => {
-                let method = e["request"]["method"].as_str().unwrap_or("");
-                if method != "POST" && method != "PUT" {
-                    return Err(Error::invalid_at(
-                        format!("a received transaction may only create or update (found {method})"),
-                        format!("Bundle.entry[{i}].request.method"),
-                    ));
-                }
-                e["request"].clone()
+        let full_url = e["fullUrl"].as_str().map(str::to_string);
+        let entry = if kind == "transaction" {
+            let mut e = e.clone();
+            if method == "POST" && full_url.is_none() {
+                e["fullUrl"] = json!(format!("urn:uuid:{}", uuid::Uuid::new_v4()));
             }
-            // Resources keep their ids, so references between them hold.
-            "document" | "collection" => match res["id"].as_str() {
-                Some(id) => json!({"method": "PUT", "url": format!("{rtype}/{id}")}),
-                None => json!({"method": "POST", "url": rtype}),
-            },
-            other => {
-                return Err(Error::invalid_at(
-                    format!("a received Bundle must be a document, collection or transaction (found '{other}')"),
-                    "Bundle.type",
-                ))
+            e
+        } else {
+            match (&full_url, res["id"].as_str()) {
+                (Some(u), _) if u.starts_with("urn:uuid:") => {
+                    json!({"fullUrl": u, "resource": res, "request": {"method": "POST", "url": rtype}})
+                }
+                (u, Some(id)) => {
+                    let local = format!("{rtype}/{id}");
+                    if let Some(u) = u {
+                        absolute.insert(u.clone(), local.clone());
+                    }
+                    json!({"resource": res, "request": {"method": "PUT", "url": local}})
+                }
+                _ => json!({
+                    "fullUrl": format!("urn:uuid:{}", uuid::Uuid::new_v4()),
+                    "resource": res,
+                    "request": {"method": "POST", "url": rtype}
+                }),
             }
         };
-        if request["method"] == "PUT" {
-            if rtype == "Patient" && patient.is_none() {
-                patient = request["url"].as_str().map(str::to_string);
-            }
-            out.push(json!({"resource": res, "request": request}));
-        } else {
-            if rtype == "Patient" && patient.is_none() {
-                patient = Some(full_url.clone());
-            }
-            out.push(json!({"fullUrl": full_url, "resource": res, "request": request}));
+        if rtype == "Patient" && patient.is_none() {
+            patient = entry["fullUrl"]
+                .as_str()
+                .or(entry["request"]["url"].as_str())
+                .map(str::to_string);
         }
+        out.push(entry);
+    }
+    for e in &mut out {
+        crate::fhir::reference::rewrite(&mut e["resource"], &absolute);
     }
     Ok((out, patient))
 }
