@@ -316,7 +316,15 @@ async fn rsa_signed_ccda_is_verified_mapped_and_stored_once() {
     let added = add_subscriber(&server, "General Hospital", "hospital", &signer);
     let org = added["organization"].as_str().unwrap().to_string();
     assert!(added["endpoint"].as_str().unwrap().starts_with("Endpoint/"));
-    let source = ccd();
+    // An entry of a template no rule maps, in the first section.
+    let mut source = ccd();
+    let body = source.find("<structuredBody>").unwrap();
+    let at = body + source[body..].find("</text>").unwrap() + "</text>".len();
+    source.insert_str(
+        at,
+        "<entry><act classCode=\"ACT\" moodCode=\"EVN\">\
+         <templateId root=\"2.16.840.1.113883.10.20.22.4.999\"/><code nullFlavor=\"UNK\"/></act></entry>",
+    );
     let signed = work.sign(&source, &signer);
 
     let (status, answer) = post_xml(&server, &signed).await;
@@ -325,6 +333,23 @@ async fn rsa_signed_ccda_is_verified_mapped_and_stored_once() {
     assert_eq!(result["type"], "transaction-response");
     let outcome = &part(&answer, "outcome")["resource"];
     assert_eq!(outcome["resourceType"], "OperationOutcome");
+    // What no rule maps is reported with its XPath, not dropped.
+    let warnings: Vec<&Value> = outcome["issue"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["severity"] == "warning")
+        .collect();
+    assert_eq!(warnings.len(), 1, "{outcome}");
+    assert_eq!(
+        warnings[0]["expression"][0],
+        "/ClinicalDocument/component/structuredBody/component[1]/section/entry[1]"
+    );
+    let d = warnings[0]["diagnostics"].as_str().unwrap();
+    assert!(
+        d.contains("entry not mapped") && d.contains("2.16.840.1.113883.10.20.22.4.999"),
+        "{d}"
+    );
 
     // The patient of the header.
     let patients = search(&server, "Patient?family=Jones&birthdate=1950-12-19").await;
@@ -836,10 +861,12 @@ async fn every_sample_ccda_maps_to_valid_resources_or_is_refused_as_not_namespac
     assert_eq!(files.len(), 44);
     let p = "2.16.840.1.113883.10.20.22.4.";
     let mut mapped = 0;
-    for file in &files {
+    for (i, file) in files.iter().enumerate() {
         let name = file.file_name().unwrap().to_string_lossy().to_string();
         let source = std::fs::read_to_string(file).unwrap();
-        let signed = work.sign(&source, &signer);
+        // Exclusive and inclusive c14n in turn: both interoperate with libxmlsec1.
+        let c14n = if i % 2 == 0 { EXC_C14N } else { C14N };
+        let signed = work.sign_with(&source, &signer, c14n, "");
         let (status, answer) = post_xml(&server, &signed).await;
         if std::env::var("EXCHANGE_SAMPLES_REPORT").is_ok() && status != 201 {
             eprintln!(
