@@ -1104,3 +1104,41 @@ async fn signed_fhir_xml_document_bundle_is_accepted() {
     assert_eq!(total(&obs), 1, "{obs}");
     server.stop().await;
 }
+
+/// Documents per second for verify + decrypt + map + store of a typical
+/// C-CDA (the 48 kB CCD, one section encrypted), posted one after another.
+/// `cargo test --test exchange -- --ignored --nocapture exchange_throughput`
+#[tokio::test]
+#[ignore = "benchmark"]
+async fn exchange_throughput() {
+    let n: usize = std::env::var("EXCHANGE_BENCH_DOCS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let server = TestServer::start().await;
+    let work = Work::new();
+    let signer = work.rsa("Benchmark sender");
+    add_subscriber(&server, "Benchmark", "hospital", &signer);
+    let ehrx_cert = work.path("ehrx.pem");
+    std::fs::write(&ehrx_cert, run(ehrx(&server).arg("exchange-cert"))).unwrap();
+    let x = "(//*[local-name()='section'])[1]";
+    let docs: Vec<String> = (0..n)
+        .map(|i| {
+            let source = ccd().replace("<title>", &format!("<title>{i} "));
+            let encrypted = work.encrypt(&source, x, &ehrx_cert, "aes128");
+            work.sign(&encrypted, &signer)
+        })
+        .collect();
+    let start = std::time::Instant::now();
+    for d in &docs {
+        let (status, answer) = post_xml(&server, d).await;
+        assert_eq!(status, 201, "{answer}");
+    }
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "exchange: {n} documents in {secs:.2} s = {:.1} documents/s ({:.0} ms each)",
+        n as f64 / secs,
+        secs * 1000.0 / n as f64
+    );
+    server.stop().await;
+}
