@@ -1064,15 +1064,22 @@ async fn signed_fhir_xml_document_bundle_is_accepted() {
     let signed = work.sign(&source, &signer);
     let (status, answer) = post_xml(&server, &signed).await;
     assert_eq!(status, 201, "{answer}");
-    // Resources keep their ids; references by absolute full URL now point here.
-    let patient = server.get("Patient/d1").await;
-    assert_eq!(patient.status(), 200);
-    let comps = search(&server, "Composition?subject=Patient/d1").await;
+    // Created with new ids; references by full URL or `Type/id` follow them.
+    let patients = search(&server, "Patient?_count=10").await;
+    assert_eq!(total(&patients), 1, "{patients}");
+    let pid = patients["entry"][0]["resource"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(pid, "d1");
+    let comps = search(&server, &format!("Composition?subject=Patient/{pid}")).await;
     assert_eq!(total(&comps), 1, "{comps}");
-    assert_eq!(
-        comps["entry"][0]["resource"]["encounter"]["reference"],
-        "Encounter/doc-example"
-    );
+    let encounter = comps["entry"][0]["resource"]["encounter"]["reference"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(encounter.starts_with("Encounter/") && encounter != "Encounter/doc-example");
+    assert_eq!(server.get(&encounter).await.status(), 200);
     let prov = search(&server, "Provenance").await;
     let prov = &prov["entry"][0]["resource"];
     assert_eq!(prov["agent"][0]["who"]["reference"], added["organization"]);
@@ -1080,16 +1087,16 @@ async fn signed_fhir_xml_document_bundle_is_accepted() {
         .as_array()
         .unwrap()
         .iter()
-        .any(|t| t["reference"] == "Patient/d1"));
+        .any(|t| t["reference"] == format!("Patient/{pid}")));
     // A signed transaction Bundle too.
     let source =
         std::fs::read_to_string(data_dir().join("fhir-examples/r4-xml/bundle-transaction.xml"))
             .unwrap();
     let (status, answer) = post_xml(&server, &work.sign(&source, &signer)).await;
-    // The example transaction also deletes and reads: only creates and updates are taken.
+    // The example transaction also updates, deletes and reads: refused, subscribers only add.
     assert_eq!(status, 400, "{answer}");
     let d = common::first_issue(&answer)["diagnostics"].to_string();
-    assert!(d.contains("may only create or update"), "{d}");
+    assert!(d.contains("may only create resources"), "{d}");
     let transaction = "<Bundle xmlns=\"http://hl7.org/fhir\"><type value=\"transaction\"/>\
         <entry><fullUrl value=\"urn:uuid:61ebe359-bfdc-4613-8bf2-c5e300945f0a\"/><resource><Patient>\
         <name><family value=\"Transactional\"/></name></Patient></resource>\

@@ -292,11 +292,11 @@ fn all_len(bundle: &Value) -> usize {
     bundle["entry"].as_array().map(Vec::len).unwrap_or(0)
 }
 
-/// The entries a received FHIR Bundle contributes: a transaction's entries
-/// as they are (POST and PUT only); a document's or collection's resources as
-/// creates (`urn:uuid` full URLs, replaced by new ids in every reference) or,
-/// when they have an id and an absolute full URL, as updates of `Type/id`
-/// (references by that full URL are rewritten to `Type/id`).
+/// The entries a received FHIR Bundle contributes. A subscriber adds
+/// resources; it never overwrites what is stored (which may have come from
+/// someone else): a transaction may only create (POST, conditional creates
+/// included), and a document's or collection's resources are all created
+/// with new ids, every reference to them (by full URL or `Type/id`) rewritten.
 fn fhir_bundle_entries(b: Value) -> Result<(Vec<Value>, Option<String>)> {
     let kind = b["type"].as_str().unwrap_or("").to_string();
     let entries = b["entry"].as_array().cloned().unwrap_or_default();
@@ -308,18 +308,21 @@ fn fhir_bundle_entries(b: Value) -> Result<(Vec<Value>, Option<String>)> {
             "Bundle.type",
         ));
     }
-    let mut absolute: std::collections::HashMap<String, String> = Default::default();
+    let mut renamed: std::collections::HashMap<String, String> = Default::default();
     let mut out = Vec::with_capacity(entries.len());
     let mut patient = None;
     for (i, e) in entries.into_iter().enumerate() {
         let method = e["request"]["method"].as_str().unwrap_or("");
-        if kind == "transaction" && method != "POST" && method != "PUT" {
+        if kind == "transaction" && method != "POST" {
             return Err(Error::invalid_at(
-                format!("a received transaction may only create or update (found {method})"),
+                format!(
+                    "a received transaction may only create resources (found {method}): \
+                     subscribers add to the record, they do not change or remove what is stored"
+                ),
                 format!("Bundle.entry[{i}].request.method"),
             ));
         }
-        let Some(res) = e.get("resource").cloned() else {
+        let Some(mut res) = e.get("resource").cloned() else {
             return Err(Error::invalid_at(
                 "entry has no resource",
                 format!("Bundle.entry[{i}]"),
@@ -327,41 +330,31 @@ fn fhir_bundle_entries(b: Value) -> Result<(Vec<Value>, Option<String>)> {
         };
         let rtype = res["resourceType"].as_str().unwrap_or("").to_string();
         let full_url = e["fullUrl"].as_str().map(str::to_string);
-        let entry = if kind == "transaction" {
-            let mut e = e.clone();
-            if method == "POST" && full_url.is_none() {
-                e["fullUrl"] = json!(format!("urn:uuid:{}", uuid::Uuid::new_v4()));
-            }
-            e
-        } else {
-            match (&full_url, res["id"].as_str()) {
-                (Some(u), _) if u.starts_with("urn:uuid:") => {
-                    json!({"fullUrl": u, "resource": res, "request": {"method": "POST", "url": rtype}})
-                }
-                (u, Some(id)) => {
-                    let local = format!("{rtype}/{id}");
-                    if let Some(u) = u {
-                        absolute.insert(u.clone(), local.clone());
-                    }
-                    json!({"resource": res, "request": {"method": "PUT", "url": local}})
-                }
-                _ => json!({
-                    "fullUrl": format!("urn:uuid:{}", uuid::Uuid::new_v4()),
-                    "resource": res,
-                    "request": {"method": "POST", "url": rtype}
-                }),
-            }
+        let new_url = match &full_url {
+            Some(u) if u.starts_with("urn:uuid:") => u.clone(),
+            _ => format!("urn:uuid:{}", uuid::Uuid::new_v4()),
         };
-        if rtype == "Patient" && patient.is_none() {
-            patient = entry["fullUrl"]
-                .as_str()
-                .or(entry["request"]["url"].as_str())
-                .map(str::to_string);
+        if let Some(u) = &full_url {
+            renamed.insert(u.clone(), new_url.clone());
         }
-        out.push(entry);
+        if let Some(id) = res["id"].as_str() {
+            renamed.insert(format!("{rtype}/{id}"), new_url.clone());
+        }
+        if let Some(obj) = res.as_object_mut() {
+            obj.remove("id");
+            obj.remove("meta");
+        }
+        let mut request = json!({"method": "POST", "url": rtype});
+        if let Some(q) = e["request"]["ifNoneExist"].as_str() {
+            request["ifNoneExist"] = json!(q);
+        }
+        if rtype == "Patient" && patient.is_none() {
+            patient = Some(new_url.clone());
+        }
+        out.push(json!({"fullUrl": new_url, "resource": res, "request": request}));
     }
     for e in &mut out {
-        crate::fhir::reference::rewrite(&mut e["resource"], &absolute);
+        crate::fhir::reference::rewrite(&mut e["resource"], &renamed);
     }
     Ok((out, patient))
 }
