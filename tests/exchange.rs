@@ -912,7 +912,6 @@ async fn every_sample_ccda_maps_to_valid_resources_or_is_refused_as_not_namespac
         for (rtype, oid, what) in [
             ("Condition", "4", "problems"),
             ("AllergyIntolerance", "7", "allergies"),
-            ("MedicationStatement", "16", "medications"),
             ("Immunization", "52", "immunizations"),
         ] {
             assert_eq!(
@@ -921,6 +920,12 @@ async fn every_sample_ccda_maps_to_valid_resources_or_is_refused_as_not_namespac
                 "{name}: {what}"
             );
         }
+        // Medication activities: taken (MedicationStatement) or intended (MedicationRequest).
+        assert_eq!(
+            created("MedicationStatement") + created("MedicationRequest"),
+            elements_with_template(&doc, &format!("{p}16")),
+            "{name}: medications"
+        );
         let results = elements_with_template(&doc, &format!("{p}2"))
             + elements_with_template(&doc, &format!("{p}27"))
             + elements_with_template(&doc, &format!("{p}38"))

@@ -204,6 +204,10 @@ fn select<'a, 'i>(node: Node<'a, 'i>, path: &str) -> Vec<Item<'a, 'i>> {
             let Item::Node(n) = item else { continue };
             if step == "." {
                 next.push(Item::Node(*n));
+            } else if let Some(pred) = step.strip_prefix(".[").and_then(|p| p.strip_suffix(']')) {
+                if predicate(*n, pred) {
+                    next.push(Item::Node(*n));
+                }
             } else if step == ".." {
                 if let Some(p) = n.parent_element() {
                     next.push(Item::Node(p));
@@ -1172,5 +1176,7 @@ mod tests {
         let r = select(doc.root_element(), "b[templateId/@root='2']/c/@code");
         assert_eq!(r.len(), 1);
         assert_eq!(item_text(&r[0]), "y");
+        assert_eq!(select(doc.root_element(), ".[b/c/@code='x']").len(), 1);
+        assert_eq!(select(doc.root_element(), ".[not(b/c/@code='x')]").len(), 0);
     }
 }
