@@ -186,9 +186,14 @@ impl Work {
     /// Encrypts the element `xpath` of `xml` with `xmlsec1` for `cert`
     /// (AES-128-GCM content key, RSA-OAEP key transport).
     fn encrypt(&self, xml: &str, xpath: &str, cert: &Path, aes: &str) -> String {
+        let element = "http://www.w3.org/2001/04/xmlenc#Element";
+        self.encrypt_with(xml, xpath, cert, aes, element)
+    }
+
+    /// As [`Work::encrypt`], with the EncryptedData `Type` (Element or Content).
+    fn encrypt_with(&self, xml: &str, xpath: &str, cert: &Path, aes: &str, ty: &str) -> String {
         let template = format!(
-            "<xenc:EncryptedData xmlns:xenc=\"http://www.w3.org/2001/04/xmlenc#\" \
-             Type=\"http://www.w3.org/2001/04/xmlenc#Element\">\
+            "<xenc:EncryptedData xmlns:xenc=\"http://www.w3.org/2001/04/xmlenc#\" Type=\"{ty}\">\
              <xenc:EncryptionMethod Algorithm=\"http://www.w3.org/2009/xmlenc11#{aes}-gcm\"/>\
              <ds:KeyInfo xmlns:ds=\"http://www.w3.org/2000/09/xmldsig#\"><xenc:EncryptedKey>\
              <xenc:EncryptionMethod Algorithm=\"http://www.w3.org/2001/04/xmlenc#rsa-oaep-mgf1p\"/>\
@@ -524,6 +529,22 @@ async fn element_encrypted_for_ehrx_is_decrypted_and_mapped() {
     let (status, answer) = post_xml(&server, &signed).await;
     assert_eq!(status, 201, "{answer}");
     assert_eq!(server.count("Composition").await, 2);
+
+    // Type Content: the children of an element.
+    let content = work.encrypt_with(
+        &ccd().replace("<title>", "<title>Content "),
+        "/*/*[local-name()='recordTarget']",
+        &ehrx_cert,
+        "aes256",
+        "http://www.w3.org/2001/04/xmlenc#Content",
+    );
+    assert!(
+        content.contains("<recordTarget><xenc:EncryptedData"),
+        "{content}"
+    );
+    let (status, answer) = post_xml(&server, &work.sign(&content, &signer)).await;
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(server.count("Composition").await, 3);
 
     // Encrypted for a key ehrx does not hold: refused, nothing stored.
     let other = work.rsa("Somebody else");
@@ -1152,5 +1173,78 @@ async fn exchange_throughput() {
         n as f64 / secs,
         secs * 1000.0 / n as f64
     );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn subscriber_commands_refuse_bad_input() {
+    let server = TestServer::start().await;
+    let work = Work::new();
+    let signer = work.rsa("CLI test");
+    let fail = |cmd: &mut Command| {
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let e = fail(
+        ehrx(&server)
+            .args([
+                "subscriber",
+                "add",
+                "--name",
+                "X",
+                "--kind",
+                "bakery",
+                "--cert",
+            ])
+            .arg(&signer.cert),
+    );
+    assert!(e.contains("unknown subscriber kind 'bakery'"), "{e}");
+    let e = fail(
+        ehrx(&server)
+            .args([
+                "subscriber",
+                "add",
+                "--name",
+                "X",
+                "--kind",
+                "lab",
+                "--cert",
+            ])
+            .arg(&signer.key),
+    );
+    assert!(e.contains("no '-----BEGIN CERTIFICATE-----' block"), "{e}");
+    add_subscriber(&server, "Lab", "lab", &signer);
+    let e = fail(
+        ehrx(&server)
+            .args([
+                "subscriber",
+                "add",
+                "--name",
+                "Other",
+                "--kind",
+                "lab",
+                "--cert",
+            ])
+            .arg(&signer.cert),
+    );
+    assert!(e.contains("is already registered for Organization/"), "{e}");
+    let e = fail(ehrx(&server).args(["subscriber", "revoke-cert", "--fingerprint", "00ff"]));
+    assert!(e.contains("no unrevoked certificate"), "{e}");
+    let e = fail(
+        ehrx(&server)
+            .args([
+                "subscriber",
+                "rotate-cert",
+                "--organization",
+                "Organization/nope",
+                "--cert",
+            ])
+            .arg(&work.rsa("Next").cert),
+    );
+    assert!(e.contains("does not exist"), "{e}");
+    // The organisation and its endpoint are FHIR resources.
+    assert_eq!(server.count("Organization").await, 1);
+    assert_eq!(server.count("Endpoint").await, 1);
     server.stop().await;
 }
