@@ -1248,3 +1248,41 @@ async fn subscriber_commands_refuse_bad_input() {
     assert_eq!(server.count("Endpoint").await, 1);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_same_document_sent_concurrently_is_stored_once() {
+    let server = TestServer::start().await;
+    let work = Work::new();
+    let signer = work.ecdsa("Concurrent sender");
+    add_subscriber(&server, "Concurrent", "lab", &signer);
+    let signed = work.sign(&ccd(), &signer);
+    let posts = (0..4).map(|_| post_xml(&server, &signed));
+    let answers = futures_util::future::join_all(posts).await;
+    let statuses: Vec<u16> = answers.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 201).count(),
+        1,
+        "{statuses:?}"
+    );
+    for (status, answer) in &answers {
+        assert!([200, 201, 409].contains(status), "{answer}");
+    }
+    assert_eq!(server.count("Composition").await, 1);
+    assert_eq!(server.count("DocumentReference").await, 1);
+    // Afterwards, every resubmission names the stored document.
+    let (status, answer) = post_xml(&server, &signed).await;
+    assert_eq!(status, 200, "{answer}");
+    // A refused document leaves no receipt behind: sent again, it is
+    // examined again (not answered with 409 or 200).
+    let bad = work.sign(
+        "<ClinicalDocument><title>No namespace</title></ClinicalDocument>",
+        &signer,
+    );
+    for _ in 0..2 {
+        let (status, answer) = post_xml(&server, &bad).await;
+        assert_eq!(status, 400, "{answer}");
+        let d = common::first_issue(&answer)["diagnostics"].to_string();
+        assert!(d.contains("not in the HL7 v3 namespace"), "{d}");
+    }
+    server.stop().await;
+}

@@ -23,3 +23,13 @@ CREATE TABLE exchange_certificate (
     revoked         TEXT                -- when revoked, else NULL
 );
 CREATE INDEX exchange_certificate_org ON exchange_certificate (organization_id);
+
+-- Received documents by the SHA-256 of their signed content. A receipt is
+-- claimed before the store transaction runs and completed with the
+-- DocumentReference id after it, so a document sent twice at the same time
+-- is stored once.
+CREATE TABLE exchange_receipt (
+    digest             TEXT PRIMARY KEY,
+    claimed            TEXT NOT NULL,   -- RFC 3339, UTC
+    document_reference TEXT             -- the DocumentReference id once stored
+);

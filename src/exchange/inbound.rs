@@ -21,7 +21,8 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::fhir::{codec, operation_outcome, Issue};
 use crate::interaction::{self, bundle, Env};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
+use sqlx::Row;
 
 /// Identifier system of received documents: the SHA-256 of their signed,
 /// canonicalized content (the same document signed twice is one document).
@@ -85,16 +86,14 @@ pub async fn receive(store: &Store, env: &Env, ex: &Exchange, body: &[u8]) -> Re
         (v, rest)
     };
     let org = format!("Organization/{}", verified.signer.organization_id);
-    // The same content received before?
+    // The same content received before, or being stored right now?
     let query = format!("identifier={DOCUMENT_SYSTEM}|{}", verified.content_digest);
-    {
-        let mut conn = store.reader().await?;
-        let found = interaction::find(&mut conn, "DocumentReference", &query).await?;
-        if let Some(existing) = found.first() {
+    match claim(store, &verified.content_digest, &query, now).await? {
+        Claim::Stored(id) => {
             let outcome = operation_outcome(&[Issue::information(format!(
                 "this document (SHA-256 {}) was received before and stored as \
-                 DocumentReference/{}; nothing was changed",
-                verified.content_digest, existing.id
+                 DocumentReference/{id}; nothing was changed",
+                verified.content_digest
             ))]);
             return Ok(Receipt {
                 created: false,
@@ -102,12 +101,152 @@ pub async fn receive(store: &Store, env: &Env, ex: &Exchange, body: &[u8]) -> Re
                     "resourceType": "Parameters",
                     "parameter": [
                         {"name": "outcome", "resource": outcome},
-                        {"name": "documentReference", "valueReference": {"reference": format!("DocumentReference/{}", existing.id)}}
+                        {"name": "documentReference", "valueReference": {"reference": format!("DocumentReference/{id}")}}
                     ]
                 }),
             });
         }
+        Claim::Busy => {
+            return Err(Error::Conflict(format!(
+                "this document (SHA-256 {}) is being stored by another request; \
+                 send it again later to get its DocumentReference",
+                verified.content_digest
+            )))
+        }
+        Claim::Claimed => {}
     }
+    let digest = verified.content_digest.clone();
+    let result = map_and_store(
+        store,
+        env,
+        ex,
+        body,
+        now,
+        verified,
+        unsigned_text,
+        org,
+        query,
+    )
+    .await;
+    let mut tx = store.begin().await?;
+    match &result {
+        Ok((_, Some(id))) => {
+            sqlx::query("UPDATE exchange_receipt SET document_reference = $1 WHERE digest = $2")
+                .bind(id.as_str())
+                .bind(digest.as_str())
+                .execute(tx.conn())
+                .await
+                .map_err(StoreError::from)?;
+        }
+        // Nothing was stored: the document may be sent again.
+        _ => {
+            sqlx::query("DELETE FROM exchange_receipt WHERE digest = $1")
+                .bind(digest.as_str())
+                .execute(tx.conn())
+                .await
+                .map_err(StoreError::from)?;
+        }
+    }
+    tx.commit().await?;
+    result.map(|(receipt, _)| receipt)
+}
+
+/// The state of a document's receipt.
+enum Claim {
+    /// Stored before, as this DocumentReference.
+    Stored(String),
+    /// Another request is storing it now.
+    Busy,
+    /// This request may store it.
+    Claimed,
+}
+
+/// A claim older than this is taken to belong to a request that died.
+const CLAIM_TIMEOUT_SECS: i64 = 600;
+
+async fn claim(
+    store: &Store,
+    digest: &str,
+    query: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Claim> {
+    let stamp = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let mut tx = store.begin().await?;
+    let inserted = sqlx::query(
+        "INSERT INTO exchange_receipt (digest, claimed, document_reference) VALUES ($1, $2, NULL) \
+         ON CONFLICT (digest) DO NOTHING",
+    )
+    .bind(digest)
+    .bind(stamp.as_str())
+    .execute(tx.conn())
+    .await
+    .map_err(StoreError::from)?
+    .rows_affected();
+    if inserted == 1 {
+        tx.commit().await?;
+        return Ok(Claim::Claimed);
+    }
+    let row =
+        sqlx::query("SELECT claimed, document_reference FROM exchange_receipt WHERE digest = $1")
+            .bind(digest)
+            .fetch_one(tx.conn())
+            .await
+            .map_err(StoreError::from)?;
+    let claimed: String = row.try_get(0).map_err(StoreError::from)?;
+    let stored: Option<String> = row.try_get(1).map_err(StoreError::from)?;
+    if let Some(id) = stored {
+        return Ok(Claim::Stored(id));
+    }
+    let age = chrono::DateTime::parse_from_rfc3339(&claimed)
+        .map(|t| (now - t.with_timezone(&chrono::Utc)).num_seconds())
+        .unwrap_or(i64::MAX);
+    if age < CLAIM_TIMEOUT_SECS {
+        return Ok(Claim::Busy);
+    }
+    // A stale claim: the request may have stored the document and died
+    // before recording it, so look before taking the claim over.
+    let found = interaction::find(tx.conn(), "DocumentReference", query).await?;
+    if let Some(existing) = found.first() {
+        sqlx::query("UPDATE exchange_receipt SET document_reference = $1 WHERE digest = $2")
+            .bind(existing.id.as_str())
+            .bind(digest)
+            .execute(tx.conn())
+            .await
+            .map_err(StoreError::from)?;
+        tx.commit().await?;
+        return Ok(Claim::Stored(existing.id.clone()));
+    }
+    let taken =
+        sqlx::query("UPDATE exchange_receipt SET claimed = $1 WHERE digest = $2 AND claimed = $3")
+            .bind(stamp.as_str())
+            .bind(digest)
+            .bind(claimed.as_str())
+            .execute(tx.conn())
+            .await
+            .map_err(StoreError::from)?
+            .rows_affected();
+    tx.commit().await?;
+    Ok(if taken == 1 {
+        Claim::Claimed
+    } else {
+        Claim::Busy
+    })
+}
+
+/// Decrypts, maps and stores a verified document; returns the answer and the
+/// id of the DocumentReference.
+#[allow(clippy::too_many_arguments)]
+async fn map_and_store(
+    store: &Store,
+    env: &Env,
+    ex: &Exchange,
+    body: &[u8],
+    now: chrono::DateTime<chrono::Utc>,
+    verified: dsig::Verified,
+    unsigned_text: String,
+    org: String,
+    query: String,
+) -> Result<(Receipt, Option<String>)> {
     let (plain, decrypted) = xenc::decrypt_all(unsigned_text, &ex.key, &ex.limits)?;
     let doc = xml::parse(&plain, &ex.limits)?;
     let root = doc.root_element();
@@ -276,7 +415,15 @@ pub async fn receive(store: &Store, env: &Env, ex: &Exchange, body: &[u8]) -> Re
             verified.signer.cert.subject
         )));
     }
-    Ok(Receipt {
+    // The DocumentReference is the entry before the Provenance, the last one.
+    let docref_id = response["entry"]
+        .as_array()
+        .and_then(|e| e.iter().rev().nth(1))
+        .and_then(|e| e["response"]["location"].as_str())
+        .and_then(|l| l.strip_prefix("DocumentReference/"))
+        .and_then(|l| l.split('/').next())
+        .map(str::to_string);
+    let receipt = Receipt {
         created: true,
         body: json!({
             "resourceType": "Parameters",
@@ -285,7 +432,8 @@ pub async fn receive(store: &Store, env: &Env, ex: &Exchange, body: &[u8]) -> Re
                 {"name": "result", "resource": response}
             ]
         }),
-    })
+    };
+    Ok((receipt, docref_id))
 }
 
 fn all_len(bundle: &Value) -> usize {
