@@ -71,6 +71,17 @@ pub enum SubscriberCommand {
         /// Where the organisation receives documents.
         #[arg(long)]
         endpoint: Option<String>,
+        /// Take its documents only over mutual TLS with one of its certificates.
+        #[arg(long)]
+        require_mtls: bool,
+    },
+    /// Require (or with `--off`, stop requiring) mutual TLS for a subscriber.
+    RequireMtls {
+        /// `Organization/ID` or `ID`.
+        #[arg(long)]
+        organization: String,
+        #[arg(long)]
+        off: bool,
     },
     /// Add another signing certificate to a subscriber; older ones stay valid
     /// until they expire or are revoked.

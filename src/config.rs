@@ -34,6 +34,11 @@ pub struct Config {
     /// Folder of the C-CDA mapping rules (`EHRX_MAPPINGS_DIR`); defaults to
     /// `./mappings`, then the one in the source tree.
     pub mappings_dir: Option<std::path::PathBuf>,
+    /// Serve HTTPS with this certificate chain (PEM; `EHRX_TLS_CERT_FILE`);
+    /// clients may then present certificates (mutual TLS per subscriber).
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    /// The private key of `tls_cert_file` (PEM; `EHRX_TLS_KEY_FILE`).
+    pub tls_key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -50,6 +55,8 @@ impl Default for Config {
             exchange_max_document_bytes: 8 * 1024 * 1024,
             exchange_max_depth: 128,
             mappings_dir: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -83,6 +90,11 @@ impl Config {
                 "exchange_max_document_bytes and exchange_max_depth must be positive".into(),
             ));
         }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err(ConfigError(
+                "tls_cert_file and tls_key_file must be given together".into(),
+            ));
+        }
         if self.max_body_bytes == 0 {
             return Err(ConfigError("max_body_bytes must be positive".into()));
         }
@@ -93,6 +105,7 @@ impl Config {
     pub fn base_url(&self) -> String {
         match &self.base_url {
             Some(b) => b.trim_end_matches('/').to_string(),
+            None if self.tls_cert_file.is_some() => format!("https://{}", self.listen),
             None => format!("http://{}", self.listen),
         }
     }

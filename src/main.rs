@@ -168,7 +168,21 @@ async fn subscriber(command: SubscriberCommand, config: &Config) -> ExitCode {
                 kind,
                 cert,
                 endpoint,
-            } => subscriber::add(&store, &name, &kind, &read(&cert)?, endpoint.as_deref()).await,
+                require_mtls,
+            } => {
+                subscriber::add(
+                    &store,
+                    &name,
+                    &kind,
+                    &read(&cert)?,
+                    endpoint.as_deref(),
+                    require_mtls,
+                )
+                .await
+            }
+            SubscriberCommand::RequireMtls { organization, off } => {
+                subscriber::require_mtls(&store, &organization, !off).await
+            }
             SubscriberCommand::RotateCert { organization, cert } => {
                 subscriber::rotate_cert(&store, &organization, &read(&cert)?).await
             }

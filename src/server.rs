@@ -17,6 +17,8 @@ pub enum ServeError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("exchange: {0}")]
     Exchange(String),
     #[error("server failed: {0}")]
@@ -27,6 +29,8 @@ pub enum ServeError {
 pub struct Server {
     pub listener: TcpListener,
     pub state: AppState,
+    /// Set when the server speaks HTTPS.
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Server {
@@ -40,13 +44,23 @@ impl Server {
                     addr: config.listen.clone(),
                     source,
                 })?;
+        let tls = match (&config.tls_cert_file, &config.tls_key_file) {
+            (Some(cert), Some(key)) => {
+                Some(crate::exchange::tls::acceptor(cert, key).map_err(ServeError::Tls)?)
+            }
+            _ => None,
+        };
         let state = AppState::new(store, config);
         // The exchange key is generated on first start, not on first use.
         state
             .exchange()
             .await
             .map_err(|e| ServeError::Exchange(e.to_string()))?;
-        Ok(Server { listener, state })
+        Ok(Server {
+            listener,
+            state,
+            tls,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -69,9 +83,16 @@ impl Server {
                 }
             }
         });
-        axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        match self.tls {
+            Some(acceptor) => {
+                crate::exchange::tls::serve(self.listener, acceptor, app, shutdown).await?
+            }
+            None => {
+                axum::serve(self.listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await?
+            }
+        }
         optimizer.abort();
         self.state.store.close().await;
         Ok(())

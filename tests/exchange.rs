@@ -240,6 +240,16 @@ fn ehrx(server: &TestServer) -> Command {
 
 /// `ehrx subscriber add`; returns its JSON answer.
 fn add_subscriber(server: &TestServer, name: &str, kind: &str, s: &Signer) -> Value {
+    add_subscriber_with(server, name, kind, s, &[])
+}
+
+fn add_subscriber_with(
+    server: &TestServer,
+    name: &str,
+    kind: &str,
+    s: &Signer,
+    extra: &[&str],
+) -> Value {
     let out = run(ehrx(server)
         .args([
             "subscriber",
@@ -251,7 +261,8 @@ fn add_subscriber(server: &TestServer, name: &str, kind: &str, s: &Signer) -> Va
             "--cert",
         ])
         .arg(&s.cert)
-        .args(["--endpoint", "https://example.org/exchange"]));
+        .args(["--endpoint", "https://example.org/exchange"])
+        .args(extra));
     serde_json::from_str(&out).unwrap()
 }
 
@@ -1284,5 +1295,89 @@ async fn the_same_document_sent_concurrently_is_stored_once() {
         let d = common::first_issue(&answer)["diagnostics"].to_string();
         assert!(d.contains("not in the HL7 v3 namespace"), "{d}");
     }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_subscriber_requiring_mutual_tls_must_connect_with_its_certificate() {
+    let work = Work::new();
+    // The server's own TLS certificate.
+    let (server_key, server_cert) = (work.path("tls.key"), work.path("tls.pem"));
+    run(Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+        ])
+        .arg("-keyout")
+        .arg(&server_key)
+        .arg("-out")
+        .arg(&server_cert)
+        .args([
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ]));
+    let server = TestServer::start_with(|c| {
+        c.tls_cert_file = Some(server_cert.clone());
+        c.tls_key_file = Some(server_key.clone());
+    })
+    .await;
+    let https = server.base.replace("http://", "https://");
+    let signer = work.rsa("mTLS hospital");
+    let added = add_subscriber_with(
+        &server,
+        "mTLS Hospital",
+        "hospital",
+        &signer,
+        &["--require-mtls"],
+    );
+    assert_eq!(added["requireMutualTls"], true);
+    let client = |identity: Option<&Signer>| {
+        let mut b = reqwest::Client::builder().danger_accept_invalid_certs(true);
+        if let Some(s) = identity {
+            let mut pem = std::fs::read(&s.cert).unwrap();
+            pem.extend(std::fs::read(&s.key).unwrap());
+            b = b.identity(reqwest::Identity::from_pem(&pem).unwrap());
+        }
+        b.build().unwrap()
+    };
+    let post = |client: reqwest::Client, body: String| {
+        let url = format!("{https}/exchange/documents");
+        async move {
+            let r = client
+                .post(url)
+                .header("Content-Type", "application/xml")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap())
+        }
+    };
+    let signed = work.sign(&ccd(), &signer);
+    let (status, answer) = post(client(None), signed.clone()).await;
+    assert_eq!(status, 403, "{answer}");
+    let d = common::first_issue(&answer)["diagnostics"].to_string();
+    assert!(d.contains("came without a client certificate"), "{d}");
+    let stranger = work.rsa("Stranger");
+    let (status, answer) = post(client(Some(&stranger)), signed.clone()).await;
+    assert_eq!(status, 403, "{answer}");
+    let d = common::first_issue(&answer)["diagnostics"].to_string();
+    assert!(d.contains("is not a valid registered certificate"), "{d}");
+    let (status, answer) = post(client(Some(&signer)), signed.clone()).await;
+    assert_eq!(status, 201, "{answer}");
+    // A subscriber without the requirement may send over server-only TLS.
+    let other = work.ecdsa("Plain lab");
+    add_subscriber(&server, "Plain Lab", "lab", &other);
+    let doc = work.sign(&ccd().replace("<title>", "<title>Lab "), &other);
+    let (status, answer) = post(client(None), doc).await;
+    assert_eq!(status, 201, "{answer}");
+    // Turning the requirement off for the hospital.
+    let org = added["organization"].as_str().unwrap();
+    run(ehrx(&server).args(["subscriber", "require-mtls", "--organization", org, "--off"]));
+    let doc = work.sign(&ccd().replace("<title>", "<title>Again "), &signer);
+    let (status, answer) = post(client(None), doc).await;
+    assert_eq!(status, 201, "{answer}");
     server.stop().await;
 }

@@ -33,3 +33,11 @@ CREATE TABLE exchange_receipt (
     claimed            TEXT NOT NULL,   -- RFC 3339, UTC
     document_reference TEXT             -- the DocumentReference id once stored
 );
+
+-- Per-subscriber channel policy: when require_mtls is 1, documents signed
+-- for the organisation are only taken over a TLS connection authenticated
+-- with one of its registered, valid certificates.
+CREATE TABLE exchange_subscriber (
+    organization_id TEXT PRIMARY KEY,
+    require_mtls    INTEGER NOT NULL
+);

@@ -402,12 +402,22 @@ pub async fn transaction(State(state): State<AppState>, req: FhirRequest) -> Res
 }
 
 /// `POST /exchange/documents`: a signed XML document from a subscriber.
-pub async fn exchange_document(State(state): State<AppState>, req: FhirRequest) -> Response {
+pub async fn exchange_document(
+    State(state): State<AppState>,
+    client: Option<axum::Extension<crate::exchange::tls::ClientCertificate>>,
+    req: FhirRequest,
+) -> Response {
     let result = async {
         let exchange = state.exchange().await?;
-        let receipt =
-            crate::exchange::inbound::receive(&state.store, &state.env, &exchange, &req.body)
-                .await?;
+        let client_cert = client.as_ref().and_then(|c| c.0 .0.as_deref());
+        let receipt = crate::exchange::inbound::receive(
+            &state.store,
+            &state.env,
+            &exchange,
+            &req.body,
+            client_cert,
+        )
+        .await?;
         let status = if receipt.created {
             StatusCode::CREATED
         } else {

@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::fhir::{codec, operation_outcome, Issue};
 use crate::interaction::{self, bundle, Env};
 use crate::store::{Store, StoreError};
+use sha2::Digest as _;
 use sqlx::Row;
 
 /// Identifier system of received documents: the SHA-256 of their signed,
@@ -72,8 +73,15 @@ pub struct Receipt {
     pub body: Value,
 }
 
-/// Verifies, decrypts, maps and stores one document.
-pub async fn receive(store: &Store, env: &Env, ex: &Exchange, body: &[u8]) -> Result<Receipt> {
+/// Verifies, decrypts, maps and stores one document. `client_cert` is the
+/// certificate the TLS client presented, if any.
+pub async fn receive(
+    store: &Store,
+    env: &Env,
+    ex: &Exchange,
+    body: &[u8],
+    client_cert: Option<&[u8]>,
+) -> Result<Receipt> {
     let now = chrono::Utc::now();
     let text = xml::prescan(body, &ex.limits)?;
     let registered = keys::registered(store).await?;
@@ -86,6 +94,7 @@ pub async fn receive(store: &Store, env: &Env, ex: &Exchange, body: &[u8]) -> Re
         (v, rest)
     };
     let org = format!("Organization/{}", verified.signer.organization_id);
+    check_channel(store, &registered, &verified, client_cert, now).await?;
     // The same content received before, or being stored right now?
     let query = format!("identifier={DOCUMENT_SYSTEM}|{}", verified.content_digest);
     match claim(store, &verified.content_digest, &query, now).await? {
@@ -149,6 +158,43 @@ pub async fn receive(store: &Store, env: &Env, ex: &Exchange, body: &[u8]) -> Re
     }
     tx.commit().await?;
     result.map(|(receipt, _)| receipt)
+}
+
+/// A subscriber that requires mutual TLS must have sent the document over a
+/// connection authenticated with one of its registered, valid certificates.
+async fn check_channel(
+    store: &Store,
+    registered: &[keys::Registered],
+    verified: &dsig::Verified,
+    client_cert: Option<&[u8]>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<()> {
+    let org = &verified.signer.organization_id;
+    if !keys::requires_mtls(store, org).await? {
+        return Ok(());
+    }
+    let Some(der) = client_cert else {
+        return Err(ExchangeError::Signer(format!(
+            "Organization/{org} sends over mutual TLS only: this request came without a \
+             client certificate"
+        ))
+        .into());
+    };
+    let fingerprint = hex::encode(sha2::Sha256::digest(der));
+    let ok = registered.iter().any(|r| {
+        r.organization_id == *org
+            && r.cert.fingerprint == fingerprint
+            && r.revoked.is_none()
+            && r.cert.is_valid_at(now)
+    });
+    if !ok {
+        return Err(ExchangeError::Signer(format!(
+            "the TLS client certificate (SHA-256 {fingerprint}) is not a valid registered \
+             certificate of Organization/{org}, which sends over mutual TLS only"
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 /// The state of a document's receipt.

@@ -314,3 +314,36 @@ pub async fn revoke(store: &Store, fingerprint: &str) -> Result<bool, ExchangeEr
     tx.commit().await?;
     Ok(done.rows_affected() > 0)
 }
+
+/// Whether the subscriber requires mutual TLS.
+pub async fn requires_mtls(store: &Store, organization_id: &str) -> Result<bool, ExchangeError> {
+    let mut conn = store.reader().await?;
+    let row =
+        sqlx::query("SELECT require_mtls FROM exchange_subscriber WHERE organization_id = $1")
+            .bind(organization_id)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(StoreError::from)?;
+    Ok(match row {
+        Some(r) => r.try_get::<i64, _>(0).map_err(StoreError::from)? != 0,
+        None => false,
+    })
+}
+
+/// Sets the subscriber's mutual-TLS requirement.
+pub async fn set_requires_mtls(
+    tx: &mut crate::store::Tx,
+    organization_id: &str,
+    required: bool,
+) -> Result<(), ExchangeError> {
+    sqlx::query(
+        "INSERT INTO exchange_subscriber (organization_id, require_mtls) VALUES ($1, $2) \
+         ON CONFLICT (organization_id) DO UPDATE SET require_mtls = excluded.require_mtls",
+    )
+    .bind(organization_id)
+    .bind(required as i64)
+    .execute(tx.conn())
+    .await
+    .map_err(StoreError::from)?;
+    Ok(())
+}

@@ -28,6 +28,7 @@ pub mod keys;
 pub mod mapping;
 pub mod outbound;
 pub mod subscriber;
+pub mod tls;
 pub mod xenc;
 pub mod xml;
 

@@ -34,6 +34,7 @@ pub async fn add(
     kind: &str,
     cert_pem: &[u8],
     endpoint: Option<&str>,
+    require_mtls: bool,
 ) -> Result<Value> {
     if !KINDS.contains(&kind) {
         return Err(Error::invalid(format!(
@@ -73,10 +74,12 @@ pub async fn add(
     }
     interaction::create_as(&mut tx, "Organization", &org_id, org).await?;
     keys::register(&mut tx, &org_id, &cert).await?;
+    keys::set_requires_mtls(&mut tx, &org_id, require_mtls).await?;
     tx.commit().await.map_err(Error::from)?;
     Ok(json!({
         "organization": format!("Organization/{org_id}"),
         "endpoint": endpoint_id.map(|id| format!("Endpoint/{id}")),
+        "requireMutualTls": require_mtls,
         "certificate": summary(&org_id, &cert),
     }))
 }
@@ -105,6 +108,21 @@ pub async fn rotate_cert(store: &Store, organization: &str, cert_pem: &[u8]) -> 
     keys::register(&mut tx, org_id, &cert).await?;
     tx.commit().await.map_err(Error::from)?;
     Ok(summary(org_id, &cert))
+}
+
+/// Sets whether the subscriber must connect with mutual TLS.
+pub async fn require_mtls(store: &Store, organization: &str, required: bool) -> Result<Value> {
+    let org_id = organization.trim_start_matches("Organization/");
+    let mut tx = store.begin().await?;
+    let current = tx.current_for_update("Organization", org_id).await?;
+    if current.map(|v| v.deleted) != Some(false) {
+        return Err(Error::NotFound(format!(
+            "Organization/{org_id} does not exist"
+        )));
+    }
+    keys::set_requires_mtls(&mut tx, org_id, required).await?;
+    tx.commit().await.map_err(Error::from)?;
+    Ok(json!({"organization": format!("Organization/{org_id}"), "requireMutualTls": required}))
 }
 
 /// Revokes a certificate by its SHA-256 fingerprint.
