@@ -7,6 +7,9 @@
 //! decryption with ehrx's exchange key ([`xenc`]), mapping of C-CDA onto FHIR
 //! by the rules in `mappings/` ([`mapping`]) and one atomic FHIR transaction
 //! that stores the resources, the original document and its Provenance.
+//! A subscriber may also be held to mutual TLS ([`tls`]). Outbound,
+//! `GET /Patient/{id}/$signed-document` ([`outbound`]) signs (and for a
+//! recipient, partly encrypts) a FHIR XML document Bundle.
 //!
 //! # Why not libxmlsec1
 //! The `xmlsec` crate binds libxmlsec1 for signatures only (no XML-Enc), needs
