@@ -26,6 +26,10 @@ pub struct Config {
     pub db_pool_size: u32,
     /// Log filter in `tracing` syntax (`EHRX_LOG`), e.g. `info,ehrx=debug`.
     pub log: String,
+    /// Development only: serve the FHIR API without authorization
+    /// (`EHRX_AUTH_DISABLED=true`). Off unless set explicitly; a warning is
+    /// logged at every start while it is on.
+    pub auth_disabled: bool,
 }
 
 impl Default for Config {
@@ -39,6 +43,7 @@ impl Default for Config {
             max_count: 1000,
             db_pool_size: 8,
             log: "info".into(),
+            auth_disabled: false,
         }
     }
 }

@@ -48,6 +48,12 @@ pub enum Error {
     NotSupported(String),
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// No valid bearer token (401, with `WWW-Authenticate`).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A valid token whose scopes do not allow the request (403).
+    #[error("{0}")]
+    Forbidden(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     /// An error raised by one entry of a batch or transaction Bundle.
@@ -108,6 +114,8 @@ impl Error {
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::NotSupported(_) => StatusCode::BAD_REQUEST,
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::Store(StoreError::Conflict(_)) => StatusCode::CONFLICT,
             Error::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Error::InEntry { source, .. } => source.status(),
@@ -129,6 +137,8 @@ impl Error {
             Error::UnsupportedMediaType(_) | Error::NotAcceptable(_) => "not-supported",
             Error::PayloadTooLarge(_) => "too-costly",
             Error::NotSupported(_) | Error::MethodNotAllowed(_) => "not-supported",
+            Error::Unauthorized(_) => "login",
+            Error::Forbidden(_) => "forbidden",
             Error::Store(StoreError::Conflict(_)) => "conflict",
             Error::Store(_) => "exception",
             Error::InEntry { source, .. } => source.code(),

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use tokio::net::TcpListener;
 
 use crate::api::{router, AppState};
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::store::Store;
 
@@ -12,6 +13,8 @@ use crate::store::Store;
 pub enum ServeError {
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error("authorization server: {0}")]
+    Auth(#[from] crate::auth::AuthError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -31,6 +34,12 @@ impl Server {
     /// Opens (and migrates) the database and binds the listener.
     pub async fn bind(config: Config) -> Result<Server, ServeError> {
         let store = Store::open(&config.database_url, config.db_pool_size).await?;
+        if config.auth_disabled {
+            tracing::warn!(
+                "AUTHORIZATION IS DISABLED (auth_disabled = true): every caller may read and write everything; never run like this with real data"
+            );
+        }
+        let auth = Auth::open(store.clone(), config.base_url()).await?;
         let listener =
             TcpListener::bind(&config.listen)
                 .await
@@ -40,7 +49,7 @@ impl Server {
                 })?;
         Ok(Server {
             listener,
-            state: AppState::new(store, config),
+            state: AppState::new(store, config, auth),
         })
     }
 
