@@ -30,6 +30,9 @@ pub struct Config {
     /// (`EHRX_AUTH_DISABLED=true`). Off unless set explicitly; a warning is
     /// logged at every start while it is on.
     pub auth_disabled: bool,
+    /// Lifetime of access and id tokens in seconds
+    /// (`EHRX_ACCESS_TOKEN_LIFETIME`), at most a day.
+    pub access_token_lifetime: i64,
 }
 
 impl Default for Config {
@@ -44,6 +47,7 @@ impl Default for Config {
             db_pool_size: 8,
             log: "info".into(),
             auth_disabled: false,
+            access_token_lifetime: 3600,
         }
     }
 }
@@ -71,6 +75,12 @@ impl Config {
             return Err(ConfigError(
                 "default_count and max_count must be positive, default_count <= max_count".into(),
             ));
+        }
+        if !(1..=crate::auth::KEY_RETENTION).contains(&self.access_token_lifetime) {
+            return Err(ConfigError(format!(
+                "access_token_lifetime must be between 1 and {} seconds",
+                crate::auth::KEY_RETENTION
+            )));
         }
         if self.max_body_bytes == 0 {
             return Err(ConfigError("max_body_bytes must be positive".into()));

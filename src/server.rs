@@ -39,7 +39,12 @@ impl Server {
                 "AUTHORIZATION IS DISABLED (auth_disabled = true): every caller may read and write everything; never run like this with real data"
             );
         }
-        let auth = Auth::open(store.clone(), config.base_url()).await?;
+        let auth = Auth::open(
+            store.clone(),
+            config.base_url(),
+            config.access_token_lifetime,
+        )
+        .await?;
         let listener =
             TcpListener::bind(&config.listen)
                 .await

@@ -1283,3 +1283,261 @@ async fn introspection_revocation_and_key_rotation() {
         .unwrap()
         .contains("revoked"));
 }
+
+/// Every entry `(mode, Type/id)` on every page of a search, with a token.
+async fn all_pages(s: &TestServer, token: &str, path: &str) -> (u16, Vec<(String, String)>) {
+    let mut url = s.url(path);
+    let mut out = Vec::new();
+    loop {
+        let r = s.client.get(&url).bearer_auth(token).send().await.unwrap();
+        let status = r.status().as_u16();
+        if status != 200 {
+            return (status, out);
+        }
+        let page: Value = r.json().await.unwrap();
+        for e in page["entry"].as_array().into_iter().flatten() {
+            let res = &e["resource"];
+            out.push((
+                e["search"]["mode"].as_str().unwrap_or("").to_string(),
+                format!(
+                    "{}/{}",
+                    res["resourceType"].as_str().unwrap(),
+                    res["id"].as_str().unwrap()
+                ),
+            ));
+        }
+        match common::next_link(&page) {
+            Some(next) => url = next,
+            None => return (200, out),
+        }
+    }
+}
+
+/// An access token bound to `patient` through an EHR launch by a
+/// practitioner (login and consent driven like a browser).
+async fn patient_token(s: &TestServer, patient: &str, scope: &str) -> String {
+    let launch = cli(s, &["launch", "--patient", patient], None)["launch"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let user = format!("dr.{}", uuid::Uuid::new_v4().simple());
+    practitioner_user(s, &user, "matrix");
+    let client = public_client(s, &format!("launch {scope}"));
+    let (verifier, challenge) = pkce();
+    let params = authorize_params(
+        s,
+        &client,
+        &format!("launch {scope}"),
+        &challenge,
+        &[("launch", &launch)],
+    );
+    let redirect = consent(
+        s,
+        &browser(),
+        &params,
+        Some((&user, "correct horse battery")),
+        None,
+    )
+    .await;
+    let (st, t) = exchange_code(s, &client, q(&redirect, "code").unwrap(), &verifier).await;
+    assert_eq!(st, 200, "{t}");
+    assert_eq!(t["patient"], patient);
+    t["access_token"].as_str().unwrap().to_string()
+}
+
+/// The scope matrix: a `patient/` token for patient A (`Patient/example`
+/// of the R4 examples) gets nothing of any other patient's, for every
+/// resource type of the Patient compartment, through read, vread, history,
+/// search (by id too), `_include`, `_revinclude`, chaining, `_has`, batch
+/// entries, updates, deletes and `$everything`.
+#[tokio::test]
+async fn a_patient_token_reaches_nothing_of_another_patient_through_any_interaction() {
+    use futures_util::stream::{self, StreamExt};
+    let s = TestServer::start_secured().await;
+    let w = world(&s).await;
+    let dir = common::data_dir().join("fhir-examples/r4-json");
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let admin = w.admin.clone();
+    let failures: Vec<String> = stream::iter(files)
+        .map(|f| {
+            let (s, admin) = (&s, admin.clone());
+            async move {
+                let body: Value = serde_json::from_slice(&std::fs::read(&f).unwrap()).unwrap();
+                let path = format!(
+                    "{}/{}",
+                    body["resourceType"].as_str().unwrap(),
+                    body["id"].as_str().unwrap()
+                );
+                let (st, _) = fhir(s, &admin, reqwest::Method::PUT, &path, Some(&body)).await;
+                (!(200..300).contains(&st)).then(|| format!("{path}: {st}"))
+            }
+        })
+        .buffer_unordered(8)
+        .filter_map(|x| async { x })
+        .collect()
+        .await;
+    assert!(failures.is_empty(), "{failures:?}");
+
+    let a = "example";
+    let token = patient_token(&s, a, "patient/*.cruds").await;
+    let compartments: Value =
+        serde_json::from_str(&std::fs::read_to_string("conformance/compartments.json").unwrap())
+            .unwrap();
+    let types: Vec<String> = compartments["Patient"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    // What belongs to A, by the compartment definition, read with the
+    // unrestricted token; and everything else of those types.
+    let mut mine: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut others: Vec<String> = Vec::new();
+    for t in &types {
+        let (_, inside) = all_pages(&s, &admin, &format!("Patient/{a}/{t}?_count=500")).await;
+        let inside: Vec<String> = if t == "Patient" {
+            vec![format!("Patient/{a}")]
+        } else {
+            inside.into_iter().map(|(_, r)| r).collect()
+        };
+        let (st, all) = all_pages(&s, &admin, &format!("{t}?_count=500")).await;
+        assert_eq!(st, 200);
+        for (_, r) in all {
+            if !inside.contains(&r) {
+                others.push(r);
+            }
+        }
+        // Search with A's token returns exactly A's part.
+        let (st, got) = all_pages(&s, &token, &format!("{t}?_count=500")).await;
+        assert_eq!(st, 200, "{t}");
+        let mut got: Vec<String> = got.into_iter().map(|(_, r)| r).collect();
+        got.sort();
+        let mut want = inside.clone();
+        want.sort();
+        assert_eq!(got, want, "search {t}");
+        mine.extend(inside);
+    }
+    assert!(
+        mine.len() > 20,
+        "the example patient has a record: {}",
+        mine.len()
+    );
+    assert!(others.len() > 100, "others: {}", others.len());
+    let other_types: std::collections::HashSet<&str> = others
+        .iter()
+        .map(|r| r.split('/').next().unwrap())
+        .collect();
+    assert!(other_types.len() > 30, "{other_types:?}");
+    for r in &others {
+        let (t, id) = r.split_once('/').unwrap();
+        for path in [
+            r.clone(),
+            format!("{r}/_history/1"),
+            format!("{r}/_history"),
+        ] {
+            let (st, oo) = get(&s, &token, &path).await;
+            assert_eq!(st, 403, "GET {path}: {oo}");
+        }
+        let (_, b) = get(&s, &token, &format!("{t}?_id={id}")).await;
+        assert_eq!(b["total"], 0, "{t}?_id={id}");
+        let (st, _) = fhir(&s, &token, reqwest::Method::DELETE, r, None).await;
+        assert_eq!(st, 403, "DELETE {r}");
+    }
+    // A batch of GETs of the others: every entry refused.
+    let entries: Vec<Value> = others
+        .iter()
+        .take(60)
+        .map(|r| json!({"request": {"method": "GET", "url": r}}))
+        .collect();
+    let (st, b) = fhir(
+        &s,
+        &token,
+        reqwest::Method::POST,
+        "",
+        Some(&json!({"resourceType": "Bundle", "type": "batch", "entry": entries})),
+    )
+    .await;
+    assert_eq!(st, 200);
+    for e in b["entry"].as_array().unwrap() {
+        assert!(
+            e["response"]["status"].as_str().unwrap().starts_with("403"),
+            "{e}"
+        );
+    }
+    // Includes, reverse includes, chains and _has stay inside.
+    let outside = |found: &[(String, String)]| -> Vec<String> {
+        found
+            .iter()
+            .map(|(_, r)| r.clone())
+            .filter(|r| {
+                types.contains(&r.split('/').next().unwrap().to_string()) && !mine.contains(r)
+            })
+            .collect()
+    };
+    for path in [
+        "Observation?_include=*&_count=500".to_string(),
+        "Encounter?_include=*&_revinclude=*&_count=500".to_string(),
+        format!("Patient?_revinclude=*&_id={a}"),
+        "Condition?_include=Condition:subject&_revinclude:iterate=Provenance:target".to_string(),
+        format!("Patient/{a}/$everything?_count=500"),
+    ] {
+        let (st, found) = all_pages(&s, &token, &path).await;
+        assert_eq!(st, 200, "{path}");
+        assert_eq!(outside(&found), Vec::<String>::new(), "{path}");
+    }
+    let (st, found) = all_pages(
+        &s,
+        &token,
+        "Observation?subject:Patient.name=Chalmers,Everywoman,Donald",
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert_eq!(outside(&found), Vec::<String>::new());
+    let (_, b) = get(&s, &token, "Patient?_has:Observation:patient:status=final").await;
+    assert!(
+        b["entry"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|e| e["resource"]["id"] == a),
+        "{b}"
+    );
+    let other_patient = others.iter().find(|r| r.starts_with("Patient/")).unwrap();
+    assert_eq!(
+        get(&s, &token, &format!("{other_patient}/$everything"))
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        get(&s, &token, &format!("{other_patient}/Observation"))
+            .await
+            .1["total"],
+        0
+    );
+    assert_eq!(get(&s, &token, "_history").await.0, 403);
+    // Writes into another patient's record are refused, and A's own work.
+    let obs = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": other_patient}});
+    assert_eq!(
+        fhir(&s, &token, reqwest::Method::POST, "Observation", Some(&obs))
+            .await
+            .0,
+        403
+    );
+    let mine_obs = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": format!("Patient/{a}")}});
+    assert_eq!(
+        fhir(
+            &s,
+            &token,
+            reqwest::Method::POST,
+            "Observation",
+            Some(&mine_obs)
+        )
+        .await
+        .0,
+        201
+    );
+}

@@ -15,7 +15,7 @@ use rsa::pkcs8::{EncodePrivateKey, LineEnding};
 use serde_json::Value;
 use sqlx::Row;
 
-use super::{now, AuthError, AuthResult, ACCESS_TTL};
+use super::{now, AuthError, AuthResult, KEY_RETENTION};
 use crate::store::Store;
 
 #[derive(Clone)]
@@ -145,7 +145,7 @@ impl Keys {
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .iter()
-                .find(|k| k.kid == kid && k.retired.is_none_or(|r| r + ACCESS_TTL > now()))
+                .find(|k| k.kid == kid && k.retired.is_none_or(|r| r + KEY_RETENTION > now()))
                 .map(|k| k.decoding.clone())
         };
         if let Some(k) = find(self) {
@@ -165,7 +165,7 @@ impl Keys {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .filter(|k| k.retired.is_none_or(|r| r + ACCESS_TTL > t))
+            .filter(|k| k.retired.is_none_or(|r| r + KEY_RETENTION > t))
             .map(|k| k.jwk.clone())
             .collect();
         Ok(serde_json::json!({ "keys": keys }))

@@ -76,8 +76,10 @@ impl AuthError {
 
 pub type AuthResult<T> = Result<T, AuthError>;
 
-/// Lifetimes, in seconds.
-pub const ACCESS_TTL: i64 = 3600;
+/// Lifetimes, in seconds. Access tokens live `access_token_lifetime`
+/// (configured, at most [`KEY_RETENTION`]); a retired signing key stays
+/// published for `KEY_RETENTION`, so every token it signed expires first.
+pub const KEY_RETENTION: i64 = 24 * 3600;
 pub const CODE_TTL: i64 = 60;
 pub const SESSION_TTL: i64 = 8 * 3600;
 pub const OFFLINE_TTL: i64 = 90 * 24 * 3600;
@@ -92,16 +94,19 @@ pub struct Auth {
     pub keys: Keys,
     /// The FHIR base URL: token issuer and audience.
     pub issuer: String,
+    /// Access and id token lifetime, seconds.
+    pub access_ttl: i64,
 }
 
 impl Auth {
     /// Loads (or, on first start, generates) the signing keys.
-    pub async fn open(store: Store, issuer: String) -> AuthResult<Auth> {
+    pub async fn open(store: Store, issuer: String, access_ttl: i64) -> AuthResult<Auth> {
         let keys = Keys::load_or_create(&store).await?;
         Ok(Auth {
             store,
             keys,
             issuer,
+            access_ttl,
         })
     }
 

@@ -9,10 +9,7 @@ use serde_json::{json, Value};
 use sqlx::Row;
 
 use super::scope::{self, Scope};
-use super::{
-    now, random_token, sha256_b64, Auth, AuthError, AuthResult, ACCESS_TTL, OFFLINE_TTL,
-    SESSION_TTL,
-};
+use super::{now, random_token, sha256_b64, Auth, AuthError, AuthResult, OFFLINE_TTL, SESSION_TTL};
 use crate::policy::Access;
 
 /// The claims of an ehrx access token.
@@ -76,7 +73,7 @@ pub async fn issue(auth: &Auth, grant: &Grant) -> AuthResult<Value> {
             .clone()
             .unwrap_or_else(|| grant.client_id.clone()),
         aud: auth.issuer.clone(),
-        exp: t + ACCESS_TTL,
+        exp: t + auth.access_ttl,
         iat: t,
         jti: random_token(),
         client_id: grant.client_id.clone(),
@@ -102,7 +99,7 @@ pub async fn issue(auth: &Auth, grant: &Grant) -> AuthResult<Value> {
     let mut body = json!({
         "access_token": access,
         "token_type": "Bearer",
-        "expires_in": ACCESS_TTL,
+        "expires_in": auth.access_ttl,
         "scope": scope_text,
     });
     if let Some(p) = &grant.patient {
@@ -142,7 +139,7 @@ pub async fn issue(auth: &Auth, grant: &Grant) -> AuthResult<Value> {
         if let (Some(sub), Some(fhir_user)) = (&grant.user_id, &grant.fhir_user) {
             let mut id = json!({
                 "iss": auth.issuer, "sub": sub, "aud": grant.client_id,
-                "exp": t + ACCESS_TTL, "iat": t, "fhirUser": fhir_user,
+                "exp": t + auth.access_ttl, "iat": t, "fhirUser": fhir_user,
             });
             if let Some(n) = &grant.nonce {
                 id["nonce"] = json!(n);

@@ -19,7 +19,8 @@ use crate::store::{self, Tx, Version};
 
 pub use read::{history, read, vread, HistoryParams};
 pub use searchset::{
-    compartment_params, compartment_search, everything, explain, search, system_search,
+    compartment_params, compartment_search, everything, explain, in_compartment_definition, search,
+    system_search,
 };
 
 /// What the interactions need to know about the server.

@@ -30,6 +30,13 @@ fn compartments() -> &'static HashMap<String, HashMap<String, Vec<String>>> {
     C.get_or_init(|| serde_json::from_str(COMPARTMENTS).unwrap_or_default())
 }
 
+/// Whether the compartment definition of `owner_type` lists `rtype` at all.
+pub fn in_compartment_definition(owner_type: &str, rtype: &str) -> bool {
+    compartments()
+        .get(owner_type)
+        .is_some_and(|c| c.contains_key(rtype))
+}
+
 /// The reference parameters of `rtype` that place it in the compartment
 /// of `owner_type` (only those ehrx indexes).
 pub fn compartment_params(owner_type: &str, rtype: &str) -> Vec<String> {

@@ -25,7 +25,7 @@ use serde_json::Value;
 
 use crate::auth::scope::{Context, Ops, Scope};
 use crate::error::{Error, Result};
-use crate::interaction::compartment_params;
+use crate::interaction::{compartment_params, in_compartment_definition};
 use crate::search::index;
 use crate::search::registry::{registry, Kind};
 use crate::store::search::Cond;
@@ -197,15 +197,13 @@ impl Access {
             if let Some(p) = &r.patient {
                 if rtype == "Patient" {
                     conds.push(Cond::Ids(vec![p.clone()]));
-                } else {
-                    let params = compartment_params("Patient", rtype);
-                    if !params.is_empty() {
-                        conds.push(Cond::RefersTo {
-                            params,
-                            target_type: "Patient".into(),
-                            target_id: p.clone(),
-                        });
-                    }
+                } else if in_compartment_definition("Patient", rtype) {
+                    // No indexed parameter: nothing can be shown as theirs.
+                    conds.push(Cond::RefersTo {
+                        params: compartment_params("Patient", rtype),
+                        target_type: "Patient".into(),
+                        target_id: p.clone(),
+                    });
                 }
             }
             if !r.filter.is_empty() {
@@ -294,11 +292,11 @@ fn in_patient_compartment(
     if rtype == "Patient" {
         return resource.get("id").and_then(Value::as_str) == Some(patient);
     }
-    let params = compartment_params("Patient", rtype);
-    if params.is_empty() {
+    if !in_compartment_definition("Patient", rtype) {
         // Not a patient's record (Organization, Medication, …).
         return true;
     }
+    let params = compartment_params("Patient", rtype);
     rows.references
         .iter()
         .any(|r| r.target_type == "Patient" && r.target_id == patient && params.contains(&r.param))

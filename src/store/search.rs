@@ -356,7 +356,11 @@ fn ids_of(sql: &mut Sql, rtype: &str, c: &Cond, depth: usize, corr: Option<&str>
             target_id,
         } => {
             let own = owner(sql, &a);
-            let ps: Vec<String> = params.iter().map(|p| sql.text(p)).collect();
+            let mut ps: Vec<String> = params.iter().map(|p| sql.text(p)).collect();
+            if ps.is_empty() {
+                // No parameter can place anything there: matches nothing.
+                ps.push("NULL".into());
+            }
             let tid = sql.text(target_id);
             let tt = sql.text(target_type);
             format!(
