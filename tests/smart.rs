@@ -1541,3 +1541,764 @@ async fn a_patient_token_reaches_nothing_of_another_patient_through_any_interact
         201
     );
 }
+
+#[tokio::test]
+async fn expired_unknown_and_forged_credentials_are_refused() {
+    let s = TestServer::start_with(|c| c.access_token_lifetime = 1).await;
+    let k = client_key(Algorithm::RS384);
+    let id = backend_client(&s, &k, "system/*.rs");
+    let (st, t) = backend_token(&s, &id, &k, "system/Patient.rs").await;
+    assert_eq!(st, 200, "{t}");
+    assert_eq!(t["expires_in"], 1);
+    let token = t["access_token"].as_str().unwrap().to_string();
+    assert_eq!(get(&s, &token, "Patient").await.0, 200);
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let r = s
+        .client
+        .get(s.url("Patient"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .contains("expired"));
+    let tok = |a: String| {
+        let s = &s;
+        async move {
+            form(
+                s,
+                "auth/token",
+                &[
+                    ("grant_type", "client_credentials"),
+                    ("scope", "system/*.rs"),
+                    (
+                        "client_assertion_type",
+                        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                    ),
+                    ("client_assertion", &a),
+                ],
+            )
+            .await
+        }
+    };
+    // An assertion that has expired.
+    let (st, e) = tok(assertion(&s, &id, &k, -30, None)).await;
+    assert_eq!(
+        (st, e["error"].as_str()),
+        (401, Some("invalid_client")),
+        "{e}"
+    );
+    // A kid the client never registered.
+    let unknown = ClientKey {
+        kid: "not-registered".into(),
+        ..client_key(Algorithm::RS384)
+    };
+    let (st, e) = tok(assertion(&s, &id, &unknown, 60, None)).await;
+    assert_eq!(st, 401);
+    assert!(
+        e["error_description"].as_str().unwrap().contains("kid"),
+        "{e}"
+    );
+    // alg: none.
+    let none = format!(
+        "{}.{}.",
+        b64(br#"{"alg":"none","typ":"JWT"}"#),
+        b64(json!({"iss": id, "sub": id, "aud": s.url("auth/token"), "exp": chrono::Utc::now().timestamp() + 60, "jti": "n"}).to_string().as_bytes())
+    );
+    let (st, _) = tok(none).await;
+    assert_eq!(st, 401);
+    // HS256 with the client's own public key as the HMAC secret.
+    let public_pem = {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k.pem");
+        let st = Command::new("openssl")
+            .args([
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-out",
+            ])
+            .arg(&key)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let out = Command::new("openssl")
+            .args(["pkey", "-pubout", "-in"])
+            .arg(&key)
+            .output()
+            .unwrap();
+        let pem = std::fs::read(&key).unwrap();
+        let enc = EncodingKey::from_rsa_pem(&pem).unwrap();
+        let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&enc, Algorithm::RS384).unwrap();
+        jwk.common.key_id = Some("rsa-1".into());
+        (out.stdout, serde_json::to_value(&jwk).unwrap())
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, json!({"keys": [public_pem.1]}).to_string()).unwrap();
+    let rsa_client = cli(
+        &s,
+        &[
+            "client",
+            "add",
+            "--name",
+            "R",
+            "--type",
+            "confidential-asymmetric",
+            "--jwks-file",
+            jwks.to_str().unwrap(),
+            "--scope",
+            "system/*.rs",
+        ],
+        None,
+    )["client_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut h = Header::new(Algorithm::HS256);
+    h.kid = Some("rsa-1".into());
+    let confused = jsonwebtoken::encode(&h, &json!({"iss": rsa_client, "sub": rsa_client, "aud": s.url("auth/token"), "exp": chrono::Utc::now().timestamp() + 60, "jti": "c"}), &EncodingKey::from_secret(&public_pem.0)).unwrap();
+    let (st, e) = tok(confused).await;
+    assert_eq!(st, 401, "{e}");
+    // A bearer token with alg none is no token at all.
+    let r = s
+        .client
+        .get(s.url("Patient"))
+        .bearer_auth(format!("{}.{}.", b64(br#"{"alg":"none"}"#), b64(b"{}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+#[tokio::test]
+async fn ehr_users_mint_launch_contexts_and_authorize_accepts_post() {
+    let s = TestServer::start_secured().await;
+    let w = world(&s).await;
+    practitioner_user(&s, "dr.post", "pr-9");
+    let client = public_client(&s, "launch openid fhirUser user/*.rs patient/*.rs");
+    let (verifier, challenge) = pkce();
+    // A practitioner's own token (standalone, user scopes)…
+    let params = authorize_params(
+        &s,
+        &client,
+        "user/Patient.rs openid fhirUser",
+        &challenge,
+        &[],
+    );
+    let redirect = consent(
+        &s,
+        &browser(),
+        &params,
+        Some(("dr.post", "correct horse battery")),
+        None,
+    )
+    .await;
+    let (_, t) = exchange_code(&s, &client, q(&redirect, "code").unwrap(), &verifier).await;
+    let user_token = t["access_token"].as_str().unwrap().to_string();
+    // …mints a launch context (POST /auth/launch).
+    let r = s
+        .client
+        .post(s.url("auth/launch"))
+        .bearer_auth(&user_token)
+        .json(&json!({"patient": w.p2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let launch = r.json::<Value>().await.unwrap()["launch"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Patients and backend systems cannot.
+    let r = s
+        .client
+        .post(s.url("auth/launch"))
+        .bearer_auth(&w.admin)
+        .json(&json!({"patient": w.p2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // The app's authorize request arrives as a form POST (authorize-post).
+    let (verifier, challenge) = pkce();
+    let params = authorize_params(
+        &s,
+        &client,
+        "launch patient/Patient.rs",
+        &challenge,
+        &[("launch", &launch)],
+    );
+    let b = browser();
+    let mut f = params.clone();
+    f.push(("username".into(), "dr.post".into()));
+    f.push(("password".into(), "correct horse battery".into()));
+    let r = b.post(s.url("auth/login")).form(&f).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    let r = b
+        .post(s.url("auth/authorize"))
+        .form(&params)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let html = r.text().await.unwrap();
+    assert!(html.contains("<h1>Allow access</h1>"));
+    let mut f = params.clone();
+    f.push(("csrf".into(), hidden_value(&html, "csrf").unwrap()));
+    f.push(("grant".into(), "launch".into()));
+    f.push(("grant".into(), "patient/Patient.rs".into()));
+    f.push(("decision".into(), "allow".into()));
+    // A forged consent (wrong csrf) is refused.
+    let mut forged = f.clone();
+    forged.retain(|(k, _)| k != "csrf");
+    forged.push(("csrf".into(), "forged".into()));
+    assert_eq!(
+        b.post(s.url("auth/consent"))
+            .form(&forged)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    let r = b.post(s.url("auth/consent")).form(&f).send().await.unwrap();
+    let back = query_of(r.headers()["location"].to_str().unwrap());
+    let (st, t) = exchange_code(&s, &client, q(&back, "code").unwrap(), &verifier).await;
+    assert_eq!(st, 200, "{t}");
+    assert_eq!(t["patient"], w.p2.as_str());
+    assert_eq!(t["scope"], "launch patient/Patient.rs");
+    // Denying sends access_denied back to the app.
+    let (_, challenge) = pkce();
+    let params = authorize_params(&s, &client, "patient/Patient.rs", &challenge, &[]);
+    let html = b
+        .get(s.url("auth/authorize"))
+        .query(&params)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut f = params.clone();
+    f.push(("csrf".into(), hidden_value(&html, "csrf").unwrap()));
+    f.push(("decision".into(), "deny".into()));
+    let r = b.post(s.url("auth/consent")).form(&f).send().await.unwrap();
+    assert_eq!(
+        q(
+            &query_of(r.headers()["location"].to_str().unwrap()),
+            "error"
+        ),
+        Some("access_denied")
+    );
+}
+
+// The assertion groups of the SMART App Launch STU2 conformance suite
+// (Inferno `smart_stu2`), one test per group.
+
+#[tokio::test]
+async fn inferno_discovery_group() {
+    let s = TestServer::start_secured().await;
+    let r = s.get(".well-known/smart-configuration").await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/json"));
+    let c: Value = r.json().await.unwrap();
+    for f in [
+        "authorization_endpoint",
+        "token_endpoint",
+        "capabilities",
+        "code_challenge_methods_supported",
+        "grant_types_supported",
+        "issuer",
+        "jwks_uri",
+    ] {
+        assert!(c.get(f).is_some(), "{f}");
+    }
+    let methods = c["code_challenge_methods_supported"].as_array().unwrap();
+    assert!(methods.contains(&json!("S256")) && !methods.contains(&json!("plain")));
+    assert!(c["grant_types_supported"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("authorization_code")));
+    assert!(c["capabilities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(Value::is_string));
+    // The CapabilityStatement's OAuth URIs agree with the well-known file.
+    let cs: Value = s.get("metadata").await.json().await.unwrap();
+    let uris = cs["rest"][0]["security"]["extension"][0]["extension"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let uri = |n: &str| {
+        uris.iter()
+            .find(|e| e["url"] == n)
+            .map(|e| e["valueUri"].clone())
+            .unwrap()
+    };
+    assert_eq!(uri("authorize"), c["authorization_endpoint"]);
+    assert_eq!(uri("token"), c["token_endpoint"]);
+    assert_eq!(uri("introspect"), c["introspection_endpoint"]);
+    assert_eq!(uri("revoke"), c["revocation_endpoint"]);
+}
+
+#[tokio::test]
+async fn inferno_pkce_s256_only_group() {
+    let s = TestServer::start_secured().await;
+    let client = public_client(&s, "patient/*.rs");
+    let (verifier, challenge) = pkce();
+    let b = browser();
+    for (method, ch) in [
+        ("plain", verifier.as_str()),
+        ("S512", challenge.as_str()),
+        ("", ""),
+    ] {
+        let p = authorize_params(
+            &s,
+            &client,
+            "patient/*.rs",
+            ch,
+            &[("code_challenge_method", method)],
+        );
+        let r = b
+            .get(s.url("auth/authorize"))
+            .query(&p)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 303, "{method}");
+        assert_eq!(
+            q(
+                &query_of(r.headers()["location"].to_str().unwrap()),
+                "error"
+            ),
+            Some("invalid_request")
+        );
+    }
+    // A code without a verifier, or with the challenge itself as verifier, is not redeemed.
+    practitioner_user(&s, "dr.pkce2", "p");
+    let p = authorize_params(&s, &client, "patient/*.rs", &challenge, &[]);
+    let back = consent(
+        &s,
+        &b,
+        &p,
+        Some(("dr.pkce2", "correct horse battery")),
+        None,
+    )
+    .await;
+    let code = q(&back, "code").unwrap();
+    let (st, e) = form(
+        &s,
+        "auth/token",
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("redirect_uri", REDIRECT),
+            ("client_id", &client),
+        ],
+    )
+    .await;
+    assert_eq!((st, e["error"].as_str()), (400, Some("invalid_request")));
+    let (st, e) = exchange_code(&s, &client, code, &challenge).await;
+    assert_eq!((st, e["error"].as_str()), (400, Some("invalid_grant")));
+}
+
+#[tokio::test]
+async fn inferno_client_types_group() {
+    let s = TestServer::start_secured().await;
+    practitioner_user(&s, "dr.types", "p");
+    let b = browser();
+    let mut first = true;
+    let mut run = |client: String, auth: Vec<(String, String)>, basic: Option<(String, String)>| {
+        let (s, b) = (&s, b.clone());
+        let login = if first {
+            Some(("dr.types", "correct horse battery"))
+        } else {
+            None
+        };
+        first = false;
+        async move {
+            let (verifier, challenge) = pkce();
+            let p = authorize_params(s, &client, "user/*.rs", &challenge, &[]);
+            let back = consent(s, &b, &p, login, None).await;
+            let mut f: Vec<(String, String)> = vec![
+                ("grant_type".into(), "authorization_code".into()),
+                ("code".into(), q(&back, "code").unwrap().into()),
+                ("redirect_uri".into(), REDIRECT.into()),
+                ("code_verifier".into(), verifier),
+            ];
+            f.extend(auth);
+            let mut rb = s.client.post(s.url("auth/token")).form(&f);
+            if let Some((u, pw)) = basic {
+                rb = rb.basic_auth(u, Some(pw));
+            }
+            let r = rb.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    // Public: client_id only.
+    let public = public_client(&s, "user/*.rs");
+    let (st, t) = run(public.clone(), vec![("client_id".into(), public)], None).await;
+    assert_eq!(st, 200, "{t}");
+    // Confidential symmetric: client_secret_basic.
+    let sym = cli(
+        &s,
+        &[
+            "client",
+            "add",
+            "--name",
+            "S",
+            "--type",
+            "confidential-symmetric",
+            "--redirect-uri",
+            REDIRECT,
+            "--scope",
+            "user/*.rs",
+        ],
+        None,
+    );
+    let (id, secret) = (
+        sym["client_id"].as_str().unwrap().to_string(),
+        sym["client_secret"].as_str().unwrap().to_string(),
+    );
+    let (st, t) = run(id.clone(), vec![], Some((id.clone(), secret))).await;
+    assert_eq!(st, 200, "{t}");
+    // …which may not act as a public client.
+    let (st, e) = run(id.clone(), vec![("client_id".into(), id)], None).await;
+    assert_eq!((st, e["error"].as_str()), (401, Some("invalid_client")));
+    // Confidential asymmetric: private_key_jwt on the authorization code grant.
+    let k = client_key(Algorithm::ES384);
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, json!({"keys": [k.jwk]}).to_string()).unwrap();
+    let asym = cli(
+        &s,
+        &[
+            "client",
+            "add",
+            "--name",
+            "A",
+            "--type",
+            "confidential-asymmetric",
+            "--redirect-uri",
+            REDIRECT,
+            "--jwks-file",
+            jwks.to_str().unwrap(),
+            "--scope",
+            "user/*.rs",
+        ],
+        None,
+    )["client_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let a = assertion(&s, &asym, &k, 120, None);
+    let (st, t) = run(
+        asym,
+        vec![
+            (
+                "client_assertion_type".into(),
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into(),
+            ),
+            ("client_assertion".into(), a),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{t}");
+}
+
+#[tokio::test]
+async fn inferno_token_response_and_granted_scopes_group() {
+    let s = TestServer::start_secured().await;
+    let w = world(&s).await;
+    let _ = w;
+    practitioner_user(&s, "dr.tr", "p");
+    let client = public_client(
+        &s,
+        "launch/patient openid fhirUser offline_access patient/Observation.rs patient/Patient.rs",
+    );
+    let (verifier, challenge) = pkce();
+    let asked = "launch/patient openid fhirUser offline_access patient/Observation.rs patient/Condition.rs patient/Patient.rs";
+    let p = authorize_params(&s, &client, asked, &challenge, &[]);
+    let b = browser();
+    let back = consent(
+        &s,
+        &b,
+        &p,
+        Some(("dr.tr", "correct horse battery")),
+        Some(&w.p1),
+    )
+    .await;
+    let r = s
+        .client
+        .post(s.url("auth/token"))
+        .form(&[
+            ("grant_type", "authorization_code"),
+            ("code", q(&back, "code").unwrap()),
+            ("redirect_uri", REDIRECT),
+            ("code_verifier", &verifier),
+            ("client_id", &client),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    assert_eq!(r.headers()["pragma"], "no-cache");
+    let t: Value = r.json().await.unwrap();
+    assert!(t["token_type"]
+        .as_str()
+        .unwrap()
+        .eq_ignore_ascii_case("bearer"));
+    assert!(
+        t["access_token"].is_string() && t["expires_in"].is_i64() && t["refresh_token"].is_string()
+    );
+    assert_eq!(t["patient"], w.p1.as_str());
+    // Granted is a subset of requested, and says what was left out.
+    let granted: Vec<&str> = t["scope"].as_str().unwrap().split(' ').collect();
+    let requested: Vec<&str> = asked.split(' ').collect();
+    assert!(granted.iter().all(|g| requested.contains(g)), "{granted:?}");
+    assert!(
+        !granted.contains(&"patient/Condition.rs"),
+        "not registered, not granted"
+    );
+    let token = t["access_token"].as_str().unwrap();
+    assert_eq!(get(&s, token, "Condition").await.0, 403);
+    assert_eq!(get(&s, token, &format!("Patient/{}", w.p1)).await.0, 200);
+}
+
+#[tokio::test]
+async fn inferno_openid_connect_group() {
+    let s = TestServer::start_secured().await;
+    let w = world(&s).await;
+    let (st, _) = fhir(
+        &s,
+        &w.admin,
+        reqwest::Method::PUT,
+        "Practitioner/pr-oidc",
+        Some(
+            &json!({"resourceType": "Practitioner", "id": "pr-oidc", "name": [{"family": "Oidc"}]}),
+        ),
+    )
+    .await;
+    assert_eq!(st, 201);
+    practitioner_user(&s, "dr.oidc", "pr-oidc");
+    let client = public_client(&s, "openid fhirUser user/*.rs");
+    let (verifier, challenge) = pkce();
+    let p = authorize_params(
+        &s,
+        &client,
+        "openid fhirUser user/Practitioner.rs",
+        &challenge,
+        &[("nonce", "abc")],
+    );
+    let back = consent(
+        &s,
+        &browser(),
+        &p,
+        Some(("dr.oidc", "correct horse battery")),
+        None,
+    )
+    .await;
+    let (_, t) = exchange_code(&s, &client, q(&back, "code").unwrap(), &verifier).await;
+    let oidc: Value = s
+        .get(".well-known/openid-configuration")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(oidc["issuer"], s.base.as_str());
+    assert!(oidc["response_types_supported"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("code")));
+    assert!(oidc["subject_types_supported"].is_array());
+    let jwks: Value = s
+        .client
+        .get(oidc["jwks_uri"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id_token = t["id_token"].as_str().unwrap();
+    let header = jsonwebtoken::decode_header(id_token).unwrap();
+    assert_eq!(header.alg, Algorithm::RS256);
+    let kid = header.kid.unwrap();
+    let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(
+        jwks["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["kid"] == kid.as_str())
+            .unwrap()
+            .clone(),
+    )
+    .unwrap();
+    let mut v = jsonwebtoken::Validation::new(Algorithm::RS256);
+    v.set_audience(&[&client]);
+    v.set_issuer(&[&s.base]);
+    let claims = jsonwebtoken::decode::<Value>(
+        id_token,
+        &jsonwebtoken::DecodingKey::from_jwk(&jwk).unwrap(),
+        &v,
+    )
+    .unwrap()
+    .claims;
+    for c in ["iss", "sub", "aud", "exp", "iat", "fhirUser"] {
+        assert!(claims.get(c).is_some(), "{c}");
+    }
+    assert_eq!(claims["nonce"], "abc");
+    // fhirUser resolves with the access token.
+    let fhir_user = claims["fhirUser"].as_str().unwrap();
+    let (st, me) = get(&s, t["access_token"].as_str().unwrap(), fhir_user).await;
+    assert_eq!(st, 200);
+    assert_eq!(me["name"][0]["family"], "Oidc");
+}
+
+#[tokio::test]
+async fn inferno_token_refresh_group() {
+    let s = TestServer::start_secured().await;
+    practitioner_user(&s, "dr.refresh", "p");
+    let client = public_client(&s, "offline_access user/*.rs");
+    let (verifier, challenge) = pkce();
+    let p = authorize_params(
+        &s,
+        &client,
+        "offline_access user/Patient.rs user/Observation.rs",
+        &challenge,
+        &[],
+    );
+    let back = consent(
+        &s,
+        &browser(),
+        &p,
+        Some(("dr.refresh", "correct horse battery")),
+        None,
+    )
+    .await;
+    let (_, t) = exchange_code(&s, &client, q(&back, "code").unwrap(), &verifier).await;
+    // Without a scope parameter: the same scopes again.
+    let (st, t2) = form(
+        &s,
+        "auth/token",
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", t["refresh_token"].as_str().unwrap()),
+            ("client_id", &client),
+        ],
+    )
+    .await;
+    assert_eq!(st, 200, "{t2}");
+    assert_eq!(t2["scope"], t["scope"]);
+    assert!(
+        t2["access_token"].is_string() && t2["expires_in"].is_i64() && t2["token_type"] == "Bearer"
+    );
+    // With a narrower scope parameter: narrower scopes.
+    let (st, t3) = form(
+        &s,
+        "auth/token",
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", t2["refresh_token"].as_str().unwrap()),
+            ("client_id", &client),
+            ("scope", "offline_access user/Patient.rs"),
+        ],
+    )
+    .await;
+    assert_eq!(st, 200, "{t3}");
+    assert_eq!(t3["scope"], "offline_access user/Patient.rs");
+    assert_eq!(
+        get(&s, t3["access_token"].as_str().unwrap(), "Observation")
+            .await
+            .0,
+        403
+    );
+    // Wider than granted: refused.
+    let (st, e) = form(
+        &s,
+        "auth/token",
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", t3["refresh_token"].as_str().unwrap()),
+            ("client_id", &client),
+            ("scope", "user/*.cruds"),
+        ],
+    )
+    .await;
+    assert_eq!((st, e["error"].as_str()), (400, Some("invalid_scope")));
+}
+
+#[tokio::test]
+async fn inferno_backend_services_errors_group() {
+    let s = TestServer::start_secured().await;
+    let k = client_key(Algorithm::RS384);
+    let id = backend_client(&s, &k, "system/*.rs");
+    let a = assertion(&s, &id, &k, 120, None);
+    let post = |pairs: Vec<(&'static str, String)>| {
+        let s = &s;
+        async move {
+            let r = s
+                .client
+                .post(s.url("auth/token"))
+                .form(&pairs)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let at = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".to_string();
+    // Invalid grant type.
+    let (st, e) = post(vec![
+        ("grant_type", "not_a_grant".into()),
+        ("scope", "system/*.rs".into()),
+        ("client_assertion_type", at.clone()),
+        ("client_assertion", a.clone()),
+    ])
+    .await;
+    assert_eq!(
+        (st, e["error"].as_str()),
+        (400, Some("unsupported_grant_type"))
+    );
+    // Invalid client_assertion_type.
+    let (st, e) = post(vec![
+        ("grant_type", "client_credentials".into()),
+        ("scope", "system/*.rs".into()),
+        ("client_assertion_type", "not_an_assertion_type".into()),
+        ("client_assertion", a.clone()),
+    ])
+    .await;
+    assert_eq!((st, e["error"].as_str()), (400, Some("invalid_request")));
+    // An invalid JWT.
+    let (st, e) = post(vec![
+        ("grant_type", "client_credentials".into()),
+        ("scope", "system/*.rs".into()),
+        ("client_assertion_type", at.clone()),
+        ("client_assertion", "not.a.jwt".into()),
+    ])
+    .await;
+    assert!(st == 400 || st == 401, "{st}");
+    assert_eq!(e["error"], "invalid_client");
+    // The untouched assertion still works (nothing above consumed its jti).
+    let (st, t) = post(vec![
+        ("grant_type", "client_credentials".into()),
+        ("scope", "system/*.rs".into()),
+        ("client_assertion_type", at),
+        ("client_assertion", a),
+    ])
+    .await;
+    assert_eq!(st, 200, "{t}");
+}
