@@ -2302,3 +2302,174 @@ async fn inferno_backend_services_errors_group() {
     .await;
     assert_eq!(st, 200, "{t}");
 }
+
+// Independent client code: SMART on FHIR's own Python client library and
+// PyJWT (both from PyPI; `.ci/run` installs them).
+
+fn interop_script(name: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/interop")
+        .join(name)
+}
+
+#[tokio::test]
+async fn the_fhirclient_library_does_a_standalone_launch() {
+    use std::io::{BufRead, BufReader, Write};
+    let s = TestServer::start_secured().await;
+    let w = world(&s).await;
+    let out = cli(
+        &s,
+        &[
+            "user",
+            "add",
+            "--username",
+            "alpha@example.org",
+            "--password-stdin",
+            "--fhir-user",
+            &format!("Patient/{}", w.p1),
+        ],
+        Some("patient password 1\n"),
+    );
+    assert_eq!(out["fhirUser"], format!("Patient/{}", w.p1));
+    let client = public_client(&s, "launch/patient openid fhirUser patient/*.rs");
+    let mut py = Command::new("python3")
+        .arg(interop_script("fhirclient_standalone.py"))
+        .args([
+            s.base.as_str(),
+            client.as_str(),
+            REDIRECT,
+            "launch/patient openid fhirUser patient/*.rs",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut lines = BufReader::new(py.stdout.take().unwrap()).lines();
+    let authorize = tokio::task::spawn_blocking(move || {
+        let l = lines.next();
+        (l, lines)
+    })
+    .await
+    .unwrap();
+    let (first, mut lines) = authorize;
+    let authorize_url = match first {
+        Some(Ok(l)) => l,
+        other => {
+            let out = py.wait_with_output().unwrap();
+            panic!(
+                "fhirclient printed {other:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    };
+    assert!(
+        authorize_url.starts_with(&s.url("auth/authorize")),
+        "{authorize_url}"
+    );
+    let params = query_of(&authorize_url);
+    assert_eq!(q(&params, "code_challenge_method"), Some("S256"));
+    let back = consent(
+        &s,
+        &browser(),
+        &params,
+        Some(("alpha@example.org", "patient password 1")),
+        None,
+    )
+    .await;
+    let callback = with_pairs(REDIRECT, &back);
+    let mut stdin = py.stdin.take().unwrap();
+    writeln!(stdin, "{callback}").unwrap();
+    drop(stdin);
+    let result = tokio::task::spawn_blocking(move || lines.next())
+        .await
+        .unwrap();
+    let status = py.wait_with_output().unwrap();
+    let line = match result {
+        Some(Ok(l)) => l,
+        other => panic!(
+            "fhirclient failed: {other:?}: {}",
+            String::from_utf8_lossy(&status.stderr)
+        ),
+    };
+    let got: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(got["ready"], true);
+    assert_eq!(got["patient_id"], w.p1.as_str());
+    assert_eq!(got["family"], "Alpha");
+    let mut want = vec![w.lab1.clone(), w.vital1.clone()];
+    want.sort();
+    assert_eq!(got["observations"], json!(want));
+}
+
+fn with_pairs(uri: &str, pairs: &[(String, String)]) -> String {
+    let q = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs.iter())
+        .finish();
+    format!("{uri}?{q}")
+}
+
+#[tokio::test]
+async fn pyjwt_assertions_get_backend_services_tokens() {
+    let s = TestServer::start_secured().await;
+    let w = world(&s).await;
+    let _ = w;
+    for (alg, curve) in [("RS384", None), ("ES384", Some("P-384"))] {
+        let dir = tempfile::tempdir().unwrap();
+        let pem_path = dir.path().join("key.pem");
+        let mut c = Command::new("openssl");
+        c.arg("genpkey");
+        match curve {
+            None => c.args(["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]),
+            Some(cv) => c.args([
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                &format!("ec_paramgen_curve:{cv}"),
+            ]),
+        };
+        assert!(c
+            .arg("-out")
+            .arg(&pem_path)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success());
+        let pem = std::fs::read(&pem_path).unwrap();
+        let (key, a) = match curve {
+            None => (EncodingKey::from_rsa_pem(&pem).unwrap(), Algorithm::RS384),
+            Some(_) => (EncodingKey::from_ec_pem(&pem).unwrap(), Algorithm::ES384),
+        };
+        let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&key, a).unwrap();
+        jwk.common.key_id = Some(format!("py-{alg}"));
+        let k = ClientKey {
+            key,
+            alg: a,
+            kid: format!("py-{alg}"),
+            jwk: serde_json::to_value(&jwk).unwrap(),
+        };
+        let id = backend_client(&s, &k, "system/Patient.rs");
+        let mut py = Command::new("python3");
+        py.arg(interop_script("backend_services.py")).args([
+            s.base.as_str(),
+            id.as_str(),
+            pem_path.to_str().unwrap(),
+            k.kid.as_str(),
+            alg,
+            "system/Patient.rs",
+        ]);
+        // The server runs on this test's runtime: wait for Python off it.
+        let out = tokio::task::spawn_blocking(move || py.output().expect("python3"))
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(got["token_status"], 200, "{got}");
+        assert_eq!(got["scope"], "system/Patient.rs");
+        assert_eq!(got["read_status"], 200);
+        assert_eq!(got["total"], 2);
+    }
+}
