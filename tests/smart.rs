@@ -2473,3 +2473,71 @@ async fn pyjwt_assertions_get_backend_services_tokens() {
         assert_eq!(got["total"], 2);
     }
 }
+
+#[tokio::test]
+async fn backend_keys_can_be_registered_by_jwks_url() {
+    let s = TestServer::start_secured().await;
+    let k = client_key(Algorithm::ES384);
+    // The client publishes its JWKS on its own (loopback) web server.
+    let jwks = json!({"keys": [k.jwk]});
+    let app = axum::Router::new().route(
+        "/.well-known/jwks.json",
+        axum::routing::get(move || {
+            let jwks = jwks.clone();
+            async move { axum::Json(jwks) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "http://{}/.well-known/jwks.json",
+        listener.local_addr().unwrap()
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let id = cli(
+        &s,
+        &[
+            "client",
+            "add",
+            "--name",
+            "By URL",
+            "--type",
+            "confidential-asymmetric",
+            "--jwks-url",
+            &url,
+            "--scope",
+            "system/*.rs",
+        ],
+        None,
+    )["client_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (st, t) = backend_token(&s, &id, &k, "system/Patient.rs").await;
+    assert_eq!(st, 200, "{t}");
+    // Plain HTTP is only accepted on the loopback interface.
+    let far = cli(
+        &s,
+        &[
+            "client",
+            "add",
+            "--name",
+            "Far",
+            "--type",
+            "confidential-asymmetric",
+            "--jwks-url",
+            "http://keys.example.org/jwks.json",
+            "--scope",
+            "system/*.rs",
+        ],
+        None,
+    )["client_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (st, e) = backend_token(&s, &far, &k, "system/Patient.rs").await;
+    assert_eq!(st, 401);
+    assert!(
+        e["error_description"].as_str().unwrap().contains("https"),
+        "{e}"
+    );
+}

@@ -277,13 +277,12 @@ async fn authenticate_assertion(
             "this client is not registered for private_key_jwt".into()
         ));
     }
-    let jwks: JwkSet = match &client.jwks {
-        Some(j) => serde_json::from_value(j.clone()).map_err(|e| bad(format!("registered JWKS: {e}")))?,
-        None => {
-            return Err(bad(
-                "the client's keys are registered by URL, which this server does not fetch; register a JWKS".into(),
-            ))
+    let jwks: JwkSet = match (&client.jwks, &client.jwks_url) {
+        (Some(j), _) => {
+            serde_json::from_value(j.clone()).map_err(|e| bad(format!("registered JWKS: {e}")))?
         }
+        (None, Some(url)) => fetch_jwks(url).await.map_err(bad)?,
+        (None, None) => return Err(bad("the client has no registered keys".into())),
     };
     let candidates: Vec<&jsonwebtoken::jwk::Jwk> = match &header.kid {
         Some(kid) => jwks
@@ -344,4 +343,45 @@ async fn authenticate_assertion(
         return Err(bad("client_assertion jti has been used before".into()));
     }
     Ok(client)
+}
+
+/// Largest JWKS document accepted from a client's `jwks_url`.
+const MAX_JWKS_BYTES: usize = 64 * 1024;
+
+/// Fetches a client's key set from its registered `jwks_url` (HTTPS; plain
+/// HTTP only on the loopback interface), bounded in time and size.
+async fn fetch_jwks(url: &str) -> Result<JwkSet, String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("jwks_url '{url}': {e}"))?;
+    let loopback = matches!(parsed.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"));
+    if parsed.scheme() != "https" && !(parsed.scheme() == "http" && loopback) {
+        return Err(format!("jwks_url '{url}' must use https"));
+    }
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut response = client
+        .get(parsed)
+        .header("Accept", "application/json")
+        .send()
+        .await
+        .map_err(|e| format!("jwks_url '{url}' could not be fetched: {e}"))?;
+    if !response.status().is_success() {
+        return Err(format!("jwks_url '{url}' answered {}", response.status()));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| format!("jwks_url '{url}': {e}"))?
+    {
+        body.extend_from_slice(&chunk);
+        if body.len() > MAX_JWKS_BYTES {
+            return Err(format!(
+                "jwks_url '{url}' returned more than {MAX_JWKS_BYTES} bytes"
+            ));
+        }
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("jwks_url '{url}' is not a JWKS: {e}"))
 }
