@@ -1,4 +1,5 @@
-//! Command line: `ehrx serve | migrate | import | reindex | explain | subscriber | exchange-cert`.
+//! Command line: `ehrx serve | migrate | import | reindex | explain |
+//! client | user | keys | launch | subscriber | exchange-cert`.
 
 use std::path::PathBuf;
 
@@ -44,6 +45,22 @@ pub enum Command {
         /// `Type?query` or `Patient/ID/$everything`.
         search: String,
     },
+    /// OAuth clients of the authorization server.
+    #[command(subcommand)]
+    Client(ClientCommand),
+    /// People who log in (practitioners, patients, related persons).
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Token signing keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Mint an EHR launch context; prints `{"launch": "…"}`.
+    Launch {
+        #[arg(long)]
+        patient: Option<String>,
+        #[arg(long)]
+        encounter: Option<String>,
+    },
     /// Manage the subscribers of the signed-XML exchange and their certificates.
     Subscriber {
         #[command(subcommand)]
@@ -54,6 +71,52 @@ pub enum Command {
     /// on first use.
     ExchangeCert,
 }
+
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Register a client; prints its `client_id` (and secret) as JSON.
+    Add {
+        #[arg(long)]
+        name: String,
+        #[arg(long = "type", value_enum)]
+        kind: crate::auth::clients::ClientKind,
+        /// Allowed redirect URI (repeat for several).
+        #[arg(long = "redirect-uri")]
+        redirect_uris: Vec<String>,
+        /// The client's public keys (JWKS JSON file), for private_key_jwt.
+        #[arg(long, conflicts_with = "jwks_url")]
+        jwks_file: Option<PathBuf>,
+        /// Where the client publishes its JWKS.
+        #[arg(long)]
+        jwks_url: Option<String>,
+        /// The scopes the client may ever be granted (space-separated).
+        #[arg(
+            long,
+            default_value = "openid fhirUser launch launch/patient offline_access online_access patient/*.rs user/*.rs"
+        )]
+        scope: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Add a user; the password is read from standard input.
+    Add {
+        #[arg(long)]
+        username: String,
+        /// Read the password from standard input (the only way to pass it).
+        #[arg(long, required = true)]
+        password_stdin: bool,
+        /// The FHIR resource that is this user, e.g. `Practitioner/123`.
+        #[arg(long)]
+        fhir_user: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Generate a new signing key and retire the current one.
+    Rotate,
 
 #[derive(Debug, Subcommand)]
 pub enum SubscriberCommand {

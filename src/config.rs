@@ -39,6 +39,13 @@ pub struct Config {
     pub tls_cert_file: Option<std::path::PathBuf>,
     /// The private key of `tls_cert_file` (PEM; `EHRX_TLS_KEY_FILE`).
     pub tls_key_file: Option<std::path::PathBuf>,
+    /// Development only: serve the FHIR API without authorization
+    /// (`EHRX_AUTH_DISABLED=true`). Off unless set explicitly; a warning is
+    /// logged at every start while it is on.
+    pub auth_disabled: bool,
+    /// Lifetime of access and id tokens in seconds
+    /// (`EHRX_ACCESS_TOKEN_LIFETIME`), at most a day.
+    pub access_token_lifetime: i64,
 }
 
 impl Default for Config {
@@ -57,6 +64,8 @@ impl Default for Config {
             mappings_dir: None,
             tls_cert_file: None,
             tls_key_file: None,
+            auth_disabled: false,
+            access_token_lifetime: 3600,
         }
     }
 }
@@ -94,6 +103,12 @@ impl Config {
             return Err(ConfigError(
                 "tls_cert_file and tls_key_file must be given together".into(),
             ));
+        }
+        if !(1..=crate::auth::KEY_RETENTION).contains(&self.access_token_lifetime) {
+            return Err(ConfigError(format!(
+                "access_token_lifetime must be between 1 and {} seconds",
+                crate::auth::KEY_RETENTION
+            )));
         }
         if self.max_body_bytes == 0 {
             return Err(ConfigError("max_body_bytes must be positive".into()));

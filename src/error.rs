@@ -48,6 +48,12 @@ pub enum Error {
     NotSupported(String),
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// No valid bearer token (401, with `WWW-Authenticate`).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A valid token whose scopes do not allow the request (403).
+    #[error("{0}")]
+    Forbidden(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     /// A signed-XML document refused by the exchange.
@@ -111,6 +117,8 @@ impl Error {
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::NotSupported(_) => StatusCode::BAD_REQUEST,
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::Store(StoreError::Conflict(_)) => StatusCode::CONFLICT,
             Error::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Error::Exchange(e) => e.status(),
@@ -133,6 +141,8 @@ impl Error {
             Error::UnsupportedMediaType(_) | Error::NotAcceptable(_) => "not-supported",
             Error::PayloadTooLarge(_) => "too-costly",
             Error::NotSupported(_) | Error::MethodNotAllowed(_) => "not-supported",
+            Error::Unauthorized(_) => "login",
+            Error::Forbidden(_) => "forbidden",
             Error::Store(StoreError::Conflict(_)) => "conflict",
             Error::Store(_) => "exception",
             Error::Exchange(e) => e.code(),

@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
-use crate::api::AppState;
 use crate::config::Config;
 use crate::fhir::codec;
 use crate::interaction::bundle;
+use crate::interaction::Env;
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -110,7 +110,7 @@ fn collection_as_transaction(b: &Value) -> Value {
 }
 
 /// Loads one file; returns the response Bundle or why it failed.
-pub async fn load_file(state: &AppState, path: &Path) -> Result<Value, String> {
+pub async fn load_file(store: &Store, env: &Env, path: &Path) -> Result<Value, String> {
     let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
     let is_xml = path.extension().and_then(|e| e.to_str()) == Some("xml");
     let parsed = if is_xml {
@@ -132,7 +132,7 @@ pub async fn load_file(state: &AppState, path: &Path) -> Result<Value, String> {
         }
         other => return Err(format!("Bundle type {other:?} cannot be imported")),
     };
-    bundle::process(&state.store, &state.env, b)
+    bundle::process(store, env, b)
         .await
         .map_err(|e| e.to_string())
 }
@@ -186,7 +186,8 @@ pub async fn run(
 ) -> Result<Report, ImportError> {
     let files = collect(paths)?;
     let store = Store::open(&config.database_url, config.db_pool_size).await?;
-    let state = AppState::new(store, config.clone());
+    // The importer is the operator's own tool: unrestricted access.
+    let env = Env::from_config(config);
     let bar = if progress {
         let b = ProgressBar::new(files.len() as u64);
         b.set_style(
@@ -209,7 +210,7 @@ pub async fn run(
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default(),
             );
-            match load_file(&state, f).await {
+            match load_file(&store, &env, f).await {
                 Ok(resp) => {
                     progressed = true;
                     report.files_loaded += 1;
@@ -231,6 +232,6 @@ pub async fn run(
     bar.inc(last_failures.len() as u64);
     bar.finish_and_clear();
     report.failed.extend(last_failures);
-    state.store.close().await;
+    store.close().await;
     Ok(report)
 }

@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use ehrx::cli::{Cli, Command, SubscriberCommand};
+use ehrx::cli::{Cli, ClientCommand, Command, KeysCommand, SubscriberCommand, UserCommand};
 use ehrx::config::Config;
 use ehrx::server::{shutdown_signal, Server};
 use ehrx::store::Store;
@@ -106,6 +106,133 @@ async fn run(command: Command, config: Config) -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("ehrx explain: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Client(ClientCommand::Add {
+            name,
+            kind,
+            redirect_uris,
+            jwks_file,
+            jwks_url,
+            scope,
+        }) => {
+            let result = async {
+                let jwks = match jwks_file {
+                    Some(f) => {
+                        let text = std::fs::read_to_string(&f)
+                            .map_err(|e| format!("{}: {e}", f.display()))?;
+                        Some(
+                            serde_json::from_str(&text)
+                                .map_err(|e| format!("{}: {e}", f.display()))?,
+                        )
+                    }
+                    None => None,
+                };
+                let store = Store::open(&config.database_url, 1)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let new = ehrx::auth::clients::NewClient {
+                    name,
+                    kind,
+                    redirect_uris,
+                    jwks,
+                    jwks_url,
+                    scope,
+                };
+                ehrx::auth::clients::register(&store, &new)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            .await;
+            match result {
+                Ok((id, secret)) => {
+                    let mut out = serde_json::json!({ "client_id": id });
+                    if let Some(s) = secret {
+                        out["client_secret"] = serde_json::json!(s);
+                    }
+                    println!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ehrx client add: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::User(UserCommand::Add {
+            username,
+            password_stdin: _,
+            fhir_user,
+        }) => {
+            let mut password = String::new();
+            if let Err(e) = std::io::stdin().read_line(&mut password) {
+                eprintln!("ehrx user add: cannot read the password: {e}");
+                return ExitCode::FAILURE;
+            }
+            let password = password.trim_end_matches(['\n', '\r']);
+            let result = async {
+                let store = Store::open(&config.database_url, 1)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                ehrx::auth::users::add(&store, &username, password, &fhir_user)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            .await;
+            match result {
+                Ok(u) => {
+                    println!(
+                        "{}",
+                        serde_json::json!({"id": u.id, "username": u.username, "fhirUser": u.fhir_user})
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ehrx user add: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Keys(KeysCommand::Rotate) => {
+            let result = async {
+                let store = Store::open(&config.database_url, 1)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                ehrx::auth::Keys::rotate(&store)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            .await;
+            match result {
+                Ok(kid) => {
+                    println!("{}", serde_json::json!({ "kid": kid }));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ehrx keys rotate: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Launch { patient, encounter } => {
+            let result = async {
+                let store = Store::open(&config.database_url, 1)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                ehrx::auth::endpoints::mint_launch(&store, patient.as_deref(), encounter.as_deref())
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            .await;
+            match result {
+                Ok(id) => {
+                    println!("{}", serde_json::json!({ "launch": id }));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ehrx launch: {e}");
                     ExitCode::FAILURE
                 }
             }

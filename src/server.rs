@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use tokio::net::TcpListener;
 
 use crate::api::{router, AppState};
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::store::Store;
 
@@ -12,6 +13,8 @@ use crate::store::Store;
 pub enum ServeError {
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error("authorization server: {0}")]
+    Auth(#[from] crate::auth::AuthError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -37,6 +40,17 @@ impl Server {
     /// Opens (and migrates) the database and binds the listener.
     pub async fn bind(config: Config) -> Result<Server, ServeError> {
         let store = Store::open(&config.database_url, config.db_pool_size).await?;
+        if config.auth_disabled {
+            tracing::warn!(
+                "AUTHORIZATION IS DISABLED (auth_disabled = true): every caller may read and write everything; never run like this with real data"
+            );
+        }
+        let auth = Auth::open(
+            store.clone(),
+            config.base_url(),
+            config.access_token_lifetime,
+        )
+        .await?;
         let listener =
             TcpListener::bind(&config.listen)
                 .await
@@ -50,7 +64,7 @@ impl Server {
             }
             _ => None,
         };
-        let state = AppState::new(store, config);
+        let state = AppState::new(store, config, auth);
         // The exchange key is generated on first start, not on first use.
         state
             .exchange()

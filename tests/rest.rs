@@ -803,7 +803,11 @@ async fn malformed_and_invalid_bodies_say_where() {
 
 #[tokio::test]
 async fn body_over_the_limit_is_413() {
-    let s = TestServer::start_with(|c| c.max_body_bytes = 1024).await;
+    let s = TestServer::start_with(|c| {
+        c.max_body_bytes = 1024;
+        c.auth_disabled = true;
+    })
+    .await;
     let mut p = patient("Big");
     p["name"][0]["text"] = json!("x".repeat(2048));
     let r = s.post_json("Patient", &p).await;

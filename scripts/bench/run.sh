@@ -14,7 +14,7 @@ work=$(mktemp -d)
 port="${BENCH_PORT:-18080}"
 base="http://127.0.0.1:$port"
 EHRX_DATABASE_URL="${EHRX_DATABASE_URL:-sqlite:$work/bench.db}" EHRX_LISTEN="127.0.0.1:$port" \
-  EHRX_LOG=warn "$bin" serve &
+  EHRX_AUTH_DISABLED=true EHRX_LOG=warn "$bin" serve &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$work"' EXIT
 for _ in $(seq 100); do curl -sf "$base/metadata" >/dev/null && break; sleep 0.1; done

@@ -17,7 +17,8 @@ work=$(mktemp -d)
 port="${BENCH_PORT:-18081}"
 base="http://127.0.0.1:$port"
 export EHRX_DATABASE_URL="${EHRX_DATABASE_URL:-sqlite:$work/bench.db}"
-EHRX_LISTEN="127.0.0.1:$port" EHRX_LOG=warn "$bin" serve &
+# Authorization off: these numbers are for storage and search alone.
+EHRX_AUTH_DISABLED=true EHRX_LISTEN="127.0.0.1:$port" EHRX_LOG=warn "$bin" serve &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$work"' EXIT
 for _ in $(seq 100); do curl -sf "$base/metadata" >/dev/null && break; sleep 0.1; done

@@ -62,6 +62,25 @@ pub fn capability_statement(base: &str) -> Value {
     cs["implementation"]["url"] = json!(base);
     cs["rest"] = json!([{
         "mode": "server",
+        "security": {
+            "cors": false,
+            "service": [{
+                "coding": [{
+                    "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                    "code": "SMART-on-FHIR"
+                }],
+                "text": "OAuth 2.0 with SMART App Launch 2.x and Backend Services; see /.well-known/smart-configuration"
+            }],
+            "extension": [{
+                "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                "extension": [
+                    {"url": "authorize", "valueUri": format!("{base}/auth/authorize")},
+                    {"url": "token", "valueUri": format!("{base}/auth/token")},
+                    {"url": "introspect", "valueUri": format!("{base}/auth/introspect")},
+                    {"url": "revoke", "valueUri": format!("{base}/auth/revoke")}
+                ]
+            }]
+        },
         "resource": resources,
         "interaction": [
             {"code": "transaction"}, {"code": "batch"}, {"code": "history-system"},

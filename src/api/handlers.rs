@@ -87,7 +87,9 @@ pub async fn read(
 ) -> Response {
     let result = async {
         let mut conn = state.store.reader().await?;
-        Ok(stored(interaction::read(&mut conn, &rtype, &id).await?))
+        Ok(stored(
+            interaction::read(&mut conn, &req.access, &rtype, &id).await?,
+        ))
     };
     req.respond(result.await)
 }
@@ -100,7 +102,7 @@ pub async fn vread(
     let result = async {
         let mut conn = state.store.reader().await?;
         Ok(stored(
-            interaction::vread(&mut conn, &rtype, &id, &vid).await?,
+            interaction::vread(&mut conn, &req.access, &rtype, &id, &vid).await?,
         ))
     };
     req.respond(result.await)
@@ -118,7 +120,7 @@ pub async fn create(
             .header("if-none-exist")
             .map(|q| q.trim_start_matches('?'));
         let mut tx = state.store.begin().await?;
-        let w = interaction::create(&mut tx, &rtype, resource, if_none_exist).await?;
+        let w = interaction::create(&mut tx, &req.access, &rtype, resource, if_none_exist).await?;
         tx.commit().await?;
         Ok(written(&state, &req, w))
     };
@@ -135,7 +137,7 @@ pub async fn update(
         let resource = req.resource()?;
         let if_match = req.if_match()?;
         let mut tx = state.store.begin().await?;
-        let w = interaction::update(&mut tx, &rtype, &id, resource, if_match).await?;
+        let w = interaction::update(&mut tx, &req.access, &rtype, &id, resource, if_match).await?;
         tx.commit().await?;
         Ok(written(&state, &req, w))
     };
@@ -172,8 +174,15 @@ pub async fn conditional_update(
         let resource = req.resource()?;
         let if_match = req.if_match()?;
         let mut tx = state.store.begin().await?;
-        let w =
-            interaction::conditional_update(&mut tx, &rtype, &query, resource, if_match).await?;
+        let w = interaction::conditional_update(
+            &mut tx,
+            &req.access,
+            &rtype,
+            &query,
+            resource,
+            if_match,
+        )
+        .await?;
         tx.commit().await?;
         Ok(written(&state, &req, w))
     };
@@ -188,7 +197,7 @@ pub async fn delete(
     let result = async {
         let if_match = req.if_match()?;
         let mut tx = state.store.begin().await?;
-        let w = interaction::delete(&mut tx, &rtype, &id, if_match).await?;
+        let w = interaction::delete(&mut tx, &req.access, &rtype, &id, if_match).await?;
         tx.commit().await?;
         Ok(deleted(&req, w, &format!("{rtype}/{id}")))
     };
@@ -204,7 +213,7 @@ pub async fn conditional_delete(
         interaction::check_type(&rtype)?;
         let query = criteria_only(criteria(&req)?);
         let mut tx = state.store.begin().await?;
-        let w = interaction::conditional_delete(&mut tx, &rtype, &query).await?;
+        let w = interaction::conditional_delete(&mut tx, &req.access, &rtype, &query).await?;
         tx.commit().await?;
         Ok(deleted(&req, w, &format!("{rtype}?{query}")))
     };
@@ -221,7 +230,7 @@ pub async fn patch(
         let doc = req.json_patch()?;
         let if_match = req.if_match()?;
         let mut tx = state.store.begin().await?;
-        let w = interaction::patch(&mut tx, &rtype, &id, &doc, if_match).await?;
+        let w = interaction::patch(&mut tx, &req.access, &rtype, &id, &doc, if_match).await?;
         tx.commit().await?;
         Ok(written(&state, &req, w))
     };
@@ -239,7 +248,9 @@ pub async fn conditional_patch(
         let doc = req.json_patch()?;
         let if_match = req.if_match()?;
         let mut tx = state.store.begin().await?;
-        let w = interaction::conditional_patch(&mut tx, &rtype, &query, &doc, if_match).await?;
+        let w =
+            interaction::conditional_patch(&mut tx, &req.access, &rtype, &query, &doc, if_match)
+                .await?;
         tx.commit().await?;
         Ok(written(&state, &req, w))
     };
@@ -252,7 +263,7 @@ async fn history(
     scope: HistoryScope<'_>,
 ) -> Result<FhirResponse> {
     let mut conn = state.store.reader().await?;
-    let b = interaction::history(&mut conn, &state.env, scope, &req.params).await?;
+    let b = interaction::history(&mut conn, &req.env(state), scope, &req.params).await?;
     Ok(FhirResponse::new(StatusCode::OK).with_value(b))
 }
 
@@ -283,8 +294,14 @@ async fn search(
     params: &[(String, String)],
 ) -> Result<FhirResponse> {
     let mut conn = state.store.reader().await?;
-    let b =
-        interaction::search(&mut conn, &state.env, rtype, params, req.strict_handling()).await?;
+    let b = interaction::search(
+        &mut conn,
+        &req.env(state),
+        rtype,
+        params,
+        req.strict_handling(),
+    )
+    .await?;
     Ok(FhirResponse::new(StatusCode::OK).with_value(b))
 }
 
@@ -320,9 +337,13 @@ pub async fn search_post(
 pub async fn system_search(State(state): State<AppState>, req: FhirRequest) -> Response {
     let result = async {
         let mut conn = state.store.reader().await?;
-        let b =
-            interaction::system_search(&mut conn, &state.env, &req.params, req.strict_handling())
-                .await?;
+        let b = interaction::system_search(
+            &mut conn,
+            &req.env(&state),
+            &req.params,
+            req.strict_handling(),
+        )
+        .await?;
         Ok(FhirResponse::new(StatusCode::OK).with_value(b))
     };
     req.respond(result.await)
@@ -343,9 +364,10 @@ pub async fn compartment_or_operation(
                 .iter()
                 .find(|(k, _)| k == "recipient")
                 .map(|(_, v)| v.as_str());
+            // The caller's scopes decide what goes into the document.
             let xml = crate::exchange::outbound::signed_document(
                 &state.store,
-                &state.env,
+                &req.env(&state),
                 &exchange,
                 &id,
                 recipient,
@@ -355,7 +377,7 @@ pub async fn compartment_or_operation(
         }
         let mut conn = state.store.reader().await?;
         let b = if what == "$everything" && rtype == "Patient" {
-            interaction::everything(&mut conn, &state.env, &id, &req.params).await?
+            interaction::everything(&mut conn, &req.env(&state), &id, &req.params).await?
         } else if what.starts_with('$') {
             return Err(Error::NotSupported(format!(
                 "operation {what} is not supported on {rtype}"
@@ -363,7 +385,7 @@ pub async fn compartment_or_operation(
         } else {
             interaction::compartment_search(
                 &mut conn,
-                &state.env,
+                &req.env(&state),
                 (&rtype, &id),
                 &what,
                 &req.params,
@@ -395,7 +417,7 @@ pub async fn transaction(State(state): State<AppState>, req: FhirRequest) -> Res
                 "resourceType",
             ));
         }
-        let response = bundle::process(&state.store, &state.env, b).await?;
+        let response = bundle::process(&state.store, &req.env(&state), b).await?;
         Ok(FhirResponse::new(StatusCode::OK).with_value(response))
     };
     req.respond(result.await)

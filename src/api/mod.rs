@@ -2,6 +2,7 @@
 //! plain values, calls an `interaction` function, and renders the result or
 //! error in the negotiated format.
 
+mod authenticate;
 mod capability;
 mod handlers;
 mod request;
@@ -15,6 +16,7 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::interaction::Env;
 use crate::store::Store;
@@ -30,16 +32,18 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// The signed-XML exchange (key, mapping rules), loaded at start.
     pub exchange: Arc<tokio::sync::OnceCell<Arc<crate::exchange::inbound::Exchange>>>,
+    pub auth: Arc<Auth>,
 }
 
 impl AppState {
-    pub fn new(store: Store, config: Config) -> AppState {
+    pub fn new(store: Store, config: Config, auth: Auth) -> AppState {
         let env = Env::from_config(&config);
         AppState {
             store,
             env: Arc::new(env),
             config: Arc::new(config),
             exchange: Arc::new(tokio::sync::OnceCell::new()),
+            auth: Arc::new(auth),
         }
     }
 
@@ -56,11 +60,11 @@ impl AppState {
     }
 }
 
-/// The FHIR REST API.
+/// The FHIR REST API behind bearer-token authentication, the public
+/// capability statement, and the authorization server.
 pub fn router(state: AppState) -> Router {
     use handlers::*;
-    Router::new()
-        .route("/metadata", get(metadata))
+    let fhir = Router::new()
         .route("/", post(transaction).get(system_search))
         .route("/_history", get(history_system))
         .route(
@@ -71,7 +75,6 @@ pub fn router(state: AppState) -> Router {
                 .delete(conditional_delete)
                 .patch(conditional_patch),
         )
-        .route("/exchange/documents", post(exchange_document))
         .route("/{rtype}/_search", post(search_post))
         .route("/{rtype}/_history", get(history_type))
         .route(
@@ -81,6 +84,16 @@ pub fn router(state: AppState) -> Router {
         .route("/{rtype}/{id}/_history", get(history_instance))
         .route("/{rtype}/{id}/{what}", get(compartment_or_operation))
         .route("/{rtype}/{id}/_history/{vid}", get(vread))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            authenticate::authenticate,
+        ));
+    Router::new()
+        .route("/metadata", get(metadata))
+        // The sender of a document is authenticated by its signature.
+        .route("/exchange/documents", post(exchange_document))
+        .merge(crate::auth::router())
+        .merge(fhir)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(log_request))

@@ -31,6 +31,9 @@ pub struct FhirRequest {
     /// Response format, or the error that negotiation produced.
     pub format: std::result::Result<Format, Error>,
     pub pretty: bool,
+    /// What the caller may do (set by the authentication gate; nothing
+    /// when absent).
+    pub access: crate::policy::Access,
 }
 
 impl FromRequest<AppState> for FhirRequest {
@@ -68,7 +71,13 @@ impl FromRequest<AppState> for FhirRequest {
             Ok(b) => b,
             Err(_) => return Err(fail(Error::PayloadTooLarge(limit))),
         };
+        let access = parts
+            .extensions
+            .get::<crate::policy::Access>()
+            .cloned()
+            .unwrap_or_else(crate::policy::Access::none);
         Ok(FhirRequest {
+            access,
             method: parts.method,
             headers: parts.headers,
             params,
@@ -81,6 +90,11 @@ impl FromRequest<AppState> for FhirRequest {
 }
 
 impl FhirRequest {
+    /// The interaction environment for this caller.
+    pub fn env(&self, state: &AppState) -> crate::interaction::Env {
+        state.env.for_caller(self.access.clone())
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }

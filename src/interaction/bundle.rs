@@ -370,18 +370,19 @@ async fn resolve_conditional_refs(
 /// Carries out one entry. `new_id` is used by a POST.
 async fn perform(tx: &mut Tx, env: &Env, e: &Entry, new_id: &str) -> Result<EntryResponse> {
     let t = &e.target;
+    let a = &env.access;
     let resource = || e.resource.clone().expect("checked in parse_entry");
     Ok(match e.method {
         Method::Post => match &e.if_none_exist {
-            Some(q) => EntryResponse::written(&create(tx, &t.rtype, resource(), Some(q)).await?),
-            None => EntryResponse::written(&create_as(tx, &t.rtype, new_id, resource()).await?),
+            Some(q) => EntryResponse::written(&create(tx, a, &t.rtype, resource(), Some(q)).await?),
+            None => EntryResponse::written(&create_as(tx, a, &t.rtype, new_id, resource()).await?),
         },
         Method::Put => match (&t.id, &t.query) {
             (Some(id), _) => {
-                EntryResponse::written(&update(tx, &t.rtype, id, resource(), e.if_match).await?)
+                EntryResponse::written(&update(tx, a, &t.rtype, id, resource(), e.if_match).await?)
             }
             (None, Some(q)) => EntryResponse::written(
-                &conditional_update(tx, &t.rtype, q, resource(), e.if_match).await?,
+                &conditional_update(tx, a, &t.rtype, q, resource(), e.if_match).await?,
             ),
             (None, None) => unreachable!("checked in parse_entry"),
         },
@@ -389,20 +390,20 @@ async fn perform(tx: &mut Tx, env: &Env, e: &Entry, new_id: &str) -> Result<Entr
             let doc = patch_document(&resource())?;
             match (&t.id, &t.query) {
                 (Some(id), _) => {
-                    EntryResponse::written(&patch(tx, &t.rtype, id, &doc, e.if_match).await?)
+                    EntryResponse::written(&patch(tx, a, &t.rtype, id, &doc, e.if_match).await?)
                 }
                 (None, Some(q)) => EntryResponse::written(
-                    &conditional_patch(tx, &t.rtype, q, &doc, e.if_match).await?,
+                    &conditional_patch(tx, a, &t.rtype, q, &doc, e.if_match).await?,
                 ),
                 (None, None) => unreachable!("checked in parse_entry"),
             }
         }
         Method::Delete => match (&t.id, &t.query) {
             (Some(id), _) => {
-                EntryResponse::deleted(delete(tx, &t.rtype, id, e.if_match).await?.as_ref())
+                EntryResponse::deleted(delete(tx, a, &t.rtype, id, e.if_match).await?.as_ref())
             }
             (None, Some(q)) => {
-                EntryResponse::deleted(conditional_delete(tx, &t.rtype, q).await?.as_ref())
+                EntryResponse::deleted(conditional_delete(tx, a, &t.rtype, q).await?.as_ref())
             }
             (None, None) => unreachable!("checked in parse_entry"),
         },
@@ -410,7 +411,7 @@ async fn perform(tx: &mut Tx, env: &Env, e: &Entry, new_id: &str) -> Result<Entr
             let head = e.method == Method::Head;
             let (status, resource, version) = match (&t.id, &t.version) {
                 (Some(id), None) => {
-                    let v = read(tx.conn(), &t.rtype, id).await?;
+                    let v = read(tx.conn(), a, &t.rtype, id).await?;
                     (
                         StatusCode::OK,
                         parse_stored(v.body.as_deref().unwrap_or("{}"))?,
@@ -418,7 +419,7 @@ async fn perform(tx: &mut Tx, env: &Env, e: &Entry, new_id: &str) -> Result<Entr
                     )
                 }
                 (Some(id), Some(vid)) => {
-                    let v = vread(tx.conn(), &t.rtype, id, vid).await?;
+                    let v = vread(tx.conn(), a, &t.rtype, id, vid).await?;
                     (
                         StatusCode::OK,
                         parse_stored(v.body.as_deref().unwrap_or("{}"))?,

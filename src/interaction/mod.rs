@@ -9,15 +9,18 @@ mod searchset;
 use axum::http::StatusCode;
 use serde_json::{json, Value};
 
+use crate::auth::scope::Ops;
 use crate::error::{Error, Result};
 use crate::fhir::codec;
 use crate::fhir::types::is_resource_type;
+use crate::policy::Access;
 use crate::search;
 use crate::store::{self, Tx, Version};
 
 pub use read::{history, read, vread, HistoryParams};
 pub use searchset::{
-    compartment_params, compartment_search, everything, explain, search, system_search,
+    compartment_params, compartment_search, everything, explain, in_compartment_definition, search,
+    system_search,
 };
 
 /// What the interactions need to know about the server.
@@ -27,15 +30,41 @@ pub struct Env {
     pub base: String,
     pub default_count: usize,
     pub max_count: usize,
+    /// What the caller may do; every interaction consults it.
+    pub access: Access,
 }
 
 impl Env {
+    /// The server's environment, with unrestricted access (for ehrx's own
+    /// tools; requests get theirs from [`Env::for_caller`]).
     pub fn from_config(config: &crate::config::Config) -> Env {
         Env {
             base: config.base_url(),
             default_count: config.default_count,
             max_count: config.max_count,
+            access: Access::full(),
         }
+    }
+
+    /// The same environment for one caller.
+    pub fn for_caller(&self, access: Access) -> Env {
+        Env {
+            access,
+            ..self.clone()
+        }
+    }
+}
+
+/// Checks `op` on a stored version's content (a deletion has none to check
+/// beyond its type).
+pub fn check_version(access: &Access, op: Ops, v: &Version) -> Result<()> {
+    if access.is_unrestricted() {
+        return Ok(());
+    }
+    access.check_type(op, &v.rtype)?;
+    match &v.body {
+        Some(b) if !v.deleted => access.check(op, &v.rtype, &parse_stored(b)?),
+        _ => Ok(()),
     }
 }
 
@@ -237,17 +266,22 @@ fn several(rtype: &str, query: &str) -> Error {
 /// create (POST), optionally conditional on `If-None-Exist`.
 pub async fn create(
     tx: &mut Tx,
+    access: &Access,
     rtype: &str,
     resource: Value,
     if_none_exist: Option<&str>,
 ) -> Result<Written> {
     check_type(rtype)?;
     check_resource_type(rtype, &resource)?;
+    access.check(Ops::CREATE, rtype, &resource)?;
     if let Some(query) = if_none_exist {
         let found = find(tx.conn(), rtype, query).await?;
         match found.len() {
             0 => {}
-            1 => return Written::from_version(&found[0], StatusCode::OK),
+            1 => {
+                check_version(access, Ops::READ, &found[0])?;
+                return Written::from_version(&found[0], StatusCode::OK);
+            }
             _ => return Err(several(rtype, query)),
         }
     }
@@ -255,8 +289,15 @@ pub async fn create(
 }
 
 /// create with an id the server already chose (transactions).
-pub async fn create_as(tx: &mut Tx, rtype: &str, id: &str, resource: Value) -> Result<Written> {
+pub async fn create_as(
+    tx: &mut Tx,
+    access: &Access,
+    rtype: &str,
+    id: &str,
+    resource: Value,
+) -> Result<Written> {
     check_resource_type(rtype, &resource)?;
+    access.check(Ops::CREATE, rtype, &resource)?;
     write(tx, rtype, id, None, resource).await
 }
 
@@ -277,6 +318,7 @@ fn check_if_match(current: Option<&Version>, if_match: Option<i64>) -> Result<()
 /// update (PUT `Type/id`); creates the resource if it does not exist.
 pub async fn update(
     tx: &mut Tx,
+    access: &Access,
     rtype: &str,
     id: &str,
     resource: Value,
@@ -301,6 +343,13 @@ pub async fn update(
         }
     }
     let current = tx.current_for_update(rtype, id).await?;
+    match current.as_ref().filter(|c| !c.deleted) {
+        Some(cur) => {
+            check_version(access, Ops::UPDATE, cur)?;
+            access.check(Ops::UPDATE, rtype, &resource)?;
+        }
+        None => access.check(Ops::CREATE, rtype, &resource)?,
+    }
     check_if_match(current.as_ref(), if_match)?;
     if let Some(cur) = current.as_ref().filter(|c| !c.deleted) {
         // An update that changes nothing keeps the current version.
@@ -315,6 +364,7 @@ pub async fn update(
 /// conditional update (PUT `Type?criteria`).
 pub async fn conditional_update(
     tx: &mut Tx,
+    access: &Access,
     rtype: &str,
     query: &str,
     resource: Value,
@@ -341,20 +391,25 @@ pub async fn conditional_update(
     };
     let mut resource = resource;
     resource["id"] = json!(id);
-    update(tx, rtype, &id, resource, if_match).await
+    update(tx, access, rtype, &id, resource, if_match).await
 }
 
 /// delete: writes a tombstone version. Deleting what does not exist (or is
 /// already deleted) succeeds and changes nothing (`None`).
 pub async fn delete(
     tx: &mut Tx,
+    access: &Access,
     rtype: &str,
     id: &str,
     if_match: Option<i64>,
 ) -> Result<Option<Written>> {
     check_type(rtype)?;
     check_id(id)?;
+    access.check_type(Ops::DELETE, rtype)?;
     let current = tx.current_for_update(rtype, id).await?;
+    if let Some(cur) = &current {
+        check_version(access, Ops::DELETE, cur)?;
+    }
     check_if_match(current.as_ref(), if_match)?;
     let Some(cur) = current.filter(|c| !c.deleted) else {
         return Ok(None);
@@ -373,11 +428,16 @@ pub async fn delete(
 
 /// conditional delete (DELETE `Type?criteria`): none or one match is
 /// deleted; several matches are refused with 412.
-pub async fn conditional_delete(tx: &mut Tx, rtype: &str, query: &str) -> Result<Option<Written>> {
+pub async fn conditional_delete(
+    tx: &mut Tx,
+    access: &Access,
+    rtype: &str,
+    query: &str,
+) -> Result<Option<Written>> {
     let found = find(tx.conn(), rtype, query).await?;
     match found.len() {
         0 => Ok(None),
-        1 => delete(tx, rtype, &found[0].id, None).await,
+        1 => delete(tx, access, rtype, &found[0].id, None).await,
         _ => Err(several(rtype, query)),
     }
 }
@@ -385,6 +445,7 @@ pub async fn conditional_delete(tx: &mut Tx, rtype: &str, query: &str) -> Result
 /// patch with a JSON Patch document (RFC 6902).
 pub async fn patch(
     tx: &mut Tx,
+    access: &Access,
     rtype: &str,
     id: &str,
     patch_doc: &Value,
@@ -401,6 +462,7 @@ pub async fn patch(
         Some(c) if c.deleted => return Err(Error::Gone(format!("{rtype}/{id} has been deleted"))),
         Some(c) => c,
     };
+    check_version(access, Ops::UPDATE, &cur)?;
     let mut doc = parse_stored(cur.body.as_deref().unwrap_or("{}"))?;
     json_patch::patch(&mut doc, &ops)
         .map_err(|e| Error::Unprocessable(format!("JSON Patch could not be applied: {e}")))?;
@@ -419,12 +481,14 @@ pub async fn patch(
             f.expression.map(|e| format!(" at {e}")).unwrap_or_default()
         ))
     })?;
+    access.check(Ops::UPDATE, rtype, &doc)?;
     write(tx, rtype, id, Some(&cur), doc).await
 }
 
 /// conditional patch (PATCH `Type?criteria`).
 pub async fn conditional_patch(
     tx: &mut Tx,
+    access: &Access,
     rtype: &str,
     query: &str,
     patch_doc: &Value,
@@ -433,7 +497,7 @@ pub async fn conditional_patch(
     let found = find(tx.conn(), rtype, query).await?;
     match found.len() {
         0 => Err(Error::NotFound(format!("no {rtype} matches '{query}'"))),
-        1 => patch(tx, rtype, &found[0].id.clone(), patch_doc, if_match).await,
+        1 => patch(tx, access, rtype, &found[0].id.clone(), patch_doc, if_match).await,
         _ => Err(several(rtype, query)),
     }
 }

@@ -3,16 +3,30 @@
 use serde_json::{json, Value};
 use sqlx::AnyConnection;
 
-use super::{check_id, check_type, parse_stored, Env};
+use super::{check_id, check_type, check_version, parse_stored, Env};
+use crate::auth::scope::Ops;
 use crate::error::{Error, Result};
 use crate::fhir::bundle::{bundle, etag, paging_links};
+use crate::policy::Access;
 use crate::search;
 use crate::store::{self, HistoryScope, Version};
 
 /// read: the current version; 404 if it never existed, 410 if deleted.
-pub async fn read(conn: &mut AnyConnection, rtype: &str, id: &str) -> Result<Version> {
+pub async fn read(
+    conn: &mut AnyConnection,
+    access: &Access,
+    rtype: &str,
+    id: &str,
+) -> Result<Version> {
     check_type(rtype)?;
     check_id(id)?;
+    access.check_type(Ops::READ, rtype)?;
+    let v = read_unchecked(conn, rtype, id).await?;
+    check_version(access, Ops::READ, &v)?;
+    Ok(v)
+}
+
+async fn read_unchecked(conn: &mut AnyConnection, rtype: &str, id: &str) -> Result<Version> {
     match store::current(conn, rtype, id).await? {
         None => Err(Error::NotFound(format!("{rtype}/{id} is not known"))),
         Some(v) if v.deleted => Err(Error::Gone(format!(
@@ -24,9 +38,27 @@ pub async fn read(conn: &mut AnyConnection, rtype: &str, id: &str) -> Result<Ver
 }
 
 /// vread: one version; 404 if unknown, 410 if that version is a deletion.
-pub async fn vread(conn: &mut AnyConnection, rtype: &str, id: &str, vid: &str) -> Result<Version> {
+pub async fn vread(
+    conn: &mut AnyConnection,
+    access: &Access,
+    rtype: &str,
+    id: &str,
+    vid: &str,
+) -> Result<Version> {
     check_type(rtype)?;
     check_id(id)?;
+    access.check_type(Ops::READ, rtype)?;
+    let v = vread_unchecked(conn, rtype, id, vid).await?;
+    check_version(access, Ops::READ, &v)?;
+    Ok(v)
+}
+
+async fn vread_unchecked(
+    conn: &mut AnyConnection,
+    rtype: &str,
+    id: &str,
+    vid: &str,
+) -> Result<Version> {
     let n: i64 = vid
         .parse()
         .map_err(|_| Error::NotFound(format!("{rtype}/{id} has no version '{vid}'")))?;
@@ -118,17 +150,26 @@ pub async fn history(
     scope: HistoryScope<'_>,
     params: &[(String, String)],
 ) -> Result<Value> {
+    let access = &env.access;
     let path = match &scope {
-        HistoryScope::System => "_history".to_string(),
+        HistoryScope::System => {
+            access.check_whole_type(Ops::SEARCH, None)?;
+            "_history".to_string()
+        }
         HistoryScope::Type(t) => {
             check_type(t)?;
+            access.check_whole_type(Ops::SEARCH, Some(t))?;
             format!("{t}/_history")
         }
         HistoryScope::Instance(t, id) => {
             check_type(t)?;
             check_id(id)?;
-            if store::current(conn, t, id).await?.is_none() {
-                return Err(Error::NotFound(format!("{t}/{id} is not known")));
+            access.check_type(Ops::READ, t)?;
+            match store::current(conn, t, id).await? {
+                None => return Err(Error::NotFound(format!("{t}/{id} is not known"))),
+                // The resource as it is now decides who may see its past.
+                Some(cur) if !cur.deleted => check_version(access, Ops::READ, &cur)?,
+                Some(_) => {}
             }
             format!("{t}/{id}/_history")
         }
@@ -158,6 +199,7 @@ pub async fn history(
     );
     let entries = rows
         .iter()
+        .filter(|(_, v)| check_version(access, Ops::READ, v).is_ok())
         .map(|(_, v)| history_entry(env, v))
         .collect::<Result<Vec<_>>>()?;
     Ok(bundle("history", None, links, entries))

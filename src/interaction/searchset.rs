@@ -10,10 +10,12 @@ use serde_json::{json, Map, Value};
 use sqlx::AnyConnection;
 
 use super::read::parse_count;
-use super::{check_id, check_type, parse_stored, Env};
+use super::{check_id, check_type, check_version, parse_stored, Env};
+use crate::auth::scope::Ops;
 use crate::error::{Error, Result};
 use crate::fhir::bundle::{bundle, paging_links};
 use crate::fhir::types::is_resource_type;
+use crate::policy::Access;
 use crate::search::registry::{registry, Kind};
 use crate::search::{self, Parsed};
 use crate::store::search::{self as sq, Bind, Cond, Cursor, Query, Sort};
@@ -26,6 +28,13 @@ static COMPARTMENTS: &str = include_str!("../../conformance/compartments.json");
 fn compartments() -> &'static HashMap<String, HashMap<String, Vec<String>>> {
     static C: OnceLock<HashMap<String, HashMap<String, Vec<String>>>> = OnceLock::new();
     C.get_or_init(|| serde_json::from_str(COMPARTMENTS).unwrap_or_default())
+}
+
+/// Whether the compartment definition of `owner_type` lists `rtype` at all.
+pub fn in_compartment_definition(owner_type: &str, rtype: &str) -> bool {
+    compartments()
+        .get(owner_type)
+        .is_some_and(|c| c.contains_key(rtype))
 }
 
 /// The reference parameters of `rtype` that place it in the compartment
@@ -260,6 +269,10 @@ async fn search_in(
 ) -> Result<Value> {
     check_type(rtype)?;
     let Parsed { mut conds, applied } = search::parse(rtype, params, strict, &env.base)?;
+    env.access.check_criteria(&conds)?;
+    if let Some(limit) = env.access.search_conds(rtype, &env.base)? {
+        conds.push(limit);
+    }
     let path = match owner {
         Some((ot, oid)) => {
             check_type(ot)?;
@@ -336,8 +349,12 @@ async fn search_in(
         next,
     );
 
-    let matches: Vec<Version> = rows.into_iter().map(|(v, _)| v).collect();
-    let included = includes(conn, &matches, &control).await?;
+    let matches: Vec<Version> = rows
+        .into_iter()
+        .map(|(v, _)| v)
+        .filter(|v| check_version(&env.access, Ops::SEARCH, v).is_ok())
+        .collect();
+    let included = includes(conn, &env.access, &matches, &control).await?;
     let mut entries = Vec::with_capacity(matches.len() + included.len());
     for v in &matches {
         entries.push(entry(env, v, "match", &control)?);
@@ -425,6 +442,7 @@ const MAX_ITERATIONS: usize = 8;
 /// `_include` and `_revinclude` (with `:iterate`) for a page of matches.
 async fn includes(
     conn: &mut AnyConnection,
+    access: &Access,
     matches: &[Version],
     control: &Control,
 ) -> Result<Vec<Version>> {
@@ -446,7 +464,7 @@ async fn includes(
                 for (t, id) in
                     sq::references_from(conn, &spec.source, ids, params.as_deref()).await?
                 {
-                    if spec.target.as_ref().map_or(true, |x| *x == t) {
+                    if spec.target.as_ref().is_none_or(|x| *x == t) {
                         found.push((t, id));
                     }
                 }
@@ -482,7 +500,13 @@ async fn includes(
         let mut types: Vec<_> = wanted.into_iter().collect();
         types.sort();
         for (t, ids) in types {
-            next.extend(sq::fetch_many(conn, &t, &ids).await?);
+            // What the caller may not read is neither returned nor followed.
+            next.extend(
+                sq::fetch_many(conn, &t, &ids)
+                    .await?
+                    .into_iter()
+                    .filter(|v| check_version(access, Ops::READ, v).is_ok()),
+            );
         }
         out.extend(next.iter().cloned());
         frontier = next;
@@ -507,7 +531,8 @@ pub async fn everything(
     params: &[(String, String)],
 ) -> Result<Value> {
     check_id(id)?;
-    super::read::read(conn, "Patient", id).await?;
+    super::read::read(conn, &env.access, "Patient", id).await?;
+    env.access.check_type(Ops::SEARCH, "Patient")?;
     let mut since = None;
     let mut types: Option<Vec<String>> = None;
     let mut count = None;
@@ -558,7 +583,9 @@ pub async fn everything(
     let mut pairs: Vec<(String, String)> = Vec::new();
     if let Some(c) = compartments().get("Patient") {
         for t in c.keys() {
-            if types.as_ref().is_some_and(|ts| !ts.contains(t)) {
+            if types.as_ref().is_some_and(|ts| !ts.contains(t))
+                || env.access.check_type(Ops::READ, t).is_err()
+            {
                 continue;
             }
             for p in compartment_params("Patient", t) {
@@ -568,12 +595,12 @@ pub async fn everything(
     }
     let with_patient = types
         .as_ref()
-        .map_or(true, |ts| ts.iter().any(|t| t == "Patient"));
+        .is_none_or(|ts| ts.iter().any(|t| t == "Patient"));
     let mut page: Vec<Version> = Vec::new();
     let mut patient_first = false;
     if cursor.is_none() && with_patient {
         for v in sq::fetch_many(conn, "Patient", &[id.to_string()]).await? {
-            if since.as_ref().map_or(true, |s| v.last_updated >= *s) {
+            if since.as_ref().is_none_or(|s| v.last_updated >= *s) {
                 page.push(v);
                 patient_first = true;
             }
@@ -702,7 +729,11 @@ pub async fn system_search(
     let mut plan = Vec::new();
     let mut applied = Vec::new();
     for t in &types {
-        let p = search::parse(t, &criteria, strict, &env.base)?;
+        let mut p = search::parse(t, &criteria, strict, &env.base)?;
+        env.access.check_criteria(&p.conds)?;
+        if let Some(limit) = env.access.search_conds(t, &env.base)? {
+            p.conds.push(limit);
+        }
         applied = p.applied;
         plan.push(Query {
             rtype: t.clone(),
@@ -763,6 +794,7 @@ fn paged_bundle(
     let links = paging_links(&env.base, path, &base_params, cursor, next);
     let entries = page
         .iter()
+        .filter(|v| check_version(&env.access, Ops::READ, v).is_ok())
         .map(|v| {
             Ok(json!({
                 "fullUrl": format!("{}/{}/{}", env.base, v.rtype, v.id),

@@ -98,6 +98,13 @@ impl Store {
                         conn.execute("PRAGMA journal_mode = WAL").await?;
                         conn.execute("PRAGMA synchronous = NORMAL").await?;
                         conn.execute("PRAGMA busy_timeout = 10000").await?;
+                    } else {
+                        // Search values are skewed (one patient has 10 rows,
+                        // one code 100,000): a generic plan cached for a
+                        // prepared statement picks the wrong index, so every
+                        // execution is planned with its actual values.
+                        conn.execute("SET plan_cache_mode = force_custom_plan")
+                            .await?;
                     }
                     Ok(())
                 })

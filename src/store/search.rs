@@ -111,6 +111,8 @@ pub enum Cond {
     },
     Not(Box<Cond>),
     Or(Vec<Cond>),
+    /// Every one of several conditions (inside an `Or`).
+    And(Vec<Cond>),
 }
 
 /// One sort key.
@@ -248,7 +250,7 @@ fn rank(c: &Cond) -> u8 {
         },
         Cond::Composite(_) => 3,
         Cond::Chain { .. } | Cond::Has { .. } => 4,
-        Cond::LastUpdated(_) | Cond::Or(_) => 6,
+        Cond::LastUpdated(_) | Cond::Or(_) | Cond::And(_) => 6,
         Cond::Not(_) => 7,
     }
 }
@@ -280,6 +282,17 @@ fn render_cond(
                 "1 = 0".into()
             } else {
                 format!("({})", parts.join(" OR "))
+            }
+        }
+        Cond::And(all) => {
+            let parts: Vec<String> = all
+                .iter()
+                .map(|a| format!("({})", render_cond(sql, alias, rtype, a, depth, true)))
+                .collect();
+            if parts.is_empty() {
+                "1 = 1".into()
+            } else {
+                format!("({})", parts.join(" AND "))
             }
         }
         _ if correlated => format!("EXISTS ({})", ids_of(sql, rtype, c, depth, Some(alias))),
@@ -343,7 +356,11 @@ fn ids_of(sql: &mut Sql, rtype: &str, c: &Cond, depth: usize, corr: Option<&str>
             target_id,
         } => {
             let own = owner(sql, &a);
-            let ps: Vec<String> = params.iter().map(|p| sql.text(p)).collect();
+            let mut ps: Vec<String> = params.iter().map(|p| sql.text(p)).collect();
+            if ps.is_empty() {
+                // No parameter can place anything there: matches nothing.
+                ps.push("NULL".into());
+            }
             let tid = sql.text(target_id);
             let tt = sql.text(target_type);
             format!(

@@ -43,7 +43,14 @@ pub fn data_dir() -> PathBuf {
 }
 
 impl TestServer {
+    /// A server with authorization switched off, for tests of FHIR
+    /// behaviour itself.
     pub async fn start() -> TestServer {
+        Self::start_with(|c| c.auth_disabled = true).await
+    }
+
+    /// A server with authorization on (the default configuration).
+    pub async fn start_secured() -> TestServer {
         Self::start_with(|_| {}).await
     }
 

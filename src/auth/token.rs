@@ -1,0 +1,309 @@
+//! Issuing and checking tokens. Access tokens are RS256 JWTs (so another
+//! resource server can check them against the JWKS) and are also recorded by
+//! `jti`, so revocation takes effect at once; refresh tokens are opaque
+//! random values stored as hashes, rotated on every use.
+
+use jsonwebtoken::{Algorithm, Header, Validation};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sqlx::Row;
+
+use super::scope::{self, Scope};
+use super::{now, random_token, sha256_b64, Auth, AuthError, AuthResult, OFFLINE_TTL, SESSION_TTL};
+use crate::policy::Access;
+
+/// The claims of an ehrx access token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    pub iss: String,
+    pub sub: String,
+    pub aud: String,
+    pub exp: i64,
+    pub iat: i64,
+    pub jti: String,
+    pub client_id: String,
+    pub scope: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patient: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encounter: Option<String>,
+    #[serde(rename = "fhirUser", skip_serializing_if = "Option::is_none")]
+    pub fhir_user: Option<String>,
+}
+
+/// Who is calling, from a checked access token.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub claims: Claims,
+    pub scopes: Vec<Scope>,
+}
+
+impl Principal {
+    pub fn access(&self) -> Access {
+        Access::from_scopes(&self.scopes, self.claims.patient.as_deref())
+    }
+}
+
+/// What a grant authorises; the input of [`issue`].
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// Ties every token of one authorization together (for revocation).
+    pub grant_id: String,
+    pub client_id: String,
+    pub user_id: Option<String>,
+    pub fhir_user: Option<String>,
+    pub scopes: Vec<Scope>,
+    pub patient: Option<String>,
+    pub encounter: Option<String>,
+    pub nonce: Option<String>,
+    /// Issue a refresh token (offline_access / online_access granted).
+    pub refresh: bool,
+}
+
+/// Issues an access token (and refresh and id tokens where the grant
+/// allows) and returns the token response body.
+pub async fn issue(auth: &Auth, grant: &Grant) -> AuthResult<Value> {
+    let (kid, key) = auth.keys.signing_key(&auth.store).await?;
+    let t = now();
+    let scope_text = scope::join(&grant.scopes);
+    let claims = Claims {
+        iss: auth.issuer.clone(),
+        sub: grant
+            .user_id
+            .clone()
+            .unwrap_or_else(|| grant.client_id.clone()),
+        aud: auth.issuer.clone(),
+        exp: t + auth.access_ttl,
+        iat: t,
+        jti: random_token(),
+        client_id: grant.client_id.clone(),
+        scope: scope_text.clone(),
+        patient: grant.patient.clone(),
+        encounter: grant.encounter.clone(),
+        fhir_user: grant.fhir_user.clone(),
+    };
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some(kid.clone());
+    let access =
+        jsonwebtoken::encode(&header, &claims, &key).map_err(|e| AuthError::Key(e.to_string()))?;
+    let mut tx = auth.store.begin().await?;
+    record(
+        tx.conn(),
+        &claims.jti,
+        "access",
+        grant,
+        &scope_text,
+        claims.exp,
+    )
+    .await?;
+    let mut body = json!({
+        "access_token": access,
+        "token_type": "Bearer",
+        "expires_in": auth.access_ttl,
+        "scope": scope_text,
+    });
+    if let Some(p) = &grant.patient {
+        body["patient"] = json!(p);
+        body["need_patient_banner"] = json!(true);
+    }
+    if let Some(e) = &grant.encounter {
+        body["encounter"] = json!(e);
+    }
+    if grant.user_id.is_some() {
+        body["smart_style_url"] = json!(format!("{}/auth/smart-style.json", auth.issuer));
+        if grant.patient.is_none() {
+            body["need_patient_banner"] = json!(false);
+        }
+    }
+    if grant.refresh {
+        let refresh = random_token();
+        let ttl = if grant.scopes.contains(&Scope::OfflineAccess) {
+            OFFLINE_TTL
+        } else {
+            SESSION_TTL
+        };
+        record(
+            tx.conn(),
+            &sha256_b64(&refresh),
+            "refresh",
+            grant,
+            &scope_text,
+            t + ttl,
+        )
+        .await?;
+        body["refresh_token"] = json!(refresh);
+    }
+    if grant.scopes.contains(&Scope::OpenId)
+        && (grant.scopes.contains(&Scope::FhirUser) || grant.scopes.contains(&Scope::Profile))
+    {
+        if let (Some(sub), Some(fhir_user)) = (&grant.user_id, &grant.fhir_user) {
+            let mut id = json!({
+                "iss": auth.issuer, "sub": sub, "aud": grant.client_id,
+                "exp": t + auth.access_ttl, "iat": t, "fhirUser": fhir_user,
+            });
+            if let Some(n) = &grant.nonce {
+                id["nonce"] = json!(n);
+            }
+            let id_token = jsonwebtoken::encode(&header, &id, &key)
+                .map_err(|e| AuthError::Key(e.to_string()))?;
+            body["id_token"] = json!(id_token);
+        }
+    }
+    tx.commit().await?;
+    Ok(body)
+}
+
+async fn record(
+    conn: &mut sqlx::AnyConnection,
+    id: &str,
+    kind: &str,
+    g: &Grant,
+    scope: &str,
+    expires: i64,
+) -> AuthResult<()> {
+    sqlx::query(
+        "INSERT INTO auth_token (id, kind, grant_id, client_id, user_id, fhir_user, scope, patient, encounter, expires, revoked, used, created) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, 0, $11)",
+    )
+    .bind(id)
+    .bind(kind)
+    .bind(&g.grant_id)
+    .bind(&g.client_id)
+    .bind(g.user_id.as_deref())
+    .bind(g.fhir_user.as_deref())
+    .bind(scope)
+    .bind(g.patient.as_deref())
+    .bind(g.encounter.as_deref())
+    .bind(expires)
+    .bind(now())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Checks a bearer access token: signature by one of our keys, issuer,
+/// audience (this FHIR base), expiry, and that it was not revoked.
+pub async fn verify(auth: &Auth, token: &str) -> AuthResult<Principal> {
+    let bad = |why: &str| AuthError::InvalidToken(why.to_string());
+    let header = jsonwebtoken::decode_header(token).map_err(|_| bad("the token is not a JWT"))?;
+    let kid = header.kid.ok_or_else(|| bad("the token has no key id"))?;
+    let key = auth
+        .keys
+        .decoding_key(&auth.store, &kid)
+        .await?
+        .ok_or_else(|| bad("the token was not signed by a current ehrx key"))?;
+    let mut v = Validation::new(Algorithm::RS256);
+    v.set_audience(&[&auth.issuer]);
+    v.set_issuer(&[&auth.issuer]);
+    v.leeway = 0;
+    v.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
+    let data = jsonwebtoken::decode::<Claims>(token, &key, &v).map_err(|e| {
+        AuthError::InvalidToken(match e.kind() {
+            jsonwebtoken::errors::ErrorKind::ExpiredSignature => "the token has expired".into(),
+            jsonwebtoken::errors::ErrorKind::InvalidAudience => {
+                format!("the token's audience is not {}", auth.issuer)
+            }
+            _ => format!("the token is not valid: {e}"),
+        })
+    })?;
+    let mut conn = auth.store.reader().await?;
+    let row = sqlx::query("SELECT revoked FROM auth_token WHERE id = $1 AND kind = 'access'")
+        .bind(&data.claims.jti)
+        .fetch_optional(&mut *conn)
+        .await?;
+    match row {
+        Some(r) if r.try_get::<i64, _>("revoked")? == 0 => {}
+        Some(_) => return Err(bad("the token has been revoked")),
+        None => return Err(bad("the token is unknown to this server")),
+    }
+    let scopes = scope::parse_scopes(&data.claims.scope)
+        .map_err(|_| bad("the token's scope is malformed"))?;
+    Ok(Principal {
+        claims: data.claims,
+        scopes,
+    })
+}
+
+/// Revokes every token of one authorization (a replayed code or refresh
+/// token means it leaked).
+pub async fn revoke_grant(conn: &mut sqlx::AnyConnection, grant_id: &str) -> AuthResult<()> {
+    sqlx::query("UPDATE auth_token SET revoked = 1 WHERE grant_id = $1")
+        .bind(grant_id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// A stored token (access by `jti`, refresh by hash).
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub id: String,
+    pub kind: String,
+    pub grant_id: String,
+    pub client_id: String,
+    pub user_id: Option<String>,
+    pub fhir_user: Option<String>,
+    pub scope: String,
+    pub patient: Option<String>,
+    pub encounter: Option<String>,
+    pub expires: i64,
+    pub created: i64,
+    pub revoked: bool,
+    pub used: bool,
+}
+
+pub async fn find(conn: &mut sqlx::AnyConnection, id: &str) -> AuthResult<Option<Stored>> {
+    let row = sqlx::query(
+        "SELECT id, kind, grant_id, client_id, user_id, fhir_user, scope, patient, encounter, expires, created, revoked, used \
+         FROM auth_token WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(r) = row else { return Ok(None) };
+    Ok(Some(Stored {
+        id: r.try_get("id")?,
+        kind: r.try_get("kind")?,
+        grant_id: r.try_get("grant_id")?,
+        client_id: r.try_get("client_id")?,
+        user_id: r.try_get("user_id")?,
+        fhir_user: r.try_get("fhir_user")?,
+        scope: r.try_get("scope")?,
+        patient: r.try_get("patient")?,
+        encounter: r.try_get("encounter")?,
+        expires: r.try_get("expires")?,
+        created: r.try_get("created")?,
+        revoked: r.try_get::<i64, _>("revoked")? != 0,
+        used: r.try_get::<i64, _>("used")? != 0,
+    }))
+}
+
+/// The stored record of a token as presented: a JWT access token by its
+/// `jti` (signature checked, expiry not), or a refresh token by hash.
+pub async fn lookup(
+    auth: &Auth,
+    conn: &mut sqlx::AnyConnection,
+    token: &str,
+) -> AuthResult<Option<Stored>> {
+    if token.contains('.') {
+        let Ok(header) = jsonwebtoken::decode_header(token) else {
+            return Ok(None);
+        };
+        let Some(kid) = header.kid else {
+            return Ok(None);
+        };
+        let Some(key) = auth.keys.decoding_key(&auth.store, &kid).await? else {
+            return Ok(None);
+        };
+        let mut v = Validation::new(Algorithm::RS256);
+        v.validate_exp = false;
+        v.validate_aud = false;
+        v.required_spec_claims.clear();
+        let Ok(data) = jsonwebtoken::decode::<Claims>(token, &key, &v) else {
+            return Ok(None);
+        };
+        find(conn, &data.claims.jti).await
+    } else {
+        find(conn, &sha256_b64(token)).await
+    }
+}
