@@ -117,6 +117,7 @@ pub enum UserCommand {
 pub enum KeysCommand {
     /// Generate a new signing key and retire the current one.
     Rotate,
+}
 
 #[derive(Debug, Subcommand)]
 pub enum SubscriberCommand {

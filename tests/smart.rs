@@ -2541,3 +2541,29 @@ async fn backend_keys_can_be_registered_by_jwks_url() {
         "{e}"
     );
 }
+
+#[tokio::test]
+async fn the_exchange_endpoint_authenticates_by_signature_not_by_token() {
+    let s = TestServer::start_secured().await;
+    // No bearer token: the document is judged by its signature (here: none).
+    let r = s
+        .client
+        .post(s.url("exchange/documents"))
+        .header("Content-Type", "application/xml")
+        .body("<ClinicalDocument xmlns=\"urn:hl7-org:v3\"/>")
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(r.status(), 401);
+    assert!(r.status().is_client_error());
+    let oo: Value = r.json().await.unwrap();
+    assert!(
+        first_issue(&oo)["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("ignature"),
+        "{oo}"
+    );
+    // $signed-document goes through the same gate as every FHIR read.
+    assert_eq!(s.get("Patient/x/$signed-document").await.status(), 401);
+}

@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 use super::keys::{self, Cert};
 use crate::error::{Error, Result};
 use crate::interaction;
+use crate::policy::Access;
 use crate::store::Store;
 
 /// The kinds of subscriber.
@@ -68,11 +69,11 @@ pub async fn add(
             "payloadMimeType": ["application/xml"],
             "address": address,
         });
-        let written = interaction::create(&mut tx, "Endpoint", ep, None).await?;
+        let written = interaction::create(&mut tx, &Access::full(), "Endpoint", ep, None).await?;
         org["endpoint"] = json!([{"reference": format!("Endpoint/{}", written.id)}]);
         endpoint_id = Some(written.id);
     }
-    interaction::create_as(&mut tx, "Organization", &org_id, org).await?;
+    interaction::create_as(&mut tx, &Access::full(), "Organization", &org_id, org).await?;
     keys::register(&mut tx, &org_id, &cert).await?;
     keys::set_requires_mtls(&mut tx, &org_id, require_mtls).await?;
     tx.commit().await.map_err(Error::from)?;
