@@ -684,10 +684,10 @@ async fn a_changed_character_in_a_signed_element_is_refused() {
 }
 
 #[tokio::test]
-async fn a_comment_in_a_signed_text_node_does_not_change_what_is_mapped() {
+async fn a_comment_in_a_signed_text_node_is_refused() {
     // c14n without comments (what XML-DSig references to the same document
-    // use) does not see comments, so the signature still verifies; ehrx must
-    // then map the text as signed, not the part before the comment.
+    // use) does not see comments, so the signature still verifies; a parser
+    // that stops at the comment would read "Jo". ehrx refuses the document.
     let server = TestServer::start().await;
     let work = Work::new();
     let signer = work.rsa("Comment test");
@@ -699,13 +699,23 @@ async fn a_comment_in_a_signed_text_node_does_not_change_what_is_mapped() {
         1,
     );
     assert_ne!(commented, signed);
+    let before = total(&search(&server, "Patient?_summary=count").await);
     let (status, answer) = post_xml(&server, &commented).await;
-    assert_eq!(status, 201, "{answer}");
-    assert_eq!(
-        total(&search(&server, "Patient?family:exact=Jones").await),
-        1
+    assert_eq!(status, 403, "{answer}");
+    let text = answer.to_string();
+    assert!(text.contains("comment splits the text"), "{answer}");
+    assert!(
+        text.contains("family"),
+        "the OperationOutcome names where: {answer}"
     );
-    assert_eq!(total(&search(&server, "Patient?family:exact=Jo").await), 0);
+    assert_eq!(
+        total(&search(&server, "Patient?_summary=count").await),
+        before,
+        "nothing stored"
+    );
+    // The same document without the comment is accepted.
+    let (status, answer) = post_xml(&server, &signed).await;
+    assert_eq!(status, 201, "{answer}");
     server.stop().await;
 }
 

@@ -87,6 +87,7 @@ pub async fn receive(
     let registered = keys::registered(store).await?;
     let (verified, unsigned_text) = {
         let doc = xml::parse(&text, &ex.limits)?;
+        xml::refuse_split_text(&doc)?;
         let v = dsig::verify(&doc, &registered, now)?;
         // Take the signature out: what remains is exactly what was signed.
         let r = v.signature_range.clone();

@@ -171,3 +171,27 @@ pub fn text_of(node: Node) -> String {
         .filter_map(|n| n.text())
         .collect()
 }
+
+/// Refuses a comment that splits the text of an element (`Jo<!---->nes`).
+/// XML-DSig canonicalization without comments does not sign comments, so
+/// such a document verifies while different parsers read different text
+/// from it (the comment-truncation attack); ehrx does not guess which text
+/// the signer meant.
+pub fn refuse_split_text(doc: &Document) -> Result<(), ExchangeError> {
+    for node in doc.descendants().filter(|n| n.is_comment()) {
+        let text_beside = |n: Option<Node>| {
+            n.is_some_and(|n| n.is_text() && !n.text().unwrap_or("").trim().is_empty())
+        };
+        if text_beside(node.prev_sibling()) && text_beside(node.next_sibling()) {
+            let at = node.parent().map(xpath);
+            return Err(ExchangeError::Signature {
+                message: "a comment splits the text of an element; canonicalization without \
+                          comments does not sign it, so the text is ambiguous and the \
+                          document is refused"
+                    .into(),
+                xpath: at,
+            });
+        }
+    }
+    Ok(())
+}
