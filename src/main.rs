@@ -130,9 +130,7 @@ async fn run(command: Command, config: Config) -> ExitCode {
                     }
                     None => None,
                 };
-                let store = Store::open(&config.database_url, 1)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let store = open_store(&config).await?;
                 let new = ehrx::auth::clients::NewClient {
                     name,
                     kind,
@@ -146,20 +144,16 @@ async fn run(command: Command, config: Config) -> ExitCode {
                     .map_err(|e| e.to_string())
             }
             .await;
-            match result {
-                Ok((id, secret)) => {
+            print_json(
+                "ehrx client add",
+                result.map(|(id, secret)| {
                     let mut out = serde_json::json!({ "client_id": id });
                     if let Some(s) = secret {
                         out["client_secret"] = serde_json::json!(s);
                     }
-                    println!("{out}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("ehrx client add: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+                    out
+                }),
+            )
         }
         Command::User(UserCommand::Add {
             username,
@@ -173,69 +167,44 @@ async fn run(command: Command, config: Config) -> ExitCode {
             }
             let password = password.trim_end_matches(['\n', '\r']);
             let result = async {
-                let store = Store::open(&config.database_url, 1)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let store = open_store(&config).await?;
                 ehrx::auth::users::add(&store, &username, password, &fhir_user)
                     .await
                     .map_err(|e| e.to_string())
             }
             .await;
-            match result {
-                Ok(u) => {
-                    println!(
-                        "{}",
-                        serde_json::json!({"id": u.id, "username": u.username, "fhirUser": u.fhir_user})
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("ehrx user add: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            print_json(
+                "ehrx user add",
+                result.map(|u| {
+                    serde_json::json!({"id": u.id, "username": u.username, "fhirUser": u.fhir_user})
+                }),
+            )
         }
         Command::Keys(KeysCommand::Rotate) => {
             let result = async {
-                let store = Store::open(&config.database_url, 1)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let store = open_store(&config).await?;
                 ehrx::auth::Keys::rotate(&store)
                     .await
                     .map_err(|e| e.to_string())
             }
             .await;
-            match result {
-                Ok(kid) => {
-                    println!("{}", serde_json::json!({ "kid": kid }));
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("ehrx keys rotate: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            print_json(
+                "ehrx keys rotate",
+                result.map(|kid| serde_json::json!({ "kid": kid })),
+            )
         }
         Command::Launch { patient, encounter } => {
             let result = async {
-                let store = Store::open(&config.database_url, 1)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let store = open_store(&config).await?;
                 ehrx::auth::endpoints::mint_launch(&store, patient.as_deref(), encounter.as_deref())
                     .await
                     .map_err(|e| e.to_string())
             }
             .await;
-            match result {
-                Ok(id) => {
-                    println!("{}", serde_json::json!({ "launch": id }));
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("ehrx launch: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            print_json(
+                "ehrx launch",
+                result.map(|id| serde_json::json!({ "launch": id })),
+            )
         }
         Command::Import { paths, quiet } => {
             match ehrx::import::run(&config, &paths, !quiet).await {
@@ -327,6 +296,27 @@ async fn subscriber(command: SubscriberCommand, config: &Config) -> ExitCode {
         }
         Err(e) => {
             eprintln!("ehrx subscriber: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The database for a one-shot command.
+async fn open_store(config: &Config) -> Result<Store, String> {
+    Store::open(&config.database_url, 1)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// A command's JSON answer on stdout, or its error on stderr.
+fn print_json(command: &str, result: Result<serde_json::Value, String>) -> ExitCode {
+    match result {
+        Ok(out) => {
+            println!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{command}: {e}");
             ExitCode::FAILURE
         }
     }

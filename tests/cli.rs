@@ -9,14 +9,7 @@ use common::data_dir;
 use serde_json::Value;
 
 fn ehrx() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ehrx"));
-    // Start from a clean environment for EHRX_* settings.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("EHRX_") {
-            c.env_remove(k);
-        }
-    }
-    c
+    common::ehrx_bin()
 }
 
 #[tokio::test]

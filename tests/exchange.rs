@@ -227,15 +227,7 @@ impl Work {
 
 /// The `ehrx` binary against the test server's database.
 fn ehrx(server: &TestServer) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ehrx"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("EHRX_") {
-            c.env_remove(k);
-        }
-    }
-    c.env("EHRX_DATABASE_URL", &server.database_url)
-        .env("EHRX_LOG", "warn");
-    c
+    server.ehrx()
 }
 
 /// `ehrx subscriber add`; returns its JSON answer.

@@ -17,15 +17,7 @@ const LAB: &str = "http://terminology.hl7.org/CodeSystem/observation-category|la
 const REDIRECT: &str = "https://app.example.org/callback";
 
 fn ehrx(s: &TestServer) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ehrx"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("EHRX_") {
-            c.env_remove(k);
-        }
-    }
-    c.env("EHRX_DATABASE_URL", &s.database_url)
-        .env("EHRX_LOG", "error");
-    c
+    s.ehrx()
 }
 
 /// Runs the CLI and parses its JSON output.

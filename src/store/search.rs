@@ -202,6 +202,26 @@ fn join_tests(sql: &mut Sql, alias: &str, ts: &[Test], op: &str, empty: &str) ->
         .join(op)
 }
 
+/// Conditions joined by `op`, each checked per row; `empty` when none.
+fn join_conds(
+    sql: &mut Sql,
+    alias: &str,
+    rtype: &str,
+    conds: &[Cond],
+    depth: usize,
+    op: &str,
+    empty: &str,
+) -> String {
+    if conds.is_empty() {
+        return empty.into();
+    }
+    let parts: Vec<String> = conds
+        .iter()
+        .map(|c| format!("({})", render_cond(sql, alias, rtype, c, depth, true)))
+        .collect();
+    format!("({})", parts.join(op))
+}
+
 /// `alias.id IN (…)`-style predicates for `conds` on resources of `rtype`
 /// held in the row alias `alias` (with `alias.rtype` already fixed).
 fn render_conds(sql: &mut Sql, alias: &str, rtype: &str, conds: &[Cond], depth: usize) -> String {
@@ -273,28 +293,8 @@ fn render_cond(
             "NOT ({})",
             render_cond(sql, alias, rtype, inner, depth, true)
         ),
-        Cond::Or(alts) => {
-            let parts: Vec<String> = alts
-                .iter()
-                .map(|a| format!("({})", render_cond(sql, alias, rtype, a, depth, true)))
-                .collect();
-            if parts.is_empty() {
-                "1 = 0".into()
-            } else {
-                format!("({})", parts.join(" OR "))
-            }
-        }
-        Cond::And(all) => {
-            let parts: Vec<String> = all
-                .iter()
-                .map(|a| format!("({})", render_cond(sql, alias, rtype, a, depth, true)))
-                .collect();
-            if parts.is_empty() {
-                "1 = 1".into()
-            } else {
-                format!("({})", parts.join(" AND "))
-            }
-        }
+        Cond::Or(alts) => join_conds(sql, alias, rtype, alts, depth, " OR ", "1 = 0"),
+        Cond::And(all) => join_conds(sql, alias, rtype, all, depth, " AND ", "1 = 1"),
         _ if correlated => format!("EXISTS ({})", ids_of(sql, rtype, c, depth, Some(alias))),
         _ => format!("{alias}.id IN ({})", ids_of(sql, rtype, c, depth, None)),
     }

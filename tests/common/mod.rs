@@ -38,6 +38,17 @@ pub async fn fresh_database(dir: &std::path::Path) -> String {
     }
 }
 
+/// The `ehrx` binary, with no `EHRX_*` settings inherited from the caller.
+pub fn ehrx_bin() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_ehrx"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("EHRX_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
 pub fn data_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data")
 }
@@ -89,6 +100,14 @@ impl TestServer {
             shutdown: Some(tx),
             handle: Some(handle),
         }
+    }
+
+    /// The `ehrx` binary against this server's database.
+    pub fn ehrx(&self) -> std::process::Command {
+        let mut c = ehrx_bin();
+        c.env("EHRX_DATABASE_URL", &self.database_url)
+            .env("EHRX_LOG", "error");
+        c
     }
 
     pub fn url(&self, path: &str) -> String {
