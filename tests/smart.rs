@@ -153,7 +153,11 @@ async fn backend_token(
     k: &ClientKey,
     scope: &str,
 ) -> (u16, Value) {
-    let a = assertion(s, client_id, k, 240, None);
+    assertion_grant(s, &assertion(s, client_id, k, 240, None), scope).await
+}
+
+/// `client_credentials` with a client assertion as given.
+async fn assertion_grant(s: &TestServer, assertion: &str, scope: &str) -> (u16, Value) {
     form(
         s,
         "auth/token",
@@ -164,10 +168,27 @@ async fn backend_token(
                 "client_assertion_type",
                 "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
             ),
-            ("client_assertion", &a),
+            ("client_assertion", assertion),
         ],
     )
     .await
+}
+
+/// The whole app flow for a public client: authorize, sign in (if
+/// `login`), consent, and exchange the code; returns the token response.
+async fn app_token(
+    s: &TestServer,
+    client: &str,
+    scope: &str,
+    login: Option<(&str, &str)>,
+    extra: &[(&str, &str)],
+) -> Value {
+    let (verifier, challenge) = pkce();
+    let params = authorize_params(s, client, scope, &challenge, extra);
+    let back = consent(s, &browser(), &params, login, None).await;
+    let (st, t) = exchange_code(s, client, q(&back, "code").unwrap(), &verifier).await;
+    assert_eq!(st, 200, "{t}");
+    t
 }
 
 /// A FHIR call with a bearer token.
@@ -557,6 +578,13 @@ async fn discovery_documents_and_public_endpoints() {
     let cs: Value = s.get("metadata").await.json().await.unwrap();
     let sec = &cs["rest"][0]["security"];
     assert_eq!(sec["service"][0]["coding"][0]["code"], "SMART-on-FHIR");
+    let ops: Vec<&str> = cs["rest"][0]["operation"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(ops, ["everything", "signed-document"]);
     let uris = &sec["extension"][0];
     assert_eq!(
         uris["url"],
@@ -652,22 +680,7 @@ async fn backend_services_client_credentials_with_rs384_and_es384() {
     let a = assertion(&s, &id, &k, 240, None);
     let tok = |a: String| {
         let s = &s;
-        async move {
-            form(
-                s,
-                "auth/token",
-                &[
-                    ("grant_type", "client_credentials"),
-                    ("scope", "system/*.rs"),
-                    (
-                        "client_assertion_type",
-                        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-                    ),
-                    ("client_assertion", &a),
-                ],
-            )
-            .await
-        }
+        async move { assertion_grant(s, &a, "system/*.rs").await }
     };
     assert_eq!(tok(a.clone()).await.0, 200);
     let (st, e) = tok(a).await;
@@ -1098,23 +1111,14 @@ async fn transactions_are_confined_entry_by_entry_and_stay_atomic() {
         .to_string();
     practitioner_user(&s, "dr.tx", "pr-2");
     let client = public_client(&s, "launch patient/*.cruds");
-    let (verifier, challenge) = pkce();
-    let params = authorize_params(
+    let t = app_token(
         &s,
         &client,
         "launch patient/Observation.cruds",
-        &challenge,
-        &[("launch", &launch)],
-    );
-    let redirect = consent(
-        &s,
-        &browser(),
-        &params,
         Some(("dr.tx", "correct horse battery")),
-        None,
+        &[("launch", &launch)],
     )
     .await;
-    let (_, t) = exchange_code(&s, &client, q(&redirect, "code").unwrap(), &verifier).await;
     let token = t["access_token"].as_str().unwrap();
     let obs = |pid: &str| json!({"resourceType": "Observation", "status": "final", "code": {"text": "note"}, "subject": {"reference": format!("Patient/{pid}")}});
     let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
@@ -1315,24 +1319,14 @@ async fn patient_token(s: &TestServer, patient: &str, scope: &str) -> String {
     let user = format!("dr.{}", uuid::Uuid::new_v4().simple());
     practitioner_user(s, &user, "matrix");
     let client = public_client(s, &format!("launch {scope}"));
-    let (verifier, challenge) = pkce();
-    let params = authorize_params(
+    let t = app_token(
         s,
         &client,
         &format!("launch {scope}"),
-        &challenge,
-        &[("launch", &launch)],
-    );
-    let redirect = consent(
-        s,
-        &browser(),
-        &params,
         Some((&user, "correct horse battery")),
-        None,
+        &[("launch", &launch)],
     )
     .await;
-    let (st, t) = exchange_code(s, &client, q(&redirect, "code").unwrap(), &verifier).await;
-    assert_eq!(st, 200, "{t}");
     assert_eq!(t["patient"], patient);
     t["access_token"].as_str().unwrap().to_string()
 }
@@ -1559,22 +1553,7 @@ async fn expired_unknown_and_forged_credentials_are_refused() {
         .contains("expired"));
     let tok = |a: String| {
         let s = &s;
-        async move {
-            form(
-                s,
-                "auth/token",
-                &[
-                    ("grant_type", "client_credentials"),
-                    ("scope", "system/*.rs"),
-                    (
-                        "client_assertion_type",
-                        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-                    ),
-                    ("client_assertion", &a),
-                ],
-            )
-            .await
-        }
+        async move { assertion_grant(s, &a, "system/*.rs").await }
     };
     // An assertion that has expired.
     let (st, e) = tok(assertion(&s, &id, &k, -30, None)).await;
@@ -1675,24 +1654,15 @@ async fn ehr_users_mint_launch_contexts_and_authorize_accepts_post() {
     let w = world(&s).await;
     practitioner_user(&s, "dr.post", "pr-9");
     let client = public_client(&s, "launch openid fhirUser user/*.rs patient/*.rs");
-    let (verifier, challenge) = pkce();
     // A practitioner's own token (standalone, user scopes)…
-    let params = authorize_params(
+    let t = app_token(
         &s,
         &client,
         "user/Patient.rs openid fhirUser",
-        &challenge,
-        &[],
-    );
-    let redirect = consent(
-        &s,
-        &browser(),
-        &params,
         Some(("dr.post", "correct horse battery")),
-        None,
+        &[],
     )
     .await;
-    let (_, t) = exchange_code(&s, &client, q(&redirect, "code").unwrap(), &verifier).await;
     let user_token = t["access_token"].as_str().unwrap().to_string();
     // …mints a launch context (POST /auth/launch).
     let r = s
@@ -2087,23 +2057,14 @@ async fn inferno_openid_connect_group() {
     assert_eq!(st, 201);
     practitioner_user(&s, "dr.oidc", "pr-oidc");
     let client = public_client(&s, "openid fhirUser user/*.rs");
-    let (verifier, challenge) = pkce();
-    let p = authorize_params(
+    let t = app_token(
         &s,
         &client,
         "openid fhirUser user/Practitioner.rs",
-        &challenge,
-        &[("nonce", "abc")],
-    );
-    let back = consent(
-        &s,
-        &browser(),
-        &p,
         Some(("dr.oidc", "correct horse battery")),
-        None,
+        &[("nonce", "abc")],
     )
     .await;
-    let (_, t) = exchange_code(&s, &client, q(&back, "code").unwrap(), &verifier).await;
     let oidc: Value = s
         .get(".well-known/openid-configuration")
         .await
@@ -2165,23 +2126,14 @@ async fn inferno_token_refresh_group() {
     let s = TestServer::start_secured().await;
     practitioner_user(&s, "dr.refresh", "p");
     let client = public_client(&s, "offline_access user/*.rs");
-    let (verifier, challenge) = pkce();
-    let p = authorize_params(
+    let t = app_token(
         &s,
         &client,
         "offline_access user/Patient.rs user/Observation.rs",
-        &challenge,
-        &[],
-    );
-    let back = consent(
-        &s,
-        &browser(),
-        &p,
         Some(("dr.refresh", "correct horse battery")),
-        None,
+        &[],
     )
     .await;
-    let (_, t) = exchange_code(&s, &client, q(&back, "code").unwrap(), &verifier).await;
     // Without a scope parameter: the same scopes again.
     let (st, t2) = form(
         &s,

@@ -99,6 +99,10 @@ pub fn capability_statement(base: &str) -> Value {
         "operation": [{
             "name": "everything",
             "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"
+        }, {
+            "name": "signed-document",
+            "definition": format!("{base}/OperationDefinition/Patient-signed-document"),
+            "documentation": "GET Patient/{id}/$signed-document[?recipient=Organization/{id}]: the patient's records as a FHIR XML document Bundle signed (XML-DSig) with ehrx's exchange key, the Patient encrypted (XML-Enc) for the recipient subscriber's certificate when asked"
         }],
         "compartment": ["http://hl7.org/fhir/CompartmentDefinition/patient"],
     }]);
