@@ -67,9 +67,14 @@ pub enum Command {
         command: SubscriberCommand,
     },
     /// Print ehrx's exchange certificate (PEM), which subscribers use to
-    /// encrypt for ehrx and to verify what ehrx signs. Generates the key pair
-    /// on first use.
-    ExchangeCert,
+    /// encrypt for ehrx and to verify what ehrx signs with RSA-SHA256.
+    /// Generates the keys on first use.
+    ExchangeCert {
+        /// Print the certificate of the EC P-256 key instead, which verifies
+        /// what ehrx signs with ECDSA-SHA256.
+        #[arg(long)]
+        ecdsa: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

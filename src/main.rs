@@ -223,7 +223,7 @@ async fn run(command: Command, config: Config) -> ExitCode {
             }
         }
         Command::Subscriber { command } => subscriber(command, &config).await,
-        Command::ExchangeCert => {
+        Command::ExchangeCert { ecdsa } => {
             let result = async {
                 let store = Store::open(&config.database_url, 1)
                     .await
@@ -235,7 +235,8 @@ async fn run(command: Command, config: Config) -> ExitCode {
             .await;
             match result {
                 Ok(key) => {
-                    print!("{}", key.cert.to_pem());
+                    let cert = if ecdsa { &key.ec_cert } else { &key.cert };
+                    print!("{}", cert.to_pem());
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

@@ -588,15 +588,17 @@ async fn unsigned_and_unregistered_documents_are_refused() {
         "is not registered for any subscriber",
     )
     .await;
-    // Without KeyInfo, no registered certificate verifies it.
-    let start = signed.find("<ds:KeyInfo>").unwrap();
-    let end = signed.find("</ds:KeyInfo>").unwrap() + "</ds:KeyInfo>".len();
-    let bare = format!("{}{}", &signed[..start], &signed[end..]);
+    // Without KeyInfo, the signer is not named: refused, even though the
+    // signature was made with a registered key.
+    let by_registered = work.sign(&ccd(), &registered);
+    let start = by_registered.find("<ds:KeyInfo>").unwrap();
+    let end = by_registered.find("</ds:KeyInfo>").unwrap() + "</ds:KeyInfo>".len();
+    let bare = format!("{}{}", &by_registered[..start], &by_registered[end..]);
     assert_refused(
         &server,
         &bare,
         403,
-        "does not verify with any registered subscriber certificate",
+        "ds:KeyInfo must carry the signer's certificate",
     )
     .await;
     // Two signatures.
@@ -1087,6 +1089,54 @@ async fn signed_document_out_verifies_and_decrypts_with_xmlsec1() {
         ))
         .await;
     assert_eq!(r.status(), 422);
+
+    // Signed with ehrx's EC key: verifies with its EC certificate only.
+    let r = server
+        .get(&format!(
+            "Patient/{pid}/$signed-document?signature=ecdsa-sha256"
+        ))
+        .await;
+    assert_eq!(r.status(), 200);
+    let xml = r.text().await.unwrap();
+    assert!(xml.contains("xmldsig-more#ecdsa-sha256") && xml.contains("Isabella"));
+    std::fs::write(&out, &xml).unwrap();
+    assert!(
+        !verify(&out).status.success(),
+        "not with the RSA certificate"
+    );
+    let ec_cert = work.path("ehrx-ec.pem");
+    std::fs::write(
+        &ec_cert,
+        run(ehrx(&server).args(["exchange-cert", "--ecdsa"])),
+    )
+    .unwrap();
+    let v = Command::new("xmlsec1")
+        .arg("--verify")
+        .arg("--pubkey-cert-pem")
+        .arg(&ec_cert)
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    std::fs::write(&tampered, xml.replacen("Isabella", "Isabelle", 1)).unwrap();
+    let v = Command::new("xmlsec1")
+        .arg("--verify")
+        .arg("--pubkey-cert-pem")
+        .arg(&ec_cert)
+        .arg(&tampered)
+        .output()
+        .unwrap();
+    assert!(!v.status.success(), "a changed byte no longer verifies");
+    // An unknown algorithm is a clear 400.
+    let r = server
+        .get(&format!("Patient/{pid}/$signed-document?signature=md5"))
+        .await;
+    assert_eq!(r.status(), 400);
+    let outcome: Value = r.json().await.unwrap();
+    assert!(common::first_issue(&outcome)["diagnostics"]
+        .as_str()
+        .unwrap()
+        .contains("unknown algorithm 'md5'"));
     server.stop().await;
 }
 

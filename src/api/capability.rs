@@ -102,7 +102,7 @@ pub fn capability_statement(base: &str) -> Value {
         }, {
             "name": "signed-document",
             "definition": format!("{base}/OperationDefinition/Patient-signed-document"),
-            "documentation": "GET Patient/{id}/$signed-document[?recipient=Organization/{id}]: the patient's records as a FHIR XML document Bundle signed (XML-DSig) with ehrx's exchange key, the Patient encrypted (XML-Enc) for the recipient subscriber's certificate when asked"
+            "documentation": "GET Patient/{id}/$signed-document[?recipient=Organization/{id}][&signature=rsa-sha256|ecdsa-sha256]: the patient's records as a FHIR XML document Bundle signed (XML-DSig, RSA-SHA256 by default or ECDSA-SHA256) with ehrx's exchange key, the Patient encrypted (XML-Enc) for the recipient subscriber's certificate when asked"
         }],
         "compartment": ["http://hl7.org/fhir/CompartmentDefinition/patient"],
     }]);

@@ -359,18 +359,13 @@ pub async fn compartment_or_operation(
     let result = async {
         if what == "$signed-document" && rtype == "Patient" {
             let exchange = state.exchange().await?;
-            let recipient = req
-                .params
-                .iter()
-                .find(|(k, _)| k == "recipient")
-                .map(|(_, v)| v.as_str());
             // The caller's scopes decide what goes into the document.
             let xml = crate::exchange::outbound::signed_document(
                 &state.store,
                 &req.env(&state),
                 &exchange,
                 &id,
-                recipient,
+                &req.params,
             )
             .await?;
             return Ok(Err(xml));

@@ -6,15 +6,17 @@
 //! child of the document element; exactly one `ds:Reference`, whose URI is
 //! `""` or `#id` of the document element itself; no `ds:Object`; no ID value
 //! used twice; transforms limited to enveloped-signature and one
-//! canonicalization. The digest is then computed over the very element the
-//! rest of ehrx processes, so what was verified is what is mapped.
+//! canonicalization; the signer's certificate in `KeyInfo`, registered for a
+//! subscriber. Only a signature of that shape goes to libxmlsec1
+//! ([`super::libxmlsec`]), which canonicalizes, digests and checks the
+//! signature value with that certificate's key, over the very text the rest
+//! of ehrx processes: what was verified is what is mapped.
 
 use base64::Engine as _;
 use roxmltree::{Document, Node};
-use sha2::{Digest, Sha256};
 
-use super::c14n::{self, Method};
-use super::keys::{Cert, PublicKey, Registered};
+use super::keys::{Cert, Registered};
+use super::libxmlsec::{self, Failure, SignatureAlgorithm};
 use super::ns::DSIG;
 use super::xml::{child, children, xpath};
 use super::ExchangeError;
@@ -23,14 +25,24 @@ pub const ENVELOPED: &str = "http://www.w3.org/2000/09/xmldsig#enveloped-signatu
 pub const SHA256: &str = "http://www.w3.org/2001/04/xmlenc#sha256";
 pub const RSA_SHA256: &str = "http://www.w3.org/2001/04/xmldsig-more#rsa-sha256";
 pub const ECDSA_SHA256: &str = "http://www.w3.org/2001/04/xmldsig-more#ecdsa-sha256";
+pub const C14N: &str = "http://www.w3.org/TR/2001/REC-xml-c14n-20010315";
+pub const C14N_COMMENTS: &str = "http://www.w3.org/TR/2001/REC-xml-c14n-20010315#WithComments";
+pub const EXC_C14N: &str = "http://www.w3.org/2001/10/xml-exc-c14n#";
+pub const EXC_C14N_COMMENTS: &str = "http://www.w3.org/2001/10/xml-exc-c14n#WithComments";
+
+/// The canonicalization methods accepted, for SignedInfo and references.
+fn is_c14n(uri: &str) -> bool {
+    matches!(uri, C14N | C14N_COMMENTS | EXC_C14N | EXC_C14N_COMMENTS)
+}
 
 /// A verified signature.
 #[derive(Debug, Clone)]
 pub struct Verified {
     /// The registered certificate that verified the signature.
     pub signer: Registered,
-    /// SHA-256 of the canonicalized signed content, lower-case hex: the same
-    /// document signed twice has the same content digest.
+    /// SHA-256 of the canonicalized signed content (the verified
+    /// `DigestValue`), lower-case hex: the same document signed twice has the
+    /// same content digest.
     pub content_digest: String,
     /// The `ds:Signature` element as it was received.
     pub signature_xml: String,
@@ -144,18 +156,15 @@ pub fn verify(
         ));
     }
     let c14n_node = only(signed_info, "CanonicalizationMethod")?;
-    let si_method = algorithm(c14n_node)
-        .and_then(Method::from_uri)
-        .ok_or_else(|| {
-            ExchangeError::signature(
-                format!(
-                    "unsupported CanonicalizationMethod '{}'",
-                    algorithm(c14n_node).unwrap_or("")
-                ),
-                Some(xpath(c14n_node)),
-            )
-        })?;
-    let si_method = with_prefix_list(si_method, c14n_node);
+    if !algorithm(c14n_node).is_some_and(is_c14n) {
+        return Err(ExchangeError::signature(
+            format!(
+                "unsupported CanonicalizationMethod '{}'",
+                algorithm(c14n_node).unwrap_or("")
+            ),
+            Some(xpath(c14n_node)),
+        ));
+    }
     let sig_method_node = only(signed_info, "SignatureMethod")?;
     let sig_alg = algorithm(sig_method_node).unwrap_or("");
     if sig_alg != RSA_SHA256 && sig_alg != ECDSA_SHA256 {
@@ -171,11 +180,13 @@ pub fn verify(
             Some(xpath(reference)),
         )
     })?;
-    let apex = if uri.is_empty() {
-        doc.root()
+    let id_attribute = if uri.is_empty() {
+        None
     } else if let Some(id) = uri.strip_prefix('#') {
-        let root_id = ["ID", "Id", "id"].iter().find_map(|a| root.attribute(*a));
-        if root_id != Some(id) {
+        let root_id = ["ID", "Id", "id"]
+            .into_iter()
+            .find(|a| root.attribute(*a).is_some());
+        if root_id.and_then(|a| root.attribute(a)) != Some(id) {
             return Err(ExchangeError::signature(
                 format!(
                     "ds:Reference URI '{uri}' does not name the document element: \
@@ -184,7 +195,7 @@ pub fn verify(
                 Some(xpath(reference)),
             ));
         }
-        root
+        root_id
     } else {
         return Err(ExchangeError::signature(
             format!("ds:Reference URI '{uri}' is not a same-document reference"),
@@ -192,7 +203,6 @@ pub fn verify(
         ));
     };
     // Transforms: enveloped-signature, then at most one canonicalization.
-    let mut ref_method = Method::from_uri(c14n::C14N).expect("known");
     let mut enveloped = false;
     if let Some(transforms) = child(reference, DSIG, "Transforms") {
         let list: Vec<Node> = children(transforms, DSIG, "Transform").collect();
@@ -200,8 +210,8 @@ pub fn verify(
             let alg = algorithm(*t).unwrap_or("");
             if alg == ENVELOPED && i == 0 {
                 enveloped = true;
-            } else if let (Some(m), true) = (Method::from_uri(alg), i == list.len() - 1) {
-                ref_method = with_prefix_list(m, *t);
+            } else if is_c14n(alg) && i == list.len() - 1 && i > 0 {
+                // The canonicalization after enveloped-signature.
             } else {
                 return Err(ExchangeError::signature(
                     format!("transform '{alg}' is not accepted here"),
@@ -216,8 +226,6 @@ pub fn verify(
             Some(xpath(reference)),
         ));
     }
-    // With a same-document reference, comments are never part of the node-set.
-    ref_method.with_comments = false;
     let digest_method = only(reference, "DigestMethod")?;
     if algorithm(digest_method) != Some(SHA256) {
         return Err(ExchangeError::signature(
@@ -235,61 +243,50 @@ pub fn verify(
             Some(xpath(digest_node)),
         )
     })?;
-    let canonical = c14n::canonicalize(apex, Some(signature.id()), &ref_method);
-    let actual = Sha256::digest(canonical.as_bytes());
-    if actual.as_slice() != expected.as_slice() {
-        return Err(ExchangeError::signature(
-            "the document does not match its signature: the digest of the signed content \
-             differs (the document was changed after signing)",
-            Some(xpath(digest_node)),
-        ));
-    }
-    // The signature over SignedInfo.
     let value_node = only(signature, "SignatureValue")?;
-    let sig_value = b64(&super::xml::text_of(value_node)).map_err(|e| {
+    // KeyInfo names the signer's certificate; only a registered one is used.
+    let cert = key_info_certificate(signature)?.ok_or_else(|| {
         ExchangeError::signature(
-            format!("SignatureValue is not base64: {e}"),
-            Some(xpath(value_node)),
+            "ds:KeyInfo must carry the signer's certificate (X509Data/X509Certificate)",
+            Some(xpath(signature)),
         )
     })?;
-    let signed_info_c14n = c14n::canonicalize(signed_info, None, &si_method);
-    // KeyInfo may name the certificate; then only that one is tried.
-    let named = key_info_certificate(signature)?;
-    let candidates: Vec<&Registered> = match &named {
-        Some(cert) => {
-            let found: Vec<&Registered> = registered
-                .iter()
-                .filter(|r| r.cert.fingerprint == cert.fingerprint)
-                .collect();
-            if found.is_empty() {
-                return Err(ExchangeError::Signer(format!(
-                    "the signing certificate '{}' (SHA-256 {}) is not registered for any subscriber",
-                    cert.subject, cert.fingerprint
-                )));
-            }
-            found
+    let signer = registered
+        .iter()
+        .find(|r| r.cert.fingerprint == cert.fingerprint)
+        .ok_or_else(|| {
+            ExchangeError::Signer(format!(
+                "the signing certificate '{}' (SHA-256 {}) is not registered for any subscriber",
+                cert.subject, cert.fingerprint
+            ))
+        })?;
+    let input = doc.input_text();
+    match libxmlsec::verify(input, &signer.cert.der, id_attribute)? {
+        Ok(()) => {}
+        Err(Failure::Digest) => {
+            return Err(ExchangeError::signature(
+                "the document does not match its signature: the digest of the signed content \
+                 differs (the document was changed after signing)",
+                Some(xpath(digest_node)),
+            ))
         }
-        None => registered.iter().collect(),
-    };
-    let signer = candidates
-        .into_iter()
-        .find(|r| {
-            check(
-                &r.cert.key,
-                sig_alg,
-                signed_info_c14n.as_bytes(),
-                &sig_value,
-            )
-        })
-        .ok_or_else(|| match &named {
-            Some(_) => ExchangeError::signature(
+        Err(Failure::SignatureValue) => {
+            return Err(ExchangeError::signature(
                 "the signature value does not verify with the signing certificate",
                 Some(xpath(value_node)),
-            ),
-            None => ExchangeError::Signer(
-                "the signature does not verify with any registered subscriber certificate".into(),
-            ),
-        })?;
+            ))
+        }
+        Err(Failure::Unprocessable) => {
+            return Err(ExchangeError::signature(
+                format!(
+                    "libxmlsec1 could not verify the signature with the certificate '{}' \
+                     (is the signature method right for its key?)",
+                    signer.cert.subject
+                ),
+                Some(xpath(value_node)),
+            ))
+        }
+    }
     if let Some(when) = &signer.revoked {
         return Err(ExchangeError::Signer(format!(
             "the signing certificate '{}' (SHA-256 {}) of Organization/{} was revoked at {when}",
@@ -305,30 +302,12 @@ pub fn verify(
             signer.cert.not_after.to_rfc3339()
         )));
     }
-    let input = doc.input_text();
     Ok(Verified {
         signer: signer.clone(),
-        content_digest: hex::encode(actual),
+        content_digest: hex::encode(expected),
         signature_xml: input[signature.range()].to_string(),
         signature_range: signature.range(),
     })
-}
-
-fn with_prefix_list(mut m: Method, node: Node) -> Method {
-    if m.exclusive {
-        if let Some(list) = node
-            .children()
-            .find(|c| c.is_element() && c.tag_name().name() == "InclusiveNamespaces")
-        {
-            m.inclusive_prefixes = list
-                .attribute("PrefixList")
-                .unwrap_or("")
-                .split_whitespace()
-                .map(str::to_string)
-                .collect();
-        }
-    }
-    m
 }
 
 /// The certificate in `KeyInfo/X509Data/X509Certificate`, if any. When
@@ -354,69 +333,17 @@ fn key_info_certificate(signature: Node) -> Result<Option<Cert>, ExchangeError> 
     })
 }
 
-fn check(key: &PublicKey, alg: &str, data: &[u8], sig: &[u8]) -> bool {
-    use rsa::signature::Verifier;
-    match (key, alg) {
-        (PublicKey::Rsa(k), RSA_SHA256) => {
-            let vk = rsa::pkcs1v15::VerifyingKey::<Sha256>::new(k.clone());
-            match rsa::pkcs1v15::Signature::try_from(sig) {
-                Ok(s) => vk.verify(data, &s).is_ok(),
-                Err(_) => false,
-            }
-        }
-        (PublicKey::P256(k), ECDSA_SHA256) => match p256::ecdsa::Signature::from_slice(sig) {
-            Ok(s) => k.verify(data, &s).is_ok(),
-            Err(_) => false,
-        },
-        _ => false,
-    }
-}
-
-/// Signs `xml` (a document whose root element is closed by `</root>` at
-/// the end) with ehrx's exchange key: an enveloped RSA-SHA256 signature over
-/// `URI=""` with exclusive c14n, and the certificate in KeyInfo. Returns the
-/// signed document.
-pub fn sign_enveloped(xml: &str, key: &super::keys::ExchangeKey) -> Result<String, ExchangeError> {
-    use rsa::signature::{SignatureEncoding, Signer};
-    let limits = super::xml::Limits {
-        max_bytes: usize::MAX,
-        ..Default::default()
+/// Signs `xml` with ehrx's exchange key for `algorithm`: an enveloped
+/// signature over `URI=""` with exclusive c14n and a SHA-256 digest, the
+/// certificate in KeyInfo. Returns the signed document.
+pub fn sign_enveloped(
+    xml: &str,
+    key: &super::keys::ExchangeKey,
+    algorithm: SignatureAlgorithm,
+) -> Result<String, ExchangeError> {
+    let (private_pem, cert) = match algorithm {
+        SignatureAlgorithm::RsaSha256 => (key.rsa_pem.as_str(), &key.cert),
+        SignatureAlgorithm::EcdsaSha256 => (key.ec_pem.as_str(), &key.ec_cert),
     };
-    let doc = super::xml::parse(xml, &limits)?;
-    let method = Method::from_uri(c14n::EXC_C14N).expect("known");
-    let digest = Sha256::digest(c14n::canonicalize(doc.root(), None, &method).as_bytes());
-    let std = base64::engine::general_purpose::STANDARD;
-    let signed_info = format!(
-        "<ds:SignedInfo><ds:CanonicalizationMethod Algorithm=\"{c}\"/>\
-         <ds:SignatureMethod Algorithm=\"{RSA_SHA256}\"/>\
-         <ds:Reference URI=\"\"><ds:Transforms>\
-         <ds:Transform Algorithm=\"{ENVELOPED}\"/><ds:Transform Algorithm=\"{c}\"/>\
-         </ds:Transforms><ds:DigestMethod Algorithm=\"{SHA256}\"/>\
-         <ds:DigestValue>{d}</ds:DigestValue></ds:Reference></ds:SignedInfo>",
-        c = c14n::EXC_C14N,
-        d = std.encode(digest)
-    );
-    // Canonicalize SignedInfo as it will sit inside the signature.
-    let wrapped = format!("<ds:Signature xmlns:ds=\"{DSIG}\">{signed_info}</ds:Signature>");
-    let wdoc = super::xml::parse(&wrapped, &limits)?;
-    let si = wdoc
-        .root_element()
-        .first_element_child()
-        .expect("SignedInfo");
-    let si_c14n = c14n::canonicalize(si, None, &method);
-    let signer = rsa::pkcs1v15::SigningKey::<Sha256>::new(key.private.clone());
-    let value = signer.sign(si_c14n.as_bytes()).to_vec();
-    let signature = format!(
-        "<ds:Signature xmlns:ds=\"{DSIG}\">{signed_info}<ds:SignatureValue>{v}</ds:SignatureValue>\
-         <ds:KeyInfo><ds:X509Data><ds:X509Certificate>{c}</ds:X509Certificate></ds:X509Data>\
-         </ds:KeyInfo></ds:Signature>",
-        v = std.encode(value),
-        c = key.cert.to_base64()
-    );
-    let root = doc.root_element();
-    let end = root.range().end;
-    let close = xml[..end]
-        .rfind("</")
-        .ok_or_else(|| ExchangeError::xml("the document element to sign has no end tag", None))?;
-    Ok(format!("{}{}{}", &xml[..close], signature, &xml[close..]))
+    libxmlsec::sign(xml, private_pem, &cert.to_pem(), algorithm)
 }

@@ -85,15 +85,17 @@ pub async fn receive(
     let now = chrono::Utc::now();
     let text = xml::prescan(body, &ex.limits)?;
     let registered = keys::registered(store).await?;
-    let (verified, unsigned_text) = {
-        let doc = xml::parse(&text, &ex.limits)?;
+    let limits = ex.limits;
+    let (verified, unsigned_text, registered) = super::blocking(move || {
+        let doc = xml::parse(&text, &limits)?;
         xml::refuse_split_text(&doc)?;
         let v = dsig::verify(&doc, &registered, now)?;
         // Take the signature out: what remains is exactly what was signed.
         let r = v.signature_range.clone();
         let rest = format!("{}{}", &text[..r.start], &text[r.end..]);
-        (v, rest)
-    };
+        Ok((v, rest, registered))
+    })
+    .await?;
     let org = format!("Organization/{}", verified.signer.organization_id);
     check_channel(store, &registered, &verified, client_cert, now).await?;
     // The same content received before, or being stored right now?

@@ -3,7 +3,7 @@
 //! and the signing certificates registered for subscribers.
 //!
 //! Parsing and generation use the RustCrypto crates (`x509-cert`, `rsa`,
-//! `p256`): no C library is needed to build ehrx.
+//! `p256`).
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -124,18 +124,26 @@ impl Cert {
     }
 }
 
-/// ehrx's own exchange key pair: signs what ehrx sends, decrypts what is
-/// encrypted for ehrx.
+/// ehrx's own exchange keys: an RSA-2048 key (signs with RSA-SHA256, and
+/// decrypts content keys transported with RSA-OAEP to its certificate) and
+/// an EC P-256 key (signs with ECDSA-SHA256), each with a self-signed
+/// certificate.
 #[derive(Clone)]
 pub struct ExchangeKey {
     pub private: rsa::RsaPrivateKey,
+    /// `private` as PKCS#8 PEM, for libxmlsec1.
+    pub rsa_pem: String,
     pub cert: Cert,
+    /// The EC P-256 private key as PKCS#8 PEM.
+    pub ec_pem: String,
+    pub ec_cert: Cert,
 }
 
 impl std::fmt::Debug for ExchangeKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ExchangeKey")
             .field("cert", &self.cert.fingerprint)
+            .field("ec_cert", &self.ec_cert.fingerprint)
             .finish_non_exhaustive()
     }
 }
@@ -144,78 +152,145 @@ fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
-/// Generates a fresh RSA-2048 key pair and a self-signed certificate valid
-/// for `years`.
-pub fn generate_exchange_key(subject: &str, years: u64) -> Result<ExchangeKey, ExchangeError> {
+/// The kinds of exchange key; each is one row of `exchange_key`.
+#[derive(Clone, Copy, Debug)]
+enum KeyKind {
+    Rsa = 1,
+    Ec = 2,
+}
+
+/// A self-signed certificate for `public`, signed by `signer`, valid for
+/// `years`.
+fn self_signed<S, Sig>(
+    subject: &str,
+    years: u64,
+    public: x509_cert::spki::SubjectPublicKeyInfoOwned,
+    signer: &S,
+) -> Result<Cert, ExchangeError>
+where
+    S: rsa::signature::Keypair
+        + x509_cert::spki::DynSignatureAlgorithmIdentifier
+        + rsa::signature::Signer<Sig>,
+    S::VerifyingKey: x509_cert::spki::EncodePublicKey,
+    Sig: x509_cert::spki::SignatureBitStringEncoding,
+{
     use x509_cert::builder::{Builder, CertificateBuilder, Profile};
-    let mut rng = rand_core::OsRng;
-    let private = rsa::RsaPrivateKey::new(&mut rng, 2048)
-        .map_err(|e| ExchangeError::Certificate(format!("key generation failed: {e}")))?;
-    let public = private.to_public_key();
-    let signer = rsa::pkcs1v15::SigningKey::<Sha256>::new(private.clone());
     let fail = |e: &dyn std::fmt::Display| ExchangeError::Certificate(format!("{e}"));
     let mut serial = [0u8; 16];
-    rand_core::RngCore::fill_bytes(&mut rng, &mut serial);
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut serial);
     serial[0] &= 0x7f;
     let serial = x509_cert::serial_number::SerialNumber::new(&serial).map_err(|e| fail(&e))?;
     let validity =
         x509_cert::time::Validity::from_now(Duration::from_secs(years * 365 * 24 * 3600))
             .map_err(|e| fail(&e))?;
     let name = x509_cert::name::Name::from_str(subject).map_err(|e| fail(&e))?;
-    let spki =
-        x509_cert::spki::SubjectPublicKeyInfoOwned::from_key(public).map_err(|e| fail(&e))?;
-    let builder = CertificateBuilder::new(Profile::Root, serial, validity, name, spki, &signer)
+    let builder = CertificateBuilder::new(Profile::Root, serial, validity, name, public, signer)
         .map_err(|e| fail(&e))?;
-    let cert = builder
-        .build::<rsa::pkcs1v15::Signature>()
-        .map_err(|e| fail(&e))?;
-    let cert = Cert::from_x509(cert)?;
-    Ok(ExchangeKey { private, cert })
+    Cert::from_x509(builder.build::<Sig>().map_err(|e| fail(&e))?)
 }
 
-/// Loads ehrx's exchange key, generating and storing it on first use.
+/// Generates a key of `kind` and its self-signed certificate valid for
+/// `years`: the private key as PKCS#8 PEM, and the certificate.
+fn generate(kind: KeyKind, subject: &str, years: u64) -> Result<(String, Cert), ExchangeError> {
+    let fail = |e: &dyn std::fmt::Display| ExchangeError::Certificate(format!("{e}"));
+    let mut rng = rand_core::OsRng;
+    match kind {
+        KeyKind::Rsa => {
+            let private = rsa::RsaPrivateKey::new(&mut rng, 2048)
+                .map_err(|e| ExchangeError::Certificate(format!("key generation failed: {e}")))?;
+            let spki =
+                x509_cert::spki::SubjectPublicKeyInfoOwned::from_key(private.to_public_key())
+                    .map_err(|e| fail(&e))?;
+            let signer = rsa::pkcs1v15::SigningKey::<Sha256>::new(private.clone());
+            let cert = self_signed::<_, rsa::pkcs1v15::Signature>(subject, years, spki, &signer)?;
+            let pem = private.to_pkcs8_pem(LineEnding::LF).map_err(|e| fail(&e))?;
+            Ok((pem.to_string(), cert))
+        }
+        KeyKind::Ec => {
+            let private = p256::SecretKey::random(&mut rng);
+            let spki = x509_cert::spki::SubjectPublicKeyInfoOwned::from_key(private.public_key())
+                .map_err(|e| fail(&e))?;
+            let signer = p256::ecdsa::SigningKey::from(&private);
+            let cert = self_signed::<_, p256::ecdsa::DerSignature>(subject, years, spki, &signer)?;
+            let pem = private.to_pkcs8_pem(LineEnding::LF).map_err(|e| fail(&e))?;
+            Ok((pem.to_string(), cert))
+        }
+    }
+}
+
+/// Generates a fresh RSA-2048 key and self-signed certificate valid for
+/// `years`, with a fresh EC P-256 key and certificate beside it.
+pub fn generate_exchange_key(subject: &str, years: u64) -> Result<ExchangeKey, ExchangeError> {
+    let (rsa_pem, cert) = generate(KeyKind::Rsa, subject, years)?;
+    let (ec_pem, ec_cert) = generate(KeyKind::Ec, subject, years)?;
+    ExchangeKey::from_parts(rsa_pem, cert, ec_pem, ec_cert)
+}
+
+impl ExchangeKey {
+    fn from_parts(
+        rsa_pem: String,
+        cert: Cert,
+        ec_pem: String,
+        ec_cert: Cert,
+    ) -> Result<ExchangeKey, ExchangeError> {
+        let private = rsa::RsaPrivateKey::from_pkcs8_pem(&rsa_pem)
+            .map_err(|e| ExchangeError::Certificate(format!("stored exchange key: {e}")))?;
+        Ok(ExchangeKey {
+            private,
+            rsa_pem,
+            cert,
+            ec_pem,
+            ec_cert,
+        })
+    }
+}
+
+/// Loads ehrx's exchange keys, generating and storing each on first use.
 pub async fn exchange_key(store: &Store) -> Result<ExchangeKey, ExchangeError> {
-    if let Some(k) = load_exchange_key(store).await? {
+    let (rsa_pem, cert) = stored_or_generated(store, KeyKind::Rsa).await?;
+    let (ec_pem, ec_cert) = stored_or_generated(store, KeyKind::Ec).await?;
+    ExchangeKey::from_parts(rsa_pem, cert, ec_pem, ec_cert)
+}
+
+async fn stored_or_generated(
+    store: &Store,
+    kind: KeyKind,
+) -> Result<(String, Cert), ExchangeError> {
+    if let Some(k) = load_key(store, kind).await? {
         return Ok(k);
     }
-    let key = tokio::task::spawn_blocking(|| generate_exchange_key("CN=ehrx exchange", 10))
-        .await
-        .map_err(|e| ExchangeError::Certificate(e.to_string()))??;
-    let pem = key
-        .private
-        .to_pkcs8_pem(LineEnding::LF)
-        .map_err(|e| ExchangeError::Certificate(e.to_string()))?;
+    let (pem, cert) = super::blocking(move || generate(kind, "CN=ehrx exchange", 10)).await?;
     let mut tx = store.begin().await?;
     // Two processes starting at once: the first row wins, both use it.
     sqlx::query(
         "INSERT INTO exchange_key (id, private_key_pem, certificate_pem, created) \
-         VALUES (1, $1, $2, $3) ON CONFLICT (id) DO NOTHING",
+         VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING",
     )
+    .bind(kind as i64)
     .bind(pem.as_str())
-    .bind(key.cert.to_pem())
+    .bind(cert.to_pem())
     .bind(rfc3339(chrono::Utc::now()))
     .execute(tx.conn())
     .await
     .map_err(StoreError::from)?;
     tx.commit().await?;
-    load_exchange_key(store)
+    load_key(store, kind)
         .await?
         .ok_or_else(|| ExchangeError::Certificate("exchange key not stored".into()))
 }
 
-async fn load_exchange_key(store: &Store) -> Result<Option<ExchangeKey>, ExchangeError> {
+async fn load_key(store: &Store, kind: KeyKind) -> Result<Option<(String, Cert)>, ExchangeError> {
     let mut conn = store.reader().await?;
-    let row = sqlx::query("SELECT private_key_pem, certificate_pem FROM exchange_key WHERE id = 1")
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(StoreError::from)?;
+    let row =
+        sqlx::query("SELECT private_key_pem, certificate_pem FROM exchange_key WHERE id = $1")
+            .bind(kind as i64)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(StoreError::from)?;
     let Some(row) = row else { return Ok(None) };
     let key_pem: String = row.try_get(0).map_err(StoreError::from)?;
     let cert_pem: String = row.try_get(1).map_err(StoreError::from)?;
-    let private = rsa::RsaPrivateKey::from_pkcs8_pem(&key_pem)
-        .map_err(|e| ExchangeError::Certificate(format!("stored exchange key: {e}")))?;
-    let cert = Cert::parse(cert_pem.as_bytes())?;
-    Ok(Some(ExchangeKey { private, cert }))
+    Ok(Some((key_pem, Cert::parse(cert_pem.as_bytes())?)))
 }
 
 /// A subscriber's registered signing certificate.

@@ -11,23 +11,23 @@
 //! `GET /Patient/{id}/$signed-document` ([`outbound`]) signs (and for a
 //! recipient, partly encrypts) a FHIR XML document Bundle.
 //!
-//! # Why not libxmlsec1
-//! The `xmlsec` crate binds libxmlsec1 for signatures only (no XML-Enc), needs
-//! libclang at build time, parses with libxml2 (whose ID registration and
-//! reference resolution are exactly what XML Signature Wrapping abuses), and
-//! verifies with one key at a time. ehrx instead parses with `roxmltree`
-//! (DTDs off, node count bounded) after a `quick-xml` pre-scan (size, depth,
-//! `<!DOCTYPE` refused), canonicalises with its own implementation of
-//! Canonical XML 1.0 and Exclusive XML Canonicalization 1.0 ([`c14n`]), and
-//! leaves every cryptographic primitive to the RustCrypto crates (`rsa`,
-//! `p256`, `sha2`, `aes-gcm`, `x509-cert`). Interoperability with libxmlsec1
-//! is shown by the tests, which sign, encrypt and verify with the `xmlsec1`
-//! command-line tool.
+//! # Who does what
+//! Parsing for ehrx's own checks and for mapping is `roxmltree` (DTDs off,
+//! node count bounded) after a `quick-xml` pre-scan (size, depth, `<!DOCTYPE`
+//! refused). libxmlsec1 (the `xmlsec` crate) canonicalizes, digests, verifies
+//! and makes XML signatures ([`libxmlsec`]), but only after [`dsig`] has
+//! checked that the one signature covers exactly the document processed (the
+//! XML Signature Wrapping defence) and chosen the registered certificate to
+//! verify with. The `xmlsec` crate exposes no XML-Enc, so decryption and
+//! encryption ([`xenc`]) use the RustCrypto crates (`rsa` for RSA-OAEP,
+//! `aes-gcm`), as does certificate handling (`x509-cert`, `p256`).
+//! Interoperability with an independent implementation is shown by the
+//! tests, which sign, encrypt and verify with the `xmlsec1` command-line tool.
 
-pub mod c14n;
 pub mod dsig;
 pub mod inbound;
 pub mod keys;
+pub mod libxmlsec;
 pub mod mapping;
 pub mod outbound;
 pub mod subscriber;
@@ -78,6 +78,9 @@ pub enum ExchangeError {
     Certificate(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A worker thread for CPU-bound work failed.
+    #[error("exchange worker failed: {0}")]
+    Worker(String),
 }
 
 impl ExchangeError {
@@ -112,7 +115,7 @@ impl ExchangeError {
             }
             ExchangeError::Certificate(_) => StatusCode::BAD_REQUEST,
             ExchangeError::Store(StoreError::Conflict(_)) => StatusCode::CONFLICT,
-            ExchangeError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ExchangeError::Store(_) | ExchangeError::Worker(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -127,7 +130,7 @@ impl ExchangeError {
             ExchangeError::Mapping { .. } => "processing",
             ExchangeError::Certificate(_) => "invalid",
             ExchangeError::Store(StoreError::Conflict(_)) => "conflict",
-            ExchangeError::Store(_) => "exception",
+            ExchangeError::Store(_) | ExchangeError::Worker(_) => "exception",
         }
     }
 
@@ -141,6 +144,18 @@ impl ExchangeError {
             _ => None,
         }
     }
+}
+
+/// Runs CPU-bound exchange work (key generation, parsing, signatures) off
+/// the async runtime.
+pub async fn blocking<T, F>(work: F) -> Result<T, ExchangeError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, ExchangeError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ExchangeError::Worker(e.to_string()))?
 }
 
 /// XML namespaces of the exchange.

@@ -1,6 +1,7 @@
 //! `GET /Patient/{id}/$signed-document`: the patient's records as a FHIR XML
-//! document Bundle, signed with ehrx's exchange key (enveloped RSA-SHA256
-//! signature, exclusive c14n, the certificate in KeyInfo). With
+//! document Bundle, signed by libxmlsec1 with ehrx's exchange key (enveloped
+//! signature, exclusive c14n, the certificate in KeyInfo; RSA-SHA256, or
+//! ECDSA-SHA256 with `signature=ecdsa-sha256`). With
 //! `recipient=Organization/{id}`, the Patient resource (the identifying part)
 //! is encrypted for that subscriber's newest valid RSA certificate before the
 //! document is signed, so the signature also covers the ciphertext.
@@ -12,6 +13,7 @@ use serde_json::{json, Value};
 
 use super::inbound::Exchange;
 use super::keys::{self, PublicKey};
+use super::libxmlsec::SignatureAlgorithm;
 use super::{dsig, xenc, ExchangeError};
 use crate::error::{Error, Result};
 use crate::fhir::codec;
@@ -24,8 +26,23 @@ pub async fn signed_document(
     env: &Env,
     ex: &Exchange,
     patient_id: &str,
-    recipient: Option<&str>,
+    params: &[(String, String)],
 ) -> Result<String> {
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let recipient = param("recipient");
+    let algorithm = match param("signature") {
+        None => SignatureAlgorithm::RsaSha256,
+        Some(name) => SignatureAlgorithm::parse(name).ok_or_else(|| {
+            Error::invalid(format!(
+                "parameter 'signature': unknown algorithm '{name}' (use rsa-sha256 or ecdsa-sha256)"
+            ))
+        })?,
+    };
     let now = chrono::Utc::now();
     // The recipient's key first: a request for an unknown recipient fails early.
     let recipient_key = match recipient {
@@ -111,7 +128,8 @@ pub async fn signed_document(
     if let Some(key) = recipient_key {
         xml = encrypt_patient(&xml, &key)?;
     }
-    Ok(dsig::sign_enveloped(&xml, &ex.key)?)
+    let key = ex.key.clone();
+    Ok(super::blocking(move || dsig::sign_enveloped(&xml, &key, algorithm)).await?)
 }
 
 /// Replaces the Patient resource element (`entry/resource/Patient`) by its
