@@ -8,6 +8,7 @@
 //! `documentReference` names the earlier DocumentReference).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use base64::Engine as _;
 use serde_json::{json, Value};
@@ -78,7 +79,7 @@ pub struct Receipt {
 pub async fn receive(
     store: &Store,
     env: &Env,
-    ex: &Exchange,
+    ex: &Arc<Exchange>,
     body: &[u8],
     client_cert: Option<&[u8]>,
 ) -> Result<Receipt> {
@@ -131,8 +132,8 @@ pub async fn receive(
     let result = map_and_store(
         store,
         env,
-        ex,
-        body,
+        Arc::clone(ex),
+        body.to_vec(),
         now,
         verified,
         unsigned_text,
@@ -283,26 +284,74 @@ async fn claim(
 }
 
 /// Decrypts, maps and stores a verified document; returns the answer and the
-/// id of the DocumentReference.
+/// id of the DocumentReference. The CPU-bound part runs off the runtime.
 #[allow(clippy::too_many_arguments)]
 async fn map_and_store(
     store: &Store,
     env: &Env,
-    ex: &Exchange,
-    body: &[u8],
+    ex: Arc<Exchange>,
+    body: Vec<u8>,
     now: chrono::DateTime<chrono::Utc>,
     verified: dsig::Verified,
     unsigned_text: String,
     org: String,
     query: String,
 ) -> Result<(Receipt, Option<String>)> {
+    let (transaction, mut warnings, verified) = tokio::task::spawn_blocking(move || {
+        prepare(&ex, &body, now, &verified, unsigned_text, &org, query)
+            .map(|(t, w)| (t, w, verified))
+    })
+    .await
+    .map_err(|e| ExchangeError::Worker(e.to_string()))??;
+    let response = bundle::process(store, env, transaction).await?;
+    let n = all_len(&response);
+    if warnings.is_empty() {
+        warnings.push(Issue::information(format!(
+            "document signed by '{}' verified and stored as {n} resources",
+            verified.signer.cert.subject
+        )));
+    }
+    // The DocumentReference is the entry before the Provenance, the last one.
+    let docref_id = response["entry"]
+        .as_array()
+        .and_then(|e| e.iter().rev().nth(1))
+        .and_then(|e| e["response"]["location"].as_str())
+        .and_then(|l| l.strip_prefix("DocumentReference/"))
+        .and_then(|l| l.split('/').next())
+        .map(str::to_string);
+    let receipt = Receipt {
+        created: true,
+        body: json!({
+            "resourceType": "Parameters",
+            "parameter": [
+                {"name": "outcome", "resource": operation_outcome(&warnings)},
+                {"name": "result", "resource": response}
+            ]
+        }),
+    };
+    Ok((receipt, docref_id))
+}
+
+/// The FHIR transaction that stores a verified document: the decrypted
+/// document mapped onto resources, the original as Binary, its
+/// DocumentReference and the Provenance, all validated as R4; with the
+/// warnings of the mapping.
+fn prepare(
+    ex: &Exchange,
+    body: &[u8],
+    now: chrono::DateTime<chrono::Utc>,
+    verified: &dsig::Verified,
+    unsigned_text: String,
+    org: &str,
+    query: String,
+) -> Result<(Value, Vec<Issue>)> {
     let (plain, decrypted) = xenc::decrypt_all(unsigned_text, &ex.key, &ex.limits)?;
     let doc = xml::parse(&plain, &ex.limits)?;
     let root = doc.root_element();
     let (entries, mut warnings, patient, doc_type, title, master_id) =
         match (root.tag_name().namespace(), root.tag_name().name()) {
             (Some(HL7), "ClinicalDocument") => {
-                let m = mapping::map_document(&doc, &ex.rules, &org)?;
+                let m = mapping::map_document(&doc, &ex.rules, org)?;
                 let patient = m.keys.get("patient").and_then(|v| v.first()).cloned();
                 let composition = m
                     .resources
@@ -456,35 +505,8 @@ async fn map_and_store(
             xpath: f.expression.clone(),
         })
     })?;
-    let response = bundle::process(store, env, transaction).await?;
-    let n = all_len(&response);
-    if warnings.is_empty() {
-        warnings.push(Issue::information(format!(
-            "document signed by '{}' verified and stored as {n} resources",
-            verified.signer.cert.subject
-        )));
-    }
-    // The DocumentReference is the entry before the Provenance, the last one.
-    let docref_id = response["entry"]
-        .as_array()
-        .and_then(|e| e.iter().rev().nth(1))
-        .and_then(|e| e["response"]["location"].as_str())
-        .and_then(|l| l.strip_prefix("DocumentReference/"))
-        .and_then(|l| l.split('/').next())
-        .map(str::to_string);
-    let receipt = Receipt {
-        created: true,
-        body: json!({
-            "resourceType": "Parameters",
-            "parameter": [
-                {"name": "outcome", "resource": operation_outcome(&warnings)},
-                {"name": "result", "resource": response}
-            ]
-        }),
-    };
-    Ok((receipt, docref_id))
+    Ok((transaction, warnings))
 }
-
 fn all_len(bundle: &Value) -> usize {
     bundle["entry"].as_array().map(Vec::len).unwrap_or(0)
 }
