@@ -23,6 +23,70 @@ use xmlsec::{
 
 use super::ExchangeError;
 
+/// libxmlsec1's error reports, sent to `tracing` (target
+/// `ehrx::exchange::libxmlsec`, level debug) instead of standard error. They
+/// name functions, algorithms and error codes, never document content; the
+/// caller gets its own OperationOutcome either way.
+mod reports {
+    use std::ffi::{c_char, c_int, CStr};
+    use std::sync::Once;
+
+    type Callback = unsafe extern "C" fn(
+        file: *const c_char,
+        line: c_int,
+        func: *const c_char,
+        error_object: *const c_char,
+        error_subject: *const c_char,
+        reason: c_int,
+        msg: *const c_char,
+    );
+
+    extern "C" {
+        // From libxmlsec1's `xmlsec/errors.h`, which the `xmlsec` crate
+        // links but does not bind.
+        fn xmlSecErrorsSetCallback(callback: Option<Callback>);
+    }
+
+    unsafe extern "C" fn to_tracing(
+        _file: *const c_char,
+        _line: c_int,
+        func: *const c_char,
+        error_object: *const c_char,
+        error_subject: *const c_char,
+        reason: c_int,
+        msg: *const c_char,
+    ) {
+        let text = |p: *const c_char| {
+            if p.is_null() {
+                String::new()
+            } else {
+                // SAFETY: libxmlsec1 passes NUL-terminated strings that live
+                // for the duration of the call.
+                unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+            }
+        };
+        tracing::debug!(
+            target: "ehrx::exchange::libxmlsec",
+            func = %text(func),
+            object = %text(error_object),
+            subject = %text(error_subject),
+            reason,
+            "{}",
+            text(msg)
+        );
+    }
+
+    /// Installs the callback once, after libxmlsec1 is initialised (the
+    /// `xmlsec` crate initialises it when its first context is made).
+    pub fn route() {
+        static ONCE: Once = Once::new();
+        // SAFETY: `to_tracing` has exactly the C signature of
+        // `xmlSecErrorsCallback`, does not unwind, and stays valid for the
+        // life of the process; the setter only stores the pointer.
+        ONCE.call_once(|| unsafe { xmlSecErrorsSetCallback(Some(to_tracing)) });
+    }
+}
+
 /// The signature algorithms ehrx signs with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SignatureAlgorithm {
@@ -89,6 +153,7 @@ pub fn verify(
         ExchangeError::Certificate(format!("libxmlsec1 cannot load the certificate: {e}"))
     })?;
     let mut ctx = XmlSecSignatureContext::new();
+    reports::route();
     ctx.insert_key(key);
     let outcome = ctx.verify_document(&doc);
     let failure = match outcome {
@@ -154,6 +219,7 @@ pub fn sign(
     key.load_cert_from_memory(cert_pem.as_bytes(), XmlSecKeyFormat::CertPem)
         .map_err(|e| fail("cannot load the exchange certificate", e))?;
     let mut ctx = XmlSecSignatureContext::new();
+    reports::route();
     ctx.insert_key(key);
     ctx.sign_document(&doc)
         .map_err(|e| fail("could not sign", e))?;
