@@ -46,6 +46,9 @@ pub struct Config {
     /// Lifetime of access and id tokens in seconds
     /// (`EHRX_ACCESS_TOKEN_LIFETIME`), at most a day.
     pub access_token_lifetime: i64,
+    /// A file holding the key (32 bytes, base64) that seals the private keys
+    /// kept in the database (`EHRX_KEY_ENCRYPTION_KEY_FILE`).
+    pub key_encryption_key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -66,6 +69,7 @@ impl Default for Config {
             tls_key_file: None,
             auth_disabled: false,
             access_token_lifetime: 3600,
+            key_encryption_key_file: None,
         }
     }
 }
@@ -114,6 +118,23 @@ impl Config {
             return Err(ConfigError("max_body_bytes must be positive".into()));
         }
         Ok(())
+    }
+
+    /// Opens the configured database (bringing its schema up to date), with
+    /// the private keys it keeps sealed by the key-encryption key when one is
+    /// configured.
+    pub async fn open_store(
+        &self,
+        pool_size: u32,
+    ) -> Result<crate::store::Store, crate::store::StoreError> {
+        use crate::store::{secrets::Secrets, Store, StoreError};
+        let secrets = match &self.key_encryption_key_file {
+            Some(path) => Secrets::from_file(path).map_err(StoreError::Secret)?,
+            None => Secrets::default(),
+        };
+        Ok(Store::open(&self.database_url, pool_size)
+            .await?
+            .with_secrets(secrets))
     }
 
     /// The public FHIR base URL, without a trailing slash.

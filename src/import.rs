@@ -185,7 +185,7 @@ pub async fn run(
     progress: bool,
 ) -> Result<Report, ImportError> {
     let files = collect(paths)?;
-    let store = Store::open(&config.database_url, config.db_pool_size).await?;
+    let store = config.open_store(config.db_pool_size).await?;
     // The importer is the operator's own tool: unrestricted access.
     let env = Env::from_config(config);
     let bar = if progress {

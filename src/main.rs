@@ -54,7 +54,7 @@ async fn run(command: Command, config: Config) -> ExitCode {
                 }
             }
         }
-        Command::Migrate => match Store::open(&config.database_url, 1).await {
+        Command::Migrate => match config.open_store(1).await {
             Ok(_) => {
                 tracing::info!("database schema is up to date");
                 ExitCode::SUCCESS
@@ -65,7 +65,7 @@ async fn run(command: Command, config: Config) -> ExitCode {
             }
         },
         Command::Reindex => {
-            let store = match Store::open(&config.database_url, 2).await {
+            let store = match config.open_store(2).await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::error!("{e}");
@@ -91,7 +91,8 @@ async fn run(command: Command, config: Config) -> ExitCode {
         }
         Command::Explain { search } => {
             let result = async {
-                let store = Store::open(&config.database_url, 1)
+                let store = config
+                    .open_store(1)
                     .await
                     .map_err(ehrx::error::Error::from)?;
                 let env = ehrx::interaction::Env::from_config(&config);
@@ -225,7 +226,8 @@ async fn run(command: Command, config: Config) -> ExitCode {
         Command::Subscriber { command } => subscriber(command, &config).await,
         Command::ExchangeCert { ecdsa } => {
             let result = async {
-                let store = Store::open(&config.database_url, 1)
+                let store = config
+                    .open_store(1)
                     .await
                     .map_err(ehrx::error::Error::from)?;
                 ehrx::exchange::keys::exchange_key(&store)
@@ -251,7 +253,8 @@ async fn run(command: Command, config: Config) -> ExitCode {
 async fn subscriber(command: SubscriberCommand, config: &Config) -> ExitCode {
     use ehrx::exchange::subscriber;
     let result = async {
-        let store = Store::open(&config.database_url, 1)
+        let store = config
+            .open_store(1)
             .await
             .map_err(ehrx::error::Error::from)?;
         let read = |p: &std::path::Path| {
@@ -304,9 +307,7 @@ async fn subscriber(command: SubscriberCommand, config: &Config) -> ExitCode {
 
 /// The database for a one-shot command.
 async fn open_store(config: &Config) -> Result<Store, String> {
-    Store::open(&config.database_url, 1)
-        .await
-        .map_err(|e| e.to_string())
+    config.open_store(1).await.map_err(|e| e.to_string())
 }
 
 /// A command's JSON answer on stdout, or its error on stderr.

@@ -7,7 +7,6 @@ use tokio::net::TcpListener;
 use crate::api::{router, AppState};
 use crate::auth::Auth;
 use crate::config::Config;
-use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -39,7 +38,12 @@ pub struct Server {
 impl Server {
     /// Opens (and migrates) the database and binds the listener.
     pub async fn bind(config: Config) -> Result<Server, ServeError> {
-        let store = Store::open(&config.database_url, config.db_pool_size).await?;
+        let store = config.open_store(config.db_pool_size).await?;
+        if !store.secrets().sealing() {
+            tracing::info!(
+                "private keys are kept in the database unsealed; set key_encryption_key_file to seal them"
+            );
+        }
         if config.auth_disabled {
             tracing::warn!(
                 "AUTHORIZATION IS DISABLED (auth_disabled = true): every caller may read and write everything; never run like this with real data"

@@ -1470,3 +1470,99 @@ async fn a_subscriber_requiring_mutual_tls_must_connect_with_its_certificate() {
     assert_eq!(status, 201, "{answer}");
     server.stop().await;
 }
+
+/// The stored private keys of the exchange and of token signing.
+async fn stored_private_keys(database_url: &str) -> Vec<String> {
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(database_url).await.unwrap();
+    let mut keys: Vec<String> = sqlx::query_scalar("SELECT private_key_pem FROM exchange_key")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    keys.extend(
+        sqlx::query_scalar::<_, String>("SELECT private_pem FROM auth_key")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap(),
+    );
+    keys
+}
+
+#[tokio::test]
+async fn private_keys_are_sealed_at_rest_with_a_key_encryption_key() {
+    let work = Work::new();
+    let database_url = common::fresh_database(work.dir.path()).await;
+    let kek = work.path("kek");
+    let other_kek = work.path("other-kek");
+    for path in [&kek, &other_kek] {
+        let key = run(Command::new("openssl").args(["rand", "-base64", "32"]));
+        std::fs::write(path, key).unwrap();
+    }
+    let cli = |kek: Option<&Path>| {
+        let mut c = common::ehrx_bin();
+        c.env("EHRX_DATABASE_URL", &database_url)
+            .env("EHRX_LOG", "error");
+        if let Some(k) = kek {
+            c.env("EHRX_KEY_ENCRYPTION_KEY_FILE", k);
+        }
+        c
+    };
+    // Keys made without a key-encryption key are stored as PEM.
+    let cert = run(cli(None).arg("exchange-cert"));
+    run(cli(None).args(["keys", "rotate"]));
+    let stored = stored_private_keys(&database_url).await;
+    assert_eq!(stored.len(), 3, "RSA and EC exchange keys, one signing key");
+    assert!(stored.iter().all(|k| k.contains("BEGIN PRIVATE KEY")));
+
+    // A server with the key seals every one of them as it loads it, and
+    // keeps working with them.
+    let url = database_url.clone();
+    let path = kek.clone();
+    let server = TestServer::start_with(move |c| {
+        c.database_url = url;
+        c.key_encryption_key_file = Some(path);
+    })
+    .await;
+    let jwks: Value = server.get("auth/jwks").await.json().await.unwrap();
+    assert_eq!(jwks["keys"].as_array().unwrap().len(), 1);
+    assert_eq!(run(cli(Some(&kek)).arg("exchange-cert")), cert, "same key");
+    run(cli(Some(&kek)).args(["keys", "rotate"]));
+    let stored = stored_private_keys(&database_url).await;
+    assert_eq!(stored.len(), 4);
+    for k in &stored {
+        assert!(
+            k.starts_with("sealed:v1:") && !k.contains("PRIVATE KEY"),
+            "{k}"
+        );
+    }
+    server.stop().await;
+
+    // Without the key, or with another one: a clear refusal.
+    for (kek, says) in [
+        (None, "set key_encryption_key_file"),
+        (
+            Some(other_kek.as_path()),
+            "does not open with the configured key-encryption key",
+        ),
+    ] {
+        let out = cli(kek).arg("exchange-cert").output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{err}");
+        let config = ehrx::config::Config {
+            listen: "127.0.0.1:0".into(),
+            database_url: database_url.clone(),
+            key_encryption_key_file: kek.map(Path::to_path_buf),
+            ..Default::default()
+        };
+        let refused = ehrx::server::Server::bind(config).await;
+        let err = refused
+            .err()
+            .expect("the server does not start")
+            .to_string();
+        assert!(err.contains(says), "{err}");
+    }
+    // Nothing was changed by the refusals.
+    assert_eq!(stored_private_keys(&database_url).await, stored);
+}

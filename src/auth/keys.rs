@@ -4,8 +4,8 @@
 //! `ehrx keys rotate` adds a new key and retires the old one; a retired key
 //! stays in the JWKS until the tokens it signed have expired.
 //!
-//! The private key is stored unencrypted in the database, so the database
-//! must be protected like any other secret store.
+//! The private key is stored in the database, sealed with the
+//! key-encryption key when one is configured (see [`crate::store::secrets`]).
 
 use std::sync::{Arc, RwLock};
 
@@ -16,7 +16,13 @@ use serde_json::Value;
 use sqlx::Row;
 
 use super::{now, AuthError, AuthResult, KEY_RETENTION};
+use crate::store::secrets::Secrets;
 use crate::store::Store;
+
+/// The row's name when its private key is sealed.
+fn label(kid: &str) -> String {
+    format!("auth_key/{kid}")
+}
 
 #[derive(Clone)]
 struct Key {
@@ -68,7 +74,7 @@ async fn insert_new(store: &Store) -> AuthResult<String> {
          VALUES ($1, 'RS256', $2, $3, $4, NULL)",
     )
     .bind(&kid)
-    .bind(&pem)
+    .bind(store.secrets().seal(&label(&kid), &pem)?)
     .bind(jwk.to_string())
     .bind(t)
     .execute(tx.conn())
@@ -102,14 +108,28 @@ impl Keys {
         )
         .fetch_all(&mut *conn)
         .await?;
+        drop(conn);
+        let secrets = store.secrets();
         let mut keys = Vec::new();
         for r in rows {
-            let pem: String = r.try_get("private_pem")?;
+            let kid: String = r.try_get("kid")?;
+            let stored: String = r.try_get("private_pem")?;
+            let pem = secrets.open(&label(&kid), &stored)?;
+            if secrets.sealing() && !Secrets::is_sealed(&stored) {
+                // Stored before a key-encryption key was configured: seal it now.
+                let mut tx = store.begin().await?;
+                sqlx::query("UPDATE auth_key SET private_pem = $1 WHERE kid = $2")
+                    .bind(secrets.seal(&label(&kid), &pem)?)
+                    .bind(&kid)
+                    .execute(tx.conn())
+                    .await?;
+                tx.commit().await?;
+            }
             let jwk_text: String = r.try_get("public_jwk")?;
             let jwk: Jwk =
                 serde_json::from_str(&jwk_text).map_err(|e| AuthError::Key(e.to_string()))?;
             keys.push(Key {
-                kid: r.try_get("kid")?,
+                kid,
                 retired: r.try_get("retired")?,
                 encoding: EncodingKey::from_rsa_pem(pem.as_bytes())
                     .map_err(|e| AuthError::Key(e.to_string()))?,

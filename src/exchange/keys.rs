@@ -15,6 +15,7 @@ use x509_cert::der::{Decode, DecodePem, Encode, EncodePem};
 use x509_cert::Certificate;
 
 use super::ExchangeError;
+use crate::store::secrets::Secrets;
 use crate::store::{Store, StoreError};
 
 /// A public key that can check an XML signature.
@@ -159,6 +160,13 @@ enum KeyKind {
     Ec = 2,
 }
 
+impl KeyKind {
+    /// The row's name when its private key is sealed.
+    fn label(self) -> String {
+        format!("exchange_key/{}", self as i64)
+    }
+}
+
 /// A self-signed certificate for `public`, signed by `signer`, valid for
 /// `years`.
 fn self_signed<S, Sig>(
@@ -267,7 +275,7 @@ async fn stored_or_generated(
          VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING",
     )
     .bind(kind as i64)
-    .bind(pem.as_str())
+    .bind(store.secrets().seal(&kind.label(), &pem)?)
     .bind(cert.to_pem())
     .bind(rfc3339(chrono::Utc::now()))
     .execute(tx.conn())
@@ -288,8 +296,22 @@ async fn load_key(store: &Store, kind: KeyKind) -> Result<Option<(String, Cert)>
             .await
             .map_err(StoreError::from)?;
     let Some(row) = row else { return Ok(None) };
-    let key_pem: String = row.try_get(0).map_err(StoreError::from)?;
+    let stored: String = row.try_get(0).map_err(StoreError::from)?;
     let cert_pem: String = row.try_get(1).map_err(StoreError::from)?;
+    drop(conn);
+    let secrets = store.secrets();
+    let key_pem = secrets.open(&kind.label(), &stored)?;
+    if secrets.sealing() && !Secrets::is_sealed(&stored) {
+        // Stored before a key-encryption key was configured: seal it now.
+        let mut tx = store.begin().await?;
+        sqlx::query("UPDATE exchange_key SET private_key_pem = $1 WHERE id = $2")
+            .bind(secrets.seal(&kind.label(), &key_pem)?)
+            .bind(kind as i64)
+            .execute(tx.conn())
+            .await
+            .map_err(StoreError::from)?;
+        tx.commit().await?;
+    }
     Ok(Some((key_pem, Cert::parse(cert_pem.as_bytes())?)))
 }
 

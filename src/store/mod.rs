@@ -8,6 +8,7 @@
 
 mod query;
 pub mod search;
+pub mod secrets;
 
 use std::sync::{Arc, Once};
 use std::time::Duration;
@@ -34,6 +35,9 @@ pub enum StoreError {
     Conflict(String),
     #[error("unsupported database URL '{0}': use sqlite:PATH or postgres://…")]
     UnsupportedUrl(String),
+    /// A private key stored sealed cannot be opened.
+    #[error("{0}")]
+    Secret(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -64,6 +68,8 @@ pub struct Store {
     /// SQLite allows one writer at a time; writers queue here instead of
     /// failing with SQLITE_BUSY.
     write_lock: Option<Arc<Mutex<()>>>,
+    /// Seals the private keys kept in the database.
+    secrets: secrets::Secrets,
 }
 
 /// Normalises a database URL: a bare SQLite path is created if missing.
@@ -116,7 +122,19 @@ impl Store {
             pool,
             dialect,
             write_lock,
+            secrets: secrets::Secrets::default(),
         })
+    }
+
+    /// Seals the private keys this store keeps with `secrets`.
+    pub fn with_secrets(mut self, secrets: secrets::Secrets) -> Store {
+        self.secrets = secrets;
+        self
+    }
+
+    /// The sealing of private keys at rest.
+    pub fn secrets(&self) -> &secrets::Secrets {
+        &self.secrets
     }
 
     /// Connects and brings the schema up to date.
