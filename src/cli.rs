@@ -122,6 +122,14 @@ pub enum UserCommand {
 pub enum KeysCommand {
     /// Generate a new signing key and retire the current one.
     Rotate,
+    /// Seal every private key in the database with a new key-encryption key
+    /// (opening them with the configured `key_encryption_key_file`), or
+    /// store them as PEM again without `--new-key-file`.
+    Reseal {
+        /// The new key-encryption key (32 bytes, base64).
+        #[arg(long)]
+        new_key_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -194,6 +194,23 @@ async fn run(command: Command, config: Config) -> ExitCode {
                 result.map(|kid| serde_json::json!({ "kid": kid })),
             )
         }
+        Command::Keys(KeysCommand::Reseal { new_key_file }) => {
+            let result = async {
+                let new = match &new_key_file {
+                    Some(path) => ehrx::store::secrets::Secrets::from_file(path)?,
+                    None => ehrx::store::secrets::Secrets::default(),
+                };
+                let store = open_store(&config).await?;
+                ehrx::store::secrets::reseal(&store, &new)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            .await;
+            print_json(
+                "ehrx keys reseal",
+                result.map(|n| serde_json::json!({ "keys": n, "sealed": new_key_file.is_some() })),
+            )
+        }
         Command::Launch { patient, encounter } => {
             let result = async {
                 let store = open_store(&config).await?;

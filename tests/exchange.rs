@@ -1565,4 +1565,25 @@ async fn private_keys_are_sealed_at_rest_with_a_key_encryption_key() {
     }
     // Nothing was changed by the refusals.
     assert_eq!(stored_private_keys(&database_url).await, stored);
+
+    // Moved to another key-encryption key in one step: the old key no
+    // longer opens them, the new one does, and the keys are the same.
+    let out = run(cli(Some(&kek))
+        .args(["keys", "reseal", "--new-key-file"])
+        .arg(&other_kek));
+    let answer: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(answer["keys"], 4, "{answer}");
+    let resealed = stored_private_keys(&database_url).await;
+    assert!(resealed.iter().all(|k| k.starts_with("sealed:v1:")));
+    assert!(resealed.iter().all(|k| !stored.contains(k)));
+    let out = cli(Some(&kek)).arg("exchange-cert").output().unwrap();
+    assert!(!out.status.success());
+    assert_eq!(run(cli(Some(&other_kek)).arg("exchange-cert")), cert);
+    // And back to PEM.
+    run(cli(Some(&other_kek)).args(["keys", "reseal"]));
+    assert!(stored_private_keys(&database_url)
+        .await
+        .iter()
+        .all(|k| k.starts_with("-----BEGIN PRIVATE KEY-----")));
+    assert_eq!(run(cli(None).arg("exchange-cert")), cert);
 }

@@ -21,7 +21,7 @@ use crate::store::Store;
 
 /// The row's name when its private key is sealed.
 fn label(kid: &str) -> String {
-    format!("auth_key/{kid}")
+    crate::store::secrets::label("auth_key", kid)
 }
 
 #[derive(Clone)]

@@ -163,7 +163,7 @@ enum KeyKind {
 impl KeyKind {
     /// The row's name when its private key is sealed.
     fn label(self) -> String {
-        format!("exchange_key/{}", self as i64)
+        crate::store::secrets::label("exchange_key", &(self as i64).to_string())
     }
 }
 

@@ -8,15 +8,56 @@
 //!
 //! Sealed values read `sealed:v1:` + base64(nonce ‖ ciphertext ‖ tag). A key
 //! stored before a key-encryption key was configured is sealed the next time
-//! it is loaded.
+//! it is loaded; [`reseal`] (`ehrx keys reseal`) moves every key to a new
+//! key-encryption key, or back to PEM, in one transaction.
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::Engine as _;
 
-use super::StoreError;
+use super::{Store, StoreError};
 
 const PREFIX: &str = "sealed:v1:";
+
+/// The columns that hold private keys: table, id column, key column.
+const KEY_COLUMNS: [(&str, &str, &str); 2] = [
+    ("auth_key", "kid", "private_pem"),
+    ("exchange_key", "id", "private_key_pem"),
+];
+
+/// The name a sealed value is bound to: its table and row id.
+pub fn label(table: &str, id: &str) -> String {
+    format!("{table}/{id}")
+}
+
+/// Opens every stored private key with the store's key-encryption key and
+/// stores it again sealed with `new` (or as PEM when `new` seals nothing),
+/// all in one transaction. Returns how many keys were rewritten.
+pub async fn reseal(store: &Store, new: &Secrets) -> Result<usize, StoreError> {
+    let mut tx = store.begin().await?;
+    let mut n = 0;
+    for (table, id_column, key_column) in KEY_COLUMNS {
+        let rows: Vec<(String, String)> = sqlx::query_as(&format!(
+            "SELECT CAST({id_column} AS TEXT), {key_column} FROM {table}"
+        ))
+        .fetch_all(tx.conn())
+        .await?;
+        for (id, stored) in rows {
+            let name = label(table, &id);
+            let key = store.secrets().open(&name, &stored)?;
+            sqlx::query(&format!(
+                "UPDATE {table} SET {key_column} = $1 WHERE CAST({id_column} AS TEXT) = $2"
+            ))
+            .bind(new.seal(&name, &key)?)
+            .bind(&id)
+            .execute(tx.conn())
+            .await?;
+            n += 1;
+        }
+    }
+    tx.commit().await?;
+    Ok(n)
+}
 
 /// The key-encryption key, if one is configured.
 #[derive(Clone, Default)]
