@@ -1387,6 +1387,66 @@ async fn the_same_document_sent_concurrently_is_stored_once() {
     server.stop().await;
 }
 
+/// A sender that hangs up while its document is being stored (a client
+/// timeout, a dropped connection) must not leave the document half-received:
+/// whatever stage the request had reached, the document is stored once and
+/// sending it again answers with where it is, not with "being stored".
+#[tokio::test]
+async fn a_document_whose_sender_hangs_up_is_stored_all_the_same() {
+    let server = TestServer::start().await;
+    let work = Work::new();
+    let signer = work.rsa("Impatient sender");
+    add_subscriber(&server, "Impatient", "hospital", &signer);
+    // Hang-ups at different stages: before, during and after verification,
+    // mapping and storing.
+    let waits = [1u64, 3, 10, 30, 60, 100, 200, 400];
+    let docs: Vec<String> = (0..waits.len())
+        .map(|i| work.sign(&ccd().replace("<title>", &format!("<title>{i} ")), &signer))
+        .collect();
+    let mut hung_up = 0;
+    for (doc, ms) in docs.iter().zip(waits) {
+        let impatient = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_millis(ms))
+            .build()
+            .unwrap();
+        let sent = impatient
+            .post(server.url("exchange/documents"))
+            .header("Content-Type", "application/xml")
+            .body(doc.clone())
+            .send()
+            .await;
+        if sent.is_err() {
+            hung_up += 1;
+        }
+    }
+    assert!(
+        hung_up > 0,
+        "no request was cut short; the test proves nothing"
+    );
+    let mut created = 0;
+    for doc in &docs {
+        // A request cut short may still be storing: 409 until it is done.
+        let mut tries = 0;
+        let (status, answer) = loop {
+            let (status, answer) = post_xml(&server, doc).await;
+            if status != 409 || tries == 300 {
+                break (status, answer);
+            }
+            tries += 1;
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
+        assert!([200, 201].contains(&status), "{status}: {answer}");
+        created += (status == 201) as usize;
+    }
+    assert_eq!(server.count("DocumentReference").await, docs.len() as i64);
+    assert_eq!(server.count("Composition").await, docs.len() as i64);
+    eprintln!(
+        "{hung_up} of {} senders hung up; {created} documents first stored by the resubmission",
+        docs.len()
+    );
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_subscriber_requiring_mutual_tls_must_connect_with_its_certificate() {
     let work = Work::new();

@@ -99,6 +99,35 @@ pub async fn receive(
     .await?;
     let org = format!("Organization/{}", verified.signer.organization_id);
     check_channel(store, &registered, &verified, client_cert, now).await?;
+    // From here on the work runs in its own task: a client that disconnects
+    // (or times out) cancels the request, and a request cancelled between
+    // claiming the document and recording where it was stored would leave
+    // the claim standing, refusing the document as "being stored" until the
+    // claim times out. The task always finishes what it started.
+    let store = store.clone();
+    let env = env.clone();
+    let ex = Arc::clone(ex);
+    let body = body.to_vec();
+    tokio::spawn(async move {
+        claim_and_store(&store, &env, ex, body, now, verified, unsigned_text, org).await
+    })
+    .await
+    .map_err(|e| ExchangeError::Worker(e.to_string()))?
+}
+
+/// Claims a verified document's receipt, then maps and stores it (or answers
+/// with where it was stored before).
+#[allow(clippy::too_many_arguments)]
+async fn claim_and_store(
+    store: &Store,
+    env: &Env,
+    ex: Arc<Exchange>,
+    body: Vec<u8>,
+    now: chrono::DateTime<chrono::Utc>,
+    verified: dsig::Verified,
+    unsigned_text: String,
+    org: String,
+) -> Result<Receipt> {
     // The same content received before, or being stored right now?
     let query = format!("identifier={DOCUMENT_SYSTEM}|{}", verified.content_digest);
     match claim(store, &verified.content_digest, &query, now).await? {
@@ -132,8 +161,8 @@ pub async fn receive(
     let result = map_and_store(
         store,
         env,
-        Arc::clone(ex),
-        body.to_vec(),
+        ex,
+        body,
         now,
         verified,
         unsigned_text,
