@@ -980,3 +980,43 @@ async fn concurrent_updates_keep_every_version() {
     assert_eq!(now["meta"]["versionId"], json!((ok + 1).to_string()));
     s.stop().await;
 }
+
+/// SQLite: committed writes reach the database file through checkpoints that
+/// run beside the writers, without waiting for the write-ahead log to fill
+/// up (and without a writer paying for them while it holds the write lock).
+#[tokio::test]
+async fn sqlite_writes_are_checkpointed_into_the_database_file_in_the_background() {
+    let server = TestServer::start().await;
+    let Some(path) = server.database_url.strip_prefix("sqlite:") else {
+        eprintln!("PostgreSQL: no write-ahead log of ehrx's to checkpoint");
+        server.stop().await;
+        return;
+    };
+    let size = || std::fs::metadata(path).unwrap().len();
+    let before = size();
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let patient =
+            json!({"resourceType": "Patient", "name": [{"family": format!("Checkpoint{i}")}]});
+        let r = server.post_json("Patient", &patient).await;
+        assert_eq!(r.status(), 201);
+        let body: Value = r.json().await.unwrap();
+        ids.push(body["id"].as_str().unwrap().to_string());
+    }
+    // Far fewer pages than SQLite's own automatic checkpoint waits for.
+    let wal = std::fs::metadata(format!("{path}-wal")).unwrap().len();
+    assert!(wal < 1000 * 4096, "{wal} bytes of log");
+    let mut waited = 0;
+    while size() <= before && waited < 50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        waited += 1;
+    }
+    assert!(
+        size() > before,
+        "the database file is still {before} bytes after 5 s"
+    );
+    for id in &ids {
+        assert_eq!(server.get(&format!("Patient/{id}")).await.status(), 200);
+    }
+    server.stop().await;
+}

@@ -6,6 +6,7 @@
 //! indexed lookup. Writes happen inside a [`Tx`]; dropping a `Tx` without
 //! committing rolls everything back, so a failed request changes nothing.
 
+mod checkpoint;
 mod query;
 pub mod search;
 pub mod secrets;
@@ -104,6 +105,8 @@ impl Store {
                         conn.execute("PRAGMA journal_mode = WAL").await?;
                         conn.execute("PRAGMA synchronous = NORMAL").await?;
                         conn.execute("PRAGMA busy_timeout = 10000").await?;
+                        // Checkpoints run beside the writers (checkpoint.rs).
+                        conn.execute("PRAGMA wal_autocheckpoint = 0").await?;
                     } else {
                         // Search values are skewed (one patient has 10 rows,
                         // one code 100,000): a generic plan cached for a
@@ -118,6 +121,9 @@ impl Store {
             .connect_with(options)
             .await?;
         let write_lock = (dialect == Dialect::Sqlite).then(|| Arc::new(Mutex::new(())));
+        if let Some(lock) = &write_lock {
+            checkpoint::spawn(pool.clone(), Arc::clone(lock));
+        }
         Ok(Store {
             pool,
             dialect,
