@@ -981,6 +981,73 @@ async fn concurrent_updates_keep_every_version() {
     s.stop().await;
 }
 
+/// Conditional creates racing on the same criteria, as plain creates with
+/// `If-None-Exist` and as transactions, create one resource between them.
+#[tokio::test]
+async fn concurrent_conditional_creates_make_one_resource() {
+    let s = TestServer::start().await;
+    let patient = json!({
+        "resourceType": "Patient",
+        "identifier": [{"system": "urn:race", "value": "1"}],
+        "name": [{"family": "Race"}]
+    });
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let client = s.client.clone();
+        let base = s.url("");
+        let patient = patient.clone();
+        tasks.push(tokio::spawn(async move {
+            let request = if i % 2 == 0 {
+                client
+                    .post(format!("{base}Patient"))
+                    .header("If-None-Exist", "identifier=urn:race|1")
+                    .body(patient.to_string())
+            } else {
+                let bundle = json!({
+                    "resourceType": "Bundle",
+                    "type": "transaction",
+                    "entry": [
+                        {"fullUrl": "urn:uuid:6f1c7a52-0000-4000-8000-000000000001",
+                         "resource": patient,
+                         "request": {"method": "POST", "url": "Patient", "ifNoneExist": "identifier=urn:race|1"}},
+                        {"resource": {"resourceType": "Observation", "status": "final",
+                                      "code": {"text": format!("race {i}")},
+                                      "subject": {"reference": "urn:uuid:6f1c7a52-0000-4000-8000-000000000001"}},
+                         "request": {"method": "POST", "url": "Observation"}}
+                    ]
+                });
+                client.post(base).body(bundle.to_string())
+            };
+            let r = request
+                .header("Content-Type", "application/fhir+json")
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }));
+    }
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        assert!(status == 200 || status == 201, "{status}: {body}");
+    }
+    let found: Value = s
+        .get("Patient?identifier=urn:race|1")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(found["total"], 1, "{found}");
+    let id = found["entry"][0]["resource"]["id"].as_str().unwrap();
+    let obs: Value = s
+        .get(&format!("Observation?subject=Patient/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(obs["total"], 6, "{obs}");
+    s.stop().await;
+}
+
 /// SQLite: committed writes reach the database file through checkpoints that
 /// run beside the writers, without waiting for the write-ahead log to fill
 /// up (and without a writer paying for them while it holds the write lock).

@@ -487,6 +487,20 @@ async fn transaction(
     }
 
     // 2. Decide the id every POST and PUT will have, so references can be rewritten.
+    // Conditional creates and updates first lock their criteria against
+    // concurrent transactions, all at once.
+    let criteria: Vec<String> = entries
+        .iter()
+        .filter_map(
+            |e| match (e.method, &e.if_none_exist, &e.target.id, &e.target.query) {
+                (Method::Post, Some(q), _, _) | (Method::Put, _, None, Some(q)) => {
+                    Some(format!("{}?{}", e.target.rtype, q))
+                }
+                _ => None,
+            },
+        )
+        .collect();
+    tx.lock_conditions(&criteria).await?;
     let mut conditional_creates: HashMap<String, usize> = HashMap::new();
     for &i in &order {
         let e = &entries[i];

@@ -275,6 +275,7 @@ pub async fn create(
     check_resource_type(rtype, &resource)?;
     access.check(Ops::CREATE, rtype, &resource)?;
     if let Some(query) = if_none_exist {
+        tx.lock_conditions(&[format!("{rtype}?{query}")]).await?;
         let found = find(tx.conn(), rtype, query).await?;
         match found.len() {
             0 => {}
@@ -370,6 +371,7 @@ pub async fn conditional_update(
     resource: Value,
     if_match: Option<i64>,
 ) -> Result<Written> {
+    tx.lock_conditions(&[format!("{rtype}?{query}")]).await?;
     let found = find(tx.conn(), rtype, query).await?;
     let body_id = resource
         .get("id")

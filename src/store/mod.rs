@@ -234,6 +234,37 @@ impl Tx {
         query::current(&mut self.tx, rtype, id, lock).await
     }
 
+    /// Serialises the conditional writes (`If-None-Exist`, conditional
+    /// update) of concurrent transactions on the same criteria, so that two
+    /// of them cannot both find no match and both create. SQLite's single
+    /// writer does this already; on PostgreSQL each criteria string
+    /// (`Type?query`) takes a transaction-scoped advisory lock, held until
+    /// commit or rollback, and the search that follows sees what the
+    /// previous holder committed. Locks are taken in one global order (of
+    /// their keys), so transactions locking several never deadlock.
+    pub async fn lock_conditions(&mut self, criteria: &[String]) -> StoreResult<()> {
+        if self.dialect != Dialect::Postgres {
+            return Ok(());
+        }
+        let mut keys: Vec<i64> = criteria
+            .iter()
+            .map(|c| {
+                use sha2::Digest as _;
+                let d = sha2::Sha256::digest(c.as_bytes());
+                i64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
+            })
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        for key in keys {
+            sqlx::query("SELECT 1 FROM pg_advisory_xact_lock($1)")
+                .bind(key)
+                .execute(&mut *self.tx)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Appends a version (and makes it current), replacing the resource's
     /// search index rows.
     pub async fn put_version(&mut self, v: &Version, rows: &Rows) -> StoreResult<()> {
