@@ -104,38 +104,44 @@ pub async fn receive(
     // claiming the document and recording where it was stored would leave
     // the claim standing, refusing the document as "being stored" until the
     // claim times out. The task always finishes what it started.
-    let store = store.clone();
-    let env = env.clone();
-    let ex = Arc::clone(ex);
-    let body = body.to_vec();
-    tokio::spawn(async move {
-        claim_and_store(&store, &env, ex, body, now, verified, unsigned_text, org).await
-    })
-    .await
-    .map_err(|e| ExchangeError::Worker(e.to_string()))?
+    let (store, env) = (store.clone(), env.clone());
+    let doc = Received {
+        ex: Arc::clone(ex),
+        body: body.to_vec(),
+        now,
+        verified,
+        unsigned_text,
+        org,
+    };
+    tokio::spawn(async move { claim_and_store(&store, &env, doc).await })
+        .await
+        .map_err(|e| ExchangeError::Worker(e.to_string()))?
+}
+
+/// A verified document on its way to the store.
+struct Received {
+    ex: Arc<Exchange>,
+    /// The document as received (kept as the Binary).
+    body: Vec<u8>,
+    now: chrono::DateTime<chrono::Utc>,
+    verified: dsig::Verified,
+    /// The document without its signature: exactly what was signed.
+    unsigned_text: String,
+    /// The sending subscriber, `Organization/{id}`.
+    org: String,
 }
 
 /// Claims a verified document's receipt, then maps and stores it (or answers
 /// with where it was stored before).
-#[allow(clippy::too_many_arguments)]
-async fn claim_and_store(
-    store: &Store,
-    env: &Env,
-    ex: Arc<Exchange>,
-    body: Vec<u8>,
-    now: chrono::DateTime<chrono::Utc>,
-    verified: dsig::Verified,
-    unsigned_text: String,
-    org: String,
-) -> Result<Receipt> {
+async fn claim_and_store(store: &Store, env: &Env, doc: Received) -> Result<Receipt> {
     // The same content received before, or being stored right now?
-    let query = format!("identifier={DOCUMENT_SYSTEM}|{}", verified.content_digest);
-    match claim(store, &verified.content_digest, &query, now).await? {
+    let digest = doc.verified.content_digest.clone();
+    let query = format!("identifier={DOCUMENT_SYSTEM}|{digest}");
+    match claim(store, &digest, &query, doc.now).await? {
         Claim::Stored(id) => {
             let outcome = operation_outcome(&[Issue::information(format!(
-                "this document (SHA-256 {}) was received before and stored as \
-                 DocumentReference/{id}; nothing was changed",
-                verified.content_digest
+                "this document (SHA-256 {digest}) was received before and stored as \
+                 DocumentReference/{id}; nothing was changed"
             ))]);
             return Ok(Receipt {
                 created: false,
@@ -150,26 +156,13 @@ async fn claim_and_store(
         }
         Claim::Busy => {
             return Err(Error::Conflict(format!(
-                "this document (SHA-256 {}) is being stored by another request; \
-                 send it again later to get its DocumentReference",
-                verified.content_digest
+                "this document (SHA-256 {digest}) is being stored by another request; \
+                 send it again later to get its DocumentReference"
             )))
         }
         Claim::Claimed => {}
     }
-    let digest = verified.content_digest.clone();
-    let result = map_and_store(
-        store,
-        env,
-        ex,
-        body,
-        now,
-        verified,
-        unsigned_text,
-        org,
-        query,
-    )
-    .await;
+    let result = map_and_store(store, env, doc, query).await;
     let mut tx = store.begin().await?;
     match &result {
         Ok((_, Some(id))) => {
@@ -314,18 +307,20 @@ async fn claim(
 
 /// Decrypts, maps and stores a verified document; returns the answer and the
 /// id of the DocumentReference. The CPU-bound part runs off the runtime.
-#[allow(clippy::too_many_arguments)]
 async fn map_and_store(
     store: &Store,
     env: &Env,
-    ex: Arc<Exchange>,
-    body: Vec<u8>,
-    now: chrono::DateTime<chrono::Utc>,
-    verified: dsig::Verified,
-    unsigned_text: String,
-    org: String,
+    doc: Received,
     query: String,
 ) -> Result<(Receipt, Option<String>)> {
+    let Received {
+        ex,
+        body,
+        now,
+        verified,
+        unsigned_text,
+        org,
+    } = doc;
     let (transaction, mut warnings, verified) = tokio::task::spawn_blocking(move || {
         prepare(&ex, &body, now, &verified, unsigned_text, &org, query)
             .map(|(t, w)| (t, w, verified))
