@@ -3,8 +3,8 @@
 //! commit takes the log past 1,000 pages runs that checkpoint itself, while
 //! it still holds the write lock, so every few transactions one writer pays
 //! for copying and syncing the pages of all of them, and under concurrent
-//! readers (which keep the log from being reset) it pays again at almost
-//! every commit. ehrx turns that off (`wal_autocheckpoint = 0` on every
+//! readers (which keep the log from being reset) it can pay again at
+//! almost every commit. ehrx turns that off (`wal_autocheckpoint = 0` on every
 //! connection) and checkpoints here instead, on its own connection, beside
 //! the writers: a PASSIVE checkpoint copies what no reader still needs and
 //! blocks nobody. Should readers keep the log from being reset while it grows
@@ -21,10 +21,10 @@ use tokio::sync::Mutex;
 use super::StoreResult;
 
 /// How often the log is checkpointed.
-pub const EVERY: Duration = Duration::from_millis(250);
+const EVERY: Duration = Duration::from_millis(250);
 /// Past this many pages (256 MiB at 4 KiB pages), writers wait for a full
 /// checkpoint.
-pub const WAL_LIMIT_PAGES: i64 = 65_536;
+const WAL_LIMIT_PAGES: i64 = 65_536;
 
 /// Checkpoints the log of `pool`'s database every [`EVERY`] until the pool
 /// is closed (or the runtime ends).
@@ -44,31 +44,21 @@ pub fn spawn(pool: AnyPool, write_lock: Arc<Mutex<()>>) {
     });
 }
 
-/// What one checkpoint did: pages in the log, pages copied from it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Checkpointed {
-    pub log: i64,
-    pub copied: i64,
-}
-
 /// One PASSIVE checkpoint, followed by a RESTART one between writers when
 /// the log has outgrown [`WAL_LIMIT_PAGES`].
-pub async fn checkpoint(pool: &AnyPool, write_lock: &Mutex<()>) -> StoreResult<Checkpointed> {
+async fn checkpoint(pool: &AnyPool, write_lock: &Mutex<()>) -> StoreResult<()> {
     let mut conn = pool.acquire().await?;
-    let done = run(&mut conn, "PASSIVE").await?;
-    if done.log > WAL_LIMIT_PAGES {
+    if run(&mut conn, "PASSIVE").await? > WAL_LIMIT_PAGES {
         let _writers = write_lock.lock().await;
-        return run(&mut conn, "RESTART").await;
+        run(&mut conn, "RESTART").await?;
     }
-    Ok(done)
+    Ok(())
 }
 
-async fn run(conn: &mut sqlx::AnyConnection, mode: &str) -> StoreResult<Checkpointed> {
+/// Runs a checkpoint; returns the number of pages in the log.
+async fn run(conn: &mut sqlx::AnyConnection, mode: &str) -> StoreResult<i64> {
     let row = sqlx::query(&format!("PRAGMA wal_checkpoint({mode})"))
         .fetch_one(&mut *conn)
         .await?;
-    Ok(Checkpointed {
-        log: row.try_get(1)?,
-        copied: row.try_get(2)?,
-    })
+    Ok(row.try_get(1)?)
 }
