@@ -1030,20 +1030,12 @@ async fn concurrent_conditional_creates_make_one_resource() {
         let (status, body) = t.await.unwrap();
         assert!(status == 200 || status == 201, "{status}: {body}");
     }
-    let found: Value = s
-        .get("Patient?identifier=urn:race|1")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let found = s.get_json("Patient?identifier=urn:race|1").await;
     assert_eq!(found["total"], 1, "{found}");
     let id = found["entry"][0]["resource"]["id"].as_str().unwrap();
-    let obs: Value = s
-        .get(&format!("Observation?subject=Patient/{id}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let obs = s
+        .get_json(&format!("Observation?subject=Patient/{id}"))
+        .await;
     assert_eq!(obs["total"], 6, "{obs}");
     s.stop().await;
 }
@@ -1065,10 +1057,8 @@ async fn sqlite_writes_are_checkpointed_into_the_database_file_in_the_background
     for i in 0..30 {
         let patient =
             json!({"resourceType": "Patient", "name": [{"family": format!("Checkpoint{i}")}]});
-        let r = server.post_json("Patient", &patient).await;
-        assert_eq!(r.status(), 201);
-        let body: Value = r.json().await.unwrap();
-        ids.push(body["id"].as_str().unwrap().to_string());
+        let created = server.create(&patient).await;
+        ids.push(created["id"].as_str().unwrap().to_string());
     }
     // Far fewer pages than SQLite's own automatic checkpoint waits for.
     let wal = std::fs::metadata(format!("{path}-wal")).unwrap().len();

@@ -257,6 +257,15 @@ pub async fn find(
     Ok(found.into_iter().map(|(v, _)| v).collect())
 }
 
+/// [`find`] for a conditional write (`If-None-Exist`, conditional update):
+/// first locks the criteria against concurrent writers of the same
+/// criteria ([`Tx::lock_conditions`]), so two cannot both find nothing and
+/// both create.
+async fn find_to_write(tx: &mut Tx, rtype: &str, query: &str) -> Result<Vec<Version>> {
+    tx.lock_conditions(&[format!("{rtype}?{query}")]).await?;
+    find(tx.conn(), rtype, query).await
+}
+
 fn several(rtype: &str, query: &str) -> Error {
     Error::MultipleMatches(format!(
         "conditional criteria '{rtype}?{query}' match more than one resource"
@@ -275,8 +284,7 @@ pub async fn create(
     check_resource_type(rtype, &resource)?;
     access.check(Ops::CREATE, rtype, &resource)?;
     if let Some(query) = if_none_exist {
-        tx.lock_conditions(&[format!("{rtype}?{query}")]).await?;
-        let found = find(tx.conn(), rtype, query).await?;
+        let found = find_to_write(tx, rtype, query).await?;
         match found.len() {
             0 => {}
             1 => {
@@ -371,8 +379,7 @@ pub async fn conditional_update(
     resource: Value,
     if_match: Option<i64>,
 ) -> Result<Written> {
-    tx.lock_conditions(&[format!("{rtype}?{query}")]).await?;
-    let found = find(tx.conn(), rtype, query).await?;
+    let found = find_to_write(tx, rtype, query).await?;
     let body_id = resource
         .get("id")
         .and_then(Value::as_str)

@@ -146,15 +146,18 @@ impl TestServer {
         r.json().await.unwrap()
     }
 
+    /// GETs `path`, expects success, returns the JSON body.
+    pub async fn get_json(&self, path: &str) -> Value {
+        let r = self.get(path).await;
+        assert!(r.status().is_success(), "GET {path}: {}", r.status());
+        r.json().await.unwrap()
+    }
+
     /// Counts current resources of a type through the search API.
     pub async fn count(&self, rtype: &str) -> i64 {
-        let b: Value = self
-            .get(&format!("{rtype}?_count=0"))
-            .await
-            .json()
-            .await
-            .unwrap();
-        b["total"].as_i64().unwrap()
+        self.get_json(&format!("{rtype}?_count=0")).await["total"]
+            .as_i64()
+            .unwrap()
     }
 
     /// Number of versions in the system history (every write leaves one).
