@@ -16,7 +16,8 @@ use crate::config::Config;
 use crate::fhir::codec;
 use crate::interaction::bundle;
 use crate::interaction::Env;
-use crate::store::{Store, StoreError};
+use crate::policy::{Access, Maintenance};
+use crate::store::{Gate, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
@@ -110,7 +111,7 @@ fn collection_as_transaction(b: &Value) -> Value {
 }
 
 /// Loads one file; returns the response Bundle or why it failed.
-pub async fn load_file(store: &Store, env: &Env, path: &Path) -> Result<Value, String> {
+pub async fn load_file(gate: &Gate, env: &Env, path: &Path) -> Result<Value, String> {
     let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
     let is_xml = path.extension().and_then(|e| e.to_str()) == Some("xml");
     let parsed = if is_xml {
@@ -132,7 +133,7 @@ pub async fn load_file(store: &Store, env: &Env, path: &Path) -> Result<Value, S
         }
         other => return Err(format!("Bundle type {other:?} cannot be imported")),
     };
-    bundle::process(store, env, b)
+    bundle::process(gate, env, b)
         .await
         .map_err(|e| e.to_string())
 }
@@ -186,7 +187,8 @@ pub async fn run(
 ) -> Result<Report, ImportError> {
     let files = collect(paths)?;
     let store = config.open_store(config.db_pool_size).await?;
-    // The importer is the operator's own tool: unrestricted access.
+    // The importer is the operator's own tool: unrestricted access, by name.
+    let gate = store.gate(Access::maintenance(Maintenance::Import));
     let env = Env::from_config(config);
     let bar = if progress {
         let b = ProgressBar::new(files.len() as u64);
@@ -210,7 +212,7 @@ pub async fn run(
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default(),
             );
-            match load_file(&store, &env, f).await {
+            match load_file(&gate, &env, f).await {
                 Ok(resp) => {
                     progressed = true;
                     report.files_loaded += 1;

@@ -73,7 +73,7 @@ async fn run(command: Command, config: Config) -> ExitCode {
                 }
             };
             let bar = indicatif::ProgressBar::new_spinner();
-            let result = ehrx::search::reindex::reindex(&store, |n| {
+            let result = ehrx::store::reindex(&store, |n| {
                 bar.set_message(format!("{n} resources reindexed"))
             })
             .await;
@@ -96,8 +96,10 @@ async fn run(command: Command, config: Config) -> ExitCode {
                     .await
                     .map_err(ehrx::error::Error::from)?;
                 let env = ehrx::interaction::Env::from_config(&config);
-                let mut conn = store.reader().await.map_err(ehrx::error::Error::from)?;
-                ehrx::interaction::explain(&mut conn, store.dialect(), &env, &search).await
+                use ehrx::policy::{Access, Maintenance};
+                let gate = store.gate(Access::maintenance(Maintenance::Explain));
+                let mut r = gate.reader().await.map_err(ehrx::error::Error::from)?;
+                ehrx::interaction::explain(&mut r.view(), store.dialect(), &env, &search).await
             }
             .await;
             match result {
@@ -214,7 +216,7 @@ async fn run(command: Command, config: Config) -> ExitCode {
         Command::Launch { patient, encounter } => {
             let result = async {
                 let store = open_store(&config).await?;
-                ehrx::auth::endpoints::mint_launch(&store, patient.as_deref(), encounter.as_deref())
+                ehrx::auth::mint_launch(&store, patient.as_deref(), encounter.as_deref())
                     .await
                     .map_err(|e| e.to_string())
             }

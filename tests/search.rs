@@ -56,7 +56,7 @@ async fn all_entries(s: &TestServer, query: &str) -> Vec<(String, String)> {
         }
         match next_link(&page) {
             Some(next) => {
-                let r = reqwest::get(&next).await.unwrap();
+                let r = s.client.get(&next).send().await.unwrap();
                 assert_eq!(r.status(), 200, "{next}");
                 page = r.json().await.unwrap();
             }
@@ -637,7 +637,8 @@ async fn search_over_the_r4_examples() {
     assert!(self_link.contains("_id=example") && self_link.contains("_elements=valueQuantity"));
 
     // POST _search with a form body
-    let r = reqwest::Client::new()
+    let r = s
+        .client
         .post(s.url("Patient/_search"))
         .header("content-type", "application/x-www-form-urlencoded")
         .body("family=everywoman")
@@ -657,7 +658,8 @@ async fn search_over_the_r4_examples() {
         .as_str()
         .unwrap()
         .contains("nonsense"));
-    let r = reqwest::Client::new()
+    let r = s
+        .client
         .get(s.url("Patient?nonsense=1&family=everywoman"))
         .header("prefer", "handling=lenient")
         .send()
@@ -724,7 +726,15 @@ async fn paging_stays_correct_while_others_insert() {
         let mut url = s.url(&query);
         let mut n = 100;
         loop {
-            let page: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+            let page: Value = s
+                .client
+                .get(&url)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
             let entries = page["entry"].as_array().cloned().unwrap_or_default();
             assert!(
                 !entries.is_empty() || seen.is_empty(),

@@ -84,7 +84,7 @@ async fn collect(s: &TestServer, query: &str) -> (Vec<String>, usize) {
     let mut out = Vec::new();
     let mut pages = 0;
     loop {
-        let r = reqwest::get(&url).await.unwrap();
+        let r = s.client.get(&url).send().await.unwrap();
         assert_eq!(r.status(), 200, "{url}");
         let page: Value = r.json().await.unwrap();
         pages += 1;

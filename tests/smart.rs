@@ -7,227 +7,20 @@ mod common;
 
 use std::process::{Command, Stdio};
 
-use base64::Engine;
+use common::smart::*;
 use common::{first_issue, TestServer};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 const LAB: &str = "http://terminology.hl7.org/CodeSystem/observation-category|laboratory";
-const REDIRECT: &str = "https://app.example.org/callback";
 
-fn ehrx(s: &TestServer) -> Command {
-    s.ehrx()
-}
+/// Types outside the Patient compartment whose resources are one patient's
+/// data (found through their `patient` search parameter).
+const PATIENT_DATA_OUTSIDE_THE_COMPARTMENT: [&str; 4] =
+    ["Device", "Task", "Contract", "GuidanceResponse"];
 
-/// Runs the CLI and parses its JSON output.
-fn cli(s: &TestServer, args: &[&str], stdin: Option<&str>) -> Value {
-    let mut child = ehrx(s)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(input) = stdin {
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "ehrx {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn b64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-fn pkce() -> (String, String) {
-    let verifier = b64(&rand::random::<[u8; 32]>());
-    let challenge = b64(&Sha256::digest(verifier.as_bytes()));
-    (verifier, challenge)
-}
-
-/// A private key made by `openssl`, with its public JWK (kid set).
-struct ClientKey {
-    key: EncodingKey,
-    alg: Algorithm,
-    kid: String,
-    jwk: Value,
-}
-
-fn client_key(alg: Algorithm) -> ClientKey {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("key.pem");
-    let args: &[&str] = match alg {
-        Algorithm::RS384 => &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
-        _ => &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384"],
-    };
-    let st = Command::new("openssl")
-        .arg("genpkey")
-        .args(args)
-        .arg("-out")
-        .arg(&path)
-        .stderr(Stdio::null())
-        .status()
-        .expect("openssl is installed");
-    assert!(st.success());
-    let pem = std::fs::read(&path).unwrap();
-    let key = match alg {
-        Algorithm::RS384 => EncodingKey::from_rsa_pem(&pem).unwrap(),
-        _ => EncodingKey::from_ec_pem(&pem).unwrap(),
-    };
-    let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&key, alg).unwrap();
-    let kid = format!("k-{}", uuid::Uuid::new_v4().simple());
-    jwk.common.key_id = Some(kid.clone());
-    ClientKey {
-        key,
-        alg,
-        kid,
-        jwk: serde_json::to_value(&jwk).unwrap(),
-    }
-}
-
-/// Registers a backend-services client with the CLI.
-fn backend_client(s: &TestServer, k: &ClientKey, scope: &str) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let jwks = dir.path().join("jwks.json");
-    std::fs::write(&jwks, json!({"keys": [k.jwk]}).to_string()).unwrap();
-    let out = cli(
-        s,
-        &[
-            "client",
-            "add",
-            "--name",
-            "Insurer",
-            "--type",
-            "confidential-asymmetric",
-            "--jwks-file",
-            jwks.to_str().unwrap(),
-            "--scope",
-            scope,
-        ],
-        None,
-    );
-    assert!(out.get("client_secret").is_none());
-    out["client_id"].as_str().unwrap().to_string()
-}
-
-fn assertion(
-    s: &TestServer,
-    client_id: &str,
-    k: &ClientKey,
-    exp_in: i64,
-    aud: Option<&str>,
-) -> String {
-    let now = chrono::Utc::now().timestamp();
-    let mut h = Header::new(k.alg);
-    h.kid = Some(k.kid.clone());
-    let claims = json!({
-        "iss": client_id, "sub": client_id,
-        "aud": aud.map(str::to_string).unwrap_or_else(|| s.url("auth/token")),
-        "exp": now + exp_in, "jti": uuid::Uuid::new_v4().to_string()
-    });
-    jsonwebtoken::encode(&h, &claims, &k.key).unwrap()
-}
-
-async fn form(s: &TestServer, path: &str, pairs: &[(&str, &str)]) -> (u16, Value) {
-    let r = s.client.post(s.url(path)).form(pairs).send().await.unwrap();
-    let status = r.status().as_u16();
-    let text = r.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(json!(text)))
-}
-
-async fn backend_token(
-    s: &TestServer,
-    client_id: &str,
-    k: &ClientKey,
-    scope: &str,
-) -> (u16, Value) {
-    assertion_grant(s, &assertion(s, client_id, k, 240, None), scope).await
-}
-
-/// `client_credentials` with a client assertion as given.
-async fn assertion_grant(s: &TestServer, assertion: &str, scope: &str) -> (u16, Value) {
-    form(
-        s,
-        "auth/token",
-        &[
-            ("grant_type", "client_credentials"),
-            ("scope", scope),
-            (
-                "client_assertion_type",
-                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-            ),
-            ("client_assertion", assertion),
-        ],
-    )
-    .await
-}
-
-/// The whole app flow for a public client: authorize, sign in (if
-/// `login`), consent, and exchange the code; returns the token response.
-async fn app_token(
-    s: &TestServer,
-    client: &str,
-    scope: &str,
-    login: Option<(&str, &str)>,
-    extra: &[(&str, &str)],
-) -> Value {
-    let (verifier, challenge) = pkce();
-    let params = authorize_params(s, client, scope, &challenge, extra);
-    let back = consent(s, &browser(), &params, login, None).await;
-    let (st, t) = exchange_code(s, client, q(&back, "code").unwrap(), &verifier).await;
-    assert_eq!(st, 200, "{t}");
-    t
-}
-
-/// A FHIR call with a bearer token.
-async fn fhir(
-    s: &TestServer,
-    token: &str,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<&Value>,
-) -> (u16, Value) {
-    let mut rb = s.client.request(method, s.url(path)).bearer_auth(token);
-    if let Some(b) = body {
-        rb = rb
-            .header("Content-Type", "application/fhir+json")
-            .body(b.to_string());
-    }
-    let r = rb.send().await.unwrap();
-    let status = r.status().as_u16();
-    let text = r.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
-
-async fn get(s: &TestServer, token: &str, path: &str) -> (u16, Value) {
-    fhir(s, token, reqwest::Method::GET, path, None).await
-}
-
-fn ids(bundle: &Value, rtype: &str) -> Vec<String> {
-    let mut v: Vec<String> = bundle["entry"]
-        .as_array()
-        .map(|es| {
-            es.iter()
-                .filter(|e| e["resource"]["resourceType"] == rtype)
-                .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
+/// Types a `patient/` token reaches through no interaction at all.
+const UNREACHABLE_WITH_PATIENT_SCOPES: [&str; 3] = ["Bundle", "MessageHeader", "Binary"];
 
 /// Test data, written by a backend client with `system/*.cruds`:
 /// two patients, each with a lab and a vital-signs Observation and an
@@ -243,11 +36,7 @@ struct World {
 }
 
 async fn world(s: &TestServer) -> World {
-    let k = client_key(Algorithm::RS384);
-    let id = backend_client(s, &k, "system/*.cruds");
-    let (st, t) = backend_token(s, &id, &k, "system/*.cruds").await;
-    assert_eq!(st, 200, "{t}");
-    let admin = t["access_token"].as_str().unwrap().to_string();
+    let admin = admin_token(s).await;
     let mut made = Vec::new();
     for family in ["Alpha", "Beta"] {
         let (st, p) = fhir(
@@ -300,201 +89,6 @@ async fn world(s: &TestServer) -> World {
         lab2: made[1].1[0].clone(),
         enc1: made[0].2.clone(),
     }
-}
-
-/// A browser: keeps cookies, does not follow redirects, runs no scripts.
-fn browser() -> reqwest::Client {
-    reqwest::Client::builder()
-        .cookie_store(true)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
-}
-
-fn authorize_params(
-    s: &TestServer,
-    client_id: &str,
-    scope: &str,
-    challenge: &str,
-    extra: &[(&str, &str)],
-) -> Vec<(String, String)> {
-    let mut p: Vec<(String, String)> = vec![
-        ("response_type".into(), "code".into()),
-        ("client_id".into(), client_id.into()),
-        ("redirect_uri".into(), REDIRECT.into()),
-        ("scope".into(), scope.into()),
-        ("state".into(), "st-123".into()),
-        ("aud".into(), s.base.clone()),
-        ("code_challenge".into(), challenge.into()),
-        ("code_challenge_method".into(), "S256".into()),
-    ];
-    for (k, v) in extra {
-        p.retain(|(n, _)| n != k);
-        if !v.is_empty() {
-            p.push((k.to_string(), v.to_string()));
-        }
-    }
-    p
-}
-
-fn hidden_value(html: &str, name: &str) -> Option<String> {
-    let marker = format!("name=\"{name}\" value=\"");
-    let start = html.find(&marker)? + marker.len();
-    let end = html[start..].find('"')?;
-    Some(html_unescape(&html[start..start + end]))
-}
-
-fn html_unescape(s: &str) -> String {
-    s.replace("&quot;", "\"")
-        .replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&#x27;", "'")
-        .replace("&amp;", "&")
-}
-
-/// Every `name="grant" value="…"` on the consent page.
-fn offered(html: &str) -> Vec<String> {
-    html.match_indices("name=\"grant\" value=\"")
-        .map(|(i, m)| {
-            let rest = &html[i + m.len()..];
-            html_unescape(&rest[..rest.find('"').unwrap()])
-        })
-        .collect()
-}
-
-fn query_of(location: &str) -> Vec<(String, String)> {
-    let q = location.split_once('?').map(|(_, q)| q).unwrap_or("");
-    form_urlencoded::parse(q.as_bytes()).into_owned().collect()
-}
-
-fn q<'a>(pairs: &'a [(String, String)], k: &str) -> Option<&'a str> {
-    pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
-}
-
-/// Signs in (if needed) and allows the consent page; returns the redirect
-/// back to the app.
-async fn consent(
-    s: &TestServer,
-    b: &reqwest::Client,
-    params: &[(String, String)],
-    login: Option<(&str, &str)>,
-    patient: Option<&str>,
-) -> Vec<(String, String)> {
-    let r = b
-        .get(s.url("auth/authorize"))
-        .query(params)
-        .send()
-        .await
-        .unwrap();
-    let mut html = r.text().await.unwrap();
-    if let Some((user, pw)) = login {
-        assert!(
-            html.contains("<label for=\"password\">"),
-            "login page: {html}"
-        );
-        let mut f: Vec<(String, String)> = params.to_vec();
-        f.push(("username".into(), user.into()));
-        f.push(("password".into(), pw.into()));
-        let r = b.post(s.url("auth/login")).form(&f).send().await.unwrap();
-        assert_eq!(r.status(), 303, "{}", r.text().await.unwrap());
-        let to = r.headers()["location"].to_str().unwrap().to_string();
-        html = b
-            .get(s.url(&to))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-    }
-    assert!(html.contains("<h1>Allow access</h1>"), "{html}");
-    let mut f: Vec<(String, String)> = params.to_vec();
-    f.push((
-        "csrf".into(),
-        hidden_value(&html, "csrf").expect("csrf field"),
-    ));
-    for g in offered(&html) {
-        f.push(("grant".into(), g));
-    }
-    if let Some(p) = patient {
-        assert!(html.contains("Choose the patient"), "{html}");
-        f.push(("patient".into(), p.into()));
-    }
-    f.push(("decision".into(), "allow".into()));
-    let r = b.post(s.url("auth/consent")).form(&f).send().await.unwrap();
-    assert_eq!(r.status(), 303);
-    let loc = r.headers()["location"].to_str().unwrap().to_string();
-    assert!(loc.starts_with(REDIRECT), "{loc}");
-    query_of(&loc)
-}
-
-async fn exchange_code(
-    s: &TestServer,
-    client_id: &str,
-    code: &str,
-    verifier: &str,
-) -> (u16, Value) {
-    form(
-        s,
-        "auth/token",
-        &[
-            ("grant_type", "authorization_code"),
-            ("code", code),
-            ("redirect_uri", REDIRECT),
-            ("code_verifier", verifier),
-            ("client_id", client_id),
-        ],
-    )
-    .await
-}
-
-fn public_client(s: &TestServer, scope: &str) -> String {
-    cli(
-        s,
-        &[
-            "client",
-            "add",
-            "--name",
-            "Patient App",
-            "--type",
-            "public",
-            "--redirect-uri",
-            REDIRECT,
-            "--scope",
-            scope,
-        ],
-        None,
-    )["client_id"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
-fn practitioner_user(s: &TestServer, username: &str, practitioner: &str) {
-    let out = cli(
-        s,
-        &[
-            "user",
-            "add",
-            "--username",
-            username,
-            "--password-stdin",
-            "--fhir-user",
-            &format!("Practitioner/{practitioner}"),
-        ],
-        Some("correct horse battery\n"),
-    );
-    assert_eq!(out["fhirUser"], format!("Practitioner/{practitioner}"));
-}
-
-fn claims_of(jwt: &str) -> Value {
-    let part = jwt.split('.').nth(1).unwrap();
-    serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(part)
-            .unwrap(),
-    )
-    .unwrap()
 }
 
 #[tokio::test]
@@ -1280,92 +874,19 @@ async fn introspection_revocation_and_key_rotation() {
         .contains("revoked"));
 }
 
-/// Every entry `(mode, Type/id)` on every page of a search, with a token.
-async fn all_pages(s: &TestServer, token: &str, path: &str) -> (u16, Vec<(String, String)>) {
-    let mut url = s.url(path);
-    let mut out = Vec::new();
-    loop {
-        let r = s.client.get(&url).bearer_auth(token).send().await.unwrap();
-        let status = r.status().as_u16();
-        if status != 200 {
-            return (status, out);
-        }
-        let page: Value = r.json().await.unwrap();
-        for e in page["entry"].as_array().into_iter().flatten() {
-            let res = &e["resource"];
-            out.push((
-                e["search"]["mode"].as_str().unwrap_or("").to_string(),
-                format!(
-                    "{}/{}",
-                    res["resourceType"].as_str().unwrap(),
-                    res["id"].as_str().unwrap()
-                ),
-            ));
-        }
-        match common::next_link(&page) {
-            Some(next) => url = next,
-            None => return (200, out),
-        }
-    }
-}
-
-/// An access token bound to `patient` through an EHR launch by a
-/// practitioner (login and consent driven like a browser).
-async fn patient_token(s: &TestServer, patient: &str, scope: &str) -> String {
-    let launch = cli(s, &["launch", "--patient", patient], None)["launch"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let user = format!("dr.{}", uuid::Uuid::new_v4().simple());
-    practitioner_user(s, &user, "matrix");
-    let client = public_client(s, &format!("launch {scope}"));
-    let t = app_token(
-        s,
-        &client,
-        &format!("launch {scope}"),
-        Some((&user, "correct horse battery")),
-        &[("launch", &launch)],
-    )
-    .await;
-    assert_eq!(t["patient"], patient);
-    t["access_token"].as_str().unwrap().to_string()
-}
-
 /// The scope matrix: a `patient/` token for patient A (`Patient/example`
 /// of the R4 examples) gets nothing of any other patient's, for every
-/// resource type of the Patient compartment, through read, vread, history,
-/// search (by id too), `_include`, `_revinclude`, chaining, `_has`, batch
-/// entries, updates, deletes and `$everything`.
+/// resource type of the Patient compartment and the types outside it that
+/// hold one patient's data, through read, vread, history, search (by id
+/// too), `_include`, `_revinclude`, chaining, `_has`, batch entries,
+/// updates, deletes and `$everything`. What A may not see answers as if it
+/// did not exist (404, and 204 for a delete), never 403.
 #[tokio::test]
 async fn a_patient_token_reaches_nothing_of_another_patient_through_any_interaction() {
-    use futures_util::stream::{self, StreamExt};
     let s = TestServer::start_secured().await;
     let w = world(&s).await;
-    let dir = common::data_dir().join("fhir-examples/r4-json");
-    let files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
     let admin = w.admin.clone();
-    let failures: Vec<String> = stream::iter(files)
-        .map(|f| {
-            let (s, admin) = (&s, admin.clone());
-            async move {
-                let body: Value = serde_json::from_slice(&std::fs::read(&f).unwrap()).unwrap();
-                let path = format!(
-                    "{}/{}",
-                    body["resourceType"].as_str().unwrap(),
-                    body["id"].as_str().unwrap()
-                );
-                let (st, _) = fhir(s, &admin, reqwest::Method::PUT, &path, Some(&body)).await;
-                (!(200..300).contains(&st)).then(|| format!("{path}: {st}"))
-            }
-        })
-        .buffer_unordered(8)
-        .filter_map(|x| async { x })
-        .collect()
-        .await;
-    assert!(failures.is_empty(), "{failures:?}");
+    load_r4_examples(&s, &admin).await;
 
     let a = "example";
     let token = patient_token(&s, a, "patient/*.cruds").await;
@@ -1406,6 +927,21 @@ async fn a_patient_token_reaches_nothing_of_another_patient_through_any_interact
         assert_eq!(got, want, "search {t}");
         mine.extend(inside);
     }
+    // Types outside the compartment that still hold one patient's data:
+    // A's own are A's, those of any other patient are not.
+    for t in PATIENT_DATA_OUTSIDE_THE_COMPARTMENT {
+        let (_, own) = all_pages(&s, &admin, &format!("{t}?patient={a}&_count=500")).await;
+        let own: Vec<String> = own.into_iter().map(|(_, r)| r).collect();
+        let (st, anyone) =
+            all_pages(&s, &admin, &format!("{t}?patient:missing=false&_count=500")).await;
+        assert_eq!(st, 200, "{t}");
+        for (_, r) in anyone {
+            if !own.contains(&r) {
+                others.push(r);
+            }
+        }
+        mine.extend(own);
+    }
     assert!(
         mine.len() > 20,
         "the example patient has a record: {}",
@@ -1425,14 +961,14 @@ async fn a_patient_token_reaches_nothing_of_another_patient_through_any_interact
             format!("{r}/_history"),
         ] {
             let (st, oo) = get(&s, &token, &path).await;
-            assert_eq!(st, 403, "GET {path}: {oo}");
+            assert_eq!(st, 404, "GET {path}: {oo}");
         }
         let (_, b) = get(&s, &token, &format!("{t}?_id={id}")).await;
         assert_eq!(b["total"], 0, "{t}?_id={id}");
         let (st, _) = fhir(&s, &token, reqwest::Method::DELETE, r, None).await;
-        assert_eq!(st, 403, "DELETE {r}");
+        assert_eq!(st, 204, "DELETE {r}");
     }
-    // A batch of GETs of the others: every entry refused.
+    // A batch of GETs of the others: every entry answers as if missing.
     let entries: Vec<Value> = others
         .iter()
         .take(60)
@@ -1449,17 +985,22 @@ async fn a_patient_token_reaches_nothing_of_another_patient_through_any_interact
     assert_eq!(st, 200);
     for e in b["entry"].as_array().unwrap() {
         assert!(
-            e["response"]["status"].as_str().unwrap().starts_with("403"),
+            e["response"]["status"].as_str().unwrap().starts_with("404"),
             "{e}"
         );
     }
-    // Includes, reverse includes, chains and _has stay inside.
+    // Includes, reverse includes, chains and _has stay inside: nothing of
+    // another patient's record, and none of the types a patient/ token
+    // cannot reach at all.
     let outside = |found: &[(String, String)]| -> Vec<String> {
         found
             .iter()
             .map(|(_, r)| r.clone())
             .filter(|r| {
-                types.contains(&r.split('/').next().unwrap().to_string()) && !mine.contains(r)
+                let t = r.split('/').next().unwrap();
+                let patient_data = types.iter().any(|c| c == t)
+                    || PATIENT_DATA_OUTSIDE_THE_COMPARTMENT.contains(&t);
+                (patient_data && !mine.contains(r)) || UNREACHABLE_WITH_PATIENT_SCOPES.contains(&t)
             })
             .collect()
     };
@@ -1496,7 +1037,7 @@ async fn a_patient_token_reaches_nothing_of_another_patient_through_any_interact
         get(&s, &token, &format!("{other_patient}/$everything"))
             .await
             .0,
-        403
+        404
     );
     assert_eq!(
         get(&s, &token, &format!("{other_patient}/Observation"))
@@ -1759,6 +1300,76 @@ async fn ehr_users_mint_launch_contexts_and_authorize_accepts_post() {
         ),
         Some("access_denied")
     );
+}
+
+/// An authorization code and a refresh token are each redeemed once, even
+/// by twenty requests racing for them: one gets tokens, the others
+/// `invalid_grant` (on SQLite and on PostgreSQL alike).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_redemptions_of_one_code_or_refresh_token_succeed_once() {
+    use futures_util::future::join_all;
+    let s = TestServer::start_secured().await;
+    practitioner_user(&s, "dr.race", "pr-race");
+    let client = public_client(&s, "offline_access user/*.rs");
+    let b = browser();
+    let mut login = Some(("dr.race", "correct horse battery"));
+    let mut code_and_verifier = || {
+        let (s, b, client, login) = (&s, b.clone(), client.clone(), login.take());
+        async move {
+            let (verifier, challenge) = pkce();
+            let params = authorize_params(
+                s,
+                &client,
+                "offline_access user/Patient.rs",
+                &challenge,
+                &[],
+            );
+            let back = consent(s, &b, &params, login, None).await;
+            (q(&back, "code").unwrap().to_string(), verifier)
+        }
+    };
+    let one_of_twenty = |results: &[(u16, Value)], what: &str| {
+        let won = results.iter().filter(|(st, _)| *st == 200).count();
+        assert_eq!(won, 1, "{what}: {results:?}");
+        for (st, e) in results.iter().filter(|(st, _)| *st != 200) {
+            assert_eq!(
+                (*st, e["error"].as_str()),
+                (400, Some("invalid_grant")),
+                "{what}: {e}"
+            );
+        }
+    };
+
+    let (code, verifier) = code_and_verifier().await;
+    let redemptions = (0..20).map(|_| {
+        let (s, client, code, verifier) = (&s, &client, &code, &verifier);
+        async move { exchange_code(s, client, code, verifier).await }
+    });
+    let results = join_all(redemptions).await;
+    one_of_twenty(&results, "authorization_code");
+
+    // A refresh token from a code redeemed once, then raced for.
+    let (code, verifier) = code_and_verifier().await;
+    let (st, t) = exchange_code(&s, &client, &code, &verifier).await;
+    assert_eq!(st, 200, "{t}");
+    let refresh = t["refresh_token"].as_str().unwrap().to_string();
+    let refreshes = (0..20).map(|_| {
+        let (s, client, refresh) = (&s, &client, &refresh);
+        async move {
+            form(
+                s,
+                "auth/token",
+                &[
+                    ("grant_type", "refresh_token"),
+                    ("refresh_token", refresh),
+                    ("client_id", client),
+                ],
+            )
+            .await
+        }
+    });
+    let results = join_all(refreshes).await;
+    one_of_twenty(&results, "refresh_token");
 }
 
 // The assertion groups of the SMART App Launch STU2 conformance suite

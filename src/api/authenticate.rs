@@ -1,6 +1,7 @@
-//! The one gate of the FHIR API: the bearer token is checked (signature,
+//! Authentication of the FHIR API: the bearer token is checked (signature,
 //! issuer, audience, expiry, revocation) and turned into the caller's
-//! [`Access`], which every interaction then consults. No token, no access;
+//! [`Access`], from which the request's caller-scoped store is made
+//! (`store::gate`). No token, no access;
 //! the only way around is the explicit development switch `auth_disabled`.
 
 use axum::extract::{Request, State};
@@ -14,11 +15,12 @@ use crate::auth::{token, AuthError};
 use crate::error::Error;
 use crate::fhir::media::negotiate;
 use crate::fhir::Format;
-use crate::policy::Access;
+use crate::policy::{Access, Maintenance};
 
 pub async fn authenticate(State(s): State<AppState>, mut req: Request, next: Next) -> Response {
     if s.config.auth_disabled {
-        req.extensions_mut().insert(Access::full());
+        req.extensions_mut()
+            .insert(Access::maintenance(Maintenance::AuthDisabled));
         return next.run(req).await;
     }
     let format = negotiate(

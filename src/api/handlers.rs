@@ -80,29 +80,22 @@ pub async fn metadata(State(state): State<AppState>, req: FhirRequest) -> Respon
     req.respond(Ok(FhirResponse::new(StatusCode::OK).with_value(cs)))
 }
 
-pub async fn read(
-    State(state): State<AppState>,
-    Path((rtype, id)): Path<(String, String)>,
-    req: FhirRequest,
-) -> Response {
+pub async fn read(Path((rtype, id)): Path<(String, String)>, req: FhirRequest) -> Response {
     let result = async {
-        let mut conn = state.store.reader().await?;
-        Ok(stored(
-            interaction::read(&mut conn, &req.access, &rtype, &id).await?,
-        ))
+        let mut r = req.gate.reader().await?;
+        Ok(stored(interaction::read(&mut r.view(), &rtype, &id).await?))
     };
     req.respond(result.await)
 }
 
 pub async fn vread(
-    State(state): State<AppState>,
     Path((rtype, id, vid)): Path<(String, String, String)>,
     req: FhirRequest,
 ) -> Response {
     let result = async {
-        let mut conn = state.store.reader().await?;
+        let mut r = req.gate.reader().await?;
         Ok(stored(
-            interaction::vread(&mut conn, &req.access, &rtype, &id, &vid).await?,
+            interaction::vread(&mut r.view(), &rtype, &id, &vid).await?,
         ))
     };
     req.respond(result.await)
@@ -119,8 +112,8 @@ pub async fn create(
         let if_none_exist = req
             .header("if-none-exist")
             .map(|q| q.trim_start_matches('?'));
-        let mut tx = state.store.begin().await?;
-        let w = interaction::create(&mut tx, &req.access, &rtype, resource, if_none_exist).await?;
+        let mut tx = req.gate.begin().await?;
+        let w = interaction::create(&mut tx, &rtype, resource, if_none_exist).await?;
         tx.commit().await?;
         Ok(written(&state, &req, w))
     };
@@ -136,8 +129,8 @@ pub async fn update(
         interaction::check_type(&rtype)?;
         let resource = req.resource()?;
         let if_match = req.if_match()?;
-        let mut tx = state.store.begin().await?;
-        let w = interaction::update(&mut tx, &req.access, &rtype, &id, resource, if_match).await?;
+        let mut tx = req.gate.begin().await?;
+        let w = interaction::update(&mut tx, &rtype, &id, resource, if_match).await?;
         tx.commit().await?;
         Ok(written(&state, &req, w))
     };
@@ -173,47 +166,32 @@ pub async fn conditional_update(
         let query = criteria_only(criteria(&req)?);
         let resource = req.resource()?;
         let if_match = req.if_match()?;
-        let mut tx = state.store.begin().await?;
-        let w = interaction::conditional_update(
-            &mut tx,
-            &req.access,
-            &rtype,
-            &query,
-            resource,
-            if_match,
-        )
-        .await?;
+        let mut tx = req.gate.begin().await?;
+        let w =
+            interaction::conditional_update(&mut tx, &rtype, &query, resource, if_match).await?;
         tx.commit().await?;
         Ok(written(&state, &req, w))
     };
     req.respond(result.await)
 }
 
-pub async fn delete(
-    State(state): State<AppState>,
-    Path((rtype, id)): Path<(String, String)>,
-    req: FhirRequest,
-) -> Response {
+pub async fn delete(Path((rtype, id)): Path<(String, String)>, req: FhirRequest) -> Response {
     let result = async {
         let if_match = req.if_match()?;
-        let mut tx = state.store.begin().await?;
-        let w = interaction::delete(&mut tx, &req.access, &rtype, &id, if_match).await?;
+        let mut tx = req.gate.begin().await?;
+        let w = interaction::delete(&mut tx, &rtype, &id, if_match).await?;
         tx.commit().await?;
         Ok(deleted(&req, w, &format!("{rtype}/{id}")))
     };
     req.respond(result.await)
 }
 
-pub async fn conditional_delete(
-    State(state): State<AppState>,
-    Path(rtype): Path<String>,
-    req: FhirRequest,
-) -> Response {
+pub async fn conditional_delete(Path(rtype): Path<String>, req: FhirRequest) -> Response {
     let result = async {
         interaction::check_type(&rtype)?;
         let query = criteria_only(criteria(&req)?);
-        let mut tx = state.store.begin().await?;
-        let w = interaction::conditional_delete(&mut tx, &req.access, &rtype, &query).await?;
+        let mut tx = req.gate.begin().await?;
+        let w = interaction::conditional_delete(&mut tx, &rtype, &query).await?;
         tx.commit().await?;
         Ok(deleted(&req, w, &format!("{rtype}?{query}")))
     };
@@ -229,8 +207,8 @@ pub async fn patch(
         interaction::check_type(&rtype)?;
         let doc = req.json_patch()?;
         let if_match = req.if_match()?;
-        let mut tx = state.store.begin().await?;
-        let w = interaction::patch(&mut tx, &req.access, &rtype, &id, &doc, if_match).await?;
+        let mut tx = req.gate.begin().await?;
+        let w = interaction::patch(&mut tx, &rtype, &id, &doc, if_match).await?;
         tx.commit().await?;
         Ok(written(&state, &req, w))
     };
@@ -247,10 +225,8 @@ pub async fn conditional_patch(
         let query = criteria_only(criteria(&req)?);
         let doc = req.json_patch()?;
         let if_match = req.if_match()?;
-        let mut tx = state.store.begin().await?;
-        let w =
-            interaction::conditional_patch(&mut tx, &req.access, &rtype, &query, &doc, if_match)
-                .await?;
+        let mut tx = req.gate.begin().await?;
+        let w = interaction::conditional_patch(&mut tx, &rtype, &query, &doc, if_match).await?;
         tx.commit().await?;
         Ok(written(&state, &req, w))
     };
@@ -262,8 +238,8 @@ async fn history(
     req: &FhirRequest,
     scope: HistoryScope<'_>,
 ) -> Result<FhirResponse> {
-    let mut conn = state.store.reader().await?;
-    let b = interaction::history(&mut conn, &req.env(state), scope, &req.params).await?;
+    let mut r = req.gate.reader().await?;
+    let b = interaction::history(&mut r.view(), &state.env, scope, &req.params).await?;
     Ok(FhirResponse::new(StatusCode::OK).with_value(b))
 }
 
@@ -293,10 +269,10 @@ async fn search(
     rtype: &str,
     params: &[(String, String)],
 ) -> Result<FhirResponse> {
-    let mut conn = state.store.reader().await?;
+    let mut r = req.gate.reader().await?;
     let b = interaction::search(
-        &mut conn,
-        &req.env(state),
+        &mut r.view(),
+        &state.env,
         rtype,
         params,
         req.strict_handling(),
@@ -336,10 +312,10 @@ pub async fn search_post(
 /// `GET /?_type=A,B&…`: search across the listed types.
 pub async fn system_search(State(state): State<AppState>, req: FhirRequest) -> Response {
     let result = async {
-        let mut conn = state.store.reader().await?;
+        let mut r = req.gate.reader().await?;
         let b = interaction::system_search(
-            &mut conn,
-            &req.env(&state),
+            &mut r.view(),
+            &state.env,
             &req.params,
             req.strict_handling(),
         )
@@ -361,8 +337,9 @@ pub async fn compartment_or_operation(
             let exchange = state.exchange().await?;
             // The caller's scopes decide what goes into the document.
             let xml = crate::exchange::outbound::signed_document(
+                &req.gate,
                 &state.store,
-                &req.env(&state),
+                &state.env,
                 &exchange,
                 &id,
                 &req.params,
@@ -370,17 +347,17 @@ pub async fn compartment_or_operation(
             .await?;
             return Ok(Err(xml));
         }
-        let mut conn = state.store.reader().await?;
+        let mut r = req.gate.reader().await?;
         let b = if what == "$everything" && rtype == "Patient" {
-            interaction::everything(&mut conn, &req.env(&state), &id, &req.params).await?
+            interaction::everything(&mut r.view(), &state.env, &id, &req.params).await?
         } else if what.starts_with('$') {
             return Err(Error::NotSupported(format!(
                 "operation {what} is not supported on {rtype}"
             )));
         } else {
             interaction::compartment_search(
-                &mut conn,
-                &req.env(&state),
+                &mut r.view(),
+                &state.env,
                 (&rtype, &id),
                 &what,
                 &req.params,
@@ -412,7 +389,7 @@ pub async fn transaction(State(state): State<AppState>, req: FhirRequest) -> Res
                 "resourceType",
             ));
         }
-        let response = bundle::process(&state.store, &req.env(&state), b).await?;
+        let response = bundle::process(&req.gate, &state.env, b).await?;
         Ok(FhirResponse::new(StatusCode::OK).with_value(response))
     };
     req.respond(result.await)

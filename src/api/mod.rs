@@ -3,6 +3,7 @@
 //! error in the negotiated format.
 
 mod authenticate;
+pub mod authorization;
 mod capability;
 mod handlers;
 mod request;
@@ -92,7 +93,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metadata", get(metadata))
         // The sender of a document is authenticated by its signature.
         .route("/exchange/documents", post(exchange_document))
-        .merge(crate::auth::router())
+        .merge(authorization::router())
         .merge(fhir)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -31,9 +31,9 @@ pub struct FhirRequest {
     /// Response format, or the error that negotiation produced.
     pub format: std::result::Result<Format, Error>,
     pub pretty: bool,
-    /// What the caller may do (set by the authentication gate; nothing
-    /// when absent).
-    pub access: crate::policy::Access,
+    /// The store as this caller may use it (its access is set by the
+    /// authentication middleware; nothing at all when absent).
+    pub gate: crate::store::Gate,
 }
 
 impl FromRequest<AppState> for FhirRequest {
@@ -77,7 +77,7 @@ impl FromRequest<AppState> for FhirRequest {
             .cloned()
             .unwrap_or_else(crate::policy::Access::none);
         Ok(FhirRequest {
-            access,
+            gate: state.store.gate(access),
             method: parts.method,
             headers: parts.headers,
             params,
@@ -90,11 +90,6 @@ impl FromRequest<AppState> for FhirRequest {
 }
 
 impl FhirRequest {
-    /// The interaction environment for this caller.
-    pub fn env(&self, state: &AppState) -> crate::interaction::Env {
-        state.env.for_caller(self.access.clone())
-    }
-
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }

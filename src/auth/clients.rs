@@ -10,10 +10,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::Row;
 
-use super::scope::{self, Scope};
 use super::{
     now, random_token, secret_eq, sha256_b64, Auth, AuthError, AuthResult, ASSERTION_MAX_TTL,
 };
+use crate::policy::scope::{self, Scope};
 use crate::store::Store;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]

@@ -5,10 +5,9 @@
 //! and gets a [`crate::policy::Access`] back.
 
 pub mod clients;
-pub mod endpoints;
 pub mod keys;
-mod pages;
-pub mod scope;
+
+pub use crate::policy::scope;
 pub mod token;
 pub mod users;
 
@@ -20,12 +19,11 @@ use sha2::{Digest, Sha256};
 
 use crate::store::{Store, StoreError};
 
-pub use endpoints::router;
 pub use keys::Keys;
 pub use token::Principal;
 
 /// Errors of the authorization server, answered as OAuth 2.0 error
-/// responses (RFC 6749 §5.2) in one place ([`endpoints`]).
+/// responses (RFC 6749 §5.2) in one place (`api::authorization`).
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     #[error("{0}")]
@@ -54,6 +52,12 @@ pub enum AuthError {
 impl From<sqlx::Error> for AuthError {
     fn from(e: sqlx::Error) -> Self {
         AuthError::Store(StoreError::Database(e))
+    }
+}
+
+impl From<crate::policy::scope::InvalidScope> for AuthError {
+    fn from(e: crate::policy::scope::InvalidScope) -> Self {
+        AuthError::InvalidScope(e.0)
     }
 }
 
@@ -138,4 +142,26 @@ pub fn sha256_b64(s: &str) -> String {
 pub fn secret_eq(a: &str, b: &str) -> bool {
     use subtle::ConstantTimeEq;
     a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
+}
+
+/// Mints an EHR launch context (`launch` parameter) for a patient and
+/// optionally an encounter.
+pub async fn mint_launch(
+    store: &Store,
+    patient: Option<&str>,
+    encounter: Option<&str>,
+) -> AuthResult<String> {
+    let id = random_token();
+    let mut tx = store.begin().await?;
+    sqlx::query(
+        "INSERT INTO auth_launch (id, patient, encounter, expires) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(&id)
+    .bind(patient)
+    .bind(encounter)
+    .bind(now() + LAUNCH_TTL)
+    .execute(tx.conn())
+    .await?;
+    tx.commit().await?;
+    Ok(id)
 }

@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sqlx::Row;
 
-use super::scope::{self, Scope};
 use super::{now, random_token, sha256_b64, Auth, AuthError, AuthResult, OFFLINE_TTL, SESSION_TTL};
+use crate::policy::scope::{self, Scope};
 use crate::policy::Access;
 
 /// The claims of an ehrx access token.

@@ -21,8 +21,9 @@ use super::{dsig, xenc, ExchangeError};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::fhir::{codec, operation_outcome, Issue};
-use crate::interaction::{self, bundle, Env};
-use crate::store::{Store, StoreError};
+use crate::interaction::{bundle, Env};
+use crate::policy::Access;
+use crate::store::{Gate, Store, StoreError};
 use sha2::Digest as _;
 use sqlx::Row;
 
@@ -137,7 +138,9 @@ async fn claim_and_store(store: &Store, env: &Env, doc: Received) -> Result<Rece
     // The same content received before, or being stored right now?
     let digest = doc.verified.content_digest.clone();
     let query = format!("identifier={DOCUMENT_SYSTEM}|{digest}");
-    match claim(store, &digest, &query, doc.now).await? {
+    // The subscriber adds to the record and sees only what it added.
+    let gate = store.gate(Access::subscriber(&source_of(env, &doc.org)));
+    match claim(store, &gate, &digest, &query, doc.now).await? {
         Claim::Stored(id) => {
             let outcome = operation_outcome(&[Issue::information(format!(
                 "this document (SHA-256 {digest}) was received before and stored as \
@@ -162,7 +165,7 @@ async fn claim_and_store(store: &Store, env: &Env, doc: Received) -> Result<Rece
         }
         Claim::Claimed => {}
     }
-    let result = map_and_store(store, env, doc, query).await;
+    let result = map_and_store(&gate, env, doc, query).await;
     let mut tx = store.begin().await?;
     match &result {
         Ok((_, Some(id))) => {
@@ -184,6 +187,15 @@ async fn claim_and_store(store: &Store, env: &Env, doc: Received) -> Result<Rece
     }
     tx.commit().await?;
     result.map(|(receipt, _)| receipt)
+}
+
+/// The `meta.source` of what a subscriber stores: its Organization's URL.
+fn source_of(env: &Env, org: &str) -> String {
+    format!("{}/{org}", env.base)
+}
+
+fn gate_source(gate: &Gate) -> String {
+    gate.access().source().unwrap_or_default().to_string()
 }
 
 /// A subscriber that requires mutual TLS must have sent the document over a
@@ -238,6 +250,7 @@ const CLAIM_TIMEOUT_SECS: i64 = 600;
 
 async fn claim(
     store: &Store,
+    gate: &Gate,
     digest: &str,
     query: &str,
     now: chrono::DateTime<chrono::Utc>,
@@ -277,7 +290,12 @@ async fn claim(
     }
     // A stale claim: the request may have stored the document and died
     // before recording it, so look before taking the claim over.
-    let found = interaction::find(tx.conn(), "DocumentReference", query).await?;
+    let found = gate
+        .reader()
+        .await?
+        .view()
+        .find("DocumentReference", query)
+        .await?;
     if let Some(existing) = found.first() {
         sqlx::query("UPDATE exchange_receipt SET document_reference = $1 WHERE digest = $2")
             .bind(existing.id.as_str())
@@ -308,7 +326,7 @@ async fn claim(
 /// Decrypts, maps and stores a verified document; returns the answer and the
 /// id of the DocumentReference. The CPU-bound part runs off the runtime.
 async fn map_and_store(
-    store: &Store,
+    gate: &Gate,
     env: &Env,
     doc: Received,
     query: String,
@@ -327,7 +345,17 @@ async fn map_and_store(
     })
     .await
     .map_err(|e| ExchangeError::Worker(e.to_string()))??;
-    let response = bundle::process(store, env, transaction).await?;
+    let mut transaction = transaction;
+    let source = gate_source(gate);
+    for e in transaction["entry"].as_array_mut().into_iter().flatten() {
+        if let Some(r) = e.get_mut("resource").and_then(Value::as_object_mut) {
+            let meta = r.entry("meta").or_insert_with(|| json!({}));
+            if let Some(m) = meta.as_object_mut() {
+                m.insert("source".into(), json!(source));
+            }
+        }
+    }
+    let response = bundle::process(gate, env, transaction).await?;
     let n = all_len(&response);
     if warnings.is_empty() {
         warnings.push(Issue::information(format!(

@@ -363,14 +363,14 @@ pub async fn registered(store: &Store) -> Result<Vec<Registered>, ExchangeError>
 
 /// Registers `cert` for the subscriber organisation.
 pub async fn register(
-    tx: &mut crate::store::Tx,
+    conn: &mut sqlx::AnyConnection,
     organization_id: &str,
     cert: &Cert,
 ) -> Result<(), ExchangeError> {
     let existing =
         sqlx::query("SELECT organization_id FROM exchange_certificate WHERE fingerprint = $1")
             .bind(cert.fingerprint.as_str())
-            .fetch_optional(tx.conn())
+            .fetch_optional(&mut *conn)
             .await
             .map_err(StoreError::from)?;
     if let Some(row) = existing {
@@ -391,7 +391,7 @@ pub async fn register(
     .bind(rfc3339(cert.not_before))
     .bind(rfc3339(cert.not_after))
     .bind(rfc3339(chrono::Utc::now()))
-    .execute(tx.conn())
+    .execute(&mut *conn)
     .await
     .map_err(StoreError::from)?;
     Ok(())
@@ -429,7 +429,7 @@ pub async fn requires_mtls(store: &Store, organization_id: &str) -> Result<bool,
 
 /// Sets the subscriber's mutual-TLS requirement.
 pub async fn set_requires_mtls(
-    tx: &mut crate::store::Tx,
+    conn: &mut sqlx::AnyConnection,
     organization_id: &str,
     required: bool,
 ) -> Result<(), ExchangeError> {
@@ -439,7 +439,7 @@ pub async fn set_requires_mtls(
     )
     .bind(organization_id)
     .bind(required as i64)
-    .execute(tx.conn())
+    .execute(&mut *conn)
     .await
     .map_err(StoreError::from)?;
     Ok(())

@@ -18,10 +18,12 @@ use super::{dsig, xenc, ExchangeError};
 use crate::error::{Error, Result};
 use crate::fhir::codec;
 use crate::interaction::{self, Env};
-use crate::store::Store;
+use crate::store::{Gate, Store};
 
-/// The signed (and, with a recipient, partly encrypted) document, as XML.
+/// The signed (and, with a recipient, partly encrypted) document, as XML:
+/// the patient's record as far as the caller (`gate`) may see it.
 pub async fn signed_document(
+    gate: &Gate,
     store: &Store,
     env: &Env,
     ex: &Exchange,
@@ -68,9 +70,9 @@ pub async fn signed_document(
         }
     };
     let everything = {
-        let mut conn = store.reader().await?;
+        let mut r = gate.reader().await?;
         let params = vec![("_count".to_string(), env.max_count.to_string())];
-        interaction::everything(&mut conn, env, patient_id, &params).await?
+        interaction::everything(&mut r.view(), env, patient_id, &params).await?
     };
     let resources: Vec<Value> = everything["entry"]
         .as_array()

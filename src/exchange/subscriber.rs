@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use super::keys::{self, Cert};
 use crate::error::{Error, Result};
 use crate::interaction;
-use crate::policy::Access;
+use crate::policy::{Access, Maintenance};
 use crate::store::Store;
 
 /// The kinds of subscriber.
@@ -45,7 +45,8 @@ pub async fn add(
     }
     let cert = Cert::parse(cert_pem)?;
     let (code, display) = organization_type(kind);
-    let mut tx = store.begin().await?;
+    let gate = store.gate(Access::maintenance(Maintenance::Subscribers));
+    let mut tx = gate.begin().await?;
     let org_id = interaction::new_id();
     let mut org = json!({
         "resourceType": "Organization",
@@ -69,13 +70,13 @@ pub async fn add(
             "payloadMimeType": ["application/xml"],
             "address": address,
         });
-        let written = interaction::create(&mut tx, &Access::full(), "Endpoint", ep, None).await?;
+        let written = interaction::create(&mut tx, "Endpoint", ep, None).await?;
         org["endpoint"] = json!([{"reference": format!("Endpoint/{}", written.id)}]);
         endpoint_id = Some(written.id);
     }
-    interaction::create_as(&mut tx, &Access::full(), "Organization", &org_id, org).await?;
-    keys::register(&mut tx, &org_id, &cert).await?;
-    keys::set_requires_mtls(&mut tx, &org_id, require_mtls).await?;
+    interaction::create_as(&mut tx, "Organization", &org_id, org).await?;
+    keys::register(tx.own_tables(), &org_id, &cert).await?;
+    keys::set_requires_mtls(tx.own_tables(), &org_id, require_mtls).await?;
     tx.commit().await.map_err(Error::from)?;
     Ok(json!({
         "organization": format!("Organization/{org_id}"),
@@ -99,14 +100,19 @@ fn summary(org_id: &str, cert: &Cert) -> Value {
 pub async fn rotate_cert(store: &Store, organization: &str, cert_pem: &[u8]) -> Result<Value> {
     let org_id = organization.trim_start_matches("Organization/");
     let cert = Cert::parse(cert_pem)?;
-    let mut tx = store.begin().await?;
-    let current = tx.current_for_update("Organization", org_id).await?;
-    if current.map(|v| v.deleted) != Some(false) {
+    let gate = store.gate(Access::maintenance(Maintenance::Subscribers));
+    let mut tx = gate.begin().await?;
+    if tx
+        .current_for_write("Organization", org_id)
+        .await?
+        .live()
+        .is_none()
+    {
         return Err(Error::NotFound(format!(
             "Organization/{org_id} does not exist"
         )));
     }
-    keys::register(&mut tx, org_id, &cert).await?;
+    keys::register(tx.own_tables(), org_id, &cert).await?;
     tx.commit().await.map_err(Error::from)?;
     Ok(summary(org_id, &cert))
 }
@@ -114,14 +120,19 @@ pub async fn rotate_cert(store: &Store, organization: &str, cert_pem: &[u8]) -> 
 /// Sets whether the subscriber must connect with mutual TLS.
 pub async fn require_mtls(store: &Store, organization: &str, required: bool) -> Result<Value> {
     let org_id = organization.trim_start_matches("Organization/");
-    let mut tx = store.begin().await?;
-    let current = tx.current_for_update("Organization", org_id).await?;
-    if current.map(|v| v.deleted) != Some(false) {
+    let gate = store.gate(Access::maintenance(Maintenance::Subscribers));
+    let mut tx = gate.begin().await?;
+    if tx
+        .current_for_write("Organization", org_id)
+        .await?
+        .live()
+        .is_none()
+    {
         return Err(Error::NotFound(format!(
             "Organization/{org_id} does not exist"
         )));
     }
-    keys::set_requires_mtls(&mut tx, org_id, required).await?;
+    keys::set_requires_mtls(tx.own_tables(), org_id, required).await?;
     tx.commit().await.map_err(Error::from)?;
     Ok(json!({"organization": format!("Organization/{org_id}"), "requireMutualTls": required}))
 }

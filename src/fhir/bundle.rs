@@ -14,7 +14,7 @@ pub fn bundle(
     b.insert("id".into(), json!(uuid::Uuid::new_v4().to_string()));
     b.insert(
         "meta".into(),
-        json!({ "lastUpdated": crate::search::format_instant(chrono::Utc::now()) }),
+        json!({ "lastUpdated": crate::fhir::format_instant(chrono::Utc::now()) }),
     );
     b.insert("type".into(), json!(kind));
     if let Some(t) = total {

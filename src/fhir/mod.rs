@@ -12,3 +12,9 @@ pub mod validate;
 
 pub use media::Format;
 pub use outcome::{operation_outcome, Issue};
+
+/// The canonical text form of an instant (`meta.lastUpdated`, and in the
+/// store, where it sorts as text).
+pub fn format_instant(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}

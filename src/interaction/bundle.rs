@@ -14,13 +14,12 @@ use serde_json::{json, Value};
 
 use super::{
     check_type, conditional_delete, conditional_patch, conditional_update, create, create_as,
-    delete, find, new_id, parse_etag, parse_stored, patch, read, search, update, vread, Env,
-    Written,
+    delete, new_id, parse_etag, parse_stored, patch, read, search, update, vread, Env, Written,
 };
 use crate::error::{Error, Result};
 use crate::fhir::bundle::{bundle, etag};
 use crate::fhir::reference;
-use crate::store::{Store, Tx};
+use crate::store::{Gate, Writer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Method {
@@ -255,7 +254,7 @@ fn patch_document(resource: &Value) -> Result<Value> {
 }
 
 /// Processes a `batch` or `transaction` Bundle and returns the response Bundle.
-pub async fn process(store: &Store, env: &Env, bundle_value: Value) -> Result<Value> {
+pub async fn process(gate: &Gate, env: &Env, bundle_value: Value) -> Result<Value> {
     let kind = bundle_value
         .get("type")
         .and_then(Value::as_str)
@@ -273,7 +272,7 @@ pub async fn process(store: &Store, env: &Env, bundle_value: Value) -> Result<Va
                 .enumerate()
                 .map(|(i, e)| parse_entry(i, e, &env.base).map_err(|err| err.in_entry(i)))
                 .collect::<Result<Vec<_>>>()?;
-            let responses = transaction(store, env, entries).await?;
+            let responses = transaction(gate, env, entries).await?;
             Ok(bundle(
                 "transaction-response",
                 None,
@@ -285,7 +284,7 @@ pub async fn process(store: &Store, env: &Env, bundle_value: Value) -> Result<Va
             let mut out = Vec::with_capacity(raw_entries.len());
             for (i, raw) in raw_entries.iter().enumerate() {
                 let result = match parse_entry(i, raw, &env.base) {
-                    Ok(entry) => batch_entry(store, env, entry).await,
+                    Ok(entry) => batch_entry(gate, env, entry).await,
                     Err(e) => Err(e),
                 };
                 out.push(match result {
@@ -311,8 +310,8 @@ fn error_entry(e: &Error) -> Value {
     })
 }
 
-async fn batch_entry(store: &Store, env: &Env, entry: Entry) -> Result<EntryResponse> {
-    let mut tx = store.begin().await?;
+async fn batch_entry(gate: &Gate, env: &Env, entry: Entry) -> Result<EntryResponse> {
+    let mut tx = gate.begin().await?;
     let mut entry = entry;
     let mut map = HashMap::new();
     resolve_conditional_refs(&mut tx, std::slice::from_ref(&entry), &mut map).await?;
@@ -327,7 +326,7 @@ async fn batch_entry(store: &Store, env: &Env, entry: Entry) -> Result<EntryResp
 
 /// Resolves every conditional reference in the entries' resources into `map`.
 async fn resolve_conditional_refs(
-    tx: &mut Tx,
+    tx: &mut Writer,
     entries: &[Entry],
     map: &mut HashMap<String, String>,
 ) -> Result<()> {
@@ -342,7 +341,10 @@ async fn resolve_conditional_refs(
                 continue;
             }
             let (rtype, query) = reference::split_conditional(&r).unwrap_or((&r, ""));
-            let found = find(tx.conn(), rtype, query)
+            check_type(rtype).map_err(|err| err.in_entry(e.index))?;
+            let found = tx
+                .view()
+                .find(rtype, query)
                 .await
                 .map_err(|err| err.in_entry(e.index))?;
             match found.len() {
@@ -368,21 +370,20 @@ async fn resolve_conditional_refs(
 }
 
 /// Carries out one entry. `new_id` is used by a POST.
-async fn perform(tx: &mut Tx, env: &Env, e: &Entry, new_id: &str) -> Result<EntryResponse> {
+async fn perform(tx: &mut Writer, env: &Env, e: &Entry, new_id: &str) -> Result<EntryResponse> {
     let t = &e.target;
-    let a = &env.access;
     let resource = || e.resource.clone().expect("checked in parse_entry");
     Ok(match e.method {
         Method::Post => match &e.if_none_exist {
-            Some(q) => EntryResponse::written(&create(tx, a, &t.rtype, resource(), Some(q)).await?),
-            None => EntryResponse::written(&create_as(tx, a, &t.rtype, new_id, resource()).await?),
+            Some(q) => EntryResponse::written(&create(tx, &t.rtype, resource(), Some(q)).await?),
+            None => EntryResponse::written(&create_as(tx, &t.rtype, new_id, resource()).await?),
         },
         Method::Put => match (&t.id, &t.query) {
             (Some(id), _) => {
-                EntryResponse::written(&update(tx, a, &t.rtype, id, resource(), e.if_match).await?)
+                EntryResponse::written(&update(tx, &t.rtype, id, resource(), e.if_match).await?)
             }
             (None, Some(q)) => EntryResponse::written(
-                &conditional_update(tx, a, &t.rtype, q, resource(), e.if_match).await?,
+                &conditional_update(tx, &t.rtype, q, resource(), e.if_match).await?,
             ),
             (None, None) => unreachable!("checked in parse_entry"),
         },
@@ -390,20 +391,20 @@ async fn perform(tx: &mut Tx, env: &Env, e: &Entry, new_id: &str) -> Result<Entr
             let doc = patch_document(&resource())?;
             match (&t.id, &t.query) {
                 (Some(id), _) => {
-                    EntryResponse::written(&patch(tx, a, &t.rtype, id, &doc, e.if_match).await?)
+                    EntryResponse::written(&patch(tx, &t.rtype, id, &doc, e.if_match).await?)
                 }
                 (None, Some(q)) => EntryResponse::written(
-                    &conditional_patch(tx, a, &t.rtype, q, &doc, e.if_match).await?,
+                    &conditional_patch(tx, &t.rtype, q, &doc, e.if_match).await?,
                 ),
                 (None, None) => unreachable!("checked in parse_entry"),
             }
         }
         Method::Delete => match (&t.id, &t.query) {
             (Some(id), _) => {
-                EntryResponse::deleted(delete(tx, a, &t.rtype, id, e.if_match).await?.as_ref())
+                EntryResponse::deleted(delete(tx, &t.rtype, id, e.if_match).await?.as_ref())
             }
             (None, Some(q)) => {
-                EntryResponse::deleted(conditional_delete(tx, a, &t.rtype, q).await?.as_ref())
+                EntryResponse::deleted(conditional_delete(tx, &t.rtype, q).await?.as_ref())
             }
             (None, None) => unreachable!("checked in parse_entry"),
         },
@@ -411,7 +412,7 @@ async fn perform(tx: &mut Tx, env: &Env, e: &Entry, new_id: &str) -> Result<Entr
             let head = e.method == Method::Head;
             let (status, resource, version) = match (&t.id, &t.version) {
                 (Some(id), None) => {
-                    let v = read(tx.conn(), a, &t.rtype, id).await?;
+                    let v = read(&mut tx.view(), &t.rtype, id).await?;
                     (
                         StatusCode::OK,
                         parse_stored(v.body.as_deref().unwrap_or("{}"))?,
@@ -419,7 +420,7 @@ async fn perform(tx: &mut Tx, env: &Env, e: &Entry, new_id: &str) -> Result<Entr
                     )
                 }
                 (Some(id), Some(vid)) => {
-                    let v = vread(tx.conn(), a, &t.rtype, id, vid).await?;
+                    let v = vread(&mut tx.view(), &t.rtype, id, vid).await?;
                     (
                         StatusCode::OK,
                         parse_stored(v.body.as_deref().unwrap_or("{}"))?,
@@ -431,7 +432,7 @@ async fn perform(tx: &mut Tx, env: &Env, e: &Entry, new_id: &str) -> Result<Entr
                         form_urlencoded::parse(t.query.as_deref().unwrap_or("").as_bytes())
                             .into_owned()
                             .collect();
-                    let b = search(tx.conn(), env, &t.rtype, &params, true).await?;
+                    let b = search(&mut tx.view(), env, &t.rtype, &params, true).await?;
                     (StatusCode::OK, b, None)
                 }
             };
@@ -447,8 +448,15 @@ async fn perform(tx: &mut Tx, env: &Env, e: &Entry, new_id: &str) -> Result<Entr
     })
 }
 
+/// Current resources matching conditional criteria that the caller may
+/// see (none, one, or "several").
+async fn find(tx: &mut Writer, rtype: &str, query: &str) -> Result<Vec<crate::store::Version>> {
+    check_type(rtype)?;
+    tx.view().find(rtype, query).await
+}
+
 async fn transaction(
-    store: &Store,
+    gate: &Gate,
     env: &Env,
     mut entries: Vec<Entry>,
 ) -> Result<Vec<EntryResponse>> {
@@ -466,7 +474,7 @@ async fn transaction(
         }
     }
 
-    let mut tx = store.begin().await?;
+    let mut tx = gate.begin().await?;
     let mut map: HashMap<String, String> = HashMap::new();
     let mut ids: Vec<String> = vec![String::new(); entries.len()];
     let mut responses: Vec<Option<EntryResponse>> = vec![None; entries.len()];
@@ -513,7 +521,7 @@ async fn transaction(
                         ids[i] = ids[first].clone();
                         Some(format!("{}/{}", e.target.rtype, ids[i]))
                     } else {
-                        let found = find(tx.conn(), &e.target.rtype, q)
+                        let found = find(&mut tx, &e.target.rtype, q)
                             .await
                             .map_err(|err| err.in_entry(i))?;
                         match found.len() {
@@ -546,7 +554,7 @@ async fn transaction(
             Method::Put => match (&e.target.id, &e.target.query) {
                 (Some(id), _) => Some(format!("{}/{}", e.target.rtype, id)),
                 (None, Some(q)) => {
-                    let found = find(tx.conn(), &e.target.rtype, q)
+                    let found = find(&mut tx, &e.target.rtype, q)
                         .await
                         .map_err(|err| err.in_entry(i))?;
                     let id = match found.len() {
@@ -603,10 +611,9 @@ async fn transaction(
         if e.method == Method::Post && e.if_none_exist.is_some() && !created.insert(ids[i].clone())
         {
             // Second entry of a duplicated conditional create.
-            let v = crate::store::current(tx.conn(), &e.target.rtype, &ids[i])
+            let v = read(&mut tx.view(), &e.target.rtype, &ids[i])
                 .await
-                .map_err(|err| Error::from(err).in_entry(i))?
-                .ok_or_else(|| Error::NotFound("conditional create vanished".into()).in_entry(i))?;
+                .map_err(|err| err.in_entry(i))?;
             responses[i] = Some(EntryResponse::written(
                 &Written::from_version(&v, StatusCode::OK).map_err(|err| err.in_entry(i))?,
             ));

@@ -1,6 +1,9 @@
 //! The FHIR RESTful interactions (http.html) as plain functions over the
-//! store: no HTTP here, so the API handlers, the batch/transaction processor
-//! and the importer all share one implementation.
+//! caller-scoped store (`store::gate`): no HTTP here, so the API handlers,
+//! the batch/transaction processor, the exchange and the importer all share
+//! one implementation, and none of them reaches a resource the caller may
+//! not see. What the caller may not see answers exactly as what does not
+//! exist.
 
 pub mod bundle;
 mod read;
@@ -9,19 +12,15 @@ mod searchset;
 use axum::http::StatusCode;
 use serde_json::{json, Value};
 
-use crate::auth::scope::Ops;
 use crate::error::{Error, Result};
 use crate::fhir::codec;
 use crate::fhir::types::is_resource_type;
-use crate::policy::Access;
+use crate::policy::scope::Ops;
 use crate::search;
-use crate::store::{self, Tx, Version};
+use crate::store::{self, Found, Version, Writer};
 
 pub use read::{history, read, vread, HistoryParams};
-pub use searchset::{
-    compartment_params, compartment_search, everything, explain, in_compartment_definition, search,
-    system_search,
-};
+pub use searchset::{compartment_search, everything, explain, search, system_search};
 
 /// What the interactions need to know about the server.
 #[derive(Debug, Clone)]
@@ -30,41 +29,33 @@ pub struct Env {
     pub base: String,
     pub default_count: usize,
     pub max_count: usize,
-    /// What the caller may do; every interaction consults it.
-    pub access: Access,
 }
 
 impl Env {
-    /// The server's environment, with unrestricted access (for ehrx's own
-    /// tools; requests get theirs from [`Env::for_caller`]).
     pub fn from_config(config: &crate::config::Config) -> Env {
         Env {
             base: config.base_url(),
             default_count: config.default_count,
             max_count: config.max_count,
-            access: Access::full(),
-        }
-    }
-
-    /// The same environment for one caller.
-    pub fn for_caller(&self, access: Access) -> Env {
-        Env {
-            access,
-            ..self.clone()
         }
     }
 }
 
-/// Checks `op` on a stored version's content (a deletion has none to check
-/// beyond its type).
-pub fn check_version(access: &Access, op: Ops, v: &Version) -> Result<()> {
-    if access.is_unrestricted() {
-        return Ok(());
-    }
-    access.check_type(op, &v.rtype)?;
-    match &v.body {
-        Some(b) if !v.deleted => access.check(op, &v.rtype, &parse_stored(b)?),
-        _ => Ok(()),
+/// The answer for a resource that does not exist or that the caller may
+/// not see: the same in both cases.
+pub fn not_known(rtype: &str, id: &str) -> Error {
+    Error::NotFound(format!("{rtype}/{id} is not known"))
+}
+
+/// The live version of a lookup, or 404 / 410.
+pub fn live(found: Found, rtype: &str, id: &str) -> Result<Version> {
+    match found {
+        Found::Live(v) => Ok(v),
+        Found::Deleted(v) => Err(Error::Gone(format!(
+            "{rtype}/{id} was deleted (version {})",
+            v.version
+        ))),
+        Found::Absent => Err(not_known(rtype, id)),
     }
 }
 
@@ -178,9 +169,11 @@ fn content_of(resource: &Value) -> Value {
     v
 }
 
-/// Stores `resource` as the next version of `rtype/id` after `prev`.
+/// Stores `resource` as the next version of `rtype/id` after `prev`; the
+/// gate checks `op` on it.
 async fn write(
-    tx: &mut Tx,
+    tx: &mut Writer,
+    op: Ops,
     rtype: &str,
     id: &str,
     prev: Option<&Version>,
@@ -212,7 +205,9 @@ async fn write(
     let resource = Value::Object(ordered);
     let rows = search::index::extract(rtype, &resource);
     let body = serde_json::to_string(&resource).map_err(|e| Error::invalid(e.to_string()))?;
-    tx.put_version(
+    tx.put(
+        op,
+        prev,
         &Version {
             rtype: rtype.to_string(),
             id: id.to_string(),
@@ -221,6 +216,7 @@ async fn write(
             deleted: false,
             body: Some(body),
         },
+        Some(&resource),
         &rows,
     )
     .await?;
@@ -239,31 +235,14 @@ async fn write(
     })
 }
 
-/// Current resources matching conditional criteria (at most two are looked
-/// at: none, one, or "several").
-pub async fn find(
-    conn: &mut sqlx::AnyConnection,
-    rtype: &str,
-    query: &str,
-) -> Result<Vec<Version>> {
+/// Current resources matching conditional criteria for a conditional write,
+/// as the caller may see them: first locks the criteria against concurrent
+/// writers of the same criteria, so two cannot both find nothing and both
+/// create.
+async fn find_to_write(tx: &mut Writer, rtype: &str, query: &str) -> Result<Vec<Version>> {
     check_type(rtype)?;
-    let conds = search::parse_conditional(rtype, query, "")?;
-    let q = store::search::Query {
-        rtype: rtype.to_string(),
-        conds,
-        sort: Vec::new(),
-    };
-    let found = store::search::search(conn, &q, None, 2).await?;
-    Ok(found.into_iter().map(|(v, _)| v).collect())
-}
-
-/// [`find`] for a conditional write (`If-None-Exist`, conditional update):
-/// first locks the criteria against concurrent writers of the same
-/// criteria ([`Tx::lock_conditions`]), so two cannot both find nothing and
-/// both create.
-async fn find_to_write(tx: &mut Tx, rtype: &str, query: &str) -> Result<Vec<Version>> {
     tx.lock_conditions(&[format!("{rtype}?{query}")]).await?;
-    find(tx.conn(), rtype, query).await
+    tx.view().find(rtype, query).await
 }
 
 fn several(rtype: &str, query: &str) -> Error {
@@ -272,42 +251,32 @@ fn several(rtype: &str, query: &str) -> Error {
     ))
 }
 
-/// create (POST), optionally conditional on `If-None-Exist`.
+/// create (POST), optionally conditional on `If-None-Exist` (matched
+/// against what the caller may see).
 pub async fn create(
-    tx: &mut Tx,
-    access: &Access,
+    tx: &mut Writer,
     rtype: &str,
     resource: Value,
     if_none_exist: Option<&str>,
 ) -> Result<Written> {
     check_type(rtype)?;
     check_resource_type(rtype, &resource)?;
-    access.check(Ops::CREATE, rtype, &resource)?;
+    tx.access().check(Ops::CREATE, rtype, &resource)?;
     if let Some(query) = if_none_exist {
         let found = find_to_write(tx, rtype, query).await?;
         match found.len() {
             0 => {}
-            1 => {
-                check_version(access, Ops::READ, &found[0])?;
-                return Written::from_version(&found[0], StatusCode::OK);
-            }
+            1 => return Written::from_version(&found[0], StatusCode::OK),
             _ => return Err(several(rtype, query)),
         }
     }
-    write(tx, rtype, &new_id(), None, resource).await
+    write(tx, Ops::CREATE, rtype, &new_id(), None, resource).await
 }
 
 /// create with an id the server already chose (transactions).
-pub async fn create_as(
-    tx: &mut Tx,
-    access: &Access,
-    rtype: &str,
-    id: &str,
-    resource: Value,
-) -> Result<Written> {
+pub async fn create_as(tx: &mut Writer, rtype: &str, id: &str, resource: Value) -> Result<Written> {
     check_resource_type(rtype, &resource)?;
-    access.check(Ops::CREATE, rtype, &resource)?;
-    write(tx, rtype, id, None, resource).await
+    write(tx, Ops::CREATE, rtype, id, None, resource).await
 }
 
 fn check_if_match(current: Option<&Version>, if_match: Option<i64>) -> Result<()> {
@@ -326,12 +295,24 @@ fn check_if_match(current: Option<&Version>, if_match: Option<i64>) -> Result<()
 
 /// update (PUT `Type/id`); creates the resource if it does not exist.
 pub async fn update(
-    tx: &mut Tx,
-    access: &Access,
+    tx: &mut Writer,
     rtype: &str,
     id: &str,
     resource: Value,
     if_match: Option<i64>,
+) -> Result<Written> {
+    update_at(tx, rtype, id, resource, if_match, false).await
+}
+
+/// update; `fresh` when the server chose `id` just now (a conditional
+/// update that matched nothing), so no one can have used it before.
+async fn update_at(
+    tx: &mut Writer,
+    rtype: &str,
+    id: &str,
+    resource: Value,
+    if_match: Option<i64>,
+    fresh: bool,
 ) -> Result<Written> {
     check_type(rtype)?;
     check_id(id)?;
@@ -351,29 +332,39 @@ pub async fn update(
             ))
         }
     }
-    let current = tx.current_for_update(rtype, id).await?;
-    match current.as_ref().filter(|c| !c.deleted) {
-        Some(cur) => {
-            check_version(access, Ops::UPDATE, cur)?;
-            access.check(Ops::UPDATE, rtype, &resource)?;
+    let found = tx.current_for_write(rtype, id).await?;
+    let op = match &found {
+        Found::Live(cur) => {
+            tx.access().check_type(Ops::UPDATE, rtype)?;
+            let stored = parse_stored(cur.body.as_deref().unwrap_or("{}"))?;
+            tx.access().check(Ops::UPDATE, rtype, &stored)?;
+            tx.access().check(Ops::UPDATE, rtype, &resource)?;
+            Ops::UPDATE
         }
-        None => access.check(Ops::CREATE, rtype, &resource)?,
-    }
-    check_if_match(current.as_ref(), if_match)?;
-    if let Some(cur) = current.as_ref().filter(|c| !c.deleted) {
+        Found::Deleted(_) => Ops::CREATE,
+        // An id the caller does not see may still be taken by a resource it
+        // may not see: only a caller who sees every resource of the type
+        // (or the server, for an id it just chose) may create at an id.
+        Found::Absent if fresh || tx.access().sees_whole_type(Ops::READ, Some(rtype)) => {
+            Ops::CREATE
+        }
+        Found::Absent => return Err(not_known(rtype, id)),
+    };
+    tx.access().check(op, rtype, &resource)?;
+    check_if_match(found.version(), if_match)?;
+    if let Found::Live(cur) = &found {
         // An update that changes nothing keeps the current version.
         let stored = parse_stored(cur.body.as_deref().unwrap_or("{}"))?;
         if content_of(&stored) == content_of(&resource) {
             return Written::from_version(cur, StatusCode::OK);
         }
     }
-    write(tx, rtype, id, current.as_ref(), resource).await
+    write(tx, op, rtype, id, found.version(), resource).await
 }
 
 /// conditional update (PUT `Type?criteria`).
 pub async fn conditional_update(
-    tx: &mut Tx,
-    access: &Access,
+    tx: &mut Writer,
     rtype: &str,
     query: &str,
     resource: Value,
@@ -384,8 +375,11 @@ pub async fn conditional_update(
         .get("id")
         .and_then(Value::as_str)
         .map(str::to_string);
-    let id = match found.len() {
-        0 => body_id.unwrap_or_else(new_id),
+    let (id, fresh) = match found.len() {
+        0 => match body_id {
+            Some(b) => (b, false),
+            None => (new_id(), true),
+        },
         1 => {
             let id = found[0].id.clone();
             if let Some(b) = body_id.filter(|b| *b != id) {
@@ -394,33 +388,30 @@ pub async fn conditional_update(
                     format!("{rtype}.id"),
                 ));
             }
-            id
+            (id, false)
         }
         _ => return Err(several(rtype, query)),
     };
     let mut resource = resource;
     resource["id"] = json!(id);
-    update(tx, access, rtype, &id, resource, if_match).await
+    update_at(tx, rtype, &id, resource, if_match, fresh).await
 }
 
-/// delete: writes a tombstone version. Deleting what does not exist (or is
-/// already deleted) succeeds and changes nothing (`None`).
+/// delete: writes a tombstone version. Deleting what does not exist, what
+/// the caller may not see, or what is already deleted succeeds and changes
+/// nothing (`None`).
 pub async fn delete(
-    tx: &mut Tx,
-    access: &Access,
+    tx: &mut Writer,
     rtype: &str,
     id: &str,
     if_match: Option<i64>,
 ) -> Result<Option<Written>> {
     check_type(rtype)?;
     check_id(id)?;
-    access.check_type(Ops::DELETE, rtype)?;
-    let current = tx.current_for_update(rtype, id).await?;
-    if let Some(cur) = &current {
-        check_version(access, Ops::DELETE, cur)?;
-    }
-    check_if_match(current.as_ref(), if_match)?;
-    let Some(cur) = current.filter(|c| !c.deleted) else {
+    tx.access().check_type(Ops::DELETE, rtype)?;
+    let found = tx.current_for_write(rtype, id).await?;
+    check_if_match(found.version(), if_match)?;
+    let Found::Live(cur) = found else {
         return Ok(None);
     };
     let v = Version {
@@ -431,30 +422,36 @@ pub async fn delete(
         deleted: true,
         body: None,
     };
-    tx.put_version(&v, &search::index::Rows::default()).await?;
+    tx.put(
+        Ops::DELETE,
+        Some(&cur),
+        &v,
+        None,
+        &search::index::Rows::default(),
+    )
+    .await?;
     Ok(Some(Written::from_version(&v, StatusCode::NO_CONTENT)?))
 }
 
 /// conditional delete (DELETE `Type?criteria`): none or one match is
 /// deleted; several matches are refused with 412.
 pub async fn conditional_delete(
-    tx: &mut Tx,
-    access: &Access,
+    tx: &mut Writer,
     rtype: &str,
     query: &str,
 ) -> Result<Option<Written>> {
-    let found = find(tx.conn(), rtype, query).await?;
+    check_type(rtype)?;
+    let found = tx.view().find(rtype, query).await?;
     match found.len() {
         0 => Ok(None),
-        1 => delete(tx, access, rtype, &found[0].id, None).await,
+        1 => delete(tx, rtype, &found[0].id, None).await,
         _ => Err(several(rtype, query)),
     }
 }
 
 /// patch with a JSON Patch document (RFC 6902).
 pub async fn patch(
-    tx: &mut Tx,
-    access: &Access,
+    tx: &mut Writer,
     rtype: &str,
     id: &str,
     patch_doc: &Value,
@@ -464,15 +461,12 @@ pub async fn patch(
     check_id(id)?;
     let ops: json_patch::Patch = serde_json::from_value(patch_doc.clone())
         .map_err(|e| Error::invalid(format!("invalid JSON Patch document: {e}")))?;
-    let current = tx.current_for_update(rtype, id).await?;
-    check_if_match(current.as_ref(), if_match)?;
-    let cur = match current {
-        None => return Err(Error::NotFound(format!("{rtype}/{id} does not exist"))),
-        Some(c) if c.deleted => return Err(Error::Gone(format!("{rtype}/{id} has been deleted"))),
-        Some(c) => c,
-    };
-    check_version(access, Ops::UPDATE, &cur)?;
+    tx.access().check_type(Ops::UPDATE, rtype)?;
+    let found = tx.current_for_write(rtype, id).await?;
+    let cur = live(found, rtype, id)?;
+    check_if_match(Some(&cur), if_match)?;
     let mut doc = parse_stored(cur.body.as_deref().unwrap_or("{}"))?;
+    tx.access().check(Ops::UPDATE, rtype, &doc)?;
     json_patch::patch(&mut doc, &ops)
         .map_err(|e| Error::Unprocessable(format!("JSON Patch could not be applied: {e}")))?;
     if doc.get("resourceType").and_then(Value::as_str) != Some(rtype)
@@ -490,23 +484,22 @@ pub async fn patch(
             f.expression.map(|e| format!(" at {e}")).unwrap_or_default()
         ))
     })?;
-    access.check(Ops::UPDATE, rtype, &doc)?;
-    write(tx, rtype, id, Some(&cur), doc).await
+    write(tx, Ops::UPDATE, rtype, id, Some(&cur), doc).await
 }
 
 /// conditional patch (PATCH `Type?criteria`).
 pub async fn conditional_patch(
-    tx: &mut Tx,
-    access: &Access,
+    tx: &mut Writer,
     rtype: &str,
     query: &str,
     patch_doc: &Value,
     if_match: Option<i64>,
 ) -> Result<Written> {
-    let found = find(tx.conn(), rtype, query).await?;
+    check_type(rtype)?;
+    let found = tx.view().find(rtype, query).await?;
     match found.len() {
         0 => Err(Error::NotFound(format!("no {rtype} matches '{query}'"))),
-        1 => patch(tx, access, rtype, &found[0].id.clone(), patch_doc, if_match).await,
+        1 => patch(tx, rtype, &found[0].id.clone(), patch_doc, if_match).await,
         _ => Err(several(rtype, query)),
     }
 }

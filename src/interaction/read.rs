@@ -1,73 +1,38 @@
-//! read, vread, history and search.
+//! read, vread and history, through the caller-scoped store.
 
 use serde_json::{json, Value};
-use sqlx::AnyConnection;
 
-use super::{check_id, check_type, check_version, parse_stored, Env};
-use crate::auth::scope::Ops;
+use super::{check_id, check_type, live, not_known, parse_stored, Env};
 use crate::error::{Error, Result};
 use crate::fhir::bundle::{bundle, etag, paging_links};
-use crate::policy::Access;
+use crate::policy::scope::Ops;
 use crate::search;
-use crate::store::{self, HistoryScope, Version};
+use crate::store::{Found, HistoryScope, Version, View};
 
-/// read: the current version; 404 if it never existed, 410 if deleted.
-pub async fn read(
-    conn: &mut AnyConnection,
-    access: &Access,
-    rtype: &str,
-    id: &str,
-) -> Result<Version> {
+/// read: the current version; 404 if it never existed or the caller may
+/// not see it, 410 if deleted.
+pub async fn read(view: &mut View<'_>, rtype: &str, id: &str) -> Result<Version> {
     check_type(rtype)?;
     check_id(id)?;
-    access.check_type(Ops::READ, rtype)?;
-    let v = read_unchecked(conn, rtype, id).await?;
-    check_version(access, Ops::READ, &v)?;
-    Ok(v)
+    view.access().check_type(Ops::READ, rtype)?;
+    let found = view.current(Ops::READ, rtype, id).await?;
+    live(found, rtype, id)
 }
 
-async fn read_unchecked(conn: &mut AnyConnection, rtype: &str, id: &str) -> Result<Version> {
-    match store::current(conn, rtype, id).await? {
-        None => Err(Error::NotFound(format!("{rtype}/{id} is not known"))),
-        Some(v) if v.deleted => Err(Error::Gone(format!(
-            "{rtype}/{id} was deleted (version {})",
-            v.version
-        ))),
-        Some(v) => Ok(v),
-    }
-}
-
-/// vread: one version; 404 if unknown, 410 if that version is a deletion.
-pub async fn vread(
-    conn: &mut AnyConnection,
-    access: &Access,
-    rtype: &str,
-    id: &str,
-    vid: &str,
-) -> Result<Version> {
+/// vread: one version; 404 if unknown (or not the caller's to see), 410 if
+/// that version is a deletion.
+pub async fn vread(view: &mut View<'_>, rtype: &str, id: &str, vid: &str) -> Result<Version> {
     check_type(rtype)?;
     check_id(id)?;
-    access.check_type(Ops::READ, rtype)?;
-    let v = vread_unchecked(conn, rtype, id, vid).await?;
-    check_version(access, Ops::READ, &v)?;
-    Ok(v)
-}
-
-async fn vread_unchecked(
-    conn: &mut AnyConnection,
-    rtype: &str,
-    id: &str,
-    vid: &str,
-) -> Result<Version> {
-    let n: i64 = vid
-        .parse()
-        .map_err(|_| Error::NotFound(format!("{rtype}/{id} has no version '{vid}'")))?;
-    match store::version(conn, rtype, id, n).await? {
-        None => Err(Error::NotFound(format!("{rtype}/{id} has no version {n}"))),
-        Some(v) if v.deleted => Err(Error::Gone(format!(
+    view.access().check_type(Ops::READ, rtype)?;
+    let missing = || Error::NotFound(format!("{rtype}/{id} has no version '{vid}'"));
+    let n: i64 = vid.parse().map_err(|_| missing())?;
+    match view.version(rtype, id, n).await? {
+        Found::Absent => Err(missing()),
+        Found::Deleted(_) => Err(Error::Gone(format!(
             "version {n} of {rtype}/{id} is a deletion"
         ))),
-        Some(v) => Ok(v),
+        Found::Live(v) => Ok(v),
     }
 }
 
@@ -145,38 +110,35 @@ fn history_entry(env: &Env, v: &Version) -> Result<Value> {
 
 /// history at system, type or instance level, newest first, keyset-paged.
 pub async fn history(
-    conn: &mut AnyConnection,
+    view: &mut View<'_>,
     env: &Env,
     scope: HistoryScope<'_>,
     params: &[(String, String)],
 ) -> Result<Value> {
-    let access = &env.access;
     let path = match &scope {
-        HistoryScope::System => {
-            access.check_whole_type(Ops::SEARCH, None)?;
-            "_history".to_string()
-        }
+        HistoryScope::System => "_history".to_string(),
         HistoryScope::Type(t) => {
             check_type(t)?;
-            access.check_whole_type(Ops::SEARCH, Some(t))?;
             format!("{t}/_history")
         }
         HistoryScope::Instance(t, id) => {
             check_type(t)?;
             check_id(id)?;
-            access.check_type(Ops::READ, t)?;
-            match store::current(conn, t, id).await? {
-                None => return Err(Error::NotFound(format!("{t}/{id} is not known"))),
-                // The resource as it is now decides who may see its past.
-                Some(cur) if !cur.deleted => check_version(access, Ops::READ, &cur)?,
-                Some(_) => {}
-            }
+            view.access().check_type(Ops::READ, t)?;
             format!("{t}/{id}/_history")
         }
     };
     let hp = HistoryParams::parse(params)?;
     let size = page_size(env, hp.count);
-    let mut rows = store::history(conn, &scope, hp.since.as_deref(), hp.cursor, size + 1).await?;
+    let Some(mut rows) = view
+        .history(&scope, hp.since.as_deref(), hp.cursor, size + 1)
+        .await?
+    else {
+        return Err(match scope {
+            HistoryScope::Instance(t, id) => not_known(t, id),
+            _ => Error::NotFound(format!("{path} is not known")),
+        });
+    };
     let more = rows.len() > size;
     rows.truncate(size);
 
@@ -199,7 +161,6 @@ pub async fn history(
     );
     let entries = rows
         .iter()
-        .filter(|(_, v)| check_version(access, Ops::READ, v).is_ok())
         .map(|(_, v)| history_entry(env, v))
         .collect::<Result<Vec<_>>>()?;
     Ok(bundle("history", None, links, entries))

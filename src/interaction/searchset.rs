@@ -3,58 +3,21 @@
 //! paging, and `Patient/{id}/$everything`.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::OnceLock;
 
 use base64::Engine;
 use serde_json::{json, Map, Value};
-use sqlx::AnyConnection;
 
 use super::read::parse_count;
-use super::{check_id, check_type, check_version, parse_stored, Env};
-use crate::auth::scope::Ops;
+use super::{check_id, check_type, parse_stored, Env};
 use crate::error::{Error, Result};
 use crate::fhir::bundle::{bundle, paging_links};
 use crate::fhir::types::is_resource_type;
-use crate::policy::Access;
+use crate::policy::scope::Ops;
+use crate::search::compartment::{self, compartment_params};
+use crate::search::cond::{Bind, Cond, Cursor, Query, Sort};
 use crate::search::registry::{registry, Kind};
 use crate::search::{self, Parsed};
-use crate::store::search::{self as sq, Bind, Cond, Cursor, Query, Sort};
-use crate::store::Dialect;
-use crate::store::Version;
-
-static COMPARTMENTS: &str = include_str!("../../conformance/compartments.json");
-
-/// Compartment type → resource type → parameters placing it there.
-fn compartments() -> &'static HashMap<String, HashMap<String, Vec<String>>> {
-    static C: OnceLock<HashMap<String, HashMap<String, Vec<String>>>> = OnceLock::new();
-    C.get_or_init(|| serde_json::from_str(COMPARTMENTS).unwrap_or_default())
-}
-
-/// Whether the compartment definition of `owner_type` lists `rtype` at all.
-pub fn in_compartment_definition(owner_type: &str, rtype: &str) -> bool {
-    compartments()
-        .get(owner_type)
-        .is_some_and(|c| c.contains_key(rtype))
-}
-
-/// The reference parameters of `rtype` that place it in the compartment
-/// of `owner_type` (only those ehrx indexes).
-pub fn compartment_params(owner_type: &str, rtype: &str) -> Vec<String> {
-    compartments()
-        .get(owner_type)
-        .and_then(|c| c.get(rtype))
-        .map(|ps| {
-            ps.iter()
-                .filter(|p| {
-                    registry()
-                        .get(rtype, p)
-                        .is_some_and(|d| d.kind == Kind::Reference && d.supported())
-                })
-                .cloned()
-                .collect()
-        })
-        .unwrap_or_default()
-}
+use crate::store::{Dialect, Version, View};
 
 /// `_summary` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,29 +201,29 @@ fn parse_control(rtype: &str, params: &[(String, String)]) -> Result<Control> {
 
 /// search on one type (or a compartment of it); see the module docs.
 pub async fn search(
-    conn: &mut AnyConnection,
+    view: &mut View<'_>,
     env: &Env,
     rtype: &str,
     params: &[(String, String)],
     strict: bool,
 ) -> Result<Value> {
-    search_in(conn, env, rtype, None, params, strict).await
+    search_in(view, env, rtype, None, params, strict).await
 }
 
 /// Compartment search: `Patient/123/Observation?…`.
 pub async fn compartment_search(
-    conn: &mut AnyConnection,
+    view: &mut View<'_>,
     env: &Env,
     owner: (&str, &str),
     rtype: &str,
     params: &[(String, String)],
     strict: bool,
 ) -> Result<Value> {
-    search_in(conn, env, rtype, Some(owner), params, strict).await
+    search_in(view, env, rtype, Some(owner), params, strict).await
 }
 
 async fn search_in(
-    conn: &mut AnyConnection,
+    view: &mut View<'_>,
     env: &Env,
     rtype: &str,
     owner: Option<(&str, &str)>,
@@ -269,10 +232,6 @@ async fn search_in(
 ) -> Result<Value> {
     check_type(rtype)?;
     let Parsed { mut conds, applied } = search::parse(rtype, params, strict, &env.base)?;
-    env.access.check_criteria(&conds)?;
-    if let Some(limit) = env.access.search_conds(rtype, &env.base)? {
-        conds.push(limit);
-    }
     let path = match owner {
         Some((ot, oid)) => {
             check_type(ot)?;
@@ -320,14 +279,15 @@ async fn search_in(
     let mut rows = if size == 0 {
         Vec::new()
     } else {
-        sq::search(conn, &query, control.cursor.as_ref(), size + 1).await?
+        view.search(&query, control.cursor.as_ref(), size + 1)
+            .await?
     };
     let more = rows.len() > size;
     let total = match control.total {
         Total::None if control.summary != Summary::Count => None,
         // A first page that holds every match is its own count.
         _ if control.cursor.is_none() && size > 0 && !more => Some(rows.len() as i64),
-        _ => Some(sq::count(conn, &query).await?),
+        _ => Some(view.count(&query).await?),
     };
     rows.truncate(size);
 
@@ -349,9 +309,9 @@ async fn search_in(
         next,
     );
 
-    // The caller's limits are already part of the query (`search_conds`).
+    // The caller's limits are part of every query the view runs.
     let matches: Vec<Version> = rows.into_iter().map(|(v, _)| v).collect();
-    let included = includes(conn, &env.access, &matches, &control).await?;
+    let included = includes(view, &matches, &control).await?;
     let mut entries = Vec::with_capacity(matches.len() + included.len());
     for v in &matches {
         entries.push(entry(env, v, "match", &control)?);
@@ -438,8 +398,7 @@ const MAX_ITERATIONS: usize = 8;
 
 /// `_include` and `_revinclude` (with `:iterate`) for a page of matches.
 async fn includes(
-    conn: &mut AnyConnection,
-    access: &Access,
+    view: &mut View<'_>,
     matches: &[Version],
     control: &Control,
 ) -> Result<Vec<Version>> {
@@ -458,8 +417,9 @@ async fn includes(
         for spec in control.include.iter().filter(|s| round == 0 || s.iterate) {
             if let Some(ids) = by_type.get(spec.source.as_str()) {
                 let params = spec.param.as_ref().map(|p| vec![p.clone()]);
-                for (t, id) in
-                    sq::references_from(conn, &spec.source, ids, params.as_deref()).await?
+                for (t, id) in view
+                    .references_from(&spec.source, ids, params.as_deref())
+                    .await?
                 {
                     if spec.target.as_ref().is_none_or(|x| *x == t) {
                         found.push((t, id));
@@ -477,7 +437,10 @@ async fn includes(
                 if spec.target.as_ref().is_some_and(|x| x != t) {
                     continue;
                 }
-                for id in sq::references_to(conn, &spec.source, params.as_deref(), t, ids).await? {
+                for id in view
+                    .references_to(&spec.source, params.as_deref(), t, ids)
+                    .await?
+                {
                     found.push((spec.source.clone(), id));
                 }
             }
@@ -498,12 +461,7 @@ async fn includes(
         types.sort();
         for (t, ids) in types {
             // What the caller may not read is neither returned nor followed.
-            next.extend(
-                sq::fetch_many(conn, &t, &ids)
-                    .await?
-                    .into_iter()
-                    .filter(|v| check_version(access, Ops::READ, v).is_ok()),
-            );
+            next.extend(view.fetch(&t, &ids).await?);
         }
         out.extend(next.iter().cloned());
         frontier = next;
@@ -522,14 +480,14 @@ fn group(vs: &[Version]) -> HashMap<&str, Vec<String>> {
 /// `Patient/{id}/$everything`: the patient and every resource in its
 /// compartment, paged by (type, id) with no cap and no duplicates.
 pub async fn everything(
-    conn: &mut AnyConnection,
+    view: &mut View<'_>,
     env: &Env,
     id: &str,
     params: &[(String, String)],
 ) -> Result<Value> {
     check_id(id)?;
-    super::read::read(conn, &env.access, "Patient", id).await?;
-    env.access.check_type(Ops::SEARCH, "Patient")?;
+    super::read::read(view, "Patient", id).await?;
+    view.access().check_type(Ops::SEARCH, "Patient")?;
     let mut since = None;
     let mut types: Option<Vec<String>> = None;
     let mut count = None;
@@ -578,10 +536,10 @@ pub async fn everything(
     // The patient first, then every resource of its compartment in
     // (type, id) order, found by one lookup of the references to it.
     let mut pairs: Vec<(String, String)> = Vec::new();
-    if let Some(c) = compartments().get("Patient") {
+    if let Some(c) = compartment::compartments().get("Patient") {
         for t in c.keys() {
             if types.as_ref().is_some_and(|ts| !ts.contains(t))
-                || env.access.check_type(Ops::READ, t).is_err()
+                || view.access().check_type(Ops::READ, t).is_err()
             {
                 continue;
             }
@@ -596,7 +554,7 @@ pub async fn everything(
     let mut page: Vec<Version> = Vec::new();
     let mut patient_first = false;
     if cursor.is_none() && with_patient {
-        for v in sq::fetch_many(conn, "Patient", &[id.to_string()]).await? {
+        for v in view.fetch("Patient", &[id.to_string()]).await? {
             if since.as_ref().is_none_or(|s| v.last_updated >= *s) {
                 page.push(v);
                 patient_first = true;
@@ -607,15 +565,15 @@ pub async fn everything(
         .as_ref()
         .filter(|(t, _)| !t.is_empty())
         .map(|(t, i)| (t.as_str(), i.as_str()));
-    let rows = sq::compartment_page(
-        conn,
-        ("Patient", id),
-        &pairs,
-        since.as_deref(),
-        after,
-        size + 1 - page.len(),
-    )
-    .await?;
+    let rows = view
+        .compartment_page(
+            ("Patient", id),
+            &pairs,
+            since.as_deref(),
+            after,
+            size + 1 - page.len(),
+        )
+        .await?;
     page.extend(rows);
     let more = page.len() > size;
     page.truncate(size);
@@ -652,7 +610,7 @@ fn parse_multi_cursor(v: &str) -> Option<(usize, String)> {
 /// index, id): no cap, no duplicates, and no empty pages. Returns one row
 /// more than `size` when there is a next page.
 async fn multi_page(
-    conn: &mut AnyConnection,
+    view: &mut View<'_>,
     plan: &[Query],
     cursor: Option<&(usize, String)>,
     size: usize,
@@ -668,7 +626,7 @@ async fn multi_page(
             _ => None,
         };
         let want = size + 1 - page.len();
-        let rows = sq::search(conn, q, after.as_ref(), want).await?;
+        let rows = view.search(q, after.as_ref(), want).await?;
         page.extend(rows.into_iter().map(|(v, _)| (i, v)));
         if page.len() > size {
             break;
@@ -680,7 +638,7 @@ async fn multi_page(
 /// System-level search: `GET /?_type=A,B&…` over the listed types, with
 /// the parameters every listed type defines.
 pub async fn system_search(
-    conn: &mut AnyConnection,
+    view: &mut View<'_>,
     env: &Env,
     params: &[(String, String)],
     strict: bool,
@@ -726,11 +684,7 @@ pub async fn system_search(
     let mut plan = Vec::new();
     let mut applied = Vec::new();
     for t in &types {
-        let mut p = search::parse(t, &criteria, strict, &env.base)?;
-        env.access.check_criteria(&p.conds)?;
-        if let Some(limit) = env.access.search_conds(t, &env.base)? {
-            p.conds.push(limit);
-        }
+        let p = search::parse(t, &criteria, strict, &env.base)?;
         applied = p.applied;
         plan.push(Query {
             rtype: t.clone(),
@@ -744,14 +698,14 @@ pub async fn system_search(
     } else {
         let mut n = 0;
         for q in &plan {
-            n += sq::count(conn, q).await?;
+            n += view.count(q).await?;
         }
         Some(n)
     };
     let mut page = if size == 0 {
         Vec::new()
     } else {
-        multi_page(conn, &plan, cursor.as_ref(), size).await?
+        multi_page(view, &plan, cursor.as_ref(), size).await?
     };
     let more = page.len() > size;
     page.truncate(size);
@@ -791,7 +745,6 @@ fn paged_bundle(
     let links = paging_links(&env.base, path, &base_params, cursor, next);
     let entries = page
         .iter()
-        .filter(|v| check_version(&env.access, Ops::READ, v).is_ok())
         .map(|v| {
             Ok(json!({
                 "fullUrl": format!("{}/{}/{}", env.base, v.rtype, v.id),
@@ -806,7 +759,7 @@ fn paged_bundle(
 /// The SQL and query plan(s) of a search given as `Type?query` or
 /// `Patient/ID/$everything` (for `ehrx explain` and BENCHMARKS.md).
 pub async fn explain(
-    conn: &mut AnyConnection,
+    view: &mut View<'_>,
     dialect: Dialect,
     env: &Env,
     request: &str,
@@ -826,7 +779,7 @@ pub async fn explain(
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     if let ["Patient", id, "$everything"] = segs.as_slice() {
         let mut pairs = Vec::new();
-        if let Some(c) = compartments().get("Patient") {
+        if let Some(c) = compartment::compartments().get("Patient") {
             for t in c.keys() {
                 for p in compartment_params("Patient", t) {
                     pairs.push((t.clone(), p));
@@ -835,7 +788,7 @@ pub async fn explain(
         }
         show(
             "$everything (after the patient itself)",
-            sq::explain_compartment_page(conn, dialect, ("Patient", id), &pairs, env.default_count)
+            view.explain_compartment_page(dialect, ("Patient", id), &pairs, env.default_count)
                 .await?,
         );
         return Ok(out);
@@ -853,9 +806,10 @@ pub async fn explain(
         conds: parsed.conds,
         sort: control.sort.clone(),
     };
-    show("matches", sq::explain(conn, dialect, &q, size + 1).await?);
+    show("matches", view.explain(dialect, &q, size + 1).await?);
     if !control.revinclude.is_empty() {
-        let ids: Vec<String> = sq::search(conn, &q, None, size)
+        let ids: Vec<String> = view
+            .search(&q, None, size)
             .await?
             .into_iter()
             .map(|(v, _)| v.id)
@@ -864,15 +818,8 @@ pub async fn explain(
             let params = spec.param.as_ref().map(|p| vec![p.clone()]);
             show(
                 &format!("_revinclude {}", spec.source),
-                sq::explain_references_to(
-                    conn,
-                    dialect,
-                    &spec.source,
-                    params.as_deref(),
-                    rtype,
-                    &ids,
-                )
-                .await?,
+                view.explain_references_to(dialect, &spec.source, params.as_deref(), rtype, &ids)
+                    .await?,
             );
         }
     }

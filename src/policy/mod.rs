@@ -1,34 +1,52 @@
-//! Access decisions: what a caller's granted scopes let it do, as pure
-//! functions over resource types and resource contents.
+//! Access decisions: what a caller may do, as pure functions over resource
+//! types, resource contents and search conditions.
 //!
-//! An [`Access`] is computed once per request from the token (or is
-//! unrestricted when authorization is switched off, and for the server's own
-//! tools). The interaction layer asks it three questions, and only these:
+//! An [`Access`] is computed once per request from the token, or named for
+//! one of ehrx's own maintenance jobs ([`Access::maintenance`]); there is no
+//! unrestricted default. The caller-scoped store (`store::gate`) asks it:
 //! - may this caller do operation X on type T at all ([`Access::check_type`]);
-//! - may it see or write this resource ([`Access::permits`]) — every read,
-//!   included resource, history entry and written resource passes here;
-//! - which search conditions confine a search of type T to what it may see
-//!   ([`Access::search_conds`]), so pages and totals never count what the
-//!   caller cannot read.
+//! - may it see or write this resource ([`Access::permits`]);
+//! - which conditions confine a query of type T — and every chain and `_has`
+//!   sub-select inside it — to what the caller may see ([`Access::confine`]),
+//!   so pages, totals, includes and conditional matches never count what
+//!   the caller cannot read.
 //!
-//! `patient/` scopes bind every rule to the token's patient: a resource type
-//! in the Patient compartment must refer to that patient through one of the
-//! compartment's parameters (the same index rows compartment search uses), a
-//! Patient must be that patient. Types outside the Patient compartment
-//! (Organization, Practitioner, Medication, …) hold no one's record and are
-//! readable under a `patient/` scope for them — except `Binary`, which can
-//! hold any document and is refused. Granular v2 filters
-//! (`?category=…|laboratory`) are limited to token parameters, so the same
-//! test runs in SQL for searches and on the resource for everything else.
+//! `patient/` scopes bind every rule to the token's patient: what each type
+//! of resource may then reach is written down in [`patient_data`] (the
+//! patient's record by its references, shared reference data read-only,
+//! everything else nothing). Granular v2 filters (`?category=…|laboratory`)
+//! are limited to token parameters, so the same test runs in SQL for
+//! searches and on the resource for everything else. An exchange subscriber
+//! creates, and sees only what it created itself (`meta.source`).
+
+pub mod patient_data;
+pub mod scope;
 
 use serde_json::Value;
 
-use crate::auth::scope::{Context, Ops, Scope};
 use crate::error::{Error, Result};
-use crate::interaction::{compartment_params, in_compartment_definition};
+use crate::search::cond::{Bind, Cond, Table, Test};
 use crate::search::index;
 use crate::search::registry::{registry, Kind};
-use crate::store::search::Cond;
+use patient_data::Reach;
+use scope::{Context, Ops, Scope};
+
+/// ehrx's own jobs that act on every resource, each by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Maintenance {
+    /// `ehrx import`: loading Bundles from the operator's files.
+    Import,
+    /// `ehrx explain`: showing a search's SQL and plan to the operator.
+    Explain,
+    /// The sign-up page creating a new patient's own Patient resource.
+    SignUp,
+    /// The consent page listing patients for a practitioner to pick.
+    PatientPicker,
+    /// `auth_disabled = true`: development without tokens.
+    AuthDisabled,
+    /// `ehrx subscriber …`: a subscriber's Organization and Endpoint.
+    Subscribers,
+}
 
 /// One permission of a caller.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,30 +58,33 @@ struct Rule {
     patient: Option<String>,
     /// Token filters (granular scopes): `(param, value)`, all must hold.
     filter: Vec<(String, String)>,
+    /// Only resources whose `meta.source` is this (exchange subscribers).
+    source: Option<String>,
 }
 
 /// What one caller may do.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Access {
-    unrestricted: bool,
+    /// Set for ehrx's own jobs: no limits.
+    maintenance: Option<Maintenance>,
     rules: Vec<Rule>,
     patient: Option<String>,
 }
 
 impl Access {
-    /// No limits: authorization switched off, or ehrx's own tools.
-    pub fn full() -> Access {
+    /// No limits, for one of ehrx's own jobs, named.
+    pub fn maintenance(job: Maintenance) -> Access {
         Access {
-            unrestricted: true,
+            maintenance: Some(job),
             rules: Vec::new(),
             patient: None,
         }
     }
 
-    /// Nothing at all (the default when no token was checked).
+    /// Nothing at all.
     pub fn none() -> Access {
         Access {
-            unrestricted: false,
+            maintenance: None,
             rules: Vec::new(),
             patient: None,
         }
@@ -90,17 +111,44 @@ impl Access {
                 ops: r.ops,
                 patient: bound,
                 filter: r.filter.clone(),
+                source: None,
             });
         }
         Access {
-            unrestricted: false,
+            maintenance: None,
             rules,
             patient: patient.map(str::to_string),
         }
     }
 
+    /// An exchange subscriber: creates resources marked with its `source`
+    /// (`meta.source`), and reads and searches only those.
+    pub fn subscriber(source: &str) -> Access {
+        Access {
+            maintenance: None,
+            rules: vec![Rule {
+                rtype: None,
+                ops: Ops::CREATE.union(Ops::READ).union(Ops::SEARCH),
+                patient: None,
+                filter: Vec::new(),
+                source: Some(source.to_string()),
+            }],
+            patient: None,
+        }
+    }
+
+    /// The `meta.source` a subscriber's access is bound to.
+    pub fn source(&self) -> Option<&str> {
+        self.rules.iter().find_map(|r| r.source.as_deref())
+    }
+
     pub fn is_unrestricted(&self) -> bool {
-        self.unrestricted
+        self.maintenance.is_some()
+    }
+
+    /// The maintenance job this access was made for, if any.
+    pub fn maintenance_job(&self) -> Option<Maintenance> {
+        self.maintenance
     }
 
     /// The patient every `patient/` rule is bound to.
@@ -112,13 +160,18 @@ impl Access {
         self.rules.iter().filter(move |r| {
             r.ops.contains(op)
                 && r.rtype.as_deref().is_none_or(|t| t == rtype)
-                && !(r.patient.is_some() && rtype == "Binary")
+                && (r.patient.is_none()
+                    || match patient_data::reach(rtype) {
+                        Reach::Own(_) => true,
+                        Reach::Shared => op == Ops::READ || op == Ops::SEARCH,
+                        Reach::None => false,
+                    })
         })
     }
 
     /// May the caller do `op` on some resources of `rtype`?
     pub fn check_type(&self, op: Ops, rtype: &str) -> Result<()> {
-        if self.unrestricted || self.rules_for(op, rtype).next().is_some() {
+        if self.is_unrestricted() || self.rules_for(op, rtype).next().is_some() {
             Ok(())
         } else {
             Err(Error::Forbidden(format!(
@@ -131,14 +184,7 @@ impl Access {
     /// May the caller do `op` on every resource of `rtype`, unfiltered
     /// (needed for type- and system-level history)?
     pub fn check_whole_type(&self, op: Ops, rtype: Option<&str>) -> Result<()> {
-        let whole = self.unrestricted
-            || self.rules.iter().any(|r| {
-                r.ops.contains(op)
-                    && r.patient.is_none()
-                    && r.filter.is_empty()
-                    && (r.rtype.is_none() || (rtype.is_some() && r.rtype.as_deref() == rtype))
-            });
-        if whole {
+        if self.sees_whole_type(op, rtype) {
             Ok(())
         } else {
             Err(Error::Forbidden(format!(
@@ -149,9 +195,22 @@ impl Access {
         }
     }
 
-    /// May the caller do `op` on this resource (its current content)?
+    /// Whether some rule lets the caller do `op` on every resource of
+    /// `rtype` (of every type for `None`).
+    pub fn sees_whole_type(&self, op: Ops, rtype: Option<&str>) -> bool {
+        self.is_unrestricted()
+            || self.rules.iter().any(|r| {
+                r.ops.contains(op)
+                    && r.patient.is_none()
+                    && r.filter.is_empty()
+                    && r.source.is_none()
+                    && (r.rtype.is_none() || (rtype.is_some() && r.rtype.as_deref() == rtype))
+            })
+    }
+
+    /// May the caller do `op` on this resource (its content)?
     pub fn permits(&self, op: Ops, rtype: &str, resource: &Value) -> bool {
-        if self.unrestricted {
+        if self.is_unrestricted() {
             return true;
         }
         let mut rows = None;
@@ -159,8 +218,11 @@ impl Access {
             let rows = rows.get_or_insert_with(|| index::extract(rtype, resource));
             r.patient
                 .as_deref()
-                .is_none_or(|p| in_patient_compartment(rtype, resource, rows, p))
+                .is_none_or(|p| belongs_to(rtype, resource, rows, p))
                 && r.filter.iter().all(|(k, v)| token_matches(rows, k, v))
+                && r.source.as_deref().is_none_or(|s| {
+                    resource.pointer("/meta/source").and_then(Value::as_str) == Some(s)
+                })
         })
     }
 
@@ -184,31 +246,41 @@ impl Access {
         }
     }
 
-    /// The condition a search of `rtype` must add so it returns only what
-    /// the caller may see; `None` when the caller sees every resource.
-    pub fn search_conds(&self, rtype: &str, base: &str) -> Result<Option<Cond>> {
-        if self.unrestricted {
+    /// The condition that confines resources of `rtype` to those the
+    /// caller may do `op` on; `None` when it may do it on every one.
+    /// 403 when it may do `op` on none.
+    pub fn conds(&self, op: Ops, rtype: &str) -> Result<Option<Cond>> {
+        if self.is_unrestricted() {
             return Ok(None);
         }
-        self.check_type(Ops::SEARCH, rtype)?;
+        self.check_type(op, rtype)?;
         let mut alts = Vec::new();
-        for r in self.rules_for(Ops::SEARCH, rtype) {
+        for r in self.rules_for(op, rtype) {
             let mut conds = Vec::new();
             if let Some(p) = &r.patient {
-                if rtype == "Patient" {
-                    conds.push(Cond::Ids(vec![p.clone()]));
-                } else if in_compartment_definition("Patient", rtype) {
-                    // No indexed parameter: nothing can be shown as theirs.
-                    conds.push(Cond::RefersTo {
-                        params: compartment_params("Patient", rtype),
-                        target_type: "Patient".into(),
-                        target_id: p.clone(),
+                if let Reach::Own(params) = patient_data::reach(rtype) {
+                    conds.push(if rtype == "Patient" {
+                        Cond::Ids(vec![p.clone()])
+                    } else {
+                        // No indexed parameter: nothing can be shown as theirs.
+                        Cond::RefersTo {
+                            params,
+                            target_type: "Patient".into(),
+                            target_id: p.clone(),
+                        }
                     });
                 }
             }
             if !r.filter.is_empty() {
-                let parsed = crate::search::parse(rtype, &r.filter, true, base)?;
+                let parsed = crate::search::parse(rtype, &r.filter, true, "")?;
                 conds.extend(parsed.conds);
+            }
+            if let Some(s) = &r.source {
+                conds.push(Cond::Index {
+                    table: Table::Uri,
+                    param: "_source".into(),
+                    test: Test::Eq("value", Bind::Text(s.clone())),
+                });
             }
             match conds.len() {
                 // One rule sees everything of this type.
@@ -224,28 +296,58 @@ impl Access {
         }))
     }
 
-    /// Chained parameters and `_has` look into other resource types: the
-    /// caller must be allowed to search each of them.
-    pub fn check_criteria(&self, conds: &[Cond]) -> Result<()> {
-        if self.unrestricted {
+    /// Confines a query of `rtype` for `op`: the caller's condition for
+    /// `rtype` is added, and every chain and `_has` inside `conds` is
+    /// confined the same way to what the caller may search of the types it
+    /// reaches. A chain keeps only the target types the caller may search
+    /// (403 if none is left); `_has` on a type it may not search is 403.
+    pub fn confine(&self, op: Ops, rtype: &str, conds: &mut Vec<Cond>) -> Result<()> {
+        if self.is_unrestricted() {
             return Ok(());
         }
-        for c in conds {
-            match c {
-                Cond::Chain { types, inner, .. } => {
-                    for t in types {
-                        self.check_type(Ops::SEARCH, t)?;
+        for c in conds.iter_mut() {
+            self.confine_inner(c)?;
+        }
+        if let Some(limit) = self.conds(op, rtype)? {
+            conds.push(limit);
+        }
+        Ok(())
+    }
+
+    fn confine_inner(&self, c: &mut Cond) -> Result<()> {
+        match c {
+            Cond::Chain {
+                param,
+                types,
+                inner,
+            } => {
+                let mut alts = Vec::new();
+                let mut refused = None;
+                for t in types.iter() {
+                    let mut sub = inner.clone();
+                    match self.confine(Ops::SEARCH, t, &mut sub) {
+                        Ok(()) => alts.push(Cond::Chain {
+                            param: param.clone(),
+                            types: vec![t.clone()],
+                            inner: sub,
+                        }),
+                        Err(e) => refused = Some(e),
                     }
-                    self.check_criteria(inner)?;
                 }
-                Cond::Has { source, inner, .. } => {
-                    self.check_type(Ops::SEARCH, source)?;
-                    self.check_criteria(inner)?;
-                }
-                Cond::Not(inner) => self.check_criteria(std::slice::from_ref(inner))?,
-                Cond::Or(cs) | Cond::And(cs) => self.check_criteria(cs)?,
-                _ => {}
+                *c = match (alts.len(), refused) {
+                    (0, Some(e)) => return Err(e),
+                    (1, _) => alts.pop().expect("one chain"),
+                    _ => Cond::Or(alts),
+                };
             }
+            Cond::Has { source, inner, .. } => self.confine(Ops::SEARCH, source, inner)?,
+            Cond::Not(inner) => self.confine_inner(inner)?,
+            Cond::Or(cs) | Cond::And(cs) => {
+                for c in cs {
+                    self.confine_inner(c)?;
+                }
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -282,24 +384,19 @@ pub fn grantable_filter(rtype: Option<&str>, filter: &[(String, String)]) -> boo
     })
 }
 
-/// Whether `resource` belongs to the compartment of `Patient/patient`.
-fn in_patient_compartment(
-    rtype: &str,
-    resource: &Value,
-    rows: &index::Rows,
-    patient: &str,
-) -> bool {
-    if rtype == "Patient" {
-        return resource.get("id").and_then(Value::as_str) == Some(patient);
+/// Whether `resource` is `Patient/patient`'s (see [`patient_data`]); shared
+/// reference data belongs to nobody and is allowed.
+fn belongs_to(rtype: &str, resource: &Value, rows: &index::Rows, patient: &str) -> bool {
+    match patient_data::reach(rtype) {
+        Reach::Own(_) if rtype == "Patient" => {
+            resource.get("id").and_then(Value::as_str) == Some(patient)
+        }
+        Reach::Own(params) => rows.references.iter().any(|r| {
+            r.target_type == "Patient" && r.target_id == patient && params.contains(&r.param)
+        }),
+        Reach::Shared => true,
+        Reach::None => false,
     }
-    if !in_compartment_definition("Patient", rtype) {
-        // Not a patient's record (Organization, Medication, …).
-        return true;
-    }
-    let params = compartment_params("Patient", rtype);
-    rows.references
-        .iter()
-        .any(|r| r.target_type == "Patient" && r.target_id == patient && params.contains(&r.param))
 }
 
 /// A token search value (`code`, `system|code`, `|code`, `system|`, with
@@ -321,7 +418,7 @@ fn token_matches(rows: &index::Rows, param: &str, value: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::scope::parse_scopes;
+    use crate::policy::scope::parse_scopes;
     use serde_json::json;
 
     fn access(scopes: &str, patient: Option<&str>) -> Access {
@@ -398,32 +495,122 @@ mod tests {
 
     #[test]
     fn search_conditions_follow_the_rules() {
-        let base = "http://x";
         assert_eq!(
-            Access::full().search_conds("Observation", base).unwrap(),
+            Access::maintenance(Maintenance::Explain)
+                .conds(Ops::SEARCH, "Observation")
+                .unwrap(),
             None
         );
         assert_eq!(
             access("user/*.rs", None)
-                .search_conds("Observation", base)
+                .conds(Ops::SEARCH, "Observation")
                 .unwrap(),
             None
         );
         let a = access("patient/Observation.rs", Some("p1"));
-        match a.search_conds("Observation", base).unwrap() {
+        match a.conds(Ops::SEARCH, "Observation").unwrap() {
             Some(Cond::RefersTo { target_id, .. }) => assert_eq!(target_id, "p1"),
             other => panic!("{other:?}"),
         }
         let a = access("patient/Patient.rs", Some("p1"));
         assert_eq!(
-            a.search_conds("Patient", base).unwrap(),
+            a.conds(Ops::SEARCH, "Patient").unwrap(),
             Some(Cond::Ids(vec!["p1".into()]))
         );
         let a = access("patient/Observation.rs?category=laboratory", Some("p1"));
         assert!(matches!(
-            a.search_conds("Observation", base).unwrap(),
+            a.conds(Ops::SEARCH, "Observation").unwrap(),
             Some(Cond::And(c)) if c.len() == 2
         ));
-        assert!(a.search_conds("Condition", base).is_err());
+        assert!(a.conds(Ops::SEARCH, "Condition").is_err());
+    }
+
+    #[test]
+    fn nothing_is_granted_by_default() {
+        let a = Access::none();
+        assert!(a.check_type(Ops::READ, "Patient").is_err());
+        assert!(a.conds(Ops::SEARCH, "Observation").is_err());
+        assert!(!a.permits(
+            Ops::READ,
+            "Organization",
+            &json!({"resourceType": "Organization", "id": "o"})
+        ));
+    }
+
+    #[test]
+    fn patient_scopes_read_shared_reference_data_but_never_write_it() {
+        let a = access("patient/*.cruds", Some("p1"));
+        let org = json!({"resourceType": "Organization", "id": "o"});
+        assert!(a.permits(Ops::READ, "Organization", &org));
+        assert!(!a.permits(Ops::UPDATE, "Organization", &org));
+        assert!(!a.permits(Ops::CREATE, "Organization", &org));
+        assert!(a.check_type(Ops::DELETE, "Organization").is_err());
+        // Types that are neither the patient's nor shared are out of reach.
+        assert!(a.check_type(Ops::READ, "Binary").is_err());
+    }
+
+    #[test]
+    fn a_chain_is_confined_to_the_types_the_caller_may_search() {
+        let a = access("patient/Observation.rs patient/Patient.rs", Some("p1"));
+        let mut conds = vec![Cond::Chain {
+            param: "subject".into(),
+            types: vec!["Patient".into(), "Group".into()],
+            inner: vec![Cond::Ids(vec!["p2".into()])],
+        }];
+        a.confine(Ops::SEARCH, "Observation", &mut conds).unwrap();
+        assert_eq!(conds.len(), 2, "the chain and the caller's own condition");
+        match &conds[0] {
+            Cond::Chain { types, inner, .. } => {
+                assert_eq!(types, &vec!["Patient".to_string()]);
+                assert!(inner.contains(&Cond::Ids(vec!["p1".into()])));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A chain that reaches only types the caller may not search: 403.
+        let mut conds = vec![Cond::Chain {
+            param: "subject".into(),
+            types: vec!["Group".into()],
+            inner: vec![],
+        }];
+        assert!(a.confine(Ops::SEARCH, "Observation", &mut conds).is_err());
+    }
+
+    #[test]
+    fn has_is_confined_to_the_source_type_the_caller_may_search() {
+        let a = access("patient/Patient.rs patient/Observation.rs", Some("p1"));
+        let mut conds = vec![Cond::Has {
+            source: "Observation".into(),
+            param: "subject".into(),
+            inner: vec![],
+        }];
+        a.confine(Ops::SEARCH, "Patient", &mut conds).unwrap();
+        match &conds[0] {
+            Cond::Has { inner, .. } => assert_eq!(inner.len(), 1),
+            other => panic!("{other:?}"),
+        }
+        let mut conds = vec![Cond::Has {
+            source: "Condition".into(),
+            param: "subject".into(),
+            inner: vec![],
+        }];
+        assert!(a.confine(Ops::SEARCH, "Patient", &mut conds).is_err());
+    }
+
+    #[test]
+    fn a_subscriber_sees_only_what_it_sent() {
+        let a = Access::subscriber("https://h.example/Organization/1");
+        assert_eq!(a.source(), Some("https://h.example/Organization/1"));
+        let mine = json!({"resourceType": "Patient", "id": "x",
+            "meta": {"source": "https://h.example/Organization/1"}});
+        let theirs = json!({"resourceType": "Patient", "id": "y",
+            "meta": {"source": "https://other.example/Organization/2"}});
+        assert!(a.permits(Ops::READ, "Patient", &mine));
+        assert!(!a.permits(Ops::READ, "Patient", &theirs));
+        assert!(!a.permits(Ops::UPDATE, "Patient", &mine));
+        assert!(!a.sees_whole_type(Ops::SEARCH, Some("Patient")));
+        assert!(matches!(
+            a.conds(Ops::SEARCH, "Patient").unwrap(),
+            Some(Cond::Index { .. })
+        ));
     }
 }

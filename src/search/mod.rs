@@ -7,15 +7,16 @@
 //! CapabilityStatement says so. Unknown parameters are an error unless the
 //! client sends `Prefer: handling=lenient`.
 
+pub mod compartment;
+pub mod cond;
 pub mod fhirpath;
 pub mod index;
 pub mod registry;
-pub mod reindex;
 
 use chrono::{DateTime, Duration, NaiveDate, NaiveDateTime, Utc};
 
 use crate::error::{Error, Result};
-use crate::store::search::{Bind, Cond, Sort, SortBy, Table, Test};
+use cond::{Bind, Cond, Sort, SortBy, Table, Test};
 use registry::{registry, Kind, Param};
 
 /// Parameters that shape the response rather than select resources.
@@ -748,10 +749,7 @@ fn split_or(value: &str) -> Vec<String> {
     out
 }
 
-/// The canonical text form of an instant in the store (sorts as text).
-pub fn format_instant(t: DateTime<Utc>) -> String {
-    t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
-}
+pub use crate::fhir::format_instant;
 
 /// Parses a FHIR date/dateTime/instant into the half-open UTC range its
 /// precision denotes.

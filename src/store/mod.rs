@@ -7,8 +7,10 @@
 //! committing rolls everything back, so a failed request changes nothing.
 
 mod checkpoint;
+pub mod gate;
 mod query;
-pub mod search;
+mod reindex;
+mod search;
 pub mod secrets;
 
 use std::sync::{Arc, Once};
@@ -18,7 +20,9 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
+pub use gate::{Found, Gate, Reader, View, Writer};
 pub use query::HistoryScope;
+pub use reindex::reindex;
 
 use crate::search::index::Rows;
 
@@ -186,12 +190,14 @@ impl Store {
         self.pool.close().await;
     }
 
-    /// A connection for reads.
+    /// A connection for ehrx's own tables (accounts, tokens, keys,
+    /// receipts). Resources are reached only through [`Store::gate`].
     pub async fn reader(&self) -> StoreResult<sqlx::pool::PoolConnection<sqlx::Any>> {
         Ok(self.pool.acquire().await?)
     }
 
-    /// Starts a write transaction.
+    /// A write transaction on ehrx's own tables; resources are written only
+    /// through [`Store::gate`].
     pub async fn begin(&self) -> StoreResult<Tx> {
         let guard = match &self.write_lock {
             Some(lock) => Some(lock.clone().lock_owned().await),
@@ -225,7 +231,7 @@ impl Tx {
 
     /// The current version of a resource, locked for update where the
     /// database supports row locks.
-    pub async fn current_for_update(
+    pub(super) async fn current_for_update(
         &mut self,
         rtype: &str,
         id: &str,
@@ -242,7 +248,7 @@ impl Tx {
     /// commit or rollback, and the search that follows sees what the
     /// previous holder committed. Locks are taken in one global order (of
     /// their keys), so transactions locking several never deadlock.
-    pub async fn lock_conditions(&mut self, criteria: &[String]) -> StoreResult<()> {
+    pub(super) async fn lock_conditions(&mut self, criteria: &[String]) -> StoreResult<()> {
         if self.dialect != Dialect::Postgres {
             return Ok(());
         }
@@ -267,7 +273,7 @@ impl Tx {
 
     /// Appends a version (and makes it current), replacing the resource's
     /// search index rows.
-    pub async fn put_version(&mut self, v: &Version, rows: &Rows) -> StoreResult<()> {
+    pub(super) async fn put_version(&mut self, v: &Version, rows: &Rows) -> StoreResult<()> {
         let conn: &mut AnyConnection = &mut self.tx;
         let inserted = sqlx::query(
             "INSERT INTO resource_history (rtype, id, version, last_updated, deleted, body) \
@@ -314,7 +320,12 @@ impl Tx {
     }
 
     /// Replaces the search index rows of a current resource (reindexing).
-    pub async fn replace_index(&mut self, rtype: &str, id: &str, rows: &Rows) -> StoreResult<()> {
+    pub(super) async fn replace_index(
+        &mut self,
+        rtype: &str,
+        id: &str,
+        rows: &Rows,
+    ) -> StoreResult<()> {
         let conn: &mut AnyConnection = &mut self.tx;
         delete_rows(conn, rtype, id).await?;
         insert_rows(conn, rtype, id, rows).await?;
@@ -322,48 +333,9 @@ impl Tx {
     }
 }
 
-/// Read operations, usable on a pooled connection or inside a [`Tx`].
-pub async fn current(
-    conn: &mut AnyConnection,
-    rtype: &str,
-    id: &str,
-) -> StoreResult<Option<Version>> {
-    query::current(conn, rtype, id, false).await
-}
-
-pub async fn version(
-    conn: &mut AnyConnection,
-    rtype: &str,
-    id: &str,
-    version: i64,
-) -> StoreResult<Option<Version>> {
-    let row = sqlx::query(
-        "SELECT rtype, id, version, last_updated, deleted, body FROM resource_history \
-         WHERE rtype = $1 AND id = $2 AND version = $3",
-    )
-    .bind(rtype)
-    .bind(id)
-    .bind(version)
-    .fetch_optional(&mut *conn)
-    .await?;
-    row.map(|r| query::version_from_row(&r)).transpose()
-}
-
-/// History entries, newest first: `(seq, version)`. `before` is a keyset
-/// cursor (a `seq` from a previous page).
-pub async fn history(
-    conn: &mut AnyConnection,
-    scope: &HistoryScope<'_>,
-    since: Option<&str>,
-    before: Option<i64>,
-    limit: usize,
-) -> StoreResult<Vec<(i64, Version)>> {
-    query::history(conn, scope, since, before, limit).await
-}
-
 /// Current, non-deleted resources of every type in (type, id) order,
 /// starting after `after`: for reindexing and exports.
-pub async fn current_page(
+pub(super) async fn current_page(
     conn: &mut AnyConnection,
     after: Option<(&str, &str)>,
     limit: usize,

@@ -89,3 +89,38 @@ pub(super) async fn history(
         .map(|r| Ok((r.try_get::<i64, _>("seq")?, version_from_row(r)?)))
         .collect()
 }
+
+pub(super) async fn version(
+    conn: &mut AnyConnection,
+    rtype: &str,
+    id: &str,
+    version: i64,
+) -> StoreResult<Option<Version>> {
+    let row = sqlx::query(
+        "SELECT rtype, id, version, last_updated, deleted, body FROM resource_history \
+         WHERE rtype = $1 AND id = $2 AND version = $3",
+    )
+    .bind(rtype)
+    .bind(id)
+    .bind(version)
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.map(|r| version_from_row(&r)).transpose()
+}
+
+/// The newest version of `rtype/id` that is not a deletion.
+pub(super) async fn last_live(
+    conn: &mut AnyConnection,
+    rtype: &str,
+    id: &str,
+) -> StoreResult<Option<Version>> {
+    let row = sqlx::query(
+        "SELECT rtype, id, version, last_updated, deleted, body FROM resource_history \
+         WHERE rtype = $1 AND id = $2 AND deleted = 0 ORDER BY version DESC LIMIT 1",
+    )
+    .bind(rtype)
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.map(|r| version_from_row(&r)).transpose()
+}

@@ -10,6 +10,8 @@ use ehrx::server::Server;
 use serde_json::Value;
 use sqlx::Connection;
 
+pub mod smart;
+
 pub struct TestServer {
     pub base: String,
     pub client: reqwest::Client,
@@ -54,10 +56,28 @@ pub fn data_dir() -> PathBuf {
 }
 
 impl TestServer {
-    /// A server with authorization switched off, for tests of FHIR
-    /// behaviour itself.
+    /// A server with authorization on, whose `client` sends every request
+    /// with a real `system/*.cruds` backend-services token: tests of FHIR
+    /// behaviour itself go through the token check and the caller-scoped
+    /// store like any client (restricted tokens: `tests/gate.rs`,
+    /// `tests/smart.rs`).
     pub async fn start() -> TestServer {
-        Self::start_with(|c| c.auth_disabled = true).await
+        let mut s = Self::start_secured().await;
+        s.authorize(&smart::admin_token(&s).await);
+        s
+    }
+
+    /// Sends `token` with every request of `client` from now on.
+    pub fn authorize(&mut self, token: &str) {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().expect("token header"),
+        );
+        self.client = reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .expect("client");
     }
 
     /// A server with authorization on (the default configuration).

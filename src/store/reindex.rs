@@ -1,9 +1,9 @@
 //! Rebuilding the search indexes of every current resource, after an
 //! upgrade that changes what is indexed (`ehrx reindex`).
 
-use crate::store::{self, Store, StoreResult};
+use super::{current_page, Store, StoreResult};
 
-use super::index;
+use crate::search::index;
 
 const BATCH: usize = 500;
 
@@ -15,7 +15,7 @@ pub async fn reindex(store: &Store, mut progress: impl FnMut(u64)) -> StoreResul
     loop {
         let page = {
             let mut conn = store.reader().await?;
-            store::current_page(
+            current_page(
                 &mut conn,
                 after.as_ref().map(|(t, i)| (t.as_str(), i.as_str())),
                 BATCH,

@@ -8,8 +8,12 @@
 
 use std::fmt;
 
-use super::AuthError;
 use crate::fhir::types::is_resource_type;
+
+/// A scope string that is not a valid SMART scope (the reason says why).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidScope(pub String);
 
 /// The five v2 permissions, in their canonical order `c r u d s`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
@@ -171,8 +175,8 @@ impl fmt::Display for Scope {
 }
 
 /// Parses one scope token.
-pub fn parse_scope(s: &str) -> Result<Scope, AuthError> {
-    let bad = |why: &str| AuthError::InvalidScope(format!("'{s}': {why}"));
+pub fn parse_scope(s: &str) -> Result<Scope, InvalidScope> {
+    let bad = |why: &str| InvalidScope(format!("'{s}': {why}"));
     Ok(match s {
         "openid" => Scope::OpenId,
         "fhirUser" => Scope::FhirUser,
@@ -238,7 +242,7 @@ pub fn parse_scope(s: &str) -> Result<Scope, AuthError> {
 }
 
 /// Parses a space-separated scope string; duplicates are dropped.
-pub fn parse_scopes(s: &str) -> Result<Vec<Scope>, AuthError> {
+pub fn parse_scopes(s: &str) -> Result<Vec<Scope>, InvalidScope> {
     let mut out: Vec<Scope> = Vec::new();
     for part in s.split(' ').filter(|p| !p.is_empty()) {
         let sc = parse_scope(part)?;

@@ -1,5 +1,8 @@
-//! HTTP endpoints of the authorization server, and the one place where
-//! [`AuthError`]s become OAuth error responses.
+//! HTTP endpoints of the SMART authorization server (`crate::auth` holds
+//! its logic and tables), and the one place where [`AuthError`]s become
+//! OAuth error responses.
+
+mod pages;
 
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -10,14 +13,15 @@ use axum_extra::extract::cookie::{Cookie, CookieJar, SameSite};
 use serde_json::{json, Value};
 use sqlx::Row;
 
-use super::clients::{self, Client, Credentials};
-use super::scope::{self, Context, Scope};
-use super::token::{self, Grant};
-use super::users::{self, User};
-use super::{
-    now, pages, random_token, secret_eq, sha256_b64, AuthError, AuthResult, CODE_TTL, LAUNCH_TTL,
+use super::AppState;
+use crate::auth::clients::{self, Client, Credentials};
+use crate::auth::token::{self, Grant};
+use crate::auth::users::{self, User};
+use crate::auth::{
+    mint_launch, now, random_token, secret_eq, sha256_b64, AuthError, AuthResult, CODE_TTL,
 };
-use crate::api::AppState;
+use crate::policy::scope::{self, Context, Scope};
+use crate::policy::{Access, Maintenance};
 
 const SESSION_COOKIE: &str = "ehrx_session";
 type Params = Vec<(String, String)>;
@@ -416,15 +420,18 @@ fn needs_picker(a: &Authorization, user: &User) -> bool {
 }
 
 async fn patient_choices(s: &AppState) -> Vec<(String, String)> {
-    let Ok(mut conn) = s.store.reader().await else {
+    let gate = s
+        .store
+        .gate(Access::maintenance(Maintenance::PatientPicker));
+    let Ok(mut r) = gate.reader().await else {
         return Vec::new();
     };
     let params = vec![
         ("_count".to_string(), "50".to_string()),
         ("_sort".to_string(), "family".to_string()),
     ];
-    let env = s.env.as_ref().clone();
-    let Ok(bundle) = crate::interaction::search(&mut conn, &env, "Patient", &params, false).await
+    let Ok(bundle) =
+        crate::interaction::search(&mut r.view(), &s.env, "Patient", &params, false).await
     else {
         return Vec::new();
     };
@@ -615,25 +622,25 @@ async fn signup(State(s): State<AppState>, jar: CookieJar, Form(p): Form<Params>
         "The account could not be created; try again later.".to_string()
     };
     let created = async {
-        let mut tx = s.store.begin().await.map_err(|e| internal(&e))?;
-        let w = crate::interaction::create(
-            &mut tx,
-            &crate::policy::Access::full(),
-            "Patient",
-            patient,
-            None,
+        let gate = s.store.gate(Access::maintenance(Maintenance::SignUp));
+        let mut tx = gate.begin().await.map_err(|e| internal(&e))?;
+        let w = crate::interaction::create(&mut tx, "Patient", patient, None)
+            .await
+            .map_err(|e| match e {
+                crate::error::Error::Store(se) => internal(&se),
+                other => other.to_string(),
+            })?;
+        let user = users::add_in(
+            tx.own_tables(),
+            email,
+            password,
+            &format!("Patient/{}", w.id),
         )
         .await
         .map_err(|e| match e {
-            crate::error::Error::Store(se) => internal(&se),
-            other => other.to_string(),
+            AuthError::InvalidRequest(m) => m,
+            other => internal(&other),
         })?;
-        let user = users::add_in(tx.conn(), email, password, &format!("Patient/{}", w.id))
-            .await
-            .map_err(|e| match e {
-                AuthError::InvalidRequest(m) => m,
-                other => internal(&other),
-            })?;
         tx.commit().await.map_err(|e| internal(&e))?;
         Ok::<_, String>(user)
     }
@@ -705,12 +712,13 @@ async fn consent(State(s): State<AppState>, jar: CookieJar, Form(p): Form<Params
         let Some(pid) = field(&p, "patient").filter(|v| !v.is_empty()) else {
             return render_consent(&s, &a, &user, &sid, &p, Some("Choose a patient.")).await;
         };
-        let exists = match s.store.reader().await {
-            Ok(mut conn) => {
-                crate::interaction::read(&mut conn, &crate::policy::Access::full(), "Patient", pid)
-                    .await
-                    .is_ok()
-            }
+        let gate = s
+            .store
+            .gate(Access::maintenance(Maintenance::PatientPicker));
+        let exists = match gate.reader().await {
+            Ok(mut r) => crate::interaction::read(&mut r.view(), "Patient", pid)
+                .await
+                .is_ok(),
             Err(_) => false,
         };
         if !exists {
@@ -815,7 +823,16 @@ async fn token_grant(
             .await?;
             let row =
                 row.ok_or_else(|| AuthError::InvalidGrant("unknown authorization code".into()))?;
-            if row.try_get::<i64, _>("used")? != 0 {
+            // Single use by compare-and-set: of concurrent redemptions, the
+            // one whose update finds the code unused wins.
+            let won =
+                sqlx::query("UPDATE auth_code SET used = 1 WHERE code_hash = $1 AND used = 0")
+                    .bind(&code_hash)
+                    .execute(tx.conn())
+                    .await?
+                    .rows_affected()
+                    == 1;
+            if !won {
                 // A replayed code: whoever holds it, the grant is burnt.
                 token::revoke_grant(tx.conn(), &code_hash).await?;
                 tx.commit().await?;
@@ -824,10 +841,6 @@ async fn token_grant(
                     "the authorization code was already used".into(),
                 ));
             }
-            sqlx::query("UPDATE auth_code SET used = 1 WHERE code_hash = $1")
-                .bind(&code_hash)
-                .execute(tx.conn())
-                .await?;
             tx.commit().await?;
             if row.try_get::<i64, _>("expires")? < now() {
                 return Err(AuthError::InvalidGrant(
@@ -887,7 +900,19 @@ async fn token_grant(
                     "the refresh token was issued to another client".into(),
                 ));
             }
-            if stored.used {
+            if stored.revoked || stored.expires < now() {
+                return Err(AuthError::InvalidGrant(
+                    "the refresh token is no longer valid".into(),
+                ));
+            }
+            // Single use by compare-and-set, as for codes.
+            let won = sqlx::query("UPDATE auth_token SET used = 1 WHERE id = $1 AND used = 0")
+                .bind(&id)
+                .execute(tx.conn())
+                .await?
+                .rows_affected()
+                == 1;
+            if !won {
                 token::revoke_grant(tx.conn(), &stored.grant_id).await?;
                 tx.commit().await?;
                 tracing::warn!(client = %client.client_id, "refresh token replayed; its grant is revoked");
@@ -895,15 +920,6 @@ async fn token_grant(
                     "the refresh token was already used".into(),
                 ));
             }
-            if stored.revoked || stored.expires < now() {
-                return Err(AuthError::InvalidGrant(
-                    "the refresh token is no longer valid".into(),
-                ));
-            }
-            sqlx::query("UPDATE auth_token SET used = 1 WHERE id = $1")
-                .bind(&id)
-                .execute(tx.conn())
-                .await?;
             tx.commit().await?;
             let held = scope::parse_scopes(&stored.scope)?;
             let scopes = match field(p, "scope") {
@@ -1075,28 +1091,6 @@ async fn revoke(State(s): State<AppState>, headers: HeaderMap, Form(p): Form<Par
     }
 }
 
-/// Mints an EHR launch context (`launch` parameter) for a patient and
-/// optionally an encounter.
-pub async fn mint_launch(
-    store: &crate::store::Store,
-    patient: Option<&str>,
-    encounter: Option<&str>,
-) -> AuthResult<String> {
-    let id = random_token();
-    let mut tx = store.begin().await?;
-    sqlx::query(
-        "INSERT INTO auth_launch (id, patient, encounter, expires) VALUES ($1, $2, $3, $4)",
-    )
-    .bind(&id)
-    .bind(patient)
-    .bind(encounter)
-    .bind(now() + LAUNCH_TTL)
-    .execute(tx.conn())
-    .await?;
-    tx.commit().await?;
-    Ok(id)
-}
-
 /// `POST /auth/launch` `{"patient": "…", "encounter": "…"}` by an EHR user
 /// (a bearer token with a `user/` scope that may read the patient).
 async fn launch(
@@ -1124,9 +1118,9 @@ async fn launch(
         let patient = body.get("patient").and_then(Value::as_str);
         let encounter = body.get("encounter").and_then(Value::as_str);
         if let Some(pid) = patient {
-            let mut conn = s.store.reader().await?;
-            let access = principal.access();
-            crate::interaction::read(&mut conn, &access, "Patient", pid)
+            let gate = s.store.gate(principal.access());
+            let mut r = gate.reader().await?;
+            crate::interaction::read(&mut r.view(), "Patient", pid)
                 .await
                 .map_err(|e| AuthError::AccessDenied(format!("Patient/{pid}: {e}")))?;
         }
