@@ -722,6 +722,12 @@ fn clip(s: &str) -> String {
     }
 }
 
+/// Values to replace by placeholders: `(value, placeholder)`.
+type Substitutions = Vec<(String, String)>;
+
+/// Makes a Bundle entry naming one value (of B's, or of nothing).
+type MakeEntry = Box<dyn Fn(&str) -> Value>;
+
 /// `Ok` if `one` (an answer naming `ones`) and `other` (naming `others`)
 /// are the same answer once each value and its counterpart are one
 /// placeholder.
@@ -733,7 +739,7 @@ fn alike(
     others: &[String],
 ) -> Result<(), String> {
     assert_eq!(ones.len(), others.len());
-    let mut subs: (Vec<(String, String)>, Vec<(String, String)>) = Default::default();
+    let mut subs: (Substitutions, Substitutions) = Default::default();
     for (i, (x, y)) in ones.iter().zip(others).enumerate() {
         subs.0.push((x.clone(), format!("«{i}»")));
         subs.1.push((y.clone(), format!("«{i}»")));
@@ -1367,7 +1373,7 @@ async fn batch_and_transaction_entries_answer_like_for_missing_data() {
         others,
     }];
     let obs_b = w.obs_b[0].clone();
-    let entry_cases: Vec<(&str, &String, Box<dyn Fn(&str) -> Value>)> = vec![
+    let entry_cases: Vec<(&str, &String, MakeEntry)> = vec![
         (
             "transaction",
             &obs_b,

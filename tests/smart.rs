@@ -338,9 +338,10 @@ async fn granular_scopes_limit_an_insurer_to_laboratory_results() {
         get(&s, token, &format!("Observation/{}", w.lab1)).await.0,
         200
     );
+    // What the token may not see answers like what does not exist.
     assert_eq!(
         get(&s, token, &format!("Observation/{}", w.vital1)).await.0,
-        403
+        404
     );
     // Includes never leak: the Encounter and Patient are not in scope.
     let (_, b) = get(
@@ -417,7 +418,7 @@ async fn patient_standalone_launch_with_self_sign_up_and_pkce() {
     let (st, p) = get(&s, token, &format!("Patient/{me}")).await;
     assert_eq!(st, 200);
     assert_eq!(p["name"][0]["family"], "Selfsign");
-    assert_eq!(get(&s, token, &format!("Patient/{}", w.p1)).await.0, 403);
+    assert_eq!(get(&s, token, &format!("Patient/{}", w.p1)).await.0, 404);
     let (_, b2) = get(&s, token, "Patient").await;
     assert_eq!(ids(&b2, "Patient"), vec![me.clone()]);
     let (_, b3) = get(&s, token, "Observation").await;
@@ -609,7 +610,7 @@ async fn ehr_launch_and_practitioner_standalone_launch_bind_the_patient() {
     assert_eq!(b1["total"], 2);
     assert_eq!(
         get(&s, token, &format!("Observation/{}", w.lab2)).await.0,
-        403
+        404
     );
     // Compartment confinement reaches _revinclude, $everything and history.
     let (_, b2) = get(&s, token, "Encounter?_revinclude=Observation:encounter").await;
@@ -765,7 +766,15 @@ async fn transactions_are_confined_entry_by_entry_and_stay_atomic() {
         )
         .await
         .0,
-        403
+        204,
+        "deleting another patient's record answers like deleting a missing one"
+    );
+    assert_eq!(
+        get(&s, &w.admin, &format!("Observation/{}", w.lab2))
+            .await
+            .0,
+        200,
+        "and deletes nothing"
     );
     assert_eq!(
         fhir(

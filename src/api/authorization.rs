@@ -11,7 +11,6 @@ use axum::routing::{get, post};
 use axum::{Form, Json, Router};
 use axum_extra::extract::cookie::{Cookie, CookieJar, SameSite};
 use serde_json::{json, Value};
-use sqlx::Row;
 
 use super::AppState;
 use crate::auth::clients::{self, Client, Credentials};
@@ -22,6 +21,7 @@ use crate::auth::{
 };
 use crate::policy::scope::{self, Context, Scope};
 use crate::policy::{Access, Maintenance};
+use crate::store::auth as db;
 
 const SESSION_COOKIE: &str = "ehrx_session";
 type Params = Vec<(String, String)>;
@@ -332,17 +332,12 @@ async fn check_authorization(
             .reader()
             .await
             .map_err(|e| Refusal::Page(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        let row = sqlx::query(
-            "SELECT patient, encounter FROM auth_launch WHERE id = $1 AND expires > $2",
-        )
-        .bind(launch)
-        .bind(now())
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(|e| Refusal::Page(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let row = db::launch(&mut conn, launch, now())
+            .await
+            .map_err(|e| Refusal::Page(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         let row = row.ok_or_else(|| fail("invalid_request", "unknown or expired launch".into()))?;
-        launch_patient = row.try_get::<Option<String>, _>("patient").ok().flatten();
-        launch_encounter = row.try_get::<Option<String>, _>("encounter").ok().flatten();
+        launch_patient = row.patient;
+        launch_encounter = row.encounter;
     } else if requested.contains(&Scope::Launch) {
         return Err(fail(
             "invalid_request",
@@ -742,23 +737,18 @@ async fn consent(State(s): State<AppState>, jar: CookieJar, Form(p): Form<Params
     let code = random_token();
     let stored = async {
         let mut tx = s.store.begin().await?;
-        sqlx::query(
-            "INSERT INTO auth_code (code_hash, client_id, user_id, redirect_uri, scope, challenge, patient, encounter, nonce, expires, used) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0)",
-        )
-        .bind(sha256_b64(&code))
-        .bind(&a.client.client_id)
-        .bind(&user.id)
-        .bind(&a.redirect_uri)
-        .bind(scope::join(&granted))
-        .bind(&a.challenge)
-        .bind(patient.as_deref())
-        .bind(a.launch_encounter.as_deref())
-        .bind(a.nonce.as_deref())
-        .bind(now() + CODE_TTL)
-        .execute(tx.conn())
-        .await
-        .map_err(crate::store::StoreError::from)?;
+        let row = db::CodeRow {
+            client_id: a.client.client_id.clone(),
+            user_id: user.id.clone(),
+            redirect_uri: a.redirect_uri.clone(),
+            scope: scope::join(&granted),
+            challenge: a.challenge.clone(),
+            patient: patient.clone(),
+            encounter: a.launch_encounter.clone(),
+            nonce: a.nonce.clone(),
+            expires: now() + CODE_TTL,
+        };
+        db::insert_code(tx.conn(), &sha256_b64(&code), &row).await?;
         tx.commit().await?;
         Ok::<_, crate::store::StoreError>(())
     }
@@ -814,24 +804,12 @@ async fn token_grant(
             let redirect_uri = need("redirect_uri")?;
             let code_hash = sha256_b64(code);
             let mut tx = s.store.begin().await?;
-            let row = sqlx::query(
-                "SELECT client_id, user_id, redirect_uri, scope, challenge, patient, encounter, nonce, expires, used \
-                 FROM auth_code WHERE code_hash = $1",
-            )
-            .bind(&code_hash)
-            .fetch_optional(tx.conn())
-            .await?;
+            let row = db::code(tx.conn(), &code_hash).await?;
             let row =
                 row.ok_or_else(|| AuthError::InvalidGrant("unknown authorization code".into()))?;
             // Single use by compare-and-set: of concurrent redemptions, the
             // one whose update finds the code unused wins.
-            let won =
-                sqlx::query("UPDATE auth_code SET used = 1 WHERE code_hash = $1 AND used = 0")
-                    .bind(&code_hash)
-                    .execute(tx.conn())
-                    .await?
-                    .rows_affected()
-                    == 1;
+            let won = db::use_code(tx.conn(), &code_hash).await?;
             if !won {
                 // A replayed code: whoever holds it, the grant is burnt.
                 token::revoke_grant(tx.conn(), &code_hash).await?;
@@ -842,34 +820,30 @@ async fn token_grant(
                 ));
             }
             tx.commit().await?;
-            if row.try_get::<i64, _>("expires")? < now() {
+            if row.expires < now() {
                 return Err(AuthError::InvalidGrant(
                     "the authorization code has expired".into(),
                 ));
             }
-            if row.try_get::<String, _>("client_id")? != client.client_id {
+            if row.client_id != client.client_id {
                 return Err(AuthError::InvalidGrant(
                     "the code was issued to another client".into(),
                 ));
             }
-            if row.try_get::<String, _>("redirect_uri")? != redirect_uri {
+            if row.redirect_uri != redirect_uri {
                 return Err(AuthError::InvalidGrant(
                     "redirect_uri differs from the authorization request".into(),
                 ));
             }
-            if !secret_eq(
-                &sha256_b64(verifier),
-                &row.try_get::<String, _>("challenge")?,
-            ) {
+            if !secret_eq(&sha256_b64(verifier), &row.challenge) {
                 return Err(AuthError::InvalidGrant(
                     "code_verifier does not match the code_challenge".into(),
                 ));
             }
-            let user_id: String = row.try_get("user_id")?;
-            let user = users::get(&s.store, &user_id)
+            let user = users::get(&s.store, &row.user_id)
                 .await?
                 .ok_or_else(|| AuthError::InvalidGrant("the user no longer exists".into()))?;
-            let scopes = scope::parse_scopes(&row.try_get::<String, _>("scope")?)?;
+            let scopes = scope::parse_scopes(&row.scope)?;
             let refresh =
                 scopes.contains(&Scope::OfflineAccess) || scopes.contains(&Scope::OnlineAccess);
             let grant = Grant {
@@ -877,9 +851,9 @@ async fn token_grant(
                 client_id: client.client_id.clone(),
                 user_id: Some(user.id.clone()),
                 fhir_user: Some(user.fhir_user.clone()),
-                patient: row.try_get("patient")?,
-                encounter: row.try_get("encounter")?,
-                nonce: row.try_get("nonce")?,
+                patient: row.patient,
+                encounter: row.encounter,
+                nonce: row.nonce,
                 scopes,
                 refresh,
             };
@@ -906,12 +880,7 @@ async fn token_grant(
                 ));
             }
             // Single use by compare-and-set, as for codes.
-            let won = sqlx::query("UPDATE auth_token SET used = 1 WHERE id = $1 AND used = 0")
-                .bind(&id)
-                .execute(tx.conn())
-                .await?
-                .rows_affected()
-                == 1;
+            let won = db::use_token(tx.conn(), &id).await?;
             if !won {
                 token::revoke_grant(tx.conn(), &stored.grant_id).await?;
                 tx.commit().await?;
@@ -1075,10 +1044,7 @@ async fn revoke(State(s): State<AppState>, headers: HeaderMap, Form(p): Form<Par
             if st.kind == "refresh" {
                 token::revoke_grant(tx.conn(), &st.grant_id).await?;
             } else {
-                sqlx::query("UPDATE auth_token SET revoked = 1 WHERE id = $1")
-                    .bind(&st.id)
-                    .execute(tx.conn())
-                    .await?;
+                db::revoke_token(tx.conn(), &st.id).await?;
             }
         }
         tx.commit().await?;

@@ -8,12 +8,12 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::Row;
 
 use super::{
     now, random_token, secret_eq, sha256_b64, Auth, AuthError, AuthResult, ASSERTION_MAX_TTL,
 };
 use crate::policy::scope::{self, Scope};
+use crate::store::auth as db;
 use crate::store::Store;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -101,48 +101,37 @@ pub async fn register(store: &Store, c: &NewClient) -> AuthResult<(String, Optio
     let client_id = uuid::Uuid::new_v4().to_string();
     let secret = (c.kind == ClientKind::ConfidentialSymmetric).then(random_token);
     let mut tx = store.begin().await?;
-    sqlx::query(
-        "INSERT INTO auth_client (client_id, name, kind, secret_hash, redirect_uris, jwks, jwks_url, scope, created) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-    )
-    .bind(&client_id)
-    .bind(&c.name)
-    .bind(c.kind.as_str())
-    .bind(secret.as_deref().map(sha256_b64))
-    .bind(serde_json::to_string(&c.redirect_uris).unwrap_or_default())
-    .bind(c.jwks.as_ref().map(|j| j.to_string()))
-    .bind(c.jwks_url.as_deref())
-    .bind(&c.scope)
-    .bind(now())
-    .execute(tx.conn())
-    .await?;
+    let row = db::ClientRow {
+        client_id: client_id.clone(),
+        name: c.name.clone(),
+        kind: c.kind.as_str().to_string(),
+        secret_hash: secret.as_deref().map(sha256_b64),
+        redirect_uris: serde_json::to_string(&c.redirect_uris).unwrap_or_default(),
+        jwks: c.jwks.as_ref().map(|j| j.to_string()),
+        jwks_url: c.jwks_url.clone(),
+        scope: c.scope.clone(),
+    };
+    db::insert_client(tx.conn(), &row, now()).await?;
     tx.commit().await?;
     Ok((client_id, secret))
 }
 
 pub async fn get(store: &Store, client_id: &str) -> AuthResult<Option<Client>> {
     let mut conn = store.reader().await?;
-    let row = sqlx::query(
-        "SELECT client_id, name, kind, secret_hash, redirect_uris, jwks, jwks_url, scope FROM auth_client WHERE client_id = $1",
-    )
-    .bind(client_id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some(r) = row else { return Ok(None) };
-    let kind: String = r.try_get("kind")?;
-    let uris: String = r.try_get("redirect_uris")?;
-    let jwks: Option<String> = r.try_get("jwks")?;
-    let scope_text: String = r.try_get("scope")?;
+    let Some(r) = db::client(&mut conn, client_id).await? else {
+        return Ok(None);
+    };
+    let kind = r.kind;
     Ok(Some(Client {
-        client_id: r.try_get("client_id")?,
-        name: r.try_get("name")?,
+        client_id: r.client_id,
+        name: r.name,
         kind: ClientKind::parse(&kind)
             .ok_or_else(|| AuthError::Key(format!("client kind '{kind}'")))?,
-        secret_hash: r.try_get("secret_hash")?,
-        redirect_uris: serde_json::from_str(&uris).unwrap_or_default(),
-        jwks: jwks.and_then(|j| serde_json::from_str(&j).ok()),
-        jwks_url: r.try_get("jwks_url")?,
-        scopes: scope::parse_scopes(&scope_text)?,
+        secret_hash: r.secret_hash,
+        redirect_uris: serde_json::from_str(&r.redirect_uris).unwrap_or_default(),
+        jwks: r.jwks.and_then(|j| serde_json::from_str(&j).ok()),
+        jwks_url: r.jwks_url,
+        scopes: scope::parse_scopes(&r.scope)?,
     }))
 }
 
@@ -326,20 +315,11 @@ async fn authenticate_assertion(
     }
     // Replay: each jti once per client while the assertion could be valid.
     let mut tx = auth.store.begin().await?;
-    sqlx::query("DELETE FROM auth_assertion WHERE expires < $1")
-        .bind(t)
-        .execute(tx.conn())
-        .await?;
-    let inserted = sqlx::query(
-        "INSERT INTO auth_assertion (client_id, jti, expires) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-    )
-    .bind(&client.client_id)
-    .bind(&claims.jti)
-    .bind(claims.exp)
-    .execute(tx.conn())
-    .await?;
+    db::delete_expired_assertions(tx.conn(), t).await?;
+    let inserted =
+        db::record_assertion(tx.conn(), &client.client_id, &claims.jti, claims.exp).await?;
     tx.commit().await?;
-    if inserted.rows_affected() == 0 {
+    if !inserted {
         return Err(bad("client_assertion jti has been used before".into()));
     }
     Ok(client)

@@ -13,9 +13,9 @@ use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
 use rsa::pkcs8::{EncodePrivateKey, LineEnding};
 use serde_json::Value;
-use sqlx::Row;
 
 use super::{now, AuthError, AuthResult, KEY_RETENTION};
+use crate::store::auth as db;
 use crate::store::secrets::Secrets;
 use crate::store::Store;
 
@@ -65,20 +65,9 @@ async fn insert_new(store: &Store) -> AuthResult<String> {
         .map_err(|e| AuthError::Key(e.to_string()))??;
     let mut tx = store.begin().await?;
     let t = now();
-    sqlx::query("UPDATE auth_key SET retired = $1 WHERE retired IS NULL")
-        .bind(t)
-        .execute(tx.conn())
-        .await?;
-    sqlx::query(
-        "INSERT INTO auth_key (kid, alg, private_pem, public_jwk, created, retired) \
-         VALUES ($1, 'RS256', $2, $3, $4, NULL)",
-    )
-    .bind(&kid)
-    .bind(store.secrets().seal(&label(&kid), &pem)?)
-    .bind(jwk.to_string())
-    .bind(t)
-    .execute(tx.conn())
-    .await?;
+    db::retire_keys(tx.conn(), t).await?;
+    let sealed = store.secrets().seal(&label(&kid), &pem)?;
+    db::insert_key(tx.conn(), &kid, &sealed, &jwk.to_string(), t).await?;
     tx.commit().await?;
     Ok(kid)
 }
@@ -103,34 +92,27 @@ impl Keys {
     /// Re-reads the keys (another node or the CLI may have rotated them).
     pub async fn reload(&self, store: &Store) -> AuthResult<()> {
         let mut conn = store.reader().await?;
-        let rows = sqlx::query(
-            "SELECT kid, private_pem, public_jwk, retired FROM auth_key ORDER BY created DESC, kid",
-        )
-        .fetch_all(&mut *conn)
-        .await?;
+        let rows = db::keys(&mut conn).await?;
         drop(conn);
         let secrets = store.secrets();
         let mut keys = Vec::new();
         for r in rows {
-            let kid: String = r.try_get("kid")?;
-            let stored: String = r.try_get("private_pem")?;
+            let kid = r.kid;
+            let stored = r.private_pem;
             let pem = secrets.open(&label(&kid), &stored)?;
             if secrets.sealing() && !Secrets::is_sealed(&stored) {
                 // Stored before a key-encryption key was configured: seal it now.
                 let mut tx = store.begin().await?;
-                sqlx::query("UPDATE auth_key SET private_pem = $1 WHERE kid = $2")
-                    .bind(secrets.seal(&label(&kid), &pem)?)
-                    .bind(&kid)
-                    .execute(tx.conn())
-                    .await?;
+                let sealed = secrets.seal(&label(&kid), &pem)?;
+                db::set_key_private_pem(tx.conn(), &kid, &sealed).await?;
                 tx.commit().await?;
             }
-            let jwk_text: String = r.try_get("public_jwk")?;
+            let jwk_text = r.public_jwk;
             let jwk: Jwk =
                 serde_json::from_str(&jwk_text).map_err(|e| AuthError::Key(e.to_string()))?;
             keys.push(Key {
                 kid,
-                retired: r.try_get("retired")?,
+                retired: r.retired,
                 encoding: EncodingKey::from_rsa_pem(pem.as_bytes())
                     .map_err(|e| AuthError::Key(e.to_string()))?,
                 decoding: DecodingKey::from_jwk(&jwk).map_err(|e| AuthError::Key(e.to_string()))?,

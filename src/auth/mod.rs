@@ -153,15 +153,8 @@ pub async fn mint_launch(
 ) -> AuthResult<String> {
     let id = random_token();
     let mut tx = store.begin().await?;
-    sqlx::query(
-        "INSERT INTO auth_launch (id, patient, encounter, expires) VALUES ($1, $2, $3, $4)",
-    )
-    .bind(&id)
-    .bind(patient)
-    .bind(encounter)
-    .bind(now() + LAUNCH_TTL)
-    .execute(tx.conn())
-    .await?;
+    crate::store::auth::insert_launch(tx.conn(), &id, patient, encounter, now() + LAUNCH_TTL)
+        .await?;
     tx.commit().await?;
     Ok(id)
 }

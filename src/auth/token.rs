@@ -6,11 +6,11 @@
 use jsonwebtoken::{Algorithm, Header, Validation};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sqlx::Row;
 
 use super::{now, random_token, sha256_b64, Auth, AuthError, AuthResult, OFFLINE_TTL, SESSION_TTL};
 use crate::policy::scope::{self, Scope};
 use crate::policy::Access;
+use crate::store::auth as db;
 
 /// The claims of an ehrx access token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -161,23 +161,19 @@ async fn record(
     scope: &str,
     expires: i64,
 ) -> AuthResult<()> {
-    sqlx::query(
-        "INSERT INTO auth_token (id, kind, grant_id, client_id, user_id, fhir_user, scope, patient, encounter, expires, revoked, used, created) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, 0, $11)",
-    )
-    .bind(id)
-    .bind(kind)
-    .bind(&g.grant_id)
-    .bind(&g.client_id)
-    .bind(g.user_id.as_deref())
-    .bind(g.fhir_user.as_deref())
-    .bind(scope)
-    .bind(g.patient.as_deref())
-    .bind(g.encounter.as_deref())
-    .bind(expires)
-    .bind(now())
-    .execute(&mut *conn)
-    .await?;
+    let token = db::NewToken {
+        id,
+        kind,
+        grant_id: &g.grant_id,
+        client_id: &g.client_id,
+        user_id: g.user_id.as_deref(),
+        fhir_user: g.fhir_user.as_deref(),
+        scope,
+        patient: g.patient.as_deref(),
+        encounter: g.encounter.as_deref(),
+        expires,
+    };
+    db::insert_token(conn, &token, now()).await?;
     Ok(())
 }
 
@@ -207,13 +203,9 @@ pub async fn verify(auth: &Auth, token: &str) -> AuthResult<Principal> {
         })
     })?;
     let mut conn = auth.store.reader().await?;
-    let row = sqlx::query("SELECT revoked FROM auth_token WHERE id = $1 AND kind = 'access'")
-        .bind(&data.claims.jti)
-        .fetch_optional(&mut *conn)
-        .await?;
-    match row {
-        Some(r) if r.try_get::<i64, _>("revoked")? == 0 => {}
-        Some(_) => return Err(bad("the token has been revoked")),
+    match db::access_token_revoked(&mut conn, &data.claims.jti).await? {
+        Some(false) => {}
+        Some(true) => return Err(bad("the token has been revoked")),
         None => return Err(bad("the token is unknown to this server")),
     }
     let scopes = scope::parse_scopes(&data.claims.scope)
@@ -227,55 +219,15 @@ pub async fn verify(auth: &Auth, token: &str) -> AuthResult<Principal> {
 /// Revokes every token of one authorization (a replayed code or refresh
 /// token means it leaked).
 pub async fn revoke_grant(conn: &mut sqlx::AnyConnection, grant_id: &str) -> AuthResult<()> {
-    sqlx::query("UPDATE auth_token SET revoked = 1 WHERE grant_id = $1")
-        .bind(grant_id)
-        .execute(&mut *conn)
-        .await?;
+    db::revoke_grant(conn, grant_id).await?;
     Ok(())
 }
 
 /// A stored token (access by `jti`, refresh by hash).
-#[derive(Debug, Clone)]
-pub struct Stored {
-    pub id: String,
-    pub kind: String,
-    pub grant_id: String,
-    pub client_id: String,
-    pub user_id: Option<String>,
-    pub fhir_user: Option<String>,
-    pub scope: String,
-    pub patient: Option<String>,
-    pub encounter: Option<String>,
-    pub expires: i64,
-    pub created: i64,
-    pub revoked: bool,
-    pub used: bool,
-}
+pub use db::TokenRow as Stored;
 
 pub async fn find(conn: &mut sqlx::AnyConnection, id: &str) -> AuthResult<Option<Stored>> {
-    let row = sqlx::query(
-        "SELECT id, kind, grant_id, client_id, user_id, fhir_user, scope, patient, encounter, expires, created, revoked, used \
-         FROM auth_token WHERE id = $1",
-    )
-    .bind(id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some(r) = row else { return Ok(None) };
-    Ok(Some(Stored {
-        id: r.try_get("id")?,
-        kind: r.try_get("kind")?,
-        grant_id: r.try_get("grant_id")?,
-        client_id: r.try_get("client_id")?,
-        user_id: r.try_get("user_id")?,
-        fhir_user: r.try_get("fhir_user")?,
-        scope: r.try_get("scope")?,
-        patient: r.try_get("patient")?,
-        encounter: r.try_get("encounter")?,
-        expires: r.try_get("expires")?,
-        created: r.try_get("created")?,
-        revoked: r.try_get::<i64, _>("revoked")? != 0,
-        used: r.try_get::<i64, _>("used")? != 0,
-    }))
+    Ok(db::token(conn, id).await?)
 }
 
 /// The stored record of a token as presented: a JWT access token by its

@@ -6,9 +6,9 @@ use argon2::password_hash::{
     rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
 };
 use argon2::Argon2;
-use sqlx::Row;
 
 use super::{now, random_token, sha256_b64, AuthError, AuthResult, SESSION_TTL};
+use crate::store::auth as db;
 use crate::store::Store;
 
 #[derive(Debug, Clone)]
@@ -94,45 +94,31 @@ pub async fn add_in(
     .await
     .map_err(|e| AuthError::Key(e.to_string()))?
     .map_err(|e| AuthError::Key(e.to_string()))?;
-    let id = uuid::Uuid::new_v4().to_string();
-    let r = sqlx::query(
-        "INSERT INTO auth_user (id, username, password_hash, fhir_user, created) VALUES ($1, $2, $3, $4, $5) \
-         ON CONFLICT (username) DO NOTHING",
-    )
-    .bind(&id)
-    .bind(&username)
-    .bind(&hash)
-    .bind(fhir_user)
-    .bind(now())
-    .execute(&mut *conn)
-    .await?;
-    if r.rows_affected() == 0 {
-        return Err(AuthError::InvalidRequest(format!(
-            "the username '{username}' is taken"
-        )));
-    }
-    Ok(User {
-        id,
+    let row = db::UserRow {
+        id: uuid::Uuid::new_v4().to_string(),
         username,
         fhir_user: fhir_user.to_string(),
-    })
+    };
+    if !db::insert_user(conn, &row, &hash, now()).await? {
+        return Err(AuthError::InvalidRequest(format!(
+            "the username '{}' is taken",
+            row.username
+        )));
+    }
+    Ok(user_from_row(row))
 }
 
-fn user_from_row(r: &sqlx::any::AnyRow) -> AuthResult<User> {
-    Ok(User {
-        id: r.try_get("id")?,
-        username: r.try_get("username")?,
-        fhir_user: r.try_get("fhir_user")?,
-    })
+fn user_from_row(r: db::UserRow) -> User {
+    User {
+        id: r.id,
+        username: r.username,
+        fhir_user: r.fhir_user,
+    }
 }
 
 pub async fn get(store: &Store, id: &str) -> AuthResult<Option<User>> {
     let mut conn = store.reader().await?;
-    let row = sqlx::query("SELECT id, username, fhir_user FROM auth_user WHERE id = $1")
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?;
-    row.as_ref().map(user_from_row).transpose()
+    Ok(db::user(&mut conn, id).await?.map(user_from_row))
 }
 
 /// Checks a username and password. Unknown users cost the same time as
@@ -140,18 +126,10 @@ pub async fn get(store: &Store, id: &str) -> AuthResult<Option<User>> {
 pub async fn login(store: &Store, username: &str, password: &str) -> AuthResult<Option<User>> {
     let username = username.trim().to_lowercase();
     let mut conn = store.reader().await?;
-    let row = sqlx::query(
-        "SELECT id, username, fhir_user, password_hash FROM auth_user WHERE username = $1",
-    )
-    .bind(&username)
-    .fetch_optional(&mut *conn)
-    .await?;
+    let row = db::user_with_password(&mut conn, &username).await?;
     drop(conn);
-    let (user, hash) = match &row {
-        Some(r) => (
-            Some(user_from_row(r)?),
-            r.try_get::<String, _>("password_hash")?,
-        ),
+    let (user, hash) = match row {
+        Some((user, hash)) => (Some(user_from_row(user)), hash),
         None => (None, dummy_hash()),
     };
     let pw = password.to_string();
@@ -183,16 +161,8 @@ fn dummy_hash() -> String {
 pub async fn start_session(store: &Store, user_id: &str) -> AuthResult<String> {
     let value = random_token();
     let mut tx = store.begin().await?;
-    sqlx::query("DELETE FROM auth_session WHERE expires < $1")
-        .bind(now())
-        .execute(tx.conn())
-        .await?;
-    sqlx::query("INSERT INTO auth_session (id_hash, user_id, expires) VALUES ($1, $2, $3)")
-        .bind(sha256_b64(&value))
-        .bind(user_id)
-        .bind(now() + SESSION_TTL)
-        .execute(tx.conn())
-        .await?;
+    db::delete_expired_sessions(tx.conn(), now()).await?;
+    db::insert_session(tx.conn(), &sha256_b64(&value), user_id, now() + SESSION_TTL).await?;
     tx.commit().await?;
     Ok(value)
 }
@@ -200,24 +170,17 @@ pub async fn start_session(store: &Store, user_id: &str) -> AuthResult<String> {
 /// The user of a session cookie, if it is live.
 pub async fn session_user(store: &Store, cookie: &str) -> AuthResult<Option<User>> {
     let mut conn = store.reader().await?;
-    let row = sqlx::query("SELECT user_id FROM auth_session WHERE id_hash = $1 AND expires > $2")
-        .bind(sha256_b64(cookie))
-        .bind(now())
-        .fetch_optional(&mut *conn)
-        .await?;
+    let user_id = db::session_user_id(&mut conn, &sha256_b64(cookie), now()).await?;
     drop(conn);
-    match row {
-        Some(r) => get(store, &r.try_get::<String, _>("user_id")?).await,
+    match user_id {
+        Some(id) => get(store, &id).await,
         None => Ok(None),
     }
 }
 
 pub async fn end_session(store: &Store, cookie: &str) -> AuthResult<()> {
     let mut tx = store.begin().await?;
-    sqlx::query("DELETE FROM auth_session WHERE id_hash = $1")
-        .bind(sha256_b64(cookie))
-        .execute(tx.conn())
-        .await?;
+    db::delete_session(tx.conn(), &sha256_b64(cookie)).await?;
     tx.commit().await?;
     Ok(())
 }

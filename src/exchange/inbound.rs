@@ -23,9 +23,9 @@ use crate::error::{Error, Result};
 use crate::fhir::{codec, operation_outcome, Issue};
 use crate::interaction::{bundle, Env};
 use crate::policy::Access;
-use crate::store::{Gate, Store, StoreError};
+use crate::store::exchange as db;
+use crate::store::{Gate, Store};
 use sha2::Digest as _;
-use sqlx::Row;
 
 /// Identifier system of received documents: the SHA-256 of their signed,
 /// canonicalized content (the same document signed twice is one document).
@@ -169,20 +169,11 @@ async fn claim_and_store(store: &Store, env: &Env, doc: Received) -> Result<Rece
     let mut tx = store.begin().await?;
     match &result {
         Ok((_, Some(id))) => {
-            sqlx::query("UPDATE exchange_receipt SET document_reference = $1 WHERE digest = $2")
-                .bind(id.as_str())
-                .bind(digest.as_str())
-                .execute(tx.conn())
-                .await
-                .map_err(StoreError::from)?;
+            db::set_receipt_document(tx.conn(), digest.as_str(), id.as_str()).await?;
         }
         // Nothing was stored: the document may be sent again.
         _ => {
-            sqlx::query("DELETE FROM exchange_receipt WHERE digest = $1")
-                .bind(digest.as_str())
-                .execute(tx.conn())
-                .await
-                .map_err(StoreError::from)?;
+            db::delete_receipt(tx.conn(), digest.as_str()).await?;
         }
     }
     tx.commit().await?;
@@ -257,28 +248,14 @@ async fn claim(
 ) -> Result<Claim> {
     let stamp = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let mut tx = store.begin().await?;
-    let inserted = sqlx::query(
-        "INSERT INTO exchange_receipt (digest, claimed, document_reference) VALUES ($1, $2, NULL) \
-         ON CONFLICT (digest) DO NOTHING",
-    )
-    .bind(digest)
-    .bind(stamp.as_str())
-    .execute(tx.conn())
-    .await
-    .map_err(StoreError::from)?
-    .rows_affected();
-    if inserted == 1 {
+    if db::insert_receipt(tx.conn(), digest, stamp.as_str()).await? {
         tx.commit().await?;
         return Ok(Claim::Claimed);
     }
-    let row =
-        sqlx::query("SELECT claimed, document_reference FROM exchange_receipt WHERE digest = $1")
-            .bind(digest)
-            .fetch_one(tx.conn())
-            .await
-            .map_err(StoreError::from)?;
-    let claimed: String = row.try_get(0).map_err(StoreError::from)?;
-    let stored: Option<String> = row.try_get(1).map_err(StoreError::from)?;
+    let db::ReceiptRow {
+        claimed,
+        document_reference: stored,
+    } = db::receipt(tx.conn(), digest).await?;
     if let Some(id) = stored {
         return Ok(Claim::Stored(id));
     }
@@ -297,30 +274,13 @@ async fn claim(
         .find("DocumentReference", query)
         .await?;
     if let Some(existing) = found.first() {
-        sqlx::query("UPDATE exchange_receipt SET document_reference = $1 WHERE digest = $2")
-            .bind(existing.id.as_str())
-            .bind(digest)
-            .execute(tx.conn())
-            .await
-            .map_err(StoreError::from)?;
+        db::set_receipt_document(tx.conn(), digest, existing.id.as_str()).await?;
         tx.commit().await?;
         return Ok(Claim::Stored(existing.id.clone()));
     }
-    let taken =
-        sqlx::query("UPDATE exchange_receipt SET claimed = $1 WHERE digest = $2 AND claimed = $3")
-            .bind(stamp.as_str())
-            .bind(digest)
-            .bind(claimed.as_str())
-            .execute(tx.conn())
-            .await
-            .map_err(StoreError::from)?
-            .rows_affected();
+    let taken = db::take_over_claim(tx.conn(), digest, claimed.as_str(), stamp.as_str()).await?;
     tx.commit().await?;
-    Ok(if taken == 1 {
-        Claim::Claimed
-    } else {
-        Claim::Busy
-    })
+    Ok(if taken { Claim::Claimed } else { Claim::Busy })
 }
 
 /// Decrypts, maps and stores a verified document; returns the answer and the

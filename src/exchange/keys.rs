@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use rsa::pkcs8::{DecodePrivateKey, EncodePrivateKey, LineEnding};
 use sha2::{Digest, Sha256};
-use sqlx::Row;
 use x509_cert::der::{Decode, DecodePem, Encode, EncodePem};
 use x509_cert::Certificate;
 
 use super::ExchangeError;
+use crate::store::exchange as db;
 use crate::store::secrets::Secrets;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 
 /// A public key that can check an XML signature.
 #[derive(Clone, Debug)]
@@ -270,17 +270,11 @@ async fn stored_or_generated(
     let (pem, cert) = super::blocking(move || generate(kind, "CN=ehrx exchange", 10)).await?;
     let mut tx = store.begin().await?;
     // Two processes starting at once: the first row wins, both use it.
-    sqlx::query(
-        "INSERT INTO exchange_key (id, private_key_pem, certificate_pem, created) \
-         VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(kind as i64)
-    .bind(store.secrets().seal(&kind.label(), &pem)?)
-    .bind(cert.to_pem())
-    .bind(rfc3339(chrono::Utc::now()))
-    .execute(tx.conn())
-    .await
-    .map_err(StoreError::from)?;
+    let row = db::KeyRow {
+        private_key_pem: store.secrets().seal(&kind.label(), &pem)?,
+        certificate_pem: cert.to_pem(),
+    };
+    db::insert_key(tx.conn(), kind as i64, &row, &rfc3339(chrono::Utc::now())).await?;
     tx.commit().await?;
     load_key(store, kind)
         .await?
@@ -289,27 +283,18 @@ async fn stored_or_generated(
 
 async fn load_key(store: &Store, kind: KeyKind) -> Result<Option<(String, Cert)>, ExchangeError> {
     let mut conn = store.reader().await?;
-    let row =
-        sqlx::query("SELECT private_key_pem, certificate_pem FROM exchange_key WHERE id = $1")
-            .bind(kind as i64)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(StoreError::from)?;
-    let Some(row) = row else { return Ok(None) };
-    let stored: String = row.try_get(0).map_err(StoreError::from)?;
-    let cert_pem: String = row.try_get(1).map_err(StoreError::from)?;
+    let Some(row) = db::key(&mut conn, kind as i64).await? else {
+        return Ok(None);
+    };
+    let (stored, cert_pem) = (row.private_key_pem, row.certificate_pem);
     drop(conn);
     let secrets = store.secrets();
     let key_pem = secrets.open(&kind.label(), &stored)?;
     if secrets.sealing() && !Secrets::is_sealed(&stored) {
         // Stored before a key-encryption key was configured: seal it now.
         let mut tx = store.begin().await?;
-        sqlx::query("UPDATE exchange_key SET private_key_pem = $1 WHERE id = $2")
-            .bind(secrets.seal(&kind.label(), &key_pem)?)
-            .bind(kind as i64)
-            .execute(tx.conn())
-            .await
-            .map_err(StoreError::from)?;
+        let sealed = secrets.seal(&kind.label(), &key_pem)?;
+        db::set_key_private_pem(tx.conn(), kind as i64, &sealed).await?;
         tx.commit().await?;
     }
     Ok(Some((key_pem, Cert::parse(cert_pem.as_bytes())?)))
@@ -340,22 +325,13 @@ impl Registered {
 /// refusal can say why).
 pub async fn registered(store: &Store) -> Result<Vec<Registered>, ExchangeError> {
     let mut conn = store.reader().await?;
-    let rows = sqlx::query(
-        "SELECT organization_id, certificate_pem, revoked FROM exchange_certificate \
-         ORDER BY organization_id, not_before",
-    )
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(StoreError::from)?;
+    let rows = db::certificates(&mut conn).await?;
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
-        let organization_id: String = row.try_get(0).map_err(StoreError::from)?;
-        let pem: String = row.try_get(1).map_err(StoreError::from)?;
-        let revoked: Option<String> = row.try_get(2).map_err(StoreError::from)?;
         out.push(Registered {
-            organization_id,
-            cert: Cert::parse(pem.as_bytes())?,
-            revoked,
+            organization_id: row.organization_id,
+            cert: Cert::parse(row.certificate_pem.as_bytes())?,
+            revoked: row.revoked,
         });
     }
     Ok(out)
@@ -367,64 +343,51 @@ pub async fn register(
     organization_id: &str,
     cert: &Cert,
 ) -> Result<(), ExchangeError> {
-    let existing =
-        sqlx::query("SELECT organization_id FROM exchange_certificate WHERE fingerprint = $1")
-            .bind(cert.fingerprint.as_str())
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(StoreError::from)?;
-    if let Some(row) = existing {
-        let org: String = row.try_get(0).map_err(StoreError::from)?;
+    let existing = db::certificate_organization(conn, cert.fingerprint.as_str()).await?;
+    if let Some(org) = existing {
         return Err(ExchangeError::Certificate(format!(
             "certificate {} is already registered for Organization/{org}",
             cert.fingerprint
         )));
     }
-    sqlx::query(
-        "INSERT INTO exchange_certificate (fingerprint, organization_id, certificate_pem, subject, \
-         not_before, not_after, added, revoked) VALUES ($1, $2, $3, $4, $5, $6, $7, NULL)",
-    )
-    .bind(cert.fingerprint.as_str())
-    .bind(organization_id)
-    .bind(cert.to_pem())
-    .bind(cert.subject.as_str())
-    .bind(rfc3339(cert.not_before))
-    .bind(rfc3339(cert.not_after))
-    .bind(rfc3339(chrono::Utc::now()))
-    .execute(&mut *conn)
-    .await
-    .map_err(StoreError::from)?;
+    let (pem, not_before, not_after, added) = (
+        cert.to_pem(),
+        rfc3339(cert.not_before),
+        rfc3339(cert.not_after),
+        rfc3339(chrono::Utc::now()),
+    );
+    let row = db::NewCertificate {
+        fingerprint: cert.fingerprint.as_str(),
+        organization_id,
+        certificate_pem: &pem,
+        subject: cert.subject.as_str(),
+        not_before: &not_before,
+        not_after: &not_after,
+        added: &added,
+    };
+    db::insert_certificate(conn, &row).await?;
     Ok(())
 }
 
 /// Marks a certificate revoked; returns false when no such certificate is registered.
 pub async fn revoke(store: &Store, fingerprint: &str) -> Result<bool, ExchangeError> {
     let mut tx = store.begin().await?;
-    let done = sqlx::query(
-        "UPDATE exchange_certificate SET revoked = $1 WHERE fingerprint = $2 AND revoked IS NULL",
+    let done = db::revoke_certificate(
+        tx.conn(),
+        &fingerprint.to_ascii_lowercase().replace(':', ""),
+        &rfc3339(chrono::Utc::now()),
     )
-    .bind(rfc3339(chrono::Utc::now()))
-    .bind(fingerprint.to_ascii_lowercase().replace(':', ""))
-    .execute(tx.conn())
-    .await
-    .map_err(StoreError::from)?;
+    .await?;
     tx.commit().await?;
-    Ok(done.rows_affected() > 0)
+    Ok(done)
 }
 
 /// Whether the subscriber requires mutual TLS.
 pub async fn requires_mtls(store: &Store, organization_id: &str) -> Result<bool, ExchangeError> {
     let mut conn = store.reader().await?;
-    let row =
-        sqlx::query("SELECT require_mtls FROM exchange_subscriber WHERE organization_id = $1")
-            .bind(organization_id)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(StoreError::from)?;
-    Ok(match row {
-        Some(r) => r.try_get::<i64, _>(0).map_err(StoreError::from)? != 0,
-        None => false,
-    })
+    Ok(db::subscriber_requires_mtls(&mut conn, organization_id)
+        .await?
+        .unwrap_or(false))
 }
 
 /// Sets the subscriber's mutual-TLS requirement.
@@ -433,14 +396,6 @@ pub async fn set_requires_mtls(
     organization_id: &str,
     required: bool,
 ) -> Result<(), ExchangeError> {
-    sqlx::query(
-        "INSERT INTO exchange_subscriber (organization_id, require_mtls) VALUES ($1, $2) \
-         ON CONFLICT (organization_id) DO UPDATE SET require_mtls = excluded.require_mtls",
-    )
-    .bind(organization_id)
-    .bind(required as i64)
-    .execute(&mut *conn)
-    .await
-    .map_err(StoreError::from)?;
+    db::set_subscriber_requires_mtls(conn, organization_id, required).await?;
     Ok(())
 }

@@ -6,7 +6,9 @@
 //! indexed lookup. Writes happen inside a [`Tx`]; dropping a `Tx` without
 //! committing rolls everything back, so a failed request changes nothing.
 
+pub mod auth;
 mod checkpoint;
+pub mod exchange;
 pub mod gate;
 mod query;
 mod reindex;
