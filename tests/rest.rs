@@ -513,15 +513,7 @@ async fn history_at_every_level_with_paging() {
     let mut url = s.url(&format!("Patient/{id}/_history?_count=2"));
     let mut seen = Vec::new();
     loop {
-        let page: Value = s
-            .client
-            .get(&url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page = s.get_json(&url).await;
         for e in page["entry"].as_array().unwrap() {
             seen.push(e["response"]["etag"].as_str().unwrap().to_string());
         }
@@ -878,15 +870,7 @@ async fn search_by_identifier_and_id_with_paging() {
     let mut url = s.url("Patient?_count=2");
     let mut seen = Vec::new();
     loop {
-        let page: Value = s
-            .client
-            .get(&url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page = s.get_json(&url).await;
         assert_eq!(page["total"], 5);
         for e in page["entry"].as_array().unwrap() {
             seen.push(e["resource"]["id"].as_str().unwrap().to_string());

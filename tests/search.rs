@@ -726,15 +726,7 @@ async fn paging_stays_correct_while_others_insert() {
         let mut url = s.url(&query);
         let mut n = 100;
         loop {
-            let page: Value = s
-                .client
-                .get(&url)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let page = s.get_json(&url).await;
             let entries = page["entry"].as_array().cloned().unwrap_or_default();
             assert!(
                 !entries.is_empty() || seen.is_empty(),

@@ -130,7 +130,11 @@ impl TestServer {
         c
     }
 
+    /// `path` under the base URL; an absolute URL (a paging link) as it is.
     pub fn url(&self, path: &str) -> String {
+        if path.starts_with("http://") || path.starts_with("https://") {
+            return path.to_string();
+        }
         format!("{}/{}", self.base, path.trim_start_matches('/'))
     }
 
@@ -185,15 +189,7 @@ impl TestServer {
         let mut n = 0;
         let mut url = self.url("_history?_count=1000");
         loop {
-            let b: Value = self
-                .client
-                .get(&url)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let b = self.get_json(&url).await;
             n += b["entry"].as_array().map(|a| a.len()).unwrap_or(0);
             match next_link(&b) {
                 Some(next) => url = next,
