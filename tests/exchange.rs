@@ -868,7 +868,7 @@ async fn xml_signature_wrapping_variants_are_refused() {
 
 #[tokio::test]
 async fn dtds_entities_and_oversize_documents_are_refused() {
-    let server = TestServer::start_with(|c| c.exchange_max_document_bytes = 40_000).await;
+    let server = TestServer::start_authorized(|c| c.exchange_max_document_bytes = 40_000).await;
     let xxe = "<?xml version=\"1.0\"?>\n<!DOCTYPE ClinicalDocument [<!ENTITY xxe SYSTEM \"file:///etc/passwd\">]>\
                <ClinicalDocument xmlns=\"urn:hl7-org:v3\"><title>&xxe;</title></ClinicalDocument>";
     let o = assert_refused(&server, xxe, 400, "<!DOCTYPE").await;
@@ -1263,6 +1263,93 @@ async fn documents_in_a_row_are_each_stored() {
     }
     assert_eq!(server.count("DocumentReference").await, n);
     assert_eq!(server.count("Composition").await, n);
+    server.stop().await;
+}
+
+/// A subscriber's document matches (by its patient's identifiers and its
+/// conditional creates) only what that subscriber sent itself: the same
+/// document from a second hospital neither finds nor changes the first
+/// hospital's records, and its answer says nothing about them.
+#[tokio::test]
+async fn a_subscribers_document_never_matches_another_subscribers_records() {
+    let server = TestServer::start().await;
+    let work = Work::new();
+    let (first, second) = (work.rsa("First Hospital"), work.rsa("Second Hospital"));
+    let org1 = add_subscriber(&server, "First Hospital", "hospital", &first)["organization"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let org2 = add_subscriber(&server, "Second Hospital", "hospital", &second)["organization"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let source = ccd();
+    let (status, one) = post_xml(&server, &work.sign(&source, &first)).await;
+    assert_eq!(status, 201, "{one}");
+    let patients = search(&server, "Patient?family=Jones&birthdate=1950-12-19").await;
+    assert_eq!(total(&patients), 1, "{patients}");
+    let firsts = patients["entry"][0]["resource"].clone();
+    assert!(
+        firsts["meta"]["source"].as_str().unwrap().ends_with(&org1),
+        "{firsts}"
+    );
+    let counts_before = {
+        let mut c = Vec::new();
+        for t in [
+            "Condition",
+            "Observation",
+            "AllergyIntolerance",
+            "Composition",
+        ] {
+            c.push(server.count(t).await);
+        }
+        c
+    };
+
+    // The same document, signed by the second hospital.
+    let (status, two) = post_xml(&server, &work.sign(&source, &second)).await;
+    assert_eq!(status, 201, "{two}");
+    let statuses = |answer: &Value| -> Vec<String> {
+        part(answer, "result")["resource"]["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["response"]["status"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // Every entry was created anew, exactly as for the first hospital:
+    // nothing of the first hospital's was matched.
+    assert_eq!(statuses(&two), statuses(&one));
+    assert!(statuses(&two).iter().all(|s| s.starts_with("201")), "{two}");
+    let patients = search(&server, "Patient?family=Jones&birthdate=1950-12-19").await;
+    assert_eq!(total(&patients), 2, "{patients}");
+    let seconds = patients["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["resource"])
+        .find(|r| r["id"] != firsts["id"])
+        .unwrap();
+    assert!(
+        seconds["meta"]["source"].as_str().unwrap().ends_with(&org2),
+        "{seconds}"
+    );
+    let first_id = firsts["id"].as_str().unwrap();
+    assert_eq!(
+        server.get_json(&format!("Patient/{first_id}")).await,
+        firsts,
+        "the first hospital's patient is unchanged"
+    );
+    let mut i = 0;
+    for t in [
+        "Condition",
+        "Observation",
+        "AllergyIntolerance",
+        "Composition",
+    ] {
+        assert_eq!(server.count(t).await, 2 * counts_before[i], "{t}");
+        i += 1;
+    }
     server.stop().await;
 }
 

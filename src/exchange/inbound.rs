@@ -139,8 +139,13 @@ async fn claim_and_store(store: &Store, env: &Env, doc: Received) -> Result<Rece
     let digest = doc.verified.content_digest.clone();
     let query = format!("identifier={DOCUMENT_SYSTEM}|{digest}");
     // The subscriber adds to the record and sees only what it added.
-    let gate = store.gate(Access::subscriber(&source_of(env, &doc.org)));
-    match claim(store, &gate, &digest, &query, doc.now).await? {
+    let source = source_of(env, &doc.org);
+    let gate = store.gate(Access::subscriber(&source));
+    let key = db::ReceiptKey {
+        subscriber: &source,
+        digest: &digest,
+    };
+    match claim(store, &gate, key, &query, doc.now).await? {
         Claim::Stored(id) => {
             let outcome = operation_outcome(&[Issue::information(format!(
                 "this document (SHA-256 {digest}) was received before and stored as \
@@ -169,11 +174,11 @@ async fn claim_and_store(store: &Store, env: &Env, doc: Received) -> Result<Rece
     let mut tx = store.begin().await?;
     match &result {
         Ok((_, Some(id))) => {
-            db::set_receipt_document(tx.conn(), digest.as_str(), id.as_str()).await?;
+            db::set_receipt_document(tx.conn(), key, id.as_str()).await?;
         }
         // Nothing was stored: the document may be sent again.
         _ => {
-            db::delete_receipt(tx.conn(), digest.as_str()).await?;
+            db::delete_receipt(tx.conn(), key).await?;
         }
     }
     tx.commit().await?;
@@ -242,20 +247,20 @@ const CLAIM_TIMEOUT_SECS: i64 = 600;
 async fn claim(
     store: &Store,
     gate: &Gate,
-    digest: &str,
+    key: db::ReceiptKey<'_>,
     query: &str,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Claim> {
     let stamp = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let mut tx = store.begin().await?;
-    if db::insert_receipt(tx.conn(), digest, stamp.as_str()).await? {
+    if db::insert_receipt(tx.conn(), key, stamp.as_str()).await? {
         tx.commit().await?;
         return Ok(Claim::Claimed);
     }
     let db::ReceiptRow {
         claimed,
         document_reference: stored,
-    } = db::receipt(tx.conn(), digest).await?;
+    } = db::receipt(tx.conn(), key).await?;
     if let Some(id) = stored {
         return Ok(Claim::Stored(id));
     }
@@ -274,11 +279,11 @@ async fn claim(
         .find("DocumentReference", query)
         .await?;
     if let Some(existing) = found.first() {
-        db::set_receipt_document(tx.conn(), digest, existing.id.as_str()).await?;
+        db::set_receipt_document(tx.conn(), key, existing.id.as_str()).await?;
         tx.commit().await?;
         return Ok(Claim::Stored(existing.id.clone()));
     }
-    let taken = db::take_over_claim(tx.conn(), digest, claimed.as_str(), stamp.as_str()).await?;
+    let taken = db::take_over_claim(tx.conn(), key, claimed.as_str(), stamp.as_str()).await?;
     tx.commit().await?;
     Ok(if taken { Claim::Claimed } else { Claim::Busy })
 }

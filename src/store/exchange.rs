@@ -214,18 +214,27 @@ pub struct ReceiptRow {
     pub document_reference: Option<String>,
 }
 
-/// Claims the receipt of `digest` as of `claimed`; false when a receipt
+/// Which receipt: a subscriber's (its `meta.source`) document by content
+/// digest. The same content from another subscriber has its own receipt.
+#[derive(Debug, Clone, Copy)]
+pub struct ReceiptKey<'a> {
+    pub subscriber: &'a str,
+    pub digest: &'a str,
+}
+
+/// Claims the receipt of `key` as of `claimed`; false when a receipt
 /// exists already (nothing was inserted).
 pub async fn insert_receipt(
     conn: &mut AnyConnection,
-    digest: &str,
+    key: ReceiptKey<'_>,
     claimed: &str,
 ) -> StoreResult<bool> {
     let inserted = sqlx::query(
-        "INSERT INTO exchange_receipt (digest, claimed, document_reference) VALUES ($1, $2, NULL) \
-         ON CONFLICT (digest) DO NOTHING",
+        "INSERT INTO exchange_receipt (subscriber, digest, claimed, document_reference) \
+         VALUES ($1, $2, $3, NULL) ON CONFLICT (subscriber, digest) DO NOTHING",
     )
-    .bind(digest)
+    .bind(key.subscriber)
+    .bind(key.digest)
     .bind(claimed)
     .execute(&mut *conn)
     .await?
@@ -233,37 +242,45 @@ pub async fn insert_receipt(
     Ok(inserted == 1)
 }
 
-/// The receipt of `digest`, which must exist.
-pub async fn receipt(conn: &mut AnyConnection, digest: &str) -> StoreResult<ReceiptRow> {
-    let row =
-        sqlx::query("SELECT claimed, document_reference FROM exchange_receipt WHERE digest = $1")
-            .bind(digest)
-            .fetch_one(&mut *conn)
-            .await?;
+/// The receipt of `key`, which must exist.
+pub async fn receipt(conn: &mut AnyConnection, key: ReceiptKey<'_>) -> StoreResult<ReceiptRow> {
+    let row = sqlx::query(
+        "SELECT claimed, document_reference FROM exchange_receipt \
+         WHERE subscriber = $1 AND digest = $2",
+    )
+    .bind(key.subscriber)
+    .bind(key.digest)
+    .fetch_one(&mut *conn)
+    .await?;
     Ok(ReceiptRow {
         claimed: row.try_get(0)?,
         document_reference: row.try_get(1)?,
     })
 }
 
-/// Completes the receipt of `digest` with the DocumentReference id.
+/// Completes the receipt of `key` with the DocumentReference id.
 pub async fn set_receipt_document(
     conn: &mut AnyConnection,
-    digest: &str,
+    key: ReceiptKey<'_>,
     document_reference: &str,
 ) -> StoreResult<()> {
-    sqlx::query("UPDATE exchange_receipt SET document_reference = $1 WHERE digest = $2")
-        .bind(document_reference)
-        .bind(digest)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query(
+        "UPDATE exchange_receipt SET document_reference = $1 \
+         WHERE subscriber = $2 AND digest = $3",
+    )
+    .bind(document_reference)
+    .bind(key.subscriber)
+    .bind(key.digest)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
-/// Forgets the receipt of `digest` (the document may be sent again).
-pub async fn delete_receipt(conn: &mut AnyConnection, digest: &str) -> StoreResult<()> {
-    sqlx::query("DELETE FROM exchange_receipt WHERE digest = $1")
-        .bind(digest)
+/// Forgets the receipt of `key` (the document may be sent again).
+pub async fn delete_receipt(conn: &mut AnyConnection, key: ReceiptKey<'_>) -> StoreResult<()> {
+    sqlx::query("DELETE FROM exchange_receipt WHERE subscriber = $1 AND digest = $2")
+        .bind(key.subscriber)
+        .bind(key.digest)
         .execute(&mut *conn)
         .await?;
     Ok(())
@@ -273,17 +290,20 @@ pub async fn delete_receipt(conn: &mut AnyConnection, digest: &str) -> StoreResu
 /// was still claimed as of `stale` and is now claimed as of `claimed`.
 pub async fn take_over_claim(
     conn: &mut AnyConnection,
-    digest: &str,
+    key: ReceiptKey<'_>,
     stale: &str,
     claimed: &str,
 ) -> StoreResult<bool> {
-    let taken =
-        sqlx::query("UPDATE exchange_receipt SET claimed = $1 WHERE digest = $2 AND claimed = $3")
-            .bind(claimed)
-            .bind(digest)
-            .bind(stale)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
+    let taken = sqlx::query(
+        "UPDATE exchange_receipt SET claimed = $1 \
+         WHERE subscriber = $2 AND digest = $3 AND claimed = $4",
+    )
+    .bind(claimed)
+    .bind(key.subscriber)
+    .bind(key.digest)
+    .bind(stale)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
     Ok(taken == 1)
 }

@@ -62,7 +62,12 @@ impl TestServer {
     /// store like any client (restricted tokens: `tests/gate.rs`,
     /// `tests/smart.rs`).
     pub async fn start() -> TestServer {
-        let mut s = Self::start_secured().await;
+        Self::start_authorized(|_| {}).await
+    }
+
+    /// [`TestServer::start`] with the configuration adjusted.
+    pub async fn start_authorized(adjust: impl FnOnce(&mut Config)) -> TestServer {
+        let mut s = Self::start_with(adjust).await;
         s.authorize(&smart::admin_token(&s).await);
         s
     }
