@@ -27,19 +27,31 @@ pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$work"' EXIT
 for _ in $(seq 100); do curl -sf "$base/metadata" >/dev/null && break; sleep 0.1; done
 
-sys=$(python3 scripts/bench/token.py system "$base" "$bin" "system/*.rs")
+sys=$(python3 scripts/bench/smart_token.py system "$base" "$bin" "system/*.rs")
 lab_scope='system/Observation.rs?category=http://terminology.hl7.org/CodeSystem/observation-category|laboratory'
-lab=$(python3 scripts/bench/token.py system "$base" "$bin" "$lab_scope")
-# The patient with the most Observations, one of their Observations and its code.
-read -r patient obs code < <(curl -sf -H "Authorization: Bearer $sys" "$base/Observation?_count=1000&_elements=subject,code" | python3 -c '
-import collections, json, sys
-b = json.load(sys.stdin)
-rs = [e["resource"] for e in b["entry"]]
-p = collections.Counter(r["subject"]["reference"] for r in rs).most_common(1)[0][0]
-o = next(r for r in rs if r["subject"]["reference"] == p)
-c = o["code"]["coding"][0]
-print(p.split("/")[1], o["id"], c["system"] + "|" + c["code"])')
-pat=$(python3 scripts/bench/token.py patient "$base" "$bin" "$patient" "patient/*.rs")
+lab=$(python3 scripts/bench/smart_token.py system "$base" "$bin" "$lab_scope")
+# The same patient, Observation and code on every run (ids are new on every
+# import): the patient with the smallest Synthea identifier, their most
+# frequent Observation code (ties: the smallest), its earliest Observation.
+read -r patient obs code < <(python3 - "$base" "$sys" <<'PY'
+import collections, json, sys, urllib.request
+base, token = sys.argv[1], sys.argv[2]
+def get(path):
+    req = urllib.request.Request(base + path, headers={"Authorization": "Bearer " + token})
+    with urllib.request.urlopen(req) as r:
+        return json.load(r)
+pats = [e["resource"] for e in get("/Patient?_count=1000&_elements=identifier")["entry"]]
+def key(p):
+    return min(i["value"] for i in p["identifier"] if i.get("system") == "https://github.com/synthetichealth/synthea")
+p = min(pats, key=key)["id"]
+obs = [e["resource"] for e in get(f"/Observation?patient={p}&_sort=date,_id&_count=1000")["entry"]]
+codes = collections.Counter(o["code"]["coding"][0]["system"] + "|" + o["code"]["coding"][0]["code"] for o in obs)
+code = min(codes, key=lambda c: (-codes[c], c))
+o = next(o for o in obs if o["code"]["coding"][0]["system"] + "|" + o["code"]["coding"][0]["code"] == code)
+print(p, o["id"], code)
+PY
+)
+pat=$(python3 scripts/bench/smart_token.py patient "$base" "$bin" "$patient" "patient/*.rs")
 echo "== $($bin --version 2>/dev/null || echo ehrx); machine: $(nproc) cores, shared by server and wrk"
 echo "== patient $patient, observation $obs, code $code"
 

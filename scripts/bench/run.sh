@@ -8,8 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 data="${1:-../shared/data}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ehrx-target}"
-cargo build --release --quiet
-bin="$CARGO_TARGET_DIR/release/ehrx"
+# EHRX_BIN runs another build of ehrx (e.g. an older commit's) instead.
+if [ -z "${EHRX_BIN:-}" ]; then
+  cargo build --release --quiet
+fi
+bin="${EHRX_BIN:-$CARGO_TARGET_DIR/release/ehrx}"
 work=$(mktemp -d)
 port="${BENCH_PORT:-18080}"
 base="http://127.0.0.1:$port"

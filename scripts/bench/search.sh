@@ -11,8 +11,11 @@ data="${1:-../shared/data}"
 copies="${COPIES:-9}"
 duration="${DURATION:-20s}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ehrx-target}"
-cargo build --release --quiet
-bin="$CARGO_TARGET_DIR/release/ehrx"
+# EHRX_BIN runs another build of ehrx (e.g. an older commit's) instead.
+if [ -z "${EHRX_BIN:-}" ]; then
+  cargo build --release --quiet
+fi
+bin="${EHRX_BIN:-$CARGO_TARGET_DIR/release/ehrx}"
 work=$(mktemp -d)
 port="${BENCH_PORT:-18081}"
 base="http://127.0.0.1:$port"

@@ -1,10 +1,10 @@
 """Obtains a real SMART access token from a running ehrx for a benchmark,
 the way an app does, and prints it.
 
-    python3 token.py patient BASE EHRX_BIN PATIENT_ID SCOPE
+    python3 smart_token.py patient BASE EHRX_BIN PATIENT_ID SCOPE
         EHR launch for PATIENT_ID by a practitioner account: `ehrx launch`,
         authorize with PKCE, sign in, allow, redeem the code.
-    python3 token.py system BASE EHRX_BIN SCOPE
+    python3 smart_token.py system BASE EHRX_BIN SCOPE
         Backend services: a client registered with an EC P-384 key, a signed
         client assertion, client_credentials.
 
