@@ -1340,15 +1340,16 @@ async fn a_subscribers_document_never_matches_another_subscribers_records() {
         firsts,
         "the first hospital's patient is unchanged"
     );
-    let mut i = 0;
-    for t in [
+    for (t, before) in [
         "Condition",
         "Observation",
         "AllergyIntolerance",
         "Composition",
-    ] {
-        assert_eq!(server.count(t).await, 2 * counts_before[i], "{t}");
-        i += 1;
+    ]
+    .into_iter()
+    .zip(counts_before)
+    {
+        assert_eq!(server.count(t).await, 2 * before, "{t}");
     }
     server.stop().await;
 }
