@@ -8,32 +8,11 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::{data_dir, first_issue, next_link, TestServer};
-use futures_util::stream::{self, StreamExt};
+use common::{first_issue, next_link, TestServer};
 use serde_json::Value;
 
 async fn load_examples(s: &TestServer) {
-    let dir = data_dir().join("fhir-examples/r4-json");
-    let files: Vec<_> = std::fs::read_dir(&dir)
-        .expect("../shared/data present")
-        .map(|e| e.unwrap().path())
-        .collect();
-    let failures: Vec<String> = stream::iter(files)
-        .map(|f| async move {
-            let body: Value = serde_json::from_slice(&std::fs::read(&f).unwrap()).unwrap();
-            let path = format!(
-                "{}/{}",
-                body["resourceType"].as_str().unwrap(),
-                body["id"].as_str().unwrap()
-            );
-            let r = s.put_json(&path, &body).await;
-            (!r.status().is_success()).then(|| format!("{path}: {}", r.status()))
-        })
-        .buffer_unordered(8)
-        .filter_map(|x| async { x })
-        .collect()
-        .await;
-    assert!(failures.is_empty(), "examples failed to load: {failures:?}");
+    common::smart::load_r4_examples(s, s.token.as_deref().expect("a token")).await;
 }
 
 /// `(mode, Type/id)` of every entry on every page of a search.

@@ -9,7 +9,7 @@ use super::keys::{self, Cert};
 use crate::error::{Error, Result};
 use crate::interaction;
 use crate::policy::{Access, Maintenance};
-use crate::store::Store;
+use crate::store::{Store, Writer};
 
 /// The kinds of subscriber.
 pub const KINDS: &[&str] = &["hospital", "lab", "radiology", "insurer", "pharmacy"];
@@ -102,16 +102,7 @@ pub async fn rotate_cert(store: &Store, organization: &str, cert_pem: &[u8]) -> 
     let cert = Cert::parse(cert_pem)?;
     let gate = store.gate(Access::maintenance(Maintenance::Subscribers));
     let mut tx = gate.begin().await?;
-    if tx
-        .current_for_write("Organization", org_id)
-        .await?
-        .live()
-        .is_none()
-    {
-        return Err(Error::NotFound(format!(
-            "Organization/{org_id} does not exist"
-        )));
-    }
+    existing_organization(&mut tx, org_id).await?;
     keys::register(tx.own_tables(), org_id, &cert).await?;
     tx.commit().await.map_err(Error::from)?;
     Ok(summary(org_id, &cert))
@@ -122,16 +113,7 @@ pub async fn require_mtls(store: &Store, organization: &str, required: bool) -> 
     let org_id = organization.trim_start_matches("Organization/");
     let gate = store.gate(Access::maintenance(Maintenance::Subscribers));
     let mut tx = gate.begin().await?;
-    if tx
-        .current_for_write("Organization", org_id)
-        .await?
-        .live()
-        .is_none()
-    {
-        return Err(Error::NotFound(format!(
-            "Organization/{org_id} does not exist"
-        )));
-    }
+    existing_organization(&mut tx, org_id).await?;
     keys::set_requires_mtls(tx.own_tables(), org_id, required).await?;
     tx.commit().await.map_err(Error::from)?;
     Ok(json!({"organization": format!("Organization/{org_id}"), "requireMutualTls": required}))
@@ -152,4 +134,14 @@ pub async fn revoke_cert(store: &Store, fingerprint: &str) -> Result<Value> {
 pub async fn list(store: &Store) -> Result<Value> {
     let all = keys::registered(store).await?;
     Ok(Value::Array(all.iter().map(|r| r.summary()).collect()))
+}
+
+/// `Ok` if the subscriber's Organization exists (locked for this write).
+async fn existing_organization(tx: &mut Writer, org_id: &str) -> Result<()> {
+    match tx.current_for_write("Organization", org_id).await?.live() {
+        Some(_) => Ok(()),
+        None => Err(Error::NotFound(format!(
+            "Organization/{org_id} does not exist"
+        ))),
+    }
 }

@@ -16,6 +16,8 @@ pub struct TestServer {
     pub base: String,
     pub client: reqwest::Client,
     pub database_url: String,
+    /// The token `client` sends, once [`TestServer::authorize`]d.
+    pub token: Option<String>,
     _dir: tempfile::TempDir,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<()>>,
@@ -83,6 +85,7 @@ impl TestServer {
             .default_headers(headers)
             .build()
             .expect("client");
+        self.token = Some(token.to_string());
     }
 
     /// A server with authorization on (the default configuration).
@@ -121,6 +124,7 @@ impl TestServer {
             base,
             client: reqwest::Client::new(),
             database_url,
+            token: None,
             _dir: dir,
             shutdown: Some(tx),
             handle: Some(handle),
