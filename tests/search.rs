@@ -17,32 +17,10 @@ async fn load_examples(s: &TestServer) {
 
 /// `(mode, Type/id)` of every entry on every page of a search.
 async fn all_entries(s: &TestServer, query: &str) -> Vec<(String, String)> {
-    let r = s.get(query).await;
-    assert_eq!(r.status(), 200, "{query}: {}", r.text().await.unwrap());
-    let mut page: Value = r.json().await.unwrap();
-    let mut out = Vec::new();
-    loop {
-        for e in page["entry"].as_array().into_iter().flatten() {
-            let res = &e["resource"];
-            out.push((
-                e["search"]["mode"].as_str().unwrap_or("").to_string(),
-                format!(
-                    "{}/{}",
-                    res["resourceType"].as_str().unwrap(),
-                    res["id"].as_str().unwrap()
-                ),
-            ));
-        }
-        match next_link(&page) {
-            Some(next) => {
-                let r = s.client.get(&next).send().await.unwrap();
-                assert_eq!(r.status(), 200, "{next}");
-                page = r.json().await.unwrap();
-            }
-            None => break,
-        }
-    }
-    out
+    let token = s.token.as_deref().expect("a token");
+    let (status, entries) = common::smart::all_pages(s, token, query).await;
+    assert_eq!(status, 200, "{query}");
+    entries
 }
 
 /// The ids of the matches of a search, sorted.
