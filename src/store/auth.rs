@@ -406,11 +406,20 @@ pub async fn access_token_revoked(
 }
 
 /// Revokes every token of the grant `grant_id`.
+///
+/// Row by row in id order: concurrent revocations of one grant (several
+/// replays of one code or refresh token) then lock its rows in the same
+/// order, so PostgreSQL never finds them deadlocked.
 pub async fn revoke_grant(conn: &mut AnyConnection, grant_id: &str) -> StoreResult<()> {
-    sqlx::query("UPDATE auth_token SET revoked = 1 WHERE grant_id = $1")
-        .bind(grant_id)
-        .execute(&mut *conn)
-        .await?;
+    let ids: Vec<String> = sqlx::query_scalar(
+        "SELECT id FROM auth_token WHERE grant_id = $1 AND revoked = 0 ORDER BY id",
+    )
+    .bind(grant_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    for id in ids {
+        revoke_token(&mut *conn, &id).await?;
+    }
     Ok(())
 }
 
