@@ -807,12 +807,13 @@ async fn token_grant(
             let row = db::code(tx.conn(), &code_hash).await?;
             let row =
                 row.ok_or_else(|| AuthError::InvalidGrant("unknown authorization code".into()))?;
+            db::lock_grant(&mut tx, &code_hash).await?;
             // Single use by compare-and-set: of concurrent redemptions, the
             // one whose update finds the code unused wins.
             let won = db::use_code(tx.conn(), &code_hash).await?;
             if !won {
                 // A replayed code: whoever holds it, the grant is burnt.
-                token::revoke_grant(tx.conn(), &code_hash).await?;
+                token::revoke_grant(&mut tx, &code_hash).await?;
                 tx.commit().await?;
                 tracing::warn!(client = %client.client_id, "authorization code replayed; its tokens are revoked");
                 return Err(AuthError::InvalidGrant(
@@ -880,9 +881,10 @@ async fn token_grant(
                 ));
             }
             // Single use by compare-and-set, as for codes.
+            db::lock_grant(&mut tx, &stored.grant_id).await?;
             let won = db::use_token(tx.conn(), &id).await?;
             if !won {
-                token::revoke_grant(tx.conn(), &stored.grant_id).await?;
+                token::revoke_grant(&mut tx, &stored.grant_id).await?;
                 tx.commit().await?;
                 tracing::warn!(client = %client.client_id, "refresh token replayed; its grant is revoked");
                 return Err(AuthError::InvalidGrant(
@@ -1042,7 +1044,7 @@ async fn revoke(State(s): State<AppState>, headers: HeaderMap, Form(p): Form<Par
                 ));
             }
             if st.kind == "refresh" {
-                token::revoke_grant(tx.conn(), &st.grant_id).await?;
+                token::revoke_grant(&mut tx, &st.grant_id).await?;
             } else {
                 db::revoke_token(tx.conn(), &st.id).await?;
             }

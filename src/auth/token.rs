@@ -218,8 +218,8 @@ pub async fn verify(auth: &Auth, token: &str) -> AuthResult<Principal> {
 
 /// Revokes every token of one authorization (a replayed code or refresh
 /// token means it leaked).
-pub async fn revoke_grant(conn: &mut sqlx::AnyConnection, grant_id: &str) -> AuthResult<()> {
-    db::revoke_grant(conn, grant_id).await?;
+pub async fn revoke_grant(tx: &mut crate::store::Tx, grant_id: &str) -> AuthResult<()> {
+    db::revoke_grant(tx, grant_id).await?;
     Ok(())
 }
 

@@ -10,7 +10,7 @@
 
 use sqlx::{AnyConnection, Row};
 
-use super::StoreResult;
+use super::{StoreResult, Tx};
 
 // ---- clients ----
 
@@ -405,21 +405,22 @@ pub async fn access_token_revoked(
     }
 }
 
-/// Revokes every token of the grant `grant_id`.
-///
-/// Row by row in id order: concurrent revocations of one grant (several
-/// replays of one code or refresh token) then lock its rows in the same
-/// order, so PostgreSQL never finds them deadlocked.
-pub async fn revoke_grant(conn: &mut AnyConnection, grant_id: &str) -> StoreResult<()> {
-    let ids: Vec<String> = sqlx::query_scalar(
-        "SELECT id FROM auth_token WHERE grant_id = $1 AND revoked = 0 ORDER BY id",
-    )
-    .bind(grant_id)
-    .fetch_all(&mut *conn)
-    .await?;
-    for id in ids {
-        revoke_token(&mut *conn, &id).await?;
-    }
+/// Serialises everything that redeems or revokes tokens of the grant
+/// `grant_id` until the transaction ends. Concurrent replays of one code or
+/// refresh token would otherwise lock the grant's token rows in orders
+/// PostgreSQL finds deadlocked; SQLite's single writer serialises them
+/// already.
+pub async fn lock_grant(tx: &mut Tx, grant_id: &str) -> StoreResult<()> {
+    tx.lock_names(&[format!("auth grant {grant_id}")]).await
+}
+
+/// Revokes every token of the grant `grant_id`, under [`lock_grant`].
+pub async fn revoke_grant(tx: &mut Tx, grant_id: &str) -> StoreResult<()> {
+    lock_grant(tx, grant_id).await?;
+    sqlx::query("UPDATE auth_token SET revoked = 1 WHERE grant_id = $1 AND revoked = 0")
+        .bind(grant_id)
+        .execute(tx.conn())
+        .await?;
     Ok(())
 }
 

@@ -251,10 +251,17 @@ impl Tx {
     /// previous holder committed. Locks are taken in one global order (of
     /// their keys), so transactions locking several never deadlock.
     pub(super) async fn lock_conditions(&mut self, criteria: &[String]) -> StoreResult<()> {
+        self.lock_names(criteria).await
+    }
+
+    /// Takes a transaction-scoped lock on each name, in one global order
+    /// (of their keys) so that transactions taking several never deadlock.
+    /// PostgreSQL only: SQLite's single writer serialises writers already.
+    pub(super) async fn lock_names(&mut self, names: &[String]) -> StoreResult<()> {
         if self.dialect != Dialect::Postgres {
             return Ok(());
         }
-        let mut keys: Vec<i64> = criteria
+        let mut keys: Vec<i64> = names
             .iter()
             .map(|c| {
                 use sha2::Digest as _;
