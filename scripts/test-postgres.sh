@@ -3,7 +3,9 @@
 # command with EHRX_TEST_DATABASE_URL pointing at it, and removes the cluster.
 #   scripts/test-postgres.sh cargo test
 set -euo pipefail
-port="${EHRX_PG_PORT:-55432}"
+# A free loopback port unless EHRX_PG_PORT names one: several runs may
+# share a machine.
+port="${EHRX_PG_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 pgbin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
 if [ -z "$pgbin" ]; then
   echo "PostgreSQL server binaries not found (apt-get install postgresql)" >&2

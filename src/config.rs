@@ -49,6 +49,14 @@ pub struct Config {
     /// A file holding the key (32 bytes, base64) that seals the private keys
     /// kept in the database (`EHRX_KEY_ENCRYPTION_KEY_FILE`).
     pub key_encryption_key_file: Option<std::path::PathBuf>,
+    /// Longest a request may run before it is answered 503, in seconds
+    /// (`EHRX_REQUEST_TIMEOUT`); its database work is abandoned with it.
+    pub request_timeout: u64,
+    /// Longest one SQL statement may run on PostgreSQL, in seconds
+    /// (`EHRX_STATEMENT_TIMEOUT`); the server cancels it after that.
+    pub statement_timeout: u64,
+    /// Caps on what one request may ask for (`[limits]`).
+    pub limits: crate::limits::Limits,
 }
 
 impl Default for Config {
@@ -70,6 +78,9 @@ impl Default for Config {
             auth_disabled: false,
             access_token_lifetime: 3600,
             key_encryption_key_file: None,
+            request_timeout: 60,
+            statement_timeout: 30,
+            limits: crate::limits::Limits::default(),
         }
     }
 }
@@ -85,7 +96,11 @@ impl Config {
         let file = file.unwrap_or_else(|| Path::new("ehrx.toml"));
         let config: Config = Figment::from(Serialized::defaults(Config::default()))
             .merge(Toml::file(file))
-            .merge(Env::prefixed("EHRX_").ignore(&["test_database_url"]))
+            .merge(
+                Env::prefixed("EHRX_")
+                    .ignore(&["test_database_url"])
+                    .split("__"),
+            )
             .extract()
             .map_err(|e| ConfigError(e.to_string()))?;
         config.validate()?;
@@ -117,6 +132,30 @@ impl Config {
         if self.max_body_bytes == 0 {
             return Err(ConfigError("max_body_bytes must be positive".into()));
         }
+        if self.request_timeout == 0 || self.statement_timeout == 0 {
+            return Err(ConfigError(
+                "request_timeout and statement_timeout must be positive".into(),
+            ));
+        }
+        let l = &self.limits;
+        if [
+            l.search_criteria,
+            l.search_repeats,
+            l.search_or_values,
+            l.search_value_bytes,
+            l.search_includes,
+            l.included_resources,
+            l.nesting_depth,
+            l.bundle_entries,
+            l.patch_operations,
+            l.patch_result_bytes,
+        ]
+        .contains(&0)
+        {
+            return Err(ConfigError(
+                "every value under [limits] must be positive".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -132,9 +171,12 @@ impl Config {
             Some(path) => Secrets::from_file(path).map_err(StoreError::Secret)?,
             None => Secrets::default(),
         };
-        Ok(Store::open(&self.database_url, pool_size)
-            .await?
-            .with_secrets(secrets))
+        let statement_timeout = std::time::Duration::from_secs(self.statement_timeout);
+        Ok(
+            Store::open(&self.database_url, pool_size, statement_timeout)
+                .await?
+                .with_secrets(secrets),
+        )
     }
 
     /// The public FHIR base URL, without a trailing slash.

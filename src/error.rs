@@ -46,6 +46,13 @@ pub enum Error {
     PayloadTooLarge(usize),
     #[error("{0}")]
     NotSupported(String),
+    /// The request asks for more work than a cap allows (see
+    /// [`crate::limits`]).
+    #[error("{0}")]
+    TooCostly(String),
+    /// The request ran out of time (request or statement timeout).
+    #[error("{0}")]
+    Timeout(String),
     #[error("{0}")]
     MethodNotAllowed(String),
     /// No valid bearer token (401, with `WWW-Authenticate`).
@@ -75,6 +82,11 @@ impl From<ParseFault> for Error {
 }
 
 impl Error {
+    /// A cap of [`crate::limits`] exceeded.
+    pub fn too_costly(message: impl Into<String>) -> Self {
+        Error::TooCostly(message.into())
+    }
+
     pub fn invalid(message: impl Into<String>) -> Self {
         Error::Invalid {
             message: message.into(),
@@ -115,7 +127,9 @@ impl Error {
             Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::NotSupported(_) => StatusCode::BAD_REQUEST,
+            Error::NotSupported(_) | Error::TooCostly(_) => StatusCode::BAD_REQUEST,
+            Error::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Store(e) if e.is_timeout() => StatusCode::SERVICE_UNAVAILABLE,
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -139,7 +153,9 @@ impl Error {
             Error::MultipleMatches(_) => "multiple-matches",
             Error::Unprocessable(_) => "processing",
             Error::UnsupportedMediaType(_) | Error::NotAcceptable(_) => "not-supported",
-            Error::PayloadTooLarge(_) => "too-costly",
+            Error::PayloadTooLarge(_) | Error::TooCostly(_) => "too-costly",
+            Error::Timeout(_) => "timeout",
+            Error::Store(e) if e.is_timeout() => "timeout",
             Error::NotSupported(_) | Error::MethodNotAllowed(_) => "not-supported",
             Error::Unauthorized(_) => "login",
             Error::Forbidden(_) => "forbidden",
@@ -173,6 +189,9 @@ impl Error {
                 Some((line, col)) => format!("{} (line {line}, column {col})", f.message),
                 None => f.message.clone(),
             },
+            Error::Store(e) if e.is_timeout() => {
+                "the request took longer than the server allows; narrow it".to_string()
+            }
             // Never leak database internals to the caller; they go to the log.
             Error::Store(StoreError::Database(_))
             | Error::Exchange(crate::exchange::ExchangeError::Store(StoreError::Database(_))) => {

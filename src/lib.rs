@@ -14,6 +14,7 @@ pub mod exchange;
 pub mod fhir;
 pub mod import;
 pub mod interaction;
+pub mod limits;
 pub mod policy;
 pub mod search;
 pub mod server;

@@ -16,6 +16,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    ehrx::limits::install(config.limits);
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)

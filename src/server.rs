@@ -1,7 +1,9 @@
 //! Starting the HTTP server.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
+use axum::Router;
 use tokio::net::TcpListener;
 
 use crate::api::{router, AppState};
@@ -101,19 +103,107 @@ impl Server {
                 }
             }
         });
-        match self.tls {
-            Some(acceptor) => {
-                crate::exchange::tls::serve(self.listener, acceptor, app, shutdown).await?
-            }
-            None => {
-                axum::serve(self.listener, app)
-                    .with_graceful_shutdown(shutdown)
-                    .await?
-            }
-        }
+        serve_connections(self.listener, self.tls, app, shutdown).await;
         optimizer.abort();
         self.state.store.close().await;
         Ok(())
+    }
+}
+
+/// The largest request head (request line and headers) a connection
+/// buffers. Heads above [`crate::api::MAX_HEADER_BYTES`] but below this are
+/// answered 431 with an OperationOutcome; above it hyper answers a bare 431.
+const MAX_HEAD_BUFFER: usize = 4 * 1024 * 1024;
+/// Time a client has to send a request head, and to finish a TLS handshake.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time requests in flight get to finish once shutdown begins.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Accepts connections (TLS when `tls` is set) and serves `app` on each
+/// with HTTP/1.1 until `shutdown` resolves; then stops accepting and lets
+/// the requests in flight finish, for at most [`SHUTDOWN_GRACE`]. Over TLS
+/// each request carries the connection's client certificate.
+async fn serve_connections(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    use crate::exchange::tls::ClientCertificate;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt as _;
+
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let tcp = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let (app, tls, watcher) = (app.clone(), tls.clone(), graceful.watcher());
+        tokio::spawn(async move {
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
+                .max_buf_size(MAX_HEAD_BUFFER);
+            let result = match tls {
+                None => {
+                    let conn =
+                        http.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app));
+                    watcher.watch(conn).await
+                }
+                Some(acceptor) => {
+                    let stream =
+                        match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(tcp)).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!("TLS handshake failed: {e}");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!("TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    let peer = ClientCertificate(
+                        stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .map(|c| c.as_ref().to_vec()),
+                    );
+                    let svc = app.map_request(
+                        move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                            req.extensions_mut().insert(peer.clone());
+                            req
+                        },
+                    );
+                    let conn =
+                        http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
+                    watcher.watch(conn).await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!("connection ended: {e}");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(SHUTDOWN_GRACE) => {
+            tracing::warn!("requests still in flight after {SHUTDOWN_GRACE:?}; stopping anyway");
+        }
     }
 }
 

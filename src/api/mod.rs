@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
+use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 
@@ -97,8 +98,79 @@ pub fn router(state: AppState) -> Router {
         .merge(fhir)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), bound_request))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            panic_outcome,
+        ))
         .layer(middleware::from_fn(log_request))
         .with_state(state)
+}
+
+/// The largest request head (all header names and values) answered: above
+/// it, 431 with an OperationOutcome.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// An OperationOutcome response built outside any handler.
+fn outcome_response(status: StatusCode, code: &'static str, message: String) -> Response {
+    let body = crate::fhir::operation_outcome(&[crate::fhir::Issue::error(code, message)]);
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/fhir+json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// Refuses oversized request heads, runs the request under its server's
+/// [`crate::limits`], and answers 503 when it runs longer than
+/// `request_timeout`: its handler (and the database work it awaits) is
+/// dropped.
+async fn bound_request(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let head: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + req.uri().to_string().len();
+    if head > MAX_HEADER_BYTES {
+        return outcome_response(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "too-costly",
+            format!("the request line and headers exceed {MAX_HEADER_BYTES} bytes"),
+        );
+    }
+    let limit = std::time::Duration::from_secs(state.config.request_timeout);
+    let run = crate::limits::scope(state.config.limits, next.run(req));
+    match tokio::time::timeout(limit, run).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::warn!(seconds = limit.as_secs(), "request timed out");
+            outcome_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timeout",
+                format!(
+                    "the request took longer than {} seconds and was abandoned; narrow it",
+                    limit.as_secs()
+                ),
+            )
+        }
+    }
+}
+
+/// A handler that panicked still answers (500, an OperationOutcome); the
+/// process and the other requests go on. The panic message stays in the
+/// log: it may quote input.
+fn panic_outcome(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("a request handler panicked");
+    outcome_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "exception",
+        "internal error".into(),
+    )
 }
 
 /// One log line per request: method, route template, status, latency.

@@ -32,6 +32,7 @@ fn strict() -> Option<DeserializationConfig> {
 /// (the form the R4 model serialises to).
 pub fn validate_json(value: Value) -> Result<Value, ParseFault> {
     check_primitives(&value)?;
+    check_narratives(&value)?;
     let probe = value.clone();
     let typed: R4Resource = fhirbolt::json::from_json_value(value, strict()).map_err(|e| {
         let message = e.to_string();
@@ -151,6 +152,7 @@ fn scan_xml(bytes: &[u8]) -> Result<Vec<(usize, usize)>, ParseFault> {
         expression: None,
         position: Some(line_col(bytes, at)),
     };
+    let max_depth = crate::limits::get().nesting_depth;
     let mut divs = Vec::new();
     let mut buf = Vec::new();
     let mut depth = 0usize;
@@ -187,6 +189,12 @@ fn scan_xml(bytes: &[u8]) -> Result<Vec<(usize, usize)>, ParseFault> {
                 }
                 if !empty {
                     depth += 1;
+                    if depth > max_depth {
+                        return Err(fault(
+                            format!("elements nest deeper than {max_depth} levels"),
+                            before,
+                        ));
+                    }
                 }
             }
             Event::End(_) => {
@@ -220,6 +228,39 @@ fn scan_xml(bytes: &[u8]) -> Result<Vec<(usize, usize)>, ParseFault> {
         }
         buf.clear();
     }
+}
+
+/// Refuses a narrative whose XHTML nests deeper than the cap: the XML
+/// writer and every reader after it would recurse that deep. (An XML body
+/// is capped as a whole by [`scan_xml`]; in JSON the XHTML is a string.)
+fn check_narratives(value: &Value) -> Result<(), ParseFault> {
+    let max_depth = crate::limits::get().nesting_depth;
+    let mut divs = Vec::new();
+    collect_divs(value, &mut divs);
+    for div in divs {
+        let mut reader = quick_xml::Reader::from_str(&div);
+        let mut depth = 0usize;
+        loop {
+            match reader.read_event() {
+                Ok(quick_xml::events::Event::Start(_)) => {
+                    depth += 1;
+                    if depth > max_depth {
+                        return Err(ParseFault {
+                            message: format!(
+                                "the narrative's XHTML nests deeper than {max_depth} levels"
+                            ),
+                            expression: Some("div".into()),
+                            position: None,
+                        });
+                    }
+                }
+                Ok(quick_xml::events::Event::End(_)) => depth = depth.saturating_sub(1),
+                Ok(quick_xml::events::Event::Eof) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Replaces narrative `div` values, in document order, by `divs`.

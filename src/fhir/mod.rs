@@ -5,6 +5,7 @@ pub mod codec;
 pub mod locate;
 pub mod media;
 pub mod outcome;
+pub mod patch;
 pub mod reference;
 pub mod summary;
 pub mod types;

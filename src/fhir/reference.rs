@@ -74,6 +74,27 @@ pub fn conditional_references(value: &Value, out: &mut Vec<String>) {
     }
 }
 
+/// Collects every literal reference in `reference` elements: not
+/// conditional, not to a contained resource (`#id`).
+pub fn literal_references(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::Array(items) => items.iter().for_each(|v| literal_references(v, out)),
+        Value::Object(obj) => {
+            for (k, v) in obj {
+                match (k.as_str(), v) {
+                    ("reference", Value::String(s))
+                        if !is_conditional(s) && !s.starts_with('#') =>
+                    {
+                        out.push(s.clone())
+                    }
+                    _ => literal_references(v, out),
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 fn is_conditional(reference: &str) -> bool {
     match reference.split_once('?') {
         Some((rtype, _)) => !rtype.contains('/') && !rtype.contains(':') && !rtype.is_empty(),

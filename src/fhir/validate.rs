@@ -197,6 +197,9 @@ fn check_primitive(t: &str, v: &Value) -> Result<(), String> {
 /// `YYYY`, `YYYY-MM` or `YYYY-MM-DD`, each a real calendar value.
 fn is_date(s: &str) -> bool {
     let digits = |r: &str| r.bytes().all(|b| b.is_ascii_digit());
+    if !s.is_ascii() {
+        return false; // and the byte slices below stay on character boundaries
+    }
     match s.len() {
         4 => digits(s),
         7 => {

@@ -265,6 +265,13 @@ pub async fn process(gate: &Gate, env: &Env, bundle_value: Value) -> Result<Valu
         None => Vec::new(),
         Some(_) => return Err(Error::invalid_at("entry must be a list", "Bundle.entry")),
     };
+    let cap = crate::limits::get().bundle_entries;
+    if raw_entries.len() > cap {
+        return Err(Error::too_costly(format!(
+            "the Bundle has {} entries; at most {cap} are accepted in one request",
+            raw_entries.len()
+        )));
+    }
     match kind.as_str() {
         "transaction" => {
             let entries = raw_entries
@@ -448,6 +455,63 @@ async fn perform(tx: &mut Writer, env: &Env, e: &Entry, new_id: &str) -> Result<
     })
 }
 
+/// Refuses a resource whose literal references point nowhere: a temporary
+/// id (`urn:uuid:`, `urn:oid:`) that no entry carries, or `Type/id` that is
+/// neither written by this transaction nor a resource the caller may read
+/// (invisible answers like absent). External absolute URLs are left alone.
+async fn check_references(
+    tx: &mut Writer,
+    env: &Env,
+    entries: &[Entry],
+    written: &HashSet<String>,
+) -> Result<()> {
+    let mut checked: HashSet<String> = HashSet::new();
+    for e in entries {
+        let Some(resource) = &e.resource else {
+            continue;
+        };
+        if e.method == Method::Patch {
+            continue; // a Binary carrying the patch; its result is checked when applied
+        }
+        let mut refs = Vec::new();
+        reference::literal_references(resource, &mut refs);
+        for r in refs {
+            if r.starts_with("urn:uuid:") || r.starts_with("urn:oid:") {
+                return Err(Error::invalid(format!(
+                    "reference '{r}' names no entry of this transaction"
+                ))
+                .in_entry(e.index));
+            }
+            let local = r
+                .strip_prefix(env.base.as_str())
+                .map(|rest| rest.trim_start_matches('/'))
+                .unwrap_or(&r);
+            let mut parts = local.split('/');
+            let (Some(t), Some(id)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            if !crate::fhir::types::is_resource_type(t) || local.contains("://") {
+                continue; // an external URL
+            }
+            let key = format!("{t}/{id}");
+            if written.contains(&key) || !checked.insert(key.clone()) {
+                continue;
+            }
+            match read(&mut tx.view(), t, id).await {
+                Ok(_) => {}
+                Err(Error::NotFound(_) | Error::Gone(_) | Error::Invalid { .. }) => {
+                    return Err(Error::invalid(format!(
+                        "reference '{r}' resolves neither to an entry of this transaction nor to an existing resource"
+                    ))
+                    .in_entry(e.index))
+                }
+                Err(other) => return Err(other.in_entry(e.index)),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Current resources matching conditional criteria that the caller may
 /// see (none, one, or "several").
 async fn find(tx: &mut Writer, rtype: &str, query: &str) -> Result<Vec<crate::store::Version>> {
@@ -460,6 +524,19 @@ async fn transaction(
     env: &Env,
     mut entries: Vec<Entry>,
 ) -> Result<Vec<EntryResponse>> {
+    // Each fullUrl names one entry.
+    let mut full_urls = HashSet::new();
+    for e in &entries {
+        if let Some(u) = &e.full_url {
+            if !full_urls.insert(u.as_str()) {
+                return Err(Error::invalid_at(
+                    format!("fullUrl '{u}' is carried by more than one entry"),
+                    "Bundle.fullUrl",
+                )
+                .in_entry(e.index));
+            }
+        }
+    }
     // The same resource may not be the target of two entries.
     let mut targets = HashSet::new();
     for e in &entries {
@@ -590,13 +667,24 @@ async fn transaction(
         }
     }
 
-    // 3. Conditional references, then rewrite every entry.
+    // 3. Conditional references, then rewrite every entry; every reference
+    // left must resolve to an entry or to a resource the caller may see.
     resolve_conditional_refs(&mut tx, &entries, &mut map).await?;
     for e in entries.iter_mut() {
         if let Some(r) = e.resource.as_mut() {
             reference::rewrite(r, &map);
         }
     }
+    let written: HashSet<String> = entries
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| match (e.method, &e.target.id) {
+            (Method::Post, _) => Some(format!("{}/{}", e.target.rtype, ids[i])),
+            (Method::Put, Some(id)) => Some(format!("{}/{}", e.target.rtype, id)),
+            _ => None,
+        })
+        .collect();
+    check_references(&mut tx, env, &entries, &written).await?;
 
     // 4. Writes, then reads, in the spec's order.
     let mut created: HashSet<String> = HashSet::new();

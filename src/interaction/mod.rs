@@ -459,16 +459,33 @@ pub async fn patch(
 ) -> Result<Written> {
     check_type(rtype)?;
     check_id(id)?;
-    let ops: json_patch::Patch = serde_json::from_value(patch_doc.clone())
-        .map_err(|e| Error::invalid(format!("invalid JSON Patch document: {e}")))?;
+    if !patch_doc.is_array() {
+        return Err(Error::invalid(
+            "a JSON Patch document is an array of operations",
+        ));
+    }
     tx.access().check_type(Ops::UPDATE, rtype)?;
     let found = tx.current_for_write(rtype, id).await?;
     let cur = live(found, rtype, id)?;
     check_if_match(Some(&cur), if_match)?;
     let mut doc = parse_stored(cur.body.as_deref().unwrap_or("{}"))?;
     tx.access().check(Ops::UPDATE, rtype, &doc)?;
-    json_patch::patch(&mut doc, &ops)
-        .map_err(|e| Error::Unprocessable(format!("JSON Patch could not be applied: {e}")))?;
+    let limits = crate::limits::get();
+    let caps = crate::fhir::patch::Caps {
+        operations: limits.patch_operations,
+        bytes: limits.patch_result_bytes,
+        depth: limits.nesting_depth,
+    };
+    crate::fhir::patch::apply(&mut doc, patch_doc, caps).map_err(|f| {
+        use crate::fhir::patch::PatchFault;
+        match f {
+            PatchFault::Malformed(m) => Error::invalid(m),
+            PatchFault::TooCostly(m) => Error::too_costly(m),
+            PatchFault::NotApplicable(m) => {
+                Error::Unprocessable(format!("JSON Patch could not be applied: {m}"))
+            }
+        }
+    })?;
     if doc.get("resourceType").and_then(Value::as_str) != Some(rtype)
         || doc.get("id").and_then(Value::as_str) != Some(id)
     {

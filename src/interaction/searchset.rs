@@ -411,6 +411,15 @@ async fn includes(
         .collect();
     let mut out: Vec<Version> = Vec::new();
     let mut frontier: Vec<Version> = matches.to_vec();
+    // The cap is on what the caller may see; the references read to find
+    // it are bounded by a multiple of it.
+    let cap = crate::limits::get().included_resources;
+    let read_cap = cap.saturating_mul(10).saturating_add(1);
+    let too_many = || {
+        Error::too_costly(format!(
+            "_include/_revinclude would add more than {cap} resources to this page; ask for a smaller _count or fewer inclusions"
+        ))
+    };
     for round in 0..MAX_ITERATIONS {
         let mut found: Vec<(String, String)> = Vec::new();
         let by_type = group(&frontier);
@@ -418,7 +427,7 @@ async fn includes(
             if let Some(ids) = by_type.get(spec.source.as_str()) {
                 let params = spec.param.as_ref().map(|p| vec![p.clone()]);
                 for (t, id) in view
-                    .references_from(&spec.source, ids, params.as_deref())
+                    .references_from(&spec.source, ids, params.as_deref(), read_cap)
                     .await?
                 {
                     if spec.target.as_ref().is_none_or(|x| *x == t) {
@@ -437,10 +446,13 @@ async fn includes(
                 if spec.target.as_ref().is_some_and(|x| x != t) {
                     continue;
                 }
-                for id in view
-                    .references_to(&spec.source, params.as_deref(), t, ids)
-                    .await?
-                {
+                let referring = view
+                    .references_to(&spec.source, params.as_deref(), t, ids, read_cap)
+                    .await?;
+                if referring.len() >= read_cap {
+                    return Err(too_many());
+                }
+                for id in referring {
                     found.push((spec.source.clone(), id));
                 }
             }
@@ -451,6 +463,9 @@ async fn includes(
             .collect();
         if fresh.is_empty() {
             break;
+        }
+        if fresh.len() >= read_cap {
+            return Err(too_many());
         }
         let mut wanted: HashMap<String, Vec<String>> = HashMap::new();
         for (t, id) in fresh {
@@ -464,6 +479,9 @@ async fn includes(
             next.extend(view.fetch(&t, &ids).await?);
         }
         out.extend(next.iter().cloned());
+        if out.len() > cap {
+            return Err(too_many());
+        }
         frontier = next;
     }
     Ok(out)

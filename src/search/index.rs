@@ -133,7 +133,60 @@ pub fn extract(rtype: &str, resource: &Value) -> Rows {
             add(&mut rows, &p.code, p.kind, 0, item);
         }
     }
+    rows.truncate_texts();
     rows
+}
+
+/// The longest text an index row holds, in bytes. A btree entry must fit
+/// in a third of a PostgreSQL page (~2.7 KB with the other columns), and
+/// sorting on a 10 MB value should not copy 10 MB per row. Longer values
+/// are indexed by their first [`INDEX_TEXT_BYTES`], and search values are
+/// cut the same way before they are compared (see
+/// `store::search::render_test`): two values that share so long a prefix
+/// match alike.
+pub const INDEX_TEXT_BYTES: usize = 1024;
+
+/// `s` cut to at most [`INDEX_TEXT_BYTES`], on a character boundary.
+pub fn index_text(s: &str) -> &str {
+    if s.len() <= INDEX_TEXT_BYTES {
+        return s;
+    }
+    let mut end = INDEX_TEXT_BYTES;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn cut(s: &mut String) {
+    let n = index_text(s).len();
+    s.truncate(n);
+}
+
+impl Rows {
+    fn truncate_texts(&mut self) {
+        for r in &mut self.strings {
+            cut(&mut r.norm);
+            cut(&mut r.raw);
+        }
+        for r in &mut self.tokens {
+            cut(&mut r.system);
+            cut(&mut r.code);
+            cut(&mut r.text);
+        }
+        for r in &mut self.references {
+            cut(&mut r.target_type);
+            cut(&mut r.target_id);
+            cut(&mut r.url);
+        }
+        for r in &mut self.quantities {
+            cut(&mut r.system);
+            cut(&mut r.code);
+        }
+        for r in &mut self.uris {
+            cut(&mut r.value);
+        }
+    }
 }
 
 fn composite(p: &Param, items: &[Item<'_>], resource: &Value, rows: &mut Rows) {

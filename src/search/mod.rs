@@ -53,6 +53,7 @@ fn unknown(msg: String) -> Error {
 /// ignored (and left out of `applied`). `base` is ehrx's public base URL
 /// (absolute references to it are local).
 pub fn parse(rtype: &str, params: &[(String, String)], strict: bool, base: &str) -> Result<Parsed> {
+    check_limits(params)?;
     let mut out = Parsed::default();
     for (name, value) in params {
         let base_name = name.split(':').next().unwrap_or(name);
@@ -69,6 +70,74 @@ pub fn parse(rtype: &str, params: &[(String, String)], strict: bool, base: &str)
         }
     }
     Ok(out)
+}
+
+/// Refuses criteria beyond the caps of [`crate::limits`] before any of
+/// them becomes SQL: too many criteria or repeats of one, too many OR
+/// values, over-long values, and control characters (no FHIR string holds
+/// one; PostgreSQL refuses NUL outright).
+fn check_limits(params: &[(String, String)]) -> Result<()> {
+    let limits = crate::limits::get();
+    let mut criteria = 0usize;
+    let mut includes = 0usize;
+    let mut repeats: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (name, value) in params {
+        let base_name = name.split(':').next().unwrap_or(name);
+        for (what, text) in [("name", name.as_str()), ("value", value.as_str())] {
+            if text.len() > limits.search_value_bytes {
+                return Err(Error::too_costly(format!(
+                    "a search parameter {what} is {} bytes long; at most {} are accepted",
+                    text.len(),
+                    limits.search_value_bytes
+                )));
+            }
+            if text
+                .chars()
+                .any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+            {
+                return Err(Error::invalid(format!(
+                    "the search parameter '{}' holds a control character",
+                    name.escape_default()
+                )));
+            }
+        }
+        if matches!(base_name, "_include" | "_revinclude") {
+            includes += 1;
+            if includes > limits.search_includes {
+                return Err(Error::too_costly(format!(
+                    "more than {} _include/_revinclude parameters",
+                    limits.search_includes
+                )));
+            }
+            continue;
+        }
+        if RESULT_PARAMS.contains(&base_name) {
+            continue;
+        }
+        criteria += 1;
+        if criteria > limits.search_criteria {
+            return Err(Error::too_costly(format!(
+                "more than {} search criteria in one request",
+                limits.search_criteria
+            )));
+        }
+        let n = repeats.entry(name.as_str()).or_insert(0);
+        *n += 1;
+        if *n > limits.search_repeats {
+            return Err(Error::too_costly(format!(
+                "the search parameter '{name}' is repeated more than {} times",
+                limits.search_repeats
+            )));
+        }
+        let alternatives = split_or(value).len();
+        if alternatives > limits.search_or_values {
+            return Err(Error::too_costly(format!(
+                "the search parameter '{name}' has {alternatives} comma-separated values; at most {} are accepted",
+                limits.search_or_values
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Parses conditional-operation criteria (`If-None-Exist`, `Type?query`):
@@ -530,10 +599,11 @@ fn reference_test(
 /// Splits a comparison prefix (`ge2020`) off a value.
 fn split_prefix(v: &str) -> (&str, &str) {
     const PREFIXES: [&str; 9] = ["eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap"];
-    if v.len() > 2 && PREFIXES.contains(&&v[..2]) {
-        (&v[..2], &v[2..])
-    } else {
-        ("eq", v)
+    // `get` rather than slicing: the value is the caller's, and its third
+    // byte may sit inside a multi-byte character (`€1`).
+    match (v.get(..2), v.get(2..)) {
+        (Some(p), Some(rest)) if !rest.is_empty() && PREFIXES.contains(&p) => (p, rest),
+        _ => ("eq", v),
     }
 }
 
@@ -740,10 +810,16 @@ fn split_or(value: &str) -> Vec<String> {
     while let Some(c) = chars.next() {
         match c {
             '\\' if matches!(chars.peek(), Some(',') | Some('|') | Some('\\')) => {
-                out.last_mut().unwrap().push(chars.next().unwrap())
+                if let (Some(last), Some(escaped)) = (out.last_mut(), chars.next()) {
+                    last.push(escaped)
+                }
             }
             ',' => out.push(String::new()),
-            c => out.last_mut().unwrap().push(c),
+            c => {
+                if let Some(last) = out.last_mut() {
+                    last.push(c)
+                }
+            }
         }
     }
     out

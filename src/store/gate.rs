@@ -279,8 +279,9 @@ impl View<'_> {
         rtype: &str,
         ids: &[String],
         params: Option<&[String]>,
+        limit: usize,
     ) -> Result<Vec<(String, String)>> {
-        Ok(sq::references_from(self.conn, rtype, ids, params).await?)
+        Ok(sq::references_from(self.conn, rtype, ids, params, limit).await?)
     }
 
     /// Ids of resources of `source` referring to `(target_type, ids)`;
@@ -291,8 +292,9 @@ impl View<'_> {
         params: Option<&[String]>,
         target_type: &str,
         ids: &[String],
+        limit: usize,
     ) -> Result<Vec<String>> {
-        Ok(sq::references_to(self.conn, source, params, target_type, ids).await?)
+        Ok(sq::references_to(self.conn, source, params, target_type, ids, limit).await?)
     }
 
     /// A page of the compartment of `target`, keeping what the caller may

@@ -49,6 +49,15 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+impl StoreError {
+    /// The database cancelled the statement because it ran longer than
+    /// `statement_timeout` (PostgreSQL `query_canceled`).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, StoreError::Database(sqlx::Error::Database(e))
+            if e.code().as_deref() == Some("57014"))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
     Sqlite,
@@ -97,7 +106,14 @@ fn normalise_url(url: &str) -> StoreResult<(String, Dialect)> {
 
 impl Store {
     /// Connects (creating an SQLite file if needed) without migrating.
-    pub async fn connect(url: &str, pool_size: u32) -> StoreResult<Store> {
+    /// On PostgreSQL every statement is cancelled by the server after
+    /// `statement_timeout`, so no query outlives its request for long.
+    pub async fn connect(
+        url: &str,
+        pool_size: u32,
+        statement_timeout: Duration,
+    ) -> StoreResult<Store> {
+        let timeout_ms = statement_timeout.as_millis().clamp(1, i32::MAX as u128);
         static DRIVERS: Once = Once::new();
         DRIVERS.call_once(sqlx::any::install_default_drivers);
         let (url, dialect) = normalise_url(url)?;
@@ -119,6 +135,8 @@ impl Store {
                         // prepared statement picks the wrong index, so every
                         // execution is planned with its actual values.
                         conn.execute("SET plan_cache_mode = force_custom_plan")
+                            .await?;
+                        conn.execute(format!("SET statement_timeout = {timeout_ms}").as_str())
                             .await?;
                     }
                     Ok(())
@@ -150,8 +168,12 @@ impl Store {
     }
 
     /// Connects and brings the schema up to date.
-    pub async fn open(url: &str, pool_size: u32) -> StoreResult<Store> {
-        let store = Store::connect(url, pool_size).await?;
+    pub async fn open(
+        url: &str,
+        pool_size: u32,
+        statement_timeout: Duration,
+    ) -> StoreResult<Store> {
+        let store = Store::connect(url, pool_size, statement_timeout).await?;
         store.migrate().await?;
         store.optimize().await?;
         Ok(store)

@@ -8,6 +8,7 @@ use sqlx::{AnyConnection, Row};
 use super::query::version_from_row;
 use super::{StoreResult, Version};
 use crate::search::cond::{Bind, Cond, Cursor, Query, Sort, SortBy, Table, Test};
+use crate::search::index::index_text;
 
 struct Sql {
     text: String,
@@ -28,23 +29,32 @@ impl Sql {
 const TEXT_HIGH: &str = "\u{10FFFF}";
 const REAL_HIGH: f64 = 1e300;
 
+/// A compared value cut as index rows are (see [`index_text`]).
+fn indexed(b: &Bind) -> Bind {
+    match b {
+        Bind::Text(s) => Bind::Text(index_text(s).to_string()),
+        other => other.clone(),
+    }
+}
+
 fn render_test(sql: &mut Sql, alias: &str, t: &Test) -> String {
     let col = |c: &str| format!("{alias}.{c}");
     match t {
         Test::Any => "1 = 1".into(),
-        Test::Eq(c, b) => format!("{} = {}", col(c), sql.bind(b.clone())),
-        Test::Ne(c, b) => format!("{} <> {}", col(c), sql.bind(b.clone())),
-        Test::Lt(c, b) => format!("{} < {}", col(c), sql.bind(b.clone())),
-        Test::Le(c, b) => format!("{} <= {}", col(c), sql.bind(b.clone())),
-        Test::Gt(c, b) => format!("{} > {}", col(c), sql.bind(b.clone())),
-        Test::Ge(c, b) => format!("{} >= {}", col(c), sql.bind(b.clone())),
+        Test::Eq(c, b) => format!("{} = {}", col(c), sql.bind(indexed(b))),
+        Test::Ne(c, b) => format!("{} <> {}", col(c), sql.bind(indexed(b))),
+        Test::Lt(c, b) => format!("{} < {}", col(c), sql.bind(indexed(b))),
+        Test::Le(c, b) => format!("{} <= {}", col(c), sql.bind(indexed(b))),
+        Test::Gt(c, b) => format!("{} > {}", col(c), sql.bind(indexed(b))),
+        Test::Ge(c, b) => format!("{} >= {}", col(c), sql.bind(indexed(b))),
         Test::Prefix(c, p) => {
+            let p = index_text(p);
             let lo = sql.text(p);
             let hi = sql.text(&format!("{p}{TEXT_HIGH}"));
             format!("{} >= {lo} AND {} < {hi}", col(c), col(c))
         }
         Test::Contains(c, p) => {
-            let escaped = p
+            let escaped = index_text(p)
                 .replace('\\', "\\\\")
                 .replace('%', "\\%")
                 .replace('_', "\\_");
@@ -52,7 +62,7 @@ fn render_test(sql: &mut Sql, alias: &str, t: &Test) -> String {
             format!("{} LIKE {pat} ESCAPE '\\'", col(c))
         }
         Test::In(c, vals) => {
-            let list: Vec<String> = vals.iter().map(|v| sql.text(v)).collect();
+            let list: Vec<String> = vals.iter().map(|v| sql.text(index_text(v))).collect();
             format!("{} IN ({})", col(c), list.join(", "))
         }
         Test::And(ts) => join_tests(sql, alias, ts, " AND ", "1 = 1"),
@@ -493,12 +503,13 @@ async fn explain_raw(
 }
 
 /// References from resources `(rtype, ids)` through `params` (`None`: all):
-/// `(target_type, target_id)`.
+/// `(target_type, target_id)`, at most `limit`.
 pub async fn references_from(
     conn: &mut AnyConnection,
     rtype: &str,
     ids: &[String],
     params: Option<&[String]>,
+    limit: usize,
 ) -> StoreResult<Vec<(String, String)>> {
     let mut out = Vec::new();
     for chunk in ids.chunks(500) {
@@ -518,6 +529,11 @@ pub async fn references_from(
             text.push_str(&format!(" AND x.param IN ({})", pl.join(", ")));
         }
         sql.text = text;
+        let room = limit.saturating_sub(out.len());
+        if room == 0 {
+            break;
+        }
+        sql.text.push_str(&format!(" LIMIT {room}"));
         let rows = bound(&sql.text, &sql.binds).fetch_all(&mut *conn).await?;
         for r in rows {
             out.push((r.try_get("target_type")?, r.try_get("target_id")?));
@@ -557,17 +573,24 @@ fn references_to_sql(
 }
 
 /// Resources of `source` type that reference `(target_type, ids)` through
-/// `params` (`None`: any reference parameter): their ids.
+/// `params` (`None`: any reference parameter): their ids, at most `limit`
+/// rows read.
 pub async fn references_to(
     conn: &mut AnyConnection,
     source: &str,
     params: Option<&[String]>,
     target_type: &str,
     ids: &[String],
+    limit: usize,
 ) -> StoreResult<Vec<String>> {
     let mut out = Vec::new();
     for chunk in ids.chunks(500) {
-        let sql = references_to_sql(source, params, target_type, chunk);
+        let room = limit.saturating_sub(out.len());
+        if room == 0 {
+            break;
+        }
+        let mut sql = references_to_sql(source, params, target_type, chunk);
+        sql.text.push_str(&format!(" LIMIT {room}"));
         let rows = bound(&sql.text, &sql.binds).fetch_all(&mut *conn).await?;
         for r in rows {
             out.push(r.try_get::<String, _>("id")?);
