@@ -55,6 +55,12 @@ pub struct Config {
     /// Longest one SQL statement may run on PostgreSQL, in seconds
     /// (`EHRX_STATEMENT_TIMEOUT`); the server cancels it after that.
     pub statement_timeout: u64,
+    /// Sign-in attempts one account may make per minute
+    /// (`EHRX_LOGIN_ATTEMPTS_PER_MINUTE`); more get 429.
+    pub login_attempts_per_minute: u32,
+    /// Token requests one client may make per minute
+    /// (`EHRX_TOKEN_REQUESTS_PER_MINUTE`); more get 429.
+    pub token_requests_per_minute: u32,
     /// Caps on what one request may ask for (`[limits]`).
     pub limits: crate::limits::Limits,
 }
@@ -79,6 +85,8 @@ impl Default for Config {
             access_token_lifetime: 3600,
             key_encryption_key_file: None,
             request_timeout: 60,
+            login_attempts_per_minute: 10,
+            token_requests_per_minute: 300,
             statement_timeout: 30,
             limits: crate::limits::Limits::default(),
         }
@@ -131,6 +139,11 @@ impl Config {
         }
         if self.max_body_bytes == 0 {
             return Err(ConfigError("max_body_bytes must be positive".into()));
+        }
+        if self.login_attempts_per_minute == 0 || self.token_requests_per_minute == 0 {
+            return Err(ConfigError(
+                "login_attempts_per_minute and token_requests_per_minute must be positive".into(),
+            ));
         }
         if self.request_timeout == 0 || self.statement_timeout == 0 {
             return Err(ConfigError(

@@ -384,3 +384,67 @@ async fn included_resources_over_the_cap_are_refused() {
         .unwrap();
     assert_eq!(b["entry"].as_array().map(Vec::len), Some(6), "{b}");
 }
+
+#[tokio::test]
+async fn sign_in_attempts_are_throttled_per_account() {
+    let s = TestServer::start().await;
+    let attempt = |user: &'static str| {
+        let (c, url) = (reqwest::Client::new(), s.url("auth/login"));
+        async move {
+            c.post(url)
+                .form(&[("username", user), ("password", "wrong guess")])
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    for _ in 0..10 {
+        assert_eq!(attempt("victim").await.status(), 401);
+    }
+    let r = attempt("victim").await;
+    assert_eq!(r.status(), 429);
+    let wait: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("Too many sign-in attempts"));
+    assert_eq!(
+        attempt("someone-else").await.status(),
+        401,
+        "other accounts are not slowed"
+    );
+}
+
+#[tokio::test]
+async fn token_requests_are_throttled_per_client() {
+    let s = TestServer::start_authorized(|c| c.token_requests_per_minute = 3).await;
+    let ask = |client: &'static str| {
+        let (c, url) = (reqwest::Client::new(), s.url("auth/token"));
+        async move {
+            c.post(url)
+                .form(&[
+                    ("grant_type", "refresh_token"),
+                    ("refresh_token", "guess"),
+                    ("client_id", client),
+                ])
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    for _ in 0..3 {
+        assert_ne!(ask("guesser").await.status(), 429);
+    }
+    let r = ask("guesser").await;
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"], "temporarily_unavailable");
+    assert_ne!(ask("another").await.status(), 429);
+}

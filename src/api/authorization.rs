@@ -5,11 +5,12 @@
 mod pages;
 
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Form, Json, Router};
 use axum_extra::extract::cookie::{Cookie, CookieJar, SameSite};
+use base64::Engine as _;
 use serde_json::{json, Value};
 
 use super::AppState;
@@ -541,6 +542,19 @@ async fn login(State(s): State<AppState>, jar: CookieJar, Form(p): Form<Params>)
             pages::login(&carried(&p), Some("Enter your username and password.")),
         );
     };
+    if let Err(wait) = s.throttle.login(username) {
+        tracing::warn!("sign-in attempts throttled for one account");
+        let mut r = html(
+            StatusCode::TOO_MANY_REQUESTS,
+            pages::login(
+                &carried(&p),
+                Some("Too many sign-in attempts for this account. Wait a minute and try again."),
+            ),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, retry_after(wait));
+        return r;
+    }
     match users::login(&s.store, username, password).await {
         Ok(Some(user)) => match users::start_session(&s.store, &user.id).await {
             Ok(sid) => {
@@ -777,10 +791,59 @@ async fn token_endpoint(
     headers: HeaderMap,
     Form(p): Form<Params>,
 ) -> Response {
+    if let Err(wait) = s.throttle.token(&throttle_key(&headers, &p)) {
+        tracing::warn!("token requests throttled for one client");
+        let body = json!({
+            "error": "temporarily_unavailable",
+            "error_description": "too many token requests for this client; retry later",
+        });
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [
+                (header::RETRY_AFTER, retry_after(wait)),
+                (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+            ],
+            Json(body),
+        )
+            .into_response();
+    }
     match token_grant(&s, &headers, &p).await {
         Ok(body) => token_json(body),
         Err(e) => e.into_response(),
     }
+}
+
+/// Whole seconds to wait, at least one.
+fn retry_after(wait: std::time::Duration) -> HeaderValue {
+    HeaderValue::from(wait.as_secs().max(1))
+}
+
+/// The client a token request claims to come from, before it is
+/// authenticated: `client_id`, the Basic user, or the assertion's `iss`.
+fn throttle_key(headers: &HeaderMap, p: &[(String, String)]) -> String {
+    let basic = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if let Ok(c) = Credentials::from_request(basic, p) {
+        if let Some(id) = c.client_id {
+            return id;
+        }
+    }
+    field(p, "client_assertion")
+        .and_then(|jwt| jwt.split('.').nth(1))
+        .and_then(|payload| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload.trim_end_matches('='))
+                .ok()
+        })
+        .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+        .and_then(|claims| {
+            claims
+                .get("iss")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
 }
 
 async fn token_grant(

@@ -7,6 +7,7 @@ pub mod authorization;
 mod capability;
 mod handlers;
 mod request;
+mod throttle;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -35,12 +36,19 @@ pub struct AppState {
     /// The signed-XML exchange (key, mapping rules), loaded at start.
     pub exchange: Arc<tokio::sync::OnceCell<Arc<crate::exchange::inbound::Exchange>>>,
     pub auth: Arc<Auth>,
+    /// Sign-in and token request rates.
+    pub throttle: Arc<throttle::Throttle>,
 }
 
 impl AppState {
     pub fn new(store: Store, config: Config, auth: Auth) -> AppState {
         let env = Env::from_config(&config);
+        let throttle = throttle::Throttle::new(
+            config.login_attempts_per_minute,
+            config.token_requests_per_minute,
+        );
         AppState {
+            throttle: Arc::new(throttle),
             store,
             env: Arc::new(env),
             config: Arc::new(config),

@@ -140,7 +140,8 @@ async fn claim_and_store(store: &Store, env: &Env, doc: Received) -> Result<Rece
     let query = format!("identifier={DOCUMENT_SYSTEM}|{digest}");
     // The subscriber adds to the record and sees only what it added.
     let source = source_of(env, &doc.org);
-    let gate = store.gate(Access::subscriber(&source));
+    let org_id = doc.org.trim_start_matches("Organization/");
+    let gate = store.gate(Access::subscriber(&source, org_id));
     let key = db::ReceiptKey {
         subscriber: &source,
         digest: &digest,

@@ -60,6 +60,8 @@ struct Rule {
     filter: Vec<(String, String)>,
     /// Only resources whose `meta.source` is this (exchange subscribers).
     source: Option<String>,
+    /// Only the resource with this id (a subscriber's own Organization).
+    id: Option<String>,
 }
 
 /// What one caller may do.
@@ -112,6 +114,7 @@ impl Access {
                 patient: bound,
                 filter: r.filter.clone(),
                 source: None,
+                id: None,
             });
         }
         Access {
@@ -122,17 +125,29 @@ impl Access {
     }
 
     /// An exchange subscriber: creates resources marked with its `source`
-    /// (`meta.source`), and reads and searches only those.
-    pub fn subscriber(source: &str) -> Access {
+    /// (`meta.source`), and reads and searches only those — and its own
+    /// `Organization/{organization}`, which its documents refer to.
+    pub fn subscriber(source: &str, organization: &str) -> Access {
         Access {
             maintenance: None,
-            rules: vec![Rule {
-                rtype: None,
-                ops: Ops::CREATE.union(Ops::READ).union(Ops::SEARCH),
-                patient: None,
-                filter: Vec::new(),
-                source: Some(source.to_string()),
-            }],
+            rules: vec![
+                Rule {
+                    rtype: None,
+                    ops: Ops::CREATE.union(Ops::READ).union(Ops::SEARCH),
+                    patient: None,
+                    filter: Vec::new(),
+                    source: Some(source.to_string()),
+                    id: None,
+                },
+                Rule {
+                    rtype: Some("Organization".into()),
+                    ops: Ops::READ.union(Ops::SEARCH),
+                    patient: None,
+                    filter: Vec::new(),
+                    source: None,
+                    id: Some(organization.to_string()),
+                },
+            ],
             patient: None,
         }
     }
@@ -223,6 +238,9 @@ impl Access {
                 && r.source.as_deref().is_none_or(|s| {
                     resource.pointer("/meta/source").and_then(Value::as_str) == Some(s)
                 })
+                && r.id
+                    .as_deref()
+                    .is_none_or(|i| resource.get("id").and_then(Value::as_str) == Some(i))
         })
     }
 
@@ -274,6 +292,9 @@ impl Access {
             if !r.filter.is_empty() {
                 let parsed = crate::search::parse(rtype, &r.filter, true, "")?;
                 conds.extend(parsed.conds);
+            }
+            if let Some(i) = &r.id {
+                conds.push(Cond::Ids(vec![i.clone()]));
             }
             if let Some(s) = &r.source {
                 conds.push(Cond::Index {
@@ -598,7 +619,7 @@ mod tests {
 
     #[test]
     fn a_subscriber_sees_only_what_it_sent() {
-        let a = Access::subscriber("https://h.example/Organization/1");
+        let a = Access::subscriber("https://h.example/Organization/1", "1");
         assert_eq!(a.source(), Some("https://h.example/Organization/1"));
         let mine = json!({"resourceType": "Patient", "id": "x",
             "meta": {"source": "https://h.example/Organization/1"}});
@@ -612,5 +633,11 @@ mod tests {
             a.conds(Ops::SEARCH, "Patient").unwrap(),
             Some(Cond::Index { .. })
         ));
+        // Its own Organization, and no other.
+        let own = json!({"resourceType": "Organization", "id": "1"});
+        let other = json!({"resourceType": "Organization", "id": "2"});
+        assert!(a.permits(Ops::READ, "Organization", &own));
+        assert!(!a.permits(Ops::READ, "Organization", &other));
+        assert!(!a.permits(Ops::UPDATE, "Organization", &own));
     }
 }
