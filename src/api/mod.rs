@@ -5,6 +5,7 @@
 mod authenticate;
 pub mod authorization;
 mod capability;
+pub mod cors;
 mod handlers;
 mod request;
 
@@ -34,12 +35,16 @@ pub struct AppState {
     /// The signed-XML exchange (key, mapping rules), loaded at start.
     pub exchange: Arc<tokio::sync::OnceCell<Arc<crate::exchange::inbound::Exchange>>>,
     pub auth: Arc<Auth>,
+    /// The CORS policy of the endpoints browser apps call.
+    pub cors: tower_http::cors::CorsLayer,
 }
 
 impl AppState {
     pub fn new(store: Store, config: Config, auth: Auth) -> AppState {
         let env = Env::from_config(&config);
+        let cors = cors::layer(Arc::new(cors::Origins::new(&config, store.clone())));
         AppState {
+            cors,
             store,
             env: Arc::new(env),
             config: Arc::new(config),
@@ -97,6 +102,7 @@ pub fn router(state: AppState) -> Router {
         .merge(fhir)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), cors::cors))
         .layer(middleware::from_fn(log_request))
         .with_state(state)
 }
