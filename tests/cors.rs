@@ -1,6 +1,7 @@
 //! Cross-origin requests from browser apps, over HTTP with authorization
 //! on: which origins get `Access-Control-Allow-Origin` on which endpoints,
-//! and preflights.
+//! preflights, and the consent page's `form-action`, which must let the
+//! browser follow the redirect back to the app.
 
 mod common;
 
@@ -216,6 +217,54 @@ async fn configured_origins_replace_the_registered_ones() {
     let s = TestServer::start_with(|c| c.cors_origins = vec!["*".into()]).await;
     let r = preflight(&s, "Patient", "https://anywhere.example", "GET").await;
     assert_eq!(acao(&r), Some("*"));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn the_consent_page_lets_its_form_redirect_to_the_apps_origin() {
+    let s = TestServer::start_secured().await;
+    practitioner_user(&s, "dr.cors", "pr-1");
+    let client = public_client(&s, "launch/patient openid fhirUser patient/*.rs");
+    let (_, challenge) = pkce();
+    let params = authorize_params(
+        &s,
+        &client,
+        "launch/patient openid fhirUser patient/*.rs",
+        &challenge,
+        &[],
+    );
+    let b = browser();
+    let r = b
+        .get(s.url("auth/authorize"))
+        .query(&params)
+        .send()
+        .await
+        .unwrap();
+    // The sign-in page: forms go to this server only.
+    let csp = r.headers()["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("form-action 'self';"), "{csp}");
+    let mut f = params.clone();
+    f.push(("username".into(), "dr.cors".into()));
+    f.push(("password".into(), "correct horse battery".into()));
+    let r = b.post(s.url("auth/login")).form(&f).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    let to = r.headers()["location"].to_str().unwrap().to_string();
+    let r = b.get(s.url(&to)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let csp = r.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let html = r.text().await.unwrap();
+    assert!(html.contains("<h1>Allow access</h1>"), "{html}");
+    let form_action = csp
+        .split(';')
+        .map(str::trim)
+        .find(|d| d.starts_with("form-action"))
+        .unwrap_or("");
+    assert_eq!(form_action, format!("form-action 'self' {APP_ORIGIN}"));
+    assert!(csp.contains("default-src 'none'"), "{csp}");
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
     s.stop().await;
 }
 
