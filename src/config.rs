@@ -63,6 +63,43 @@ pub struct Config {
     pub token_requests_per_minute: u32,
     /// Caps on what one request may ask for (`[limits]`).
     pub limits: crate::limits::Limits,
+    /// Origins (`scheme://host[:port]`) whose browser scripts may call the
+    /// FHIR API, discovery, token, introspection and revocation endpoints
+    /// (CORS; `EHRX_CORS_ORIGINS`, comma-separated); `*` allows any origin.
+    /// Empty (the default): the origins of the redirect URIs of the
+    /// registered clients.
+    #[serde(deserialize_with = "list_or_commas")]
+    pub cors_origins: Vec<String>,
+}
+
+/// Whether `s` is an http(s) origin: no path, query, fragment or user.
+fn is_origin(s: &str) -> bool {
+    reqwest::Url::parse(s).is_ok_and(|u| {
+        u.path() == "/"
+            && u.query().is_none()
+            && u.fragment().is_none()
+            && u.username().is_empty()
+            && u.password().is_none()
+    }) && crate::auth::clients::origin_of(s).is_some()
+}
+
+/// A list from TOML, or a comma-separated string from the environment.
+fn list_or_commas<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        List(Vec<String>),
+        One(String),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::List(l) => l,
+        Either::One(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|o| !o.is_empty())
+            .map(str::to_string)
+            .collect(),
+    })
 }
 
 impl Default for Config {
@@ -89,6 +126,7 @@ impl Default for Config {
             token_requests_per_minute: 300,
             statement_timeout: 30,
             limits: crate::limits::Limits::default(),
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -136,6 +174,13 @@ impl Config {
                 "access_token_lifetime must be between 1 and {} seconds",
                 crate::auth::KEY_RETENTION
             )));
+        }
+        for origin in &self.cors_origins {
+            if origin != "*" && !is_origin(origin) {
+                return Err(ConfigError(format!(
+                    "cors_origins: '{origin}' is not an origin (scheme://host[:port], or *)"
+                )));
+            }
         }
         if self.max_body_bytes == 0 {
             return Err(ConfigError("max_body_bytes must be positive".into()));

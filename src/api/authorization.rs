@@ -205,13 +205,41 @@ fn carried(p: &[(String, String)]) -> Params {
         .collect()
 }
 
+/// The pages' Content-Security-Policy: nothing but inline style, forms
+/// only to this server, no framing.
+const CSP: &str =
+    "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'";
+
 fn html(status: StatusCode, body: String) -> Response {
+    html_with_form_target(status, body, None)
+}
+
+/// A page whose forms may also lead to `form_target`, an origin: browsers
+/// apply `form-action` to the redirects that follow a form submission, so
+/// the consent page names the origin of the redirect URI its form ends at.
+fn html_with_form_target(status: StatusCode, body: String, form_target: Option<&str>) -> Response {
+    let csp = match form_target {
+        Some(origin) => header::HeaderValue::from_str(&CSP.replace(
+            "form-action 'self'",
+            &format!("form-action 'self' {origin}"),
+        ))
+        // Not a header value (never so for what `origin_of` returns): the
+        // strict policy, under which the browser stops at the redirect.
+        .unwrap_or(header::HeaderValue::from_static(CSP)),
+        None => header::HeaderValue::from_static(CSP),
+    };
     (
         status,
         [
-            (header::CACHE_CONTROL, "no-store"),
-            (header::X_FRAME_OPTIONS, "DENY"),
-            (header::CONTENT_SECURITY_POLICY, "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"),
+            (
+                header::CACHE_CONTROL,
+                header::HeaderValue::from_static("no-store"),
+            ),
+            (
+                header::X_FRAME_OPTIONS,
+                header::HeaderValue::from_static("DENY"),
+            ),
+            (header::CONTENT_SECURITY_POLICY, csp),
         ],
         Html(body),
     )
@@ -486,7 +514,8 @@ async fn render_consent(
     };
     let mut hidden = carried(p);
     hidden.push(("csrf".into(), csrf(sid)));
-    html(
+    let redirect_origin = clients::origin_of(&a.redirect_uri);
+    html_with_form_target(
         if error.is_some() {
             StatusCode::BAD_REQUEST
         } else {
@@ -500,6 +529,7 @@ async fn render_consent(
             patients.as_deref(),
             error,
         ),
+        redirect_origin.as_deref(),
     )
 }
 

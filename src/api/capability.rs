@@ -63,7 +63,7 @@ pub fn capability_statement(base: &str) -> Value {
     cs["rest"] = json!([{
         "mode": "server",
         "security": {
-            "cors": false,
+            "cors": true,
             "service": [{
                 "coding": [{
                     "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",

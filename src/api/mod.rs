@@ -5,6 +5,7 @@
 mod authenticate;
 pub mod authorization;
 mod capability;
+pub mod cors;
 mod handlers;
 mod request;
 mod throttle;
@@ -38,6 +39,8 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     /// Sign-in and token request rates.
     pub throttle: Arc<throttle::Throttle>,
+    /// The CORS policy of the endpoints browser apps call.
+    pub cors: tower_http::cors::CorsLayer,
 }
 
 impl AppState {
@@ -47,8 +50,10 @@ impl AppState {
             config.login_attempts_per_minute,
             config.token_requests_per_minute,
         );
+        let cors = cors::layer(Arc::new(cors::Origins::new(&config, store.clone())));
         AppState {
             throttle: Arc::new(throttle),
+            cors,
             store,
             env: Arc::new(env),
             config: Arc::new(config),
@@ -110,6 +115,7 @@ pub fn router(state: AppState) -> Router {
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             panic_outcome,
         ))
+        .layer(middleware::from_fn_with_state(state.clone(), cors::cors))
         .layer(middleware::from_fn(log_request))
         .with_state(state)
 }

@@ -135,6 +135,35 @@ pub async fn get(store: &Store, client_id: &str) -> AuthResult<Option<Client>> {
     }))
 }
 
+/// The origin (`scheme://host[:port]`, a default port left out) of an
+/// http(s) URI, as a browser names it in `Origin`. `None` for other URIs,
+/// and for hosts with characters that have no place in a header such as a
+/// Content-Security-Policy.
+pub fn origin_of(uri: &str) -> Option<String> {
+    let url = reqwest::Url::parse(uri).ok()?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return None;
+    }
+    let origin = url.origin().ascii_serialization();
+    origin
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b".-:/[]".contains(&b))
+        .then_some(origin)
+}
+
+/// The origins of the redirect URIs of every registered client: the web
+/// apps whose scripts may call this server.
+pub async fn redirect_origins(store: &Store) -> AuthResult<std::collections::HashSet<String>> {
+    let mut conn = store.reader().await?;
+    let stored = db::client_redirect_uris(&mut conn).await?;
+    Ok(stored
+        .iter()
+        .filter_map(|json| serde_json::from_str::<Vec<String>>(json).ok())
+        .flatten()
+        .filter_map(|uri| origin_of(&uri))
+        .collect())
+}
+
 pub const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 /// The client credentials a request carries.

@@ -74,6 +74,17 @@ pub async fn client(conn: &mut AnyConnection, client_id: &str) -> StoreResult<Op
     }))
 }
 
+/// The redirect URIs of every registered client (each a JSON array, as
+/// stored).
+pub async fn client_redirect_uris(conn: &mut AnyConnection) -> StoreResult<Vec<String>> {
+    let rows = sqlx::query("SELECT redirect_uris FROM auth_client")
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter()
+        .map(|r| Ok(r.try_get("redirect_uris")?))
+        .collect()
+}
+
 // ---- client assertions ----
 
 /// Forgets the assertion `jti`s that expired before `now`.
