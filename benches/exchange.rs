@@ -16,7 +16,7 @@ use ehrx::exchange::{dsig, mapping, xenc, xml};
 const CCD: &str = "../shared/data/ccda/hl7-c-cda-examples/Documents_CCD_CCD_2_CCD.xml";
 
 /// Replaces the first `section` element by its encryption for `ehrx`.
-fn encrypt_first_section(text: &str, ehrx: &rsa::RsaPublicKey) -> String {
+fn encrypt_first_section(text: &str, ehrx: &openssl::pkey::PKey<openssl::pkey::Public>) -> String {
     let limits = xml::Limits::default();
     let doc = xml::parse(text, &limits).expect("the sample parses");
     let section = doc
@@ -39,7 +39,10 @@ fn stages(c: &mut Criterion) {
     let source = std::fs::read_to_string(&path).expect("../shared/data beside the repository");
     let ehrx = generate_exchange_key("CN=ehrx bench", 1).expect("key");
     let sender = generate_exchange_key("CN=Bench Hospital", 1).expect("key");
-    let encrypted = encrypt_first_section(&source, &ehrx.private.to_public_key());
+    let public =
+        openssl::pkey::PKey::public_key_from_der(&ehrx.private.public_key_to_der().expect("DER"))
+            .expect("the public key");
+    let encrypted = encrypt_first_section(&source, &public);
     let signed =
         dsig::sign_enveloped(&encrypted, &sender, SignatureAlgorithm::RsaSha256).expect("signs");
     let registered = vec![Registered {

@@ -4,14 +4,16 @@
 //! `ehrx keys rotate` adds a new key and retires the old one; a retired key
 //! stays in the JWKS until the tokens it signed have expired.
 //!
-//! The private key is stored in the database, sealed with the
+//! The private key is stored in the database as PKCS#8 PEM, sealed with the
 //! key-encryption key when one is configured (see [`crate::store::secrets`]).
+//! Keys are generated with OpenSSL; tokens are signed and verified by
+//! `jsonwebtoken` with AWS-LC. Neither uses the `rsa` crate, whose
+//! private-key operations are not constant-time (RUSTSEC-2023-0071).
 
 use std::sync::{Arc, RwLock};
 
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
-use rsa::pkcs8::{EncodePrivateKey, LineEnding};
 use serde_json::Value;
 
 use super::{now, AuthError, AuthResult, KEY_RETENTION};
@@ -40,12 +42,13 @@ pub struct Keys {
 }
 
 fn generate() -> AuthResult<(String, String, Value)> {
-    let private = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048)
+    let private = openssl::rsa::Rsa::generate(2048)
+        .and_then(openssl::pkey::PKey::from_rsa)
         .map_err(|e| AuthError::Key(format!("RSA key generation failed: {e}")))?;
     let pem = private
-        .to_pkcs8_pem(LineEnding::LF)
-        .map_err(|e| AuthError::Key(e.to_string()))?
-        .to_string();
+        .private_key_to_pem_pkcs8()
+        .map_err(|e| AuthError::Key(e.to_string()))?;
+    let pem = String::from_utf8(pem).map_err(|e| AuthError::Key(e.to_string()))?;
     let encoding =
         EncodingKey::from_rsa_pem(pem.as_bytes()).map_err(|e| AuthError::Key(e.to_string()))?;
     let mut jwk = Jwk::from_encoding_key(&encoding, Algorithm::RS256)

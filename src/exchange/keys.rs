@@ -2,13 +2,16 @@
 //! self-signed certificate (generated on first start, kept in the database),
 //! and the signing certificates registered for subscribers.
 //!
-//! Parsing and generation use the RustCrypto crates (`x509-cert`, `rsa`,
-//! `p256`).
+//! Certificates are parsed and built with `x509-cert`; EC P-256 keys are
+//! `p256`'s. RSA keys are OpenSSL's (the `openssl` crate, on the same system
+//! library that libxmlsec1 uses): its RSA private-key operations are
+//! constant-time and blinded, unlike the `rsa` crate's (RUSTSEC-2023-0071).
 
 use std::str::FromStr;
 use std::time::Duration;
 
-use rsa::pkcs8::{DecodePrivateKey, EncodePrivateKey, LineEnding};
+use openssl::pkey::{PKey, Private};
+use p256::pkcs8::{EncodePrivateKey, LineEnding};
 use sha2::{Digest, Sha256};
 use x509_cert::der::{Decode, DecodePem, Encode, EncodePem};
 use x509_cert::Certificate;
@@ -21,7 +24,7 @@ use crate::store::Store;
 /// A public key that can check an XML signature.
 #[derive(Clone, Debug)]
 pub enum PublicKey {
-    Rsa(rsa::RsaPublicKey),
+    Rsa(PKey<openssl::pkey::Public>),
     P256(p256::ecdsa::VerifyingKey),
 }
 
@@ -71,30 +74,29 @@ impl Cert {
         let spki_der = spki
             .to_der()
             .map_err(|e| ExchangeError::Certificate(e.to_string()))?;
-        let key =
-            match spki.algorithm.oid.to_string().as_str() {
-                "1.2.840.113549.1.1.1" => {
-                    use rsa::pkcs8::DecodePublicKey;
-                    PublicKey::Rsa(rsa::RsaPublicKey::from_public_key_der(&spki_der).map_err(
-                        |e| ExchangeError::Certificate(format!("invalid RSA public key: {e}")),
-                    )?)
-                }
-                "1.2.840.10045.2.1" => {
-                    use p256::pkcs8::DecodePublicKey;
-                    PublicKey::P256(
-                        p256::ecdsa::VerifyingKey::from_public_key_der(&spki_der).map_err(|e| {
-                            ExchangeError::Certificate(format!(
-                                "unsupported EC public key (only P-256 is accepted): {e}"
-                            ))
-                        })?,
-                    )
-                }
-                other => {
-                    return Err(ExchangeError::Certificate(format!(
-                        "unsupported public key algorithm {other}: use RSA or ECDSA P-256"
-                    )))
-                }
-            };
+        let key = match spki.algorithm.oid.to_string().as_str() {
+            "1.2.840.113549.1.1.1" => PublicKey::Rsa(
+                PKey::public_key_from_der(&spki_der)
+                    .ok()
+                    .filter(|k| k.rsa().is_ok())
+                    .ok_or_else(|| ExchangeError::Certificate("invalid RSA public key".into()))?,
+            ),
+            "1.2.840.10045.2.1" => {
+                use p256::pkcs8::DecodePublicKey;
+                PublicKey::P256(
+                    p256::ecdsa::VerifyingKey::from_public_key_der(&spki_der).map_err(|e| {
+                        ExchangeError::Certificate(format!(
+                            "unsupported EC public key (only P-256 is accepted): {e}"
+                        ))
+                    })?,
+                )
+            }
+            other => {
+                return Err(ExchangeError::Certificate(format!(
+                    "unsupported public key algorithm {other}: use RSA or ECDSA P-256"
+                )))
+            }
+        };
         let time = |t: &x509_cert::time::Time| {
             let secs = t.to_unix_duration().as_secs() as i64;
             chrono::DateTime::from_timestamp(secs, 0).unwrap_or_default()
@@ -131,7 +133,7 @@ impl Cert {
 /// certificate.
 #[derive(Clone)]
 pub struct ExchangeKey {
-    pub private: rsa::RsaPrivateKey,
+    pub private: PKey<Private>,
     /// `private` as PKCS#8 PEM, for libxmlsec1.
     pub rsa_pem: String,
     pub cert: Cert,
@@ -176,9 +178,9 @@ fn self_signed<S, Sig>(
     signer: &S,
 ) -> Result<Cert, ExchangeError>
 where
-    S: rsa::signature::Keypair
+    S: signature::Keypair
         + x509_cert::spki::DynSignatureAlgorithmIdentifier
-        + rsa::signature::Signer<Sig>,
+        + signature::Signer<Sig>,
     S::VerifyingKey: x509_cert::spki::EncodePublicKey,
     Sig: x509_cert::spki::SignatureBitStringEncoding,
 {
@@ -197,6 +199,71 @@ where
     Cert::from_x509(builder.build::<Sig>().map_err(|e| fail(&e))?)
 }
 
+/// Signs certificates with an OpenSSL RSA key: RSASSA-PKCS1-v1_5 with
+/// SHA-256 (`sha256WithRSAEncryption`), for `x509-cert`'s builder.
+struct RsaSha256Signer {
+    key: PKey<Private>,
+    public: RsaSpki,
+}
+
+/// An RSA public key as SubjectPublicKeyInfo DER.
+#[derive(Clone)]
+struct RsaSpki(Vec<u8>);
+
+/// An RSASSA-PKCS1-v1_5 signature.
+struct RsaSignature(Vec<u8>);
+
+impl RsaSha256Signer {
+    fn new(key: PKey<Private>) -> Result<RsaSha256Signer, openssl::error::ErrorStack> {
+        let public = RsaSpki(key.public_key_to_der()?);
+        Ok(RsaSha256Signer { key, public })
+    }
+}
+
+impl x509_cert::spki::EncodePublicKey for RsaSpki {
+    fn to_public_key_der(&self) -> x509_cert::spki::Result<x509_cert::der::Document> {
+        Ok(x509_cert::der::Document::try_from(self.0.as_slice())?)
+    }
+}
+
+impl signature::Keypair for RsaSha256Signer {
+    type VerifyingKey = RsaSpki;
+    fn verifying_key(&self) -> RsaSpki {
+        self.public.clone()
+    }
+}
+
+impl x509_cert::spki::DynSignatureAlgorithmIdentifier for RsaSha256Signer {
+    fn signature_algorithm_identifier(
+        &self,
+    ) -> x509_cert::spki::Result<x509_cert::spki::AlgorithmIdentifierOwned> {
+        Ok(x509_cert::spki::AlgorithmIdentifierOwned {
+            // sha256WithRSAEncryption, with NULL parameters (RFC 4055).
+            oid: x509_cert::der::oid::ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.11"),
+            parameters: Some(x509_cert::der::asn1::Null.into()),
+        })
+    }
+}
+
+impl signature::Signer<RsaSignature> for RsaSha256Signer {
+    fn try_sign(&self, msg: &[u8]) -> Result<RsaSignature, signature::Error> {
+        let mut signer =
+            openssl::sign::Signer::new(openssl::hash::MessageDigest::sha256(), &self.key)
+                .map_err(signature::Error::from_source)?;
+        signer.update(msg).map_err(signature::Error::from_source)?;
+        signer
+            .sign_to_vec()
+            .map(RsaSignature)
+            .map_err(signature::Error::from_source)
+    }
+}
+
+impl x509_cert::spki::SignatureBitStringEncoding for RsaSignature {
+    fn to_bitstring(&self) -> x509_cert::der::Result<x509_cert::der::asn1::BitString> {
+        x509_cert::der::asn1::BitString::from_bytes(&self.0)
+    }
+}
+
 /// Generates a key of `kind` and its self-signed certificate valid for
 /// `years`: the private key as PKCS#8 PEM, and the certificate.
 fn generate(kind: KeyKind, subject: &str, years: u64) -> Result<(String, Cert), ExchangeError> {
@@ -204,15 +271,19 @@ fn generate(kind: KeyKind, subject: &str, years: u64) -> Result<(String, Cert), 
     let mut rng = rand_core::OsRng;
     match kind {
         KeyKind::Rsa => {
-            let private = rsa::RsaPrivateKey::new(&mut rng, 2048)
+            let private = openssl::rsa::Rsa::generate(2048)
+                .and_then(PKey::from_rsa)
                 .map_err(|e| ExchangeError::Certificate(format!("key generation failed: {e}")))?;
-            let spki =
-                x509_cert::spki::SubjectPublicKeyInfoOwned::from_key(private.to_public_key())
-                    .map_err(|e| fail(&e))?;
-            let signer = rsa::pkcs1v15::SigningKey::<Sha256>::new(private.clone());
-            let cert = self_signed::<_, rsa::pkcs1v15::Signature>(subject, years, spki, &signer)?;
-            let pem = private.to_pkcs8_pem(LineEnding::LF).map_err(|e| fail(&e))?;
-            Ok((pem.to_string(), cert))
+            let signer = RsaSha256Signer::new(private).map_err(|e| fail(&e))?;
+            let spki = x509_cert::spki::SubjectPublicKeyInfoOwned::from_der(&signer.public.0)
+                .map_err(|e| fail(&e))?;
+            let cert = self_signed::<_, RsaSignature>(subject, years, spki, &signer)?;
+            let pem = signer
+                .key
+                .private_key_to_pem_pkcs8()
+                .map_err(|e| fail(&e))
+                .and_then(|pem| String::from_utf8(pem).map_err(|e| fail(&e)))?;
+            Ok((pem, cert))
         }
         KeyKind::Ec => {
             let private = p256::SecretKey::random(&mut rng);
@@ -241,8 +312,13 @@ impl ExchangeKey {
         ec_pem: String,
         ec_cert: Cert,
     ) -> Result<ExchangeKey, ExchangeError> {
-        let private = rsa::RsaPrivateKey::from_pkcs8_pem(&rsa_pem)
-            .map_err(|e| ExchangeError::Certificate(format!("stored exchange key: {e}")))?;
+        // PKCS#8 PEM, as generated by either OpenSSL or (before) the `rsa` crate.
+        let private = PKey::private_key_from_pem(rsa_pem.as_bytes())
+            .ok()
+            .filter(|k| k.rsa().is_ok())
+            .ok_or_else(|| {
+                ExchangeError::Certificate("stored exchange key: not an RSA key".into())
+            })?;
         Ok(ExchangeKey {
             private,
             rsa_pem,

@@ -19,8 +19,9 @@
 //! checked that the one signature covers exactly the document processed (the
 //! XML Signature Wrapping defence) and chosen the registered certificate to
 //! verify with. The `xmlsec` crate exposes no XML-Enc, so decryption and
-//! encryption ([`xenc`]) use the RustCrypto crates (`rsa` for RSA-OAEP,
-//! `aes-gcm`), as does certificate handling (`x509-cert`, `p256`).
+//! encryption ([`xenc`]) use OpenSSL (the `openssl` crate) for RSA-OAEP and
+//! `aes-gcm` for the content; certificates are handled with `x509-cert`, EC
+//! keys with `p256` and RSA keys with OpenSSL ([`keys`]).
 //! Interoperability with an independent implementation is shown by the
 //! tests, which sign, encrypt and verify with the `xmlsec1` command-line tool.
 

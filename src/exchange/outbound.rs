@@ -136,7 +136,7 @@ pub async fn signed_document(
 
 /// Replaces the Patient resource element (`entry/resource/Patient`) by its
 /// `xenc:EncryptedData`.
-fn encrypt_patient(xml: &str, key: &rsa::RsaPublicKey) -> Result<String> {
+fn encrypt_patient(xml: &str, key: &openssl::pkey::PKey<openssl::pkey::Public>) -> Result<String> {
     let limits = super::xml::Limits {
         max_bytes: usize::MAX,
         ..Default::default()

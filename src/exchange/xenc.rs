@@ -2,12 +2,17 @@
 //! exchange certificate (AES-128-GCM or AES-256-GCM content, the key in an
 //! `xenc:EncryptedKey` with RSA-OAEP), and encrypting for a recipient.
 //!
+//! RSA-OAEP is OpenSSL's (constant-time and blinded); AES-GCM is `aes-gcm`'s.
+//!
 //! Decryption works on the document text: each EncryptedData element is
 //! replaced by its plaintext and the result is parsed again with the same
 //! limits, so decrypted content passes the same checks as the rest.
 
 use aes_gcm::aead::{Aead, KeyInit};
 use base64::Engine as _;
+use openssl::hash::MessageDigest;
+use openssl::pkey::{HasPrivate, HasPublic, PKey, PKeyRef, Public};
+use openssl::rsa::Padding;
 use roxmltree::Node;
 
 use super::keys::ExchangeKey;
@@ -168,19 +173,19 @@ fn unwrap_key(encrypted_key: Node, key: &ExchangeKey) -> Result<Vec<u8>, Exchang
     let wrapped = cipher_value(encrypted_key)?;
     let sha256 = "http://www.w3.org/2001/04/xmlenc#sha256";
     let sha1 = "http://www.w3.org/2000/09/xmldsig#sha1";
-    let padding = match (alg, digest, mgf) {
-        (RSA_OAEP_MGF1P, d, _) if d == sha1 => rsa::Oaep::new::<sha1::Sha1>(),
-        (RSA_OAEP_MGF1P, d, _) if d == sha256 => {
-            rsa::Oaep::new_with_mgf_hash::<sha2::Sha256, sha1::Sha1>()
-        }
+    // (OAEP digest, MGF1 digest)
+    let (sha1_md, sha256_md) = (MessageDigest::sha1(), MessageDigest::sha256());
+    let oaep = match (alg, digest, mgf) {
+        (RSA_OAEP_MGF1P, d, _) if d == sha1 => (sha1_md, sha1_md),
+        (RSA_OAEP_MGF1P, d, _) if d == sha256 => (sha256_md, sha1_md),
         (RSA_OAEP, d, "http://www.w3.org/2009/xmlenc11#mgf1sha1") if d == sha1 => {
-            rsa::Oaep::new::<sha1::Sha1>()
+            (sha1_md, sha1_md)
         }
         (RSA_OAEP, d, "http://www.w3.org/2009/xmlenc11#mgf1sha1") if d == sha256 => {
-            rsa::Oaep::new_with_mgf_hash::<sha2::Sha256, sha1::Sha1>()
+            (sha256_md, sha1_md)
         }
         (RSA_OAEP, d, "http://www.w3.org/2009/xmlenc11#mgf1sha256") if d == sha256 => {
-            rsa::Oaep::new::<sha2::Sha256>()
+            (sha256_md, sha256_md)
         }
         _ => {
             return Err(ExchangeError::decryption(
@@ -192,7 +197,7 @@ fn unwrap_key(encrypted_key: Node, key: &ExchangeKey) -> Result<Vec<u8>, Exchang
             ))
         }
     };
-    key.private.decrypt(padding, &wrapped).map_err(|_| {
+    oaep_decrypt(&key.private, oaep, &wrapped).map_err(|_| {
         ExchangeError::decryption(
             format!(
                 "the content key was not encrypted for ehrx's exchange certificate \
@@ -204,12 +209,43 @@ fn unwrap_key(encrypted_key: Node, key: &ExchangeKey) -> Result<Vec<u8>, Exchang
     })
 }
 
+/// RSA-OAEP decryption with `(digest, MGF1 digest)` and no label.
+fn oaep_decrypt<T: HasPrivate>(
+    key: &PKeyRef<T>,
+    (digest, mgf1): (MessageDigest, MessageDigest),
+    wrapped: &[u8],
+) -> Result<Vec<u8>, openssl::error::ErrorStack> {
+    let mut d = openssl::encrypt::Decrypter::new(key)?;
+    d.set_rsa_padding(Padding::PKCS1_OAEP)?;
+    d.set_rsa_oaep_md(digest)?;
+    d.set_rsa_mgf1_md(mgf1)?;
+    let mut out = vec![0; d.decrypt_len(wrapped)?];
+    let n = d.decrypt(wrapped, &mut out)?;
+    out.truncate(n);
+    Ok(out)
+}
+
+/// RSA-OAEP encryption with SHA-1 and MGF1-SHA-1 (`rsa-oaep-mgf1p`).
+fn oaep_encrypt<T: HasPublic>(
+    key: &PKeyRef<T>,
+    plain: &[u8],
+) -> Result<Vec<u8>, openssl::error::ErrorStack> {
+    let mut e = openssl::encrypt::Encrypter::new(key)?;
+    e.set_rsa_padding(Padding::PKCS1_OAEP)?;
+    e.set_rsa_oaep_md(MessageDigest::sha1())?;
+    e.set_rsa_mgf1_md(MessageDigest::sha1())?;
+    let mut out = vec![0; e.encrypt_len(plain)?];
+    let n = e.encrypt(plain, &mut out)?;
+    out.truncate(n);
+    Ok(out)
+}
+
 /// Encrypts `element_xml` (a serialized element) for `recipient`'s RSA
 /// public key: AES-256-GCM content, RSA-OAEP (MGF1-SHA1) key transport.
 /// Returns the `xenc:EncryptedData` element.
 pub fn encrypt_element(
     element_xml: &str,
-    recipient: &rsa::RsaPublicKey,
+    recipient: &PKey<Public>,
 ) -> Result<String, ExchangeError> {
     use rand_core::RngCore;
     let mut rng = rand_core::OsRng;
@@ -224,8 +260,7 @@ pub fn encrypt_element(
             .encrypt(aes_gcm::Nonce::from_slice(&iv), element_xml.as_bytes())
             .map_err(|_| ExchangeError::decryption("encryption failed", None))?,
     );
-    let wrapped = recipient
-        .encrypt(&mut rng, rsa::Oaep::new::<sha1::Sha1>(), &content_key)
+    let wrapped = oaep_encrypt(recipient, &content_key)
         .map_err(|e| ExchangeError::decryption(format!("key transport failed: {e}"), None))?;
     let std = base64::engine::general_purpose::STANDARD;
     Ok(format!(
