@@ -63,13 +63,18 @@ fn to_json(typed: R4Resource) -> Result<Value, ParseFault> {
     )
 }
 
+/// Reads JSON text (not yet a resource), refusing repeated keys.
+pub fn read_json(bytes: &[u8]) -> Result<Value, ParseFault> {
+    super::json::from_slice(bytes).map_err(|e| ParseFault {
+        message: format!("malformed JSON: {}", e.message),
+        expression: e.path,
+        position: Some((e.line, e.column)),
+    })
+}
+
 /// Parses FHIR JSON text: syntax first (with line and column), then the R4 model.
 pub fn parse_json(bytes: &[u8]) -> Result<Value, ParseFault> {
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| ParseFault {
-        message: format!("malformed JSON: {e}"),
-        expression: None,
-        position: Some((e.line(), e.column())),
-    })?;
+    let value = read_json(bytes)?;
     if !value.is_object() {
         return Err(ParseFault {
             message: "a FHIR resource must be a JSON object".into(),
