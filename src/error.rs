@@ -38,6 +38,10 @@ pub enum Error {
     MultipleMatches(String),
     #[error("{0}")]
     Unprocessable(String),
+    /// A JSON Patch whose result is not a valid resource (422: the patch
+    /// document itself was well formed).
+    #[error("the patched resource is not valid: {}", .0.message)]
+    PatchedInvalid(ParseFault),
     #[error("unsupported media type '{0}'")]
     UnsupportedMediaType(String),
     #[error("none of the requested formats '{0}' is supported")]
@@ -123,7 +127,7 @@ impl Error {
             Error::PreconditionFailed(_) | Error::MultipleMatches(_) => {
                 StatusCode::PRECONDITION_FAILED
             }
-            Error::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::Unprocessable(_) | Error::PatchedInvalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -152,6 +156,7 @@ impl Error {
             Error::PreconditionFailed(_) => "conflict",
             Error::MultipleMatches(_) => "multiple-matches",
             Error::Unprocessable(_) => "processing",
+            Error::PatchedInvalid(_) => "invalid",
             Error::UnsupportedMediaType(_) | Error::NotAcceptable(_) => "not-supported",
             Error::PayloadTooLarge(_) | Error::TooCostly(_) => "too-costly",
             Error::Timeout(_) => "timeout",
@@ -168,7 +173,7 @@ impl Error {
 
     fn expression(&self) -> Option<String> {
         match self {
-            Error::Parse(f) => f.expression.clone(),
+            Error::Parse(f) | Error::PatchedInvalid(f) => f.expression.clone(),
             Error::Invalid { expression, .. } => expression.clone(),
             Error::Exchange(e) => e.xpath(),
             Error::InEntry { index, source } => Some(match source.expression() {

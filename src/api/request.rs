@@ -131,11 +131,11 @@ impl FhirRequest {
                 "{ct} (PATCH accepts application/json-patch+json)"
             )));
         }
-        serde_json::from_slice(&self.body).map_err(|e| {
+        crate::fhir::json::from_slice(&self.body).map_err(|e| {
             Error::Parse(codec::ParseFault {
-                message: format!("malformed JSON Patch: {e}"),
-                expression: None,
-                position: Some((e.line(), e.column())),
+                message: format!("malformed JSON Patch: {}", e.message),
+                expression: e.path,
+                position: Some((e.line, e.column)),
             })
         })
     }

@@ -1,11 +1,16 @@
 //! The one place where FHIR resources cross between wire formats and ehrx's
 //! internal form (a `serde_json::Value` holding FHIR JSON).
 //!
-//! Every resource that enters ehrx is parsed into fhirbolt's typed R4 model in
-//! strict mode: that is the structural validation (unknown elements, wrong
-//! types, invalid primitives are rejected). The generic fhirbolt code is
-//! instantiated only here, behind plain functions, so the rest of the crate
-//! never pays its compile cost again.
+//! Every resource that enters ehrx — a JSON or XML body, a Bundle entry, the
+//! result of a patch, an imported file — passes through here. JSON text is
+//! read refusing repeated keys (`super::json`); the element walk of
+//! `super::validate` then checks shapes, primitives, required codes and
+//! string limits (fhirbolt coerces or accepts those); finally the resource is
+//! parsed into fhirbolt's typed R4 model in strict mode, which rejects unknown
+//! elements and wrong types. XML is parsed by fhirbolt first and the walk
+//! checks what it produced. The generic fhirbolt code is instantiated only
+//! here, behind plain functions, so the rest of the crate never pays its
+//! compile cost again.
 
 use fhirbolt::model::r4::Resource as R4Resource;
 use fhirbolt::serde::{DeserializationConfig, DeserializationMode, SerializationConfig};
@@ -34,16 +39,35 @@ pub fn validate_json(value: Value) -> Result<Value, ParseFault> {
     check_primitives(&value)?;
     check_narratives(&value)?;
     let probe = value.clone();
-    let typed: R4Resource = fhirbolt::json::from_json_value(value, strict()).map_err(|e| {
-        let message = e.to_string();
-        let expression = super::locate::locate_in_json(&probe, &message);
-        ParseFault {
-            message,
-            expression,
-            position: None,
-        }
+    let typed: R4Resource = guarded(|| {
+        fhirbolt::json::from_json_value(value, strict()).map_err(|e| {
+            let message = e.to_string();
+            let expression = super::locate::locate_in_json(&probe, &message);
+            ParseFault {
+                message,
+                expression,
+                position: None,
+            }
+        })
     })?;
     to_json(typed)
+}
+
+/// Runs a fhirbolt parse, turning a panic into a fault.
+///
+/// fhirbolt 0.4 unwraps the first element of a JSON array without checking
+/// that there is one (`fhirbolt-serde` `element/de.rs`, `next_value_seed`):
+/// `"name": []` panicked the handler and the connection closed without an
+/// answer. The element walk refuses empty arrays before fhirbolt sees them;
+/// this guard keeps any input it misses from taking a request down.
+fn guarded<T>(parse: impl FnOnce() -> Result<T, ParseFault>) -> Result<T, ParseFault> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse)).unwrap_or_else(|_| {
+        Err(ParseFault {
+            message: "the resource could not be parsed".into(),
+            expression: None,
+            position: None,
+        })
+    })
 }
 
 fn check_primitives(value: &Value) -> Result<(), ParseFault> {
@@ -64,13 +88,18 @@ fn to_json(typed: R4Resource) -> Result<Value, ParseFault> {
     )
 }
 
+/// Reads JSON text (not yet a resource), refusing repeated keys.
+pub fn read_json(bytes: &[u8]) -> Result<Value, ParseFault> {
+    super::json::from_slice(bytes).map_err(|e| ParseFault {
+        message: format!("malformed JSON: {}", e.message),
+        expression: e.path,
+        position: Some((e.line, e.column)),
+    })
+}
+
 /// Parses FHIR JSON text: syntax first (with line and column), then the R4 model.
 pub fn parse_json(bytes: &[u8]) -> Result<Value, ParseFault> {
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| ParseFault {
-        message: format!("malformed JSON: {e}"),
-        expression: None,
-        position: Some((e.line(), e.column())),
-    })?;
+    let value = read_json(bytes)?;
     if !value.is_object() {
         return Err(ParseFault {
             message: "a FHIR resource must be a JSON object".into(),
@@ -84,14 +113,16 @@ pub fn parse_json(bytes: &[u8]) -> Result<Value, ParseFault> {
 /// Parses FHIR XML text into FHIR JSON.
 pub fn parse_xml(bytes: &[u8]) -> Result<Value, ParseFault> {
     let divs = scan_xml(bytes)?;
-    let typed: R4Resource = fhirbolt::xml::from_slice(bytes, strict()).map_err(|e| {
-        let message = e.to_string();
-        let expression = super::locate::locate_in_xml(bytes, &message);
-        ParseFault {
-            message: format!("invalid FHIR XML: {message}"),
-            expression,
-            position: None,
-        }
+    let typed: R4Resource = guarded(|| {
+        fhirbolt::xml::from_slice(bytes, strict()).map_err(|e| {
+            let message = e.to_string();
+            let expression = super::locate::locate_in_xml(bytes, &message);
+            ParseFault {
+                message: format!("invalid FHIR XML: {message}"),
+                expression,
+                position: None,
+            }
+        })
     })?;
     let mut value = to_json(typed)?;
     if divs.len() == count_divs(&value) {
@@ -107,12 +138,13 @@ pub fn parse_xml(bytes: &[u8]) -> Result<Value, ParseFault> {
 
 /// Serialises FHIR JSON (already valid) to FHIR XML.
 pub fn to_xml(value: &Value) -> Result<Vec<u8>, ParseFault> {
-    let typed: R4Resource =
+    let typed: R4Resource = guarded(|| {
         fhirbolt::json::from_json_value(value.clone(), strict()).map_err(|e| ParseFault {
             message: format!("cannot convert to XML: {e}"),
             expression: None,
             position: None,
-        })?;
+        })
+    })?;
     let xml = fhirbolt::xml::to_vec(&typed, None).map_err(|e| ParseFault {
         message: format!("cannot serialise XML: {e}"),
         expression: None,
@@ -339,6 +371,22 @@ fn count_divs(value: &Value) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn empty_arrays_never_reach_fhirbolt() {
+        // fhirbolt panics on these; each must be a fault instead.
+        for doc in [
+            r#"{"resourceType":"Patient","name":[]}"#,
+            r#"{"resourceType":"Bundle","type":"transaction","entry":[]}"#,
+            r#"{"resourceType":"Patient","unknownElement":[]}"#,
+            r#"{"resourceType":"Bundle","type":"batch","entry":[{"resource":{"name":[]}}]}"#,
+            r#"{"resourceType":"NoSuchType","name":[]}"#,
+        ] {
+            assert!(parse_json(doc.as_bytes()).is_err(), "{doc}");
+        }
+        let panics = || -> Result<(), ParseFault> { panic!("inside the parser") };
+        assert!(guarded(panics).is_err());
+    }
 
     #[test]
     fn narratives_follow_element_order_not_json_key_order() {

@@ -2,6 +2,7 @@
 //! (OperationOutcome, Bundle), kept apart from HTTP and storage.
 pub mod bundle;
 pub mod codec;
+pub mod json;
 pub mod locate;
 pub mod media;
 pub mod outcome;

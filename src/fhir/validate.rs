@@ -1,16 +1,28 @@
-//! Primitive-value validation driven by the R4 element table in
-//! `profiles/r4-elements.json` (generated from the core StructureDefinitions
-//! by `scripts/gen-elements.py`).
+//! Element-by-element validation of a resource held as FHIR JSON, driven by
+//! two tables generated from the R4 core definitions:
+//! `profiles/r4-elements.json` (each element's type, by
+//! `scripts/gen-elements.py`) and `profiles/r4-strict.json` (which elements
+//! repeat, and the codes of required `code` bindings, by
+//! `scripts/gen-strict.py`).
 //!
-//! fhirbolt checks structure (element names, objects vs arrays) but accepts
-//! any text for dates, codes, ids and decimals; this walk checks every
-//! primitive against its R4 type and reports the first fault with its path.
+//! fhirbolt checks element names, but coerces shapes (a single value where a
+//! list belongs and the other way round, empty lists, `null`) and accepts any
+//! text for dates, codes, ids and decimals. Accepted, those become stored
+//! resources that other clients cannot read and handlers that index into
+//! empty lists. This walk runs before fhirbolt on JSON bodies (and on what
+//! fhirbolt made of XML ones) and reports the first fault with its path:
+//! an array where the element does not repeat or none where it does, an empty
+//! array, `null` outside the extension alignment of primitive arrays, a
+//! primitive that does not fit its type, a code outside a required value set,
+//! a string over FHIR's 1 MB limit or with a forbidden control character.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::OnceLock;
 
 use serde_json::{Map, Value};
 
 static TABLE_JSON: &str = include_str!("../../profiles/r4-elements.json");
+static STRICT_JSON: &str = include_str!("../../profiles/r4-strict.json");
 
 pub(crate) fn table() -> &'static Map<String, Value> {
     static TABLE: OnceLock<Map<String, Value>> = OnceLock::new();
@@ -20,14 +32,106 @@ pub(crate) fn table() -> &'static Map<String, Value> {
     })
 }
 
-/// A primitive value that does not fit its type.
+/// What `profiles/r4-strict.json` says of one element.
+#[derive(Debug, Clone, Copy, Default)]
+struct Spec {
+    /// The element repeats: in JSON, a non-empty array.
+    many: bool,
+    /// The codes its required binding allows (index into `Strict::sets`).
+    codes: Option<usize>,
+}
+
+struct Strict {
+    /// `Patient.contact` → `gender` → spec.
+    elements: HashMap<String, HashMap<String, Spec>>,
+    sets: Vec<(String, HashSet<String>)>,
+}
+
+fn strict() -> &'static Strict {
+    static STRICT: OnceLock<Strict> = OnceLock::new();
+    STRICT.get_or_init(|| {
+        let mut out = Strict {
+            elements: HashMap::new(),
+            sets: Vec::new(),
+        };
+        let Ok(Value::Object(raw)) = serde_json::from_str::<Value>(STRICT_JSON) else {
+            return out;
+        };
+        let mut index = HashMap::new();
+        if let Some(Value::Object(sets)) = raw.get("valueSets") {
+            for (name, codes) in sets {
+                let codes = codes
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned))
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                index.insert(name.clone(), out.sets.len());
+                out.sets.push((name.clone(), codes));
+            }
+        }
+        if let Some(Value::Object(elements)) = raw.get("elements") {
+            for (parent, children) in elements {
+                let Value::Object(children) = children else {
+                    continue;
+                };
+                let specs = children
+                    .iter()
+                    .filter_map(|(name, spec)| {
+                        let spec = spec.as_str()?;
+                        let (many, vs) = match spec.strip_prefix('*') {
+                            Some(rest) => (true, rest),
+                            None => (false, spec),
+                        };
+                        let codes = vs.strip_prefix('=').and_then(|n| index.get(n).copied());
+                        Some((name.clone(), Spec { many, codes }))
+                    })
+                    .collect();
+                out.elements.insert(parent.clone(), specs);
+            }
+        }
+        out
+    })
+}
+
+fn spec(parent: &str, name: &str) -> Spec {
+    strict()
+        .elements
+        .get(parent)
+        .and_then(|m| m.get(name))
+        .copied()
+        .unwrap_or_default()
+}
+
+/// The type of the objects beside primitives (`_given`): R4's `Element`.
+fn element_defs() -> &'static Map<String, Value> {
+    static DEFS: OnceLock<Map<String, Value>> = OnceLock::new();
+    DEFS.get_or_init(|| {
+        let mut m = Map::new();
+        m.insert("id".into(), Value::String("System.String".into()));
+        m.insert("extension".into(), Value::String("Extension".into()));
+        m
+    })
+}
+
+/// FHIR's limit on a string's size: 1 MB (1024 × 1024 characters).
+pub const MAX_STRING_CHARS: usize = 1024 * 1024;
+
+/// An element that does not fit its definition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fault {
     pub path: String,
     pub message: String,
 }
 
-/// Checks every primitive in a resource.
+fn fault(path: &str, message: impl Into<String>) -> Fault {
+    Fault {
+        path: path.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Checks every element of a resource, contained and entry resources included.
 pub fn check_resource(resource: &Value) -> Result<(), Fault> {
     let rtype = resource
         .get("resourceType")
@@ -37,52 +141,208 @@ pub fn check_resource(resource: &Value) -> Result<(), Fault> {
 }
 
 fn walk_resource(resource: &Value, path: &str) -> Result<(), Fault> {
+    let Value::Object(_) = resource else {
+        return Err(fault(path, "a resource must be a JSON object"));
+    };
+    // Unknown or missing types are fhirbolt's to report; only empty arrays,
+    // which fhirbolt cannot take, are refused here.
     let Some(rtype) = resource.get("resourceType").and_then(Value::as_str) else {
-        return Ok(()); // structure errors are fhirbolt's to report
+        return no_empty_arrays(resource, path);
     };
     let Some(Value::Object(defs)) = table().get(rtype) else {
-        return Ok(());
+        return no_empty_arrays(resource, path);
     };
-    walk_object(resource, defs, path, Some(rtype))
+    walk_object(resource, defs, path, rtype, true)
 }
 
+/// `parent` names `defs` in the strict table (`Patient`, `Patient.contact`).
 fn walk_object(
     obj: &Value,
     defs: &Map<String, Value>,
     path: &str,
-    rtype: Option<&str>,
+    parent: &str,
+    resource: bool,
 ) -> Result<(), Fault> {
     let Value::Object(map) = obj else {
-        return Ok(());
+        return Err(fault(
+            path,
+            format!("expected a JSON object, found {}", kind(obj)),
+        ));
     };
     for (key, value) in map {
-        if key == "resourceType" || key.starts_with('_') {
+        if key == "resourceType" {
             continue;
         }
-        let Some(def) = defs.get(key) else { continue };
+        if let Some(base) = key.strip_prefix('_') {
+            let Some(def) = defs.get(base) else {
+                no_empty_arrays(value, &format!("{path}.{key}"))?;
+                continue;
+            };
+            let def = if resource && base == "id" {
+                id_type()
+            } else {
+                def
+            };
+            if def.as_str().is_some_and(is_primitive) {
+                let s = spec(parent, base);
+                check_extensions(map, base, value, s.many, &format!("{path}.{key}"))?;
+            }
+            continue;
+        }
         let child = format!("{path}.{key}");
+        let Some(def) = defs.get(key) else {
+            // An unknown element: fhirbolt names it.
+            no_empty_arrays(value, &child)?;
+            continue;
+        };
         // The resource id has type id; the table lists it as System.String.
-        let def = if rtype.is_some() && key == "id" {
-            &Value::String("id".into())
+        let def = if resource && key == "id" {
+            id_type()
         } else {
             def
         };
+        let s = spec(parent, key);
+        let primitive = def.as_str().is_some_and(is_primitive);
         match value {
-            Value::Array(items) => {
+            Value::Array(items) if s.many => {
+                if items.is_empty() {
+                    return Err(fault(
+                        &child,
+                        "an array may not be empty; leave the element out",
+                    ));
+                }
+                let extensions = map.get(&format!("_{key}")).and_then(Value::as_array);
                 for (i, item) in items.iter().enumerate() {
-                    walk_value(item, def, &format!("{child}[{i}]"))?;
+                    let at = format!("{child}[{i}]");
+                    if item.is_null() {
+                        let extended = primitive
+                            && extensions
+                                .and_then(|e| e.get(i))
+                                .is_some_and(|e| !e.is_null());
+                        if !extended {
+                            return Err(fault(&at, "null is not a value"));
+                        }
+                        continue;
+                    }
+                    walk_value(item, def, &at, parent, key, s)?;
                 }
             }
-            v => walk_value(v, def, &child)?,
+            Value::Array(_) => {
+                return Err(fault(
+                    &child,
+                    format!("{key} does not repeat: expected one value, found an array"),
+                ))
+            }
+            Value::Null => return Err(fault(&child, "null is not a value")),
+            v if s.many => {
+                return Err(fault(
+                    &child,
+                    format!("{key} repeats: expected an array, found {}", kind(v)),
+                ))
+            }
+            v => walk_value(v, def, &child, parent, key, s)?,
         }
     }
     Ok(())
 }
 
-fn walk_value(value: &Value, def: &Value, path: &str) -> Result<(), Fault> {
-    if value.is_null() {
-        return Ok(()); // placeholder in a primitive array that has extensions
+fn id_type() -> &'static Value {
+    static ID: OnceLock<Value> = OnceLock::new();
+    ID.get_or_init(|| Value::String("id".into()))
+}
+
+/// `_name`: the id and extensions of a primitive (`value` is its JSON).
+fn check_extensions(
+    map: &Map<String, Value>,
+    name: &str,
+    value: &Value,
+    many: bool,
+    path: &str,
+) -> Result<(), Fault> {
+    let element = |v: &Value, at: &str| walk_object(v, element_defs(), at, "Element", false);
+    match value {
+        Value::Array(items) if many => {
+            if items.is_empty() {
+                return Err(fault(
+                    path,
+                    "an array may not be empty; leave the element out",
+                ));
+            }
+            let values = map.get(name).and_then(Value::as_array);
+            if let Some(values) = values {
+                if values.len() != items.len() {
+                    return Err(fault(
+                        path,
+                        format!(
+                            "_{name} has {} items but {name} has {}: they must align",
+                            items.len(),
+                            values.len()
+                        ),
+                    ));
+                }
+            }
+            for (i, item) in items.iter().enumerate() {
+                let at = format!("{path}[{i}]");
+                if item.is_null() {
+                    if values.and_then(|v| v.get(i)).is_none_or(Value::is_null) {
+                        return Err(fault(&at, "null is not a value"));
+                    }
+                    continue;
+                }
+                element(item, &at)?;
+            }
+            Ok(())
+        }
+        Value::Array(_) => Err(fault(
+            path,
+            format!("{name} does not repeat: expected one object, found an array"),
+        )),
+        v if many => Err(fault(
+            path,
+            format!("{name} repeats: expected an array, found {}", kind(v)),
+        )),
+        v => element(v, path),
     }
+}
+
+/// The shape check for JSON the tables do not describe.
+fn no_empty_arrays(value: &Value, path: &str) -> Result<(), Fault> {
+    match value {
+        Value::Array(items) if items.is_empty() => Err(fault(
+            path,
+            "an array may not be empty; leave the element out",
+        )),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, v)| no_empty_arrays(v, &format!("{path}[{i}]"))),
+        Value::Object(map) => map
+            .iter()
+            .try_for_each(|(k, v)| no_empty_arrays(v, &format!("{path}.{k}"))),
+        _ => Ok(()),
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// One value (not null, not an array) of element `name` of `parent`.
+fn walk_value(
+    value: &Value,
+    def: &Value,
+    path: &str,
+    parent: &str,
+    name: &str,
+    spec: Spec,
+) -> Result<(), Fault> {
     match def {
         Value::Object(inline) => {
             if let Some(Value::String(target)) = inline.get("$ref") {
@@ -92,25 +352,60 @@ fn walk_value(value: &Value, def: &Value, path: &str) -> Result<(), Fault> {
                     node = node.and_then(|n| n.get(p));
                 }
                 if let Some(Value::Object(d)) = node {
-                    return walk_object(value, d, path, None);
+                    return walk_object(value, d, path, target, false);
                 }
                 return Ok(());
             }
-            walk_object(value, inline, path, None)
+            walk_object(value, inline, path, &format!("{parent}.{name}"), false)
         }
         Value::String(t) => match t.as_str() {
             "Resource" => walk_resource(value, path),
-            t if is_primitive(t) => check_primitive(t, value).map_err(|message| Fault {
-                path: path.to_string(),
-                message,
-            }),
+            t if is_primitive(t) => check_string(t, value, path, spec),
             t => match table().get(t) {
-                Some(Value::Object(d)) => walk_object(value, d, path, None),
+                Some(Value::Object(d)) => walk_object(value, d, path, t, false),
                 _ => Ok(()),
             },
         },
         _ => Ok(()),
     }
+}
+
+/// A primitive: its type, then, for strings, FHIR's limits, then its codes.
+fn check_string(t: &str, value: &Value, path: &str, spec: Spec) -> Result<(), Fault> {
+    check_primitive(t, value).map_err(|m| fault(path, m))?;
+    let Some(s) = value.as_str() else {
+        return Ok(());
+    };
+    if let Some(c) = s.chars().find(|&c| forbidden_control(c)) {
+        return Err(fault(
+            path,
+            format!(
+                "the string contains the control character U+{:04X}, which FHIR does not allow",
+                c as u32
+            ),
+        ));
+    }
+    if t != "base64Binary" && s.len() > MAX_STRING_CHARS && s.chars().count() > MAX_STRING_CHARS {
+        return Err(fault(
+            path,
+            format!("the string is longer than FHIR's limit of {MAX_STRING_CHARS} characters"),
+        ));
+    }
+    if let Some(i) = spec.codes {
+        let (name, codes) = &strict().sets[i];
+        if !codes.contains(s) {
+            return Err(fault(
+                path,
+                format!("'{s}' is not a code of the required value set {name}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Characters below U+0020 other than tab, line feed and carriage return.
+fn forbidden_control(c: char) -> bool {
+    c < ' ' && !matches!(c, '\t' | '\n' | '\r')
 }
 
 fn is_primitive(t: &str) -> bool {
@@ -286,6 +581,108 @@ mod tests {
             fault(
                 json!({"resourceType": "Patient", "birthDate": "1990-01-02", "name": [{"given": ["x"]}]})
             ),
+            None
+        );
+    }
+
+    /// A Patient with `extra` elements.
+    fn p(extra: Value) -> Option<String> {
+        let mut doc = json!({"resourceType": "Patient"});
+        if let (Value::Object(m), Value::Object(e)) = (&mut doc, extra) {
+            m.extend(e);
+        }
+        fault(doc)
+    }
+
+    #[test]
+    fn shapes_follow_cardinality() {
+        assert_eq!(
+            p(json!({"gender": ["male"]})),
+            Some("Patient.gender".into())
+        );
+        assert_eq!(
+            p(json!({"name": {"family": "x"}})),
+            Some("Patient.name".into())
+        );
+        assert_eq!(
+            p(json!({"name": [{"given": "Ann"}]})),
+            Some("Patient.name[0].given".into())
+        );
+        assert_eq!(p(json!({"name": [null]})), Some("Patient.name[0]".into()));
+        assert_eq!(p(json!({"name": []})), Some("Patient.name".into()));
+        assert_eq!(p(json!({"gender": null})), Some("Patient.gender".into()));
+        assert_eq!(p(json!({"name": ["x"]})), Some("Patient.name[0]".into()));
+        // Backbone elements, datatypes and content references.
+        assert_eq!(
+            p(json!({"contact": [{"telecom": {"value": "x"}}]})),
+            Some("Patient.contact[0].telecom".into())
+        );
+        assert_eq!(
+            fault(json!({"resourceType": "Questionnaire", "status": "draft",
+                "item": [{"linkId": "a", "type": "group", "item": {"linkId": "b", "type": "string"}}]})),
+            Some("Questionnaire.item[0].item".into())
+        );
+        // `_x` beside primitives: aligned with the values, nulls as placeholders.
+        let ext = json!({"extension": [{"url": "http://e", "valueString": "v"}]});
+        assert_eq!(
+            p(json!({"name": [{"given": ["a", null], "_given": [null, ext]}]})),
+            None
+        );
+        assert_eq!(p(json!({"name": [{"_given": [ext]}]})), None);
+        assert_eq!(p(json!({"birthDate": "2000", "_birthDate": ext})), None);
+        assert_eq!(
+            p(json!({"name": [{"given": ["a"], "_given": [null, ext]}]})),
+            Some("Patient.name[0]._given".into())
+        );
+        assert_eq!(
+            p(json!({"name": [{"_given": [null]}]})),
+            Some("Patient.name[0]._given[0]".into())
+        );
+        assert_eq!(
+            p(json!({"_birthDate": [ext]})),
+            Some("Patient._birthDate".into())
+        );
+        assert_eq!(
+            p(json!({"_birthDate": {"extension": {"url": "http://e"}}})),
+            Some("Patient._birthDate.extension".into())
+        );
+    }
+
+    #[test]
+    fn required_codes_strings_and_control_characters() {
+        assert_eq!(
+            fault(json!({"resourceType": "Patient", "gender": "banana"})),
+            Some("Patient.gender".into())
+        );
+        assert_eq!(
+            fault(json!({"resourceType": "Bundle", "type": "evil"})),
+            Some("Bundle.type".into())
+        );
+        assert_eq!(
+            fault(json!({"resourceType": "SearchParameter", "base": ["Patient", "Nope"]})),
+            Some("SearchParameter.base[1]".into())
+        );
+        // Codes of a hierarchical code system, and codes not bound at all.
+        assert_eq!(
+            fault(json!({"resourceType": "Patient", "gender": "unknown", "language": "xx"})),
+            None
+        );
+        assert_eq!(
+            fault(json!({"resourceType": "Patient", "name": [{"family": "a\u{0}"}]})),
+            Some("Patient.name[0].family".into())
+        );
+        assert_eq!(
+            fault(json!({"resourceType": "Patient", "name": [{"text": "a\tb\r\n"}]})),
+            None
+        );
+        let long = "x".repeat(MAX_STRING_CHARS + 1);
+        assert_eq!(
+            fault(json!({"resourceType": "Patient", "name": [{"family": long}]})),
+            Some("Patient.name[0].family".into())
+        );
+        let multibyte = "é".repeat(MAX_STRING_CHARS);
+        assert_eq!(
+            fault(json!({"resourceType": "Patient", "name": [{"family": multibyte}]})),
             None
         );
     }

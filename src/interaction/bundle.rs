@@ -250,8 +250,12 @@ fn patch_document(resource: &Value) -> Result<Value> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(data)
         .map_err(|e| Error::invalid_at(format!("Binary.data is not base64: {e}"), "Binary.data"))?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| Error::invalid_at(format!("Binary.data is not JSON: {e}"), "Binary.data"))
+    crate::fhir::json::from_slice(&bytes).map_err(|e| {
+        Error::invalid_at(
+            format!("Binary.data is not JSON: {}", e.message),
+            "Binary.data",
+        )
+    })
 }
 
 /// Processes a `batch` or `transaction` Bundle and returns the response Bundle.

@@ -494,13 +494,7 @@ pub async fn patch(
         ));
     }
     let doc = content_of(&doc);
-    let doc = codec::validate_json(doc).map_err(|f| {
-        Error::Unprocessable(format!(
-            "the patched resource is not valid: {}{}",
-            f.message,
-            f.expression.map(|e| format!(" at {e}")).unwrap_or_default()
-        ))
-    })?;
+    let doc = codec::validate_json(doc).map_err(Error::PatchedInvalid)?;
     write(tx, Ops::UPDATE, rtype, id, Some(&cur), doc).await
 }
 
