@@ -40,24 +40,8 @@ pub struct Limits {
     pub patch_result_bytes: usize,
 }
 
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            search_criteria: 64,
-            search_repeats: 16,
-            search_or_values: 100,
-            search_value_bytes: 4096,
-            search_includes: 16,
-            included_resources: 1000,
-            nesting_depth: 128,
-            bundle_entries: 20_000,
-            patch_operations: 1000,
-            patch_result_bytes: 16 * 1024 * 1024,
-        }
-    }
-}
-
-static LIMITS: RwLock<Limits> = RwLock::new(Limits {
+/// The defaults: generous for clinical use, far below what hurts.
+const DEFAULT: Limits = Limits {
     search_criteria: 64,
     search_repeats: 16,
     search_or_values: 100,
@@ -68,7 +52,15 @@ static LIMITS: RwLock<Limits> = RwLock::new(Limits {
     bundle_entries: 20_000,
     patch_operations: 1000,
     patch_result_bytes: 16 * 1024 * 1024,
-});
+};
+
+impl Default for Limits {
+    fn default() -> Self {
+        DEFAULT
+    }
+}
+
+static LIMITS: RwLock<Limits> = RwLock::new(DEFAULT);
 
 tokio::task_local! {
     static SCOPED: Limits;

@@ -41,6 +41,16 @@ async fn post_xml(s: &TestServer, path: &str, body: String) -> reqwest::Response
         .unwrap()
 }
 
+async fn patch_json(s: &TestServer, path: &str, ops: Vec<Value>) -> reqwest::Response {
+    s.client
+        .patch(s.url(path))
+        .header("Content-Type", "application/json-patch+json")
+        .body(Value::Array(ops).to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn count(s: &TestServer, query: &str) -> u64 {
     let b: Value = s
         .get(&format!("{query}&_total=accurate"))
@@ -118,14 +128,7 @@ async fn a_json_patch_that_doubles_the_resource_is_refused_and_changes_nothing()
     let ops: Vec<Value> = (0..40)
         .map(|_| json!({"op": "copy", "from": "/name", "path": "/name/-"}))
         .collect();
-    let r = s
-        .client
-        .patch(s.url(&format!("Patient/{id}")))
-        .header("Content-Type", "application/json-patch+json")
-        .body(Value::Array(ops).to_string())
-        .send()
-        .await
-        .unwrap();
+    let r = patch_json(&s, &format!("Patient/{id}"), ops).await;
     refused(&s, r, 400, "would exceed").await;
     let now: Value = s.get(&format!("Patient/{id}")).await.json().await.unwrap();
     assert_eq!(now["meta"]["versionId"], "1");
@@ -141,14 +144,7 @@ async fn a_json_patch_with_too_many_operations_is_refused() {
     let ops: Vec<Value> = (0..5000)
         .map(|_| json!({"op": "test", "path": "/active", "value": true}))
         .collect();
-    let r = s
-        .client
-        .patch(s.url(&format!("Patient/{id}")))
-        .header("Content-Type", "application/json-patch+json")
-        .body(Value::Array(ops).to_string())
-        .send()
-        .await
-        .unwrap();
+    let r = patch_json(&s, &format!("Patient/{id}"), ops).await;
     refused(&s, r, 400, "operations").await;
 }
 
