@@ -149,7 +149,8 @@ async fn bound_request(
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len() + 4)
         .sum::<usize>()
-        + req.uri().to_string().len();
+        + req.uri().path().len()
+        + req.uri().query().map_or(0, str::len);
     if head > MAX_HEADER_BYTES {
         return outcome_response(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
