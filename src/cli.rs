@@ -101,6 +101,13 @@ pub enum ClientCommand {
         )]
         scope: String,
     },
+    /// Print every registered client as JSON (no secrets).
+    List,
+    /// Refuse a client new tokens and revoke every token it holds (on every
+    /// server within `revocation_max_delay_ms`).
+    Disable { client_id: String },
+    /// Let a disabled client get tokens again.
+    Enable { client_id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -115,6 +122,28 @@ pub enum UserCommand {
         /// The FHIR resource that is this user, e.g. `Practitioner/123`.
         #[arg(long)]
         fhir_user: String,
+    },
+    /// Print every user as JSON (no password hashes).
+    List,
+    /// Refuse a user sign-in, end their sessions and revoke their tokens
+    /// (on every server within `revocation_max_delay_ms`).
+    Disable {
+        /// Username or user id.
+        user: String,
+    },
+    /// Let a disabled user sign in again.
+    Enable {
+        /// Username or user id.
+        user: String,
+    },
+    /// Set a new password, read from standard input; the user's sessions
+    /// end and their tokens are revoked.
+    SetPassword {
+        /// Username or user id.
+        user: String,
+        /// Read the password from standard input (the only way to pass it).
+        #[arg(long, required = true)]
+        password_stdin: bool,
     },
 }
 

@@ -61,6 +61,14 @@ pub struct Config {
     /// Token requests one client may make per minute
     /// (`EHRX_TOKEN_REQUESTS_PER_MINUTE`); more get 429.
     pub token_requests_per_minute: u32,
+    /// Longest a revoked access token, or one of a disabled client or
+    /// user, may still be honoured by a server process other than the one
+    /// that revoked it, in milliseconds (`EHRX_REVOCATION_MAX_DELAY_MS`).
+    /// Each process reads the revocation log four times in this span and
+    /// stops answering from its memory of checked tokens when it could not
+    /// read the log for this long. The process that revoked honours
+    /// nothing revoked from the next request on.
+    pub revocation_max_delay_ms: u64,
     /// Caps on what one request may ask for (`[limits]`).
     pub limits: crate::limits::Limits,
     /// Origins (`scheme://host[:port]`) whose browser scripts may call the
@@ -124,6 +132,7 @@ impl Default for Config {
             request_timeout: 60,
             login_attempts_per_minute: 10,
             token_requests_per_minute: 300,
+            revocation_max_delay_ms: 1000,
             statement_timeout: 30,
             limits: crate::limits::Limits::default(),
             cors_origins: Vec::new(),
@@ -185,6 +194,11 @@ impl Config {
         if self.max_body_bytes == 0 {
             return Err(ConfigError("max_body_bytes must be positive".into()));
         }
+        if !(40..=60_000).contains(&self.revocation_max_delay_ms) {
+            return Err(ConfigError(
+                "revocation_max_delay_ms must be between 40 and 60000".into(),
+            ));
+        }
         if self.login_attempts_per_minute == 0 || self.token_requests_per_minute == 0 {
             return Err(ConfigError(
                 "login_attempts_per_minute and token_requests_per_minute must be positive".into(),
@@ -238,6 +252,10 @@ impl Config {
     }
 
     /// The public FHIR base URL, without a trailing slash.
+    pub fn revocation_max_delay(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.revocation_max_delay_ms)
+    }
+
     pub fn base_url(&self) -> String {
         match &self.base_url {
             Some(b) => b.trim_end_matches('/').to_string(),

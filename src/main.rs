@@ -184,6 +184,70 @@ async fn run(command: Command, config: Config) -> ExitCode {
                 }),
             )
         }
+        Command::Client(ClientCommand::List) => {
+            admin("ehrx client list", &config, |store| async move {
+                Ok(serde_json::Value::Array(
+                    ehrx::auth::clients::list(&store).await?,
+                ))
+            })
+            .await
+        }
+        Command::Client(ClientCommand::Disable { client_id }) => switch(
+            "ehrx client disable",
+            &config,
+            "client",
+            client_id,
+            |store, id| async move { ehrx::auth::clients::set_disabled(&store, &id, true).await },
+        )
+        .await,
+        Command::Client(ClientCommand::Enable { client_id }) => switch(
+            "ehrx client enable",
+            &config,
+            "client",
+            client_id,
+            |store, id| async move { ehrx::auth::clients::set_disabled(&store, &id, false).await },
+        )
+        .await,
+        Command::User(UserCommand::List) => {
+            admin("ehrx user list", &config, |store| async move {
+                Ok(serde_json::Value::Array(
+                    ehrx::auth::users::list(&store).await?,
+                ))
+            })
+            .await
+        }
+        Command::User(UserCommand::Disable { user }) => {
+            switch(
+                "ehrx user disable",
+                &config,
+                "user",
+                user,
+                |store, id| async move { ehrx::auth::users::set_disabled(&store, &id, true).await },
+            )
+            .await
+        }
+        Command::User(UserCommand::Enable { user }) => switch(
+            "ehrx user enable",
+            &config,
+            "user",
+            user,
+            |store, id| async move { ehrx::auth::users::set_disabled(&store, &id, false).await },
+        )
+        .await,
+        Command::User(UserCommand::SetPassword {
+            user,
+            password_stdin: _,
+        }) => {
+            let mut password = String::new();
+            if let Err(e) = std::io::stdin().read_line(&mut password) {
+                eprintln!("ehrx user set-password: cannot read the password: {e}");
+                return ExitCode::FAILURE;
+            }
+            let password = password.trim_end_matches(['\n', '\r']).to_string();
+            switch("ehrx user set-password", &config, "user", user, |store, id| async move {
+                ehrx::auth::users::set_password(&store, &id, &password).await
+            }).await
+        }
         Command::Keys(KeysCommand::Rotate) => {
             let result = async {
                 let store = open_store(&config).await?;
@@ -331,6 +395,38 @@ async fn open_store(config: &Config) -> Result<Store, String> {
 }
 
 /// A command's JSON answer on stdout, or its error on stderr.
+/// Runs an administrative command on the database and prints its JSON.
+async fn admin<F, Fut>(command: &str, config: &Config, f: F) -> ExitCode
+where
+    F: FnOnce(Store) -> Fut,
+    Fut: std::future::Future<Output = Result<serde_json::Value, ehrx::auth::AuthError>>,
+{
+    let result = async {
+        let store = open_store(config).await?;
+        f(store).await.map_err(|e| e.to_string())
+    }
+    .await;
+    print_json(command, result)
+}
+
+/// Runs a command that changes one client or user (`what`, named `who`);
+/// fails when there is none such.
+async fn switch<F, Fut>(command: &str, config: &Config, what: &str, who: String, f: F) -> ExitCode
+where
+    F: FnOnce(Store, String) -> Fut,
+    Fut: std::future::Future<Output = Result<bool, ehrx::auth::AuthError>>,
+{
+    let result = async {
+        let store = open_store(config).await?;
+        match f(store, who.clone()).await.map_err(|e| e.to_string())? {
+            true => Ok(serde_json::json!({ what: who, "done": command.rsplit(' ').next() })),
+            false => Err(format!("there is no {what} '{who}'")),
+        }
+    }
+    .await;
+    print_json(command, result)
+}
+
 fn print_json(command: &str, result: Result<serde_json::Value, String>) -> ExitCode {
     match result {
         Ok(out) => {

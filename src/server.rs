@@ -55,8 +55,14 @@ impl Server {
             store.clone(),
             config.base_url(),
             config.access_token_lifetime,
+            config.revocation_max_delay(),
         )
         .await?;
+        auth.tokens
+            .sync(&store)
+            .await
+            .map_err(crate::auth::AuthError::from)?;
+        auth.tokens.spawn_sync(store.clone());
         let listener =
             TcpListener::bind(&config.listen)
                 .await

@@ -44,9 +44,9 @@ pub async fn authenticate(State(s): State<AppState>, mut req: Request, next: Nex
         return refuse(format, "a bearer access token is required", None);
     };
     match token::verify(&s.auth, &bearer).await {
-        Ok(principal) => {
-            req.extensions_mut().insert(principal.access());
-            req.extensions_mut().insert(principal);
+        Ok(verified) => {
+            req.extensions_mut().insert(verified.access.clone());
+            req.extensions_mut().insert(verified);
             next.run(req).await
         }
         Err(AuthError::InvalidToken(why)) => refuse(format, &why, Some("invalid_token")),

@@ -908,6 +908,7 @@ async fn token_grant(
                 // A replayed code: whoever holds it, the grant is burnt.
                 token::revoke_grant(&mut tx, &code_hash).await?;
                 tx.commit().await?;
+                token::revoked(&s.auth).await;
                 tracing::warn!(client = %client.client_id, "authorization code replayed; its tokens are revoked");
                 return Err(AuthError::InvalidGrant(
                     "the authorization code was already used".into(),
@@ -979,6 +980,7 @@ async fn token_grant(
             if !won {
                 token::revoke_grant(&mut tx, &stored.grant_id).await?;
                 tx.commit().await?;
+                token::revoked(&s.auth).await;
                 tracing::warn!(client = %client.client_id, "refresh token replayed; its grant is revoked");
                 return Err(AuthError::InvalidGrant(
                     "the refresh token was already used".into(),
@@ -1139,10 +1141,11 @@ async fn revoke(State(s): State<AppState>, headers: HeaderMap, Form(p): Form<Par
             if st.kind == "refresh" {
                 token::revoke_grant(&mut tx, &st.grant_id).await?;
             } else {
-                db::revoke_token(tx.conn(), &st.id).await?;
+                token::revoke_access_token(&mut tx, &st.id).await?;
             }
         }
         tx.commit().await?;
+        token::revoked(&s.auth).await;
         Ok::<_, AuthError>(())
     }
     .await;
@@ -1165,8 +1168,9 @@ async fn launch(
             .and_then(|v| v.to_str().ok())
             .and_then(|a| a.strip_prefix("Bearer "))
             .ok_or_else(|| AuthError::InvalidToken("a bearer token is required".into()))?;
-        let principal = token::verify(&s.auth, bearer.trim()).await?;
-        if principal
+        let verified = token::verify(&s.auth, bearer.trim()).await?;
+        if verified
+            .principal
             .claims
             .fhir_user
             .as_deref()
@@ -1179,7 +1183,7 @@ async fn launch(
         let patient = body.get("patient").and_then(Value::as_str);
         let encounter = body.get("encounter").and_then(Value::as_str);
         if let Some(pid) = patient {
-            let gate = s.store.gate(principal.access());
+            let gate = s.store.gate(verified.access.clone());
             let mut r = gate.reader().await?;
             crate::interaction::read(&mut r.view(), "Patient", pid)
                 .await

@@ -116,6 +116,33 @@ pub async fn register(store: &Store, c: &NewClient) -> AuthResult<(String, Optio
     Ok((client_id, secret))
 }
 
+/// Every registered client, for `ehrx client list` (no secrets).
+pub async fn list(store: &Store) -> AuthResult<Vec<serde_json::Value>> {
+    let mut conn = store.reader().await?;
+    Ok(db::clients(&mut conn)
+        .await?
+        .into_iter()
+        .map(|c| {
+            serde_json::json!({
+                "client_id": c.client_id, "name": c.name, "type": c.kind,
+                "scope": c.scope, "created": c.created,
+                "disabled": (c.disabled > 0).then_some(c.disabled),
+            })
+        })
+        .collect())
+}
+
+/// Disables a client (no new tokens; every token it holds revoked, on every
+/// server process within `revocation_max_delay`) or enables it again.
+/// False when no client has that id.
+pub async fn set_disabled(store: &Store, client_id: &str, disabled: bool) -> AuthResult<bool> {
+    let mut tx = store.begin().await?;
+    let found =
+        db::set_client_disabled(&mut tx, client_id, if disabled { now() } else { 0 }).await?;
+    tx.commit().await?;
+    Ok(found)
+}
+
 pub async fn get(store: &Store, client_id: &str) -> AuthResult<Option<Client>> {
     let mut conn = store.reader().await?;
     let Some(r) = db::client(&mut conn, client_id).await? else {

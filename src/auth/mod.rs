@@ -4,6 +4,7 @@
 //! keys and scopes. The FHIR API asks [`Auth::authenticate`] who is calling
 //! and gets a [`crate::policy::Access`] back.
 
+pub mod cache;
 pub mod clients;
 pub mod keys;
 
@@ -100,17 +101,27 @@ pub struct Auth {
     pub issuer: String,
     /// Access and id token lifetime, seconds.
     pub access_ttl: i64,
+    /// Access tokens checked before, until they expire or are revoked.
+    pub tokens: std::sync::Arc<cache::TokenCache>,
 }
 
 impl Auth {
     /// Loads (or, on first start, generates) the signing keys.
-    pub async fn open(store: Store, issuer: String, access_ttl: i64) -> AuthResult<Auth> {
+    /// Tokens are remembered only once [`cache::TokenCache::spawn_sync`]
+    /// keeps the revocation log read (`ehrx serve` does).
+    pub async fn open(
+        store: Store,
+        issuer: String,
+        access_ttl: i64,
+        revocation_max_delay: std::time::Duration,
+    ) -> AuthResult<Auth> {
         let keys = Keys::load_or_create(&store).await?;
         Ok(Auth {
             store,
             keys,
             issuer,
             access_ttl,
+            tokens: std::sync::Arc::new(cache::TokenCache::new(revocation_max_delay)),
         })
     }
 

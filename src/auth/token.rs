@@ -7,6 +7,9 @@ use jsonwebtoken::{Algorithm, Header, Validation};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use std::sync::Arc;
+
+use super::cache::{self, Verified};
 use super::{now, random_token, sha256_b64, Auth, AuthError, AuthResult, OFFLINE_TTL, SESSION_TTL};
 use crate::policy::scope::{self, Scope};
 use crate::policy::Access;
@@ -178,8 +181,22 @@ async fn record(
 }
 
 /// Checks a bearer access token: signature by one of our keys, issuer,
-/// audience (this FHIR base), expiry, and that it was not revoked.
-pub async fn verify(auth: &Auth, token: &str) -> AuthResult<Principal> {
+/// audience (this FHIR base), expiry, and that it was not revoked. A token
+/// checked before is answered from memory until it expires or is revoked
+/// (`super::cache`).
+pub async fn verify(auth: &Auth, token: &str) -> AuthResult<Arc<Verified>> {
+    let key = cache::key_of(token);
+    let t = now();
+    if let Some(v) = auth.tokens.get(&key, t) {
+        return Ok(v);
+    }
+    let generation = auth.tokens.generation();
+    let v = Arc::new(verify_fully(auth, token).await?);
+    auth.tokens.insert(key, Arc::clone(&v), generation, t);
+    Ok(v)
+}
+
+async fn verify_fully(auth: &Auth, token: &str) -> AuthResult<Verified> {
     let bad = |why: &str| AuthError::InvalidToken(why.to_string());
     let header = jsonwebtoken::decode_header(token).map_err(|_| bad("the token is not a JWT"))?;
     let kid = header.kid.ok_or_else(|| bad("the token has no key id"))?;
@@ -203,24 +220,47 @@ pub async fn verify(auth: &Auth, token: &str) -> AuthResult<Principal> {
         })
     })?;
     let mut conn = auth.store.reader().await?;
-    match db::access_token_revoked(&mut conn, &data.claims.jti).await? {
-        Some(false) => {}
-        Some(true) => return Err(bad("the token has been revoked")),
+    let state = match db::access_token_state(&mut conn, &data.claims.jti).await? {
+        Some(s) if !s.revoked => s,
+        Some(_) => return Err(bad("the token has been revoked")),
         None => return Err(bad("the token is unknown to this server")),
-    }
+    };
     let scopes = scope::parse_scopes(&data.claims.scope)
         .map_err(|_| bad("the token's scope is malformed"))?;
-    Ok(Principal {
+    let principal = Principal {
         claims: data.claims,
         scopes,
+    };
+    Ok(Verified {
+        access: principal.access(),
+        exp: principal.claims.exp,
+        grant_id: state.grant_id,
+        user_id: state.user_id,
+        principal,
     })
 }
 
 /// Revokes every token of one authorization (a replayed code or refresh
-/// token means it leaked).
+/// token means it leaked). After the commit, call [`revoked`].
 pub async fn revoke_grant(tx: &mut crate::store::Tx, grant_id: &str) -> AuthResult<()> {
-    db::revoke_grant(tx, grant_id).await?;
+    db::revoke_grant(tx, grant_id, now()).await?;
     Ok(())
+}
+
+/// Revokes one access token by its `jti`. After the commit, call
+/// [`revoked`].
+pub async fn revoke_access_token(tx: &mut crate::store::Tx, jti: &str) -> AuthResult<()> {
+    db::revoke_token(tx, jti, now()).await?;
+    Ok(())
+}
+
+/// Makes this process forget revoked tokens at once, after a revocation
+/// was committed (other processes learn of it within
+/// `revocation_max_delay`).
+pub async fn revoked(auth: &Auth) {
+    if let Err(e) = auth.tokens.sync(&auth.store).await {
+        tracing::warn!(error = %e, "cannot read the revocation log after revoking");
+    }
 }
 
 /// A stored token (access by `jti`, refresh by hash).

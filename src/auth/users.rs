@@ -84,16 +84,7 @@ pub async fn add_in(
     }
     check_password(password)?;
     check_fhir_user(fhir_user)?;
-    let pw = password.to_string();
-    let hash = tokio::task::spawn_blocking(move || {
-        let salt = SaltString::generate(&mut OsRng);
-        Argon2::default()
-            .hash_password(pw.as_bytes(), &salt)
-            .map(|h| h.to_string())
-    })
-    .await
-    .map_err(|e| AuthError::Key(e.to_string()))?
-    .map_err(|e| AuthError::Key(e.to_string()))?;
+    let hash = hash_password(password).await?;
     let row = db::UserRow {
         id: uuid::Uuid::new_v4().to_string(),
         username,
@@ -114,6 +105,68 @@ fn user_from_row(r: db::UserRow) -> User {
         username: r.username,
         fhir_user: r.fhir_user,
     }
+}
+
+/// Every user, for `ehrx user list` (no password hashes).
+pub async fn list(store: &Store) -> AuthResult<Vec<serde_json::Value>> {
+    let mut conn = store.reader().await?;
+    Ok(db::users(&mut conn)
+        .await?
+        .into_iter()
+        .map(|u| {
+            serde_json::json!({
+                "id": u.id, "username": u.username, "fhirUser": u.fhir_user,
+                "created": u.created,
+                "disabled": (u.disabled > 0).then_some(u.disabled),
+            })
+        })
+        .collect())
+}
+
+/// The id of a user named by username, else `who` taken as an id.
+async fn resolve(store: &Store, who: &str) -> AuthResult<String> {
+    let mut conn = store.reader().await?;
+    Ok(db::user_id_by_name(&mut conn, &who.trim().to_lowercase())
+        .await?
+        .unwrap_or_else(|| who.to_string()))
+}
+
+/// Disables a user (no sign-in; their sessions end and their tokens are
+/// revoked, on every server process within `revocation_max_delay`) or
+/// enables them again. `who` is a username or user id; false when there is
+/// no such user.
+pub async fn set_disabled(store: &Store, who: &str, disabled: bool) -> AuthResult<bool> {
+    let id = resolve(store, who).await?;
+    let mut tx = store.begin().await?;
+    let found = db::set_user_disabled(&mut tx, &id, if disabled { now() } else { 0 }).await?;
+    tx.commit().await?;
+    Ok(found)
+}
+
+/// Sets a new password; the user's sessions end and their tokens are
+/// revoked. `who` is a username or user id; false when there is no such
+/// user.
+pub async fn set_password(store: &Store, who: &str, password: &str) -> AuthResult<bool> {
+    check_password(password)?;
+    let id = resolve(store, who).await?;
+    let hash = hash_password(password).await?;
+    let mut tx = store.begin().await?;
+    let found = db::set_password(&mut tx, &id, &hash, now()).await?;
+    tx.commit().await?;
+    Ok(found)
+}
+
+async fn hash_password(password: &str) -> AuthResult<String> {
+    let pw = password.to_string();
+    tokio::task::spawn_blocking(move || {
+        let salt = SaltString::generate(&mut OsRng);
+        Argon2::default()
+            .hash_password(pw.as_bytes(), &salt)
+            .map(|h| h.to_string())
+    })
+    .await
+    .map_err(|e| AuthError::Key(e.to_string()))?
+    .map_err(|e| AuthError::Key(e.to_string()))
 }
 
 pub async fn get(store: &Store, id: &str) -> AuthResult<Option<User>> {

@@ -56,7 +56,7 @@ pub async fn insert_client(
 /// The client registered as `client_id`.
 pub async fn client(conn: &mut AnyConnection, client_id: &str) -> StoreResult<Option<ClientRow>> {
     let row = sqlx::query(
-        "SELECT client_id, name, kind, secret_hash, redirect_uris, jwks, jwks_url, scope FROM auth_client WHERE client_id = $1",
+        "SELECT client_id, name, kind, secret_hash, redirect_uris, jwks, jwks_url, scope FROM auth_client WHERE client_id = $1 AND disabled = 0",
     )
     .bind(client_id)
     .fetch_optional(&mut *conn)
@@ -77,7 +77,7 @@ pub async fn client(conn: &mut AnyConnection, client_id: &str) -> StoreResult<Op
 /// The redirect URIs of every registered client (each a JSON array, as
 /// stored).
 pub async fn client_redirect_uris(conn: &mut AnyConnection) -> StoreResult<Vec<String>> {
-    let rows = sqlx::query("SELECT redirect_uris FROM auth_client")
+    let rows = sqlx::query("SELECT redirect_uris FROM auth_client WHERE disabled = 0")
         .fetch_all(&mut *conn)
         .await?;
     rows.iter()
@@ -156,10 +156,11 @@ pub async fn insert_user(
 
 /// The user with id `id`.
 pub async fn user(conn: &mut AnyConnection, id: &str) -> StoreResult<Option<UserRow>> {
-    let row = sqlx::query("SELECT id, username, fhir_user FROM auth_user WHERE id = $1")
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?;
+    let row =
+        sqlx::query("SELECT id, username, fhir_user FROM auth_user WHERE id = $1 AND disabled = 0")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
     row.as_ref().map(user_from_row).transpose()
 }
 
@@ -169,7 +170,7 @@ pub async fn user_with_password(
     username: &str,
 ) -> StoreResult<Option<(UserRow, String)>> {
     let row = sqlx::query(
-        "SELECT id, username, fhir_user, password_hash FROM auth_user WHERE username = $1",
+        "SELECT id, username, fhir_user, password_hash FROM auth_user WHERE username = $1 AND disabled = 0",
     )
     .bind(username)
     .fetch_optional(&mut *conn)
@@ -401,19 +402,31 @@ pub async fn insert_token(
     Ok(())
 }
 
-/// Whether the access token `jti` is revoked; `None` when it is unknown.
-pub async fn access_token_revoked(
+/// What the verification of an access token needs from its record.
+#[derive(Debug, Clone)]
+pub struct AccessTokenState {
+    pub revoked: bool,
+    pub grant_id: String,
+    pub user_id: Option<String>,
+}
+
+/// The state of the access token `jti`; `None` when it is unknown.
+pub async fn access_token_state(
     conn: &mut AnyConnection,
     jti: &str,
-) -> StoreResult<Option<bool>> {
-    let row = sqlx::query("SELECT revoked FROM auth_token WHERE id = $1 AND kind = 'access'")
-        .bind(jti)
-        .fetch_optional(&mut *conn)
-        .await?;
-    match row {
-        Some(r) => Ok(Some(r.try_get::<i64, _>("revoked")? != 0)),
-        None => Ok(None),
-    }
+) -> StoreResult<Option<AccessTokenState>> {
+    let row = sqlx::query(
+        "SELECT revoked, grant_id, user_id FROM auth_token WHERE id = $1 AND kind = 'access'",
+    )
+    .bind(jti)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(r) = row else { return Ok(None) };
+    Ok(Some(AccessTokenState {
+        revoked: r.try_get::<i64, _>("revoked")? != 0,
+        grant_id: r.try_get("grant_id")?,
+        user_id: r.try_get("user_id")?,
+    }))
 }
 
 /// Serialises everything that redeems or revokes tokens of the grant
@@ -425,23 +438,237 @@ pub async fn lock_grant(tx: &mut Tx, grant_id: &str) -> StoreResult<()> {
     tx.lock_names(&[format!("auth grant {grant_id}")]).await
 }
 
-/// Revokes every token of the grant `grant_id`, under [`lock_grant`].
-pub async fn revoke_grant(tx: &mut Tx, grant_id: &str) -> StoreResult<()> {
-    lock_grant(tx, grant_id).await?;
-    sqlx::query("UPDATE auth_token SET revoked = 1 WHERE grant_id = $1 AND revoked = 0")
-        .bind(grant_id)
+/// Appends to the revocation log, which every server process reads to
+/// forget the tokens it remembers (`crate::auth::cache`). On PostgreSQL the
+/// appends are serialised until commit, so that rows become visible in the
+/// order of their `seq` and a reader that has seen row n never later finds
+/// a row below n.
+async fn log_revocation(tx: &mut Tx, kind: &str, subject: &str, at: i64) -> StoreResult<()> {
+    tx.lock_names(&["auth revocation log".to_string()]).await?;
+    sqlx::query("INSERT INTO auth_revocation (kind, subject, at) VALUES ($1, $2, $3)")
+        .bind(kind)
+        .bind(subject)
+        .bind(at)
         .execute(tx.conn())
         .await?;
     Ok(())
 }
 
-/// Revokes the one token `id`.
-pub async fn revoke_token(conn: &mut AnyConnection, id: &str) -> StoreResult<()> {
+/// Revokes every token of the grant `grant_id`, under [`lock_grant`].
+pub async fn revoke_grant(tx: &mut Tx, grant_id: &str, at: i64) -> StoreResult<()> {
+    lock_grant(tx, grant_id).await?;
+    sqlx::query("UPDATE auth_token SET revoked = 1 WHERE grant_id = $1 AND revoked = 0")
+        .bind(grant_id)
+        .execute(tx.conn())
+        .await?;
+    log_revocation(tx, "grant", grant_id, at).await
+}
+
+/// Revokes the one token `id` (an access token's `jti`).
+pub async fn revoke_token(tx: &mut Tx, id: &str, at: i64) -> StoreResult<()> {
     sqlx::query("UPDATE auth_token SET revoked = 1 WHERE id = $1")
         .bind(id)
+        .execute(tx.conn())
+        .await?;
+    log_revocation(tx, "token", id, at).await
+}
+
+/// A row of the revocation log.
+#[derive(Debug, Clone)]
+pub struct Revocation {
+    pub seq: i64,
+    /// `token`, `grant`, `client` or `user`.
+    pub kind: String,
+    pub subject: String,
+}
+
+/// The newest `seq` of the revocation log (0 when it is empty).
+pub async fn last_revocation(conn: &mut AnyConnection) -> StoreResult<i64> {
+    let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS seq FROM auth_revocation")
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(row.try_get::<i64, _>("seq")?)
+}
+
+/// Up to `limit` revocations after `seq`, oldest first.
+pub async fn revocations_after(
+    conn: &mut AnyConnection,
+    seq: i64,
+    limit: i64,
+) -> StoreResult<Vec<Revocation>> {
+    let rows = sqlx::query(
+        "SELECT seq, kind, subject FROM auth_revocation WHERE seq > $1 ORDER BY seq LIMIT $2",
+    )
+    .bind(seq)
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Revocation {
+                seq: r.try_get("seq")?,
+                kind: r.try_get("kind")?,
+                subject: r.try_get("subject")?,
+            })
+        })
+        .collect()
+}
+
+/// Forgets revocations older than `before` (their tokens have expired).
+pub async fn prune_revocations(conn: &mut AnyConnection, before: i64) -> StoreResult<()> {
+    sqlx::query("DELETE FROM auth_revocation WHERE at < $1")
+        .bind(before)
         .execute(&mut *conn)
         .await?;
     Ok(())
+}
+
+/// Disables (`at` > 0) or enables (`at` = 0) the client `client_id`; on
+/// disabling, every token issued to it is revoked. False when no such
+/// client exists.
+pub async fn set_client_disabled(tx: &mut Tx, client_id: &str, at: i64) -> StoreResult<bool> {
+    let found = sqlx::query("UPDATE auth_client SET disabled = $1 WHERE client_id = $2")
+        .bind(at)
+        .bind(client_id)
+        .execute(tx.conn())
+        .await?
+        .rows_affected()
+        == 1;
+    if found && at > 0 {
+        sqlx::query("UPDATE auth_token SET revoked = 1 WHERE client_id = $1 AND revoked = 0")
+            .bind(client_id)
+            .execute(tx.conn())
+            .await?;
+        log_revocation(tx, "client", client_id, at).await?;
+    }
+    Ok(found)
+}
+
+/// Disables (`at` > 0) or enables (`at` = 0) the user `id`; on disabling,
+/// their sessions end and every token issued for them is revoked. False
+/// when no such user exists.
+pub async fn set_user_disabled(tx: &mut Tx, id: &str, at: i64) -> StoreResult<bool> {
+    let found = sqlx::query("UPDATE auth_user SET disabled = $1 WHERE id = $2")
+        .bind(at)
+        .bind(id)
+        .execute(tx.conn())
+        .await?
+        .rows_affected()
+        == 1;
+    if found && at > 0 {
+        revoke_user(tx, id, at).await?;
+    }
+    Ok(found)
+}
+
+/// Replaces the password hash of the user `id`; their sessions end and
+/// their tokens are revoked (a new password is set because the old one is
+/// lost or known to someone else). False when no such user exists.
+pub async fn set_password(
+    tx: &mut Tx,
+    id: &str,
+    password_hash: &str,
+    at: i64,
+) -> StoreResult<bool> {
+    let found = sqlx::query("UPDATE auth_user SET password_hash = $1 WHERE id = $2")
+        .bind(password_hash)
+        .bind(id)
+        .execute(tx.conn())
+        .await?
+        .rows_affected()
+        == 1;
+    if found {
+        revoke_user(tx, id, at).await?;
+    }
+    Ok(found)
+}
+
+async fn revoke_user(tx: &mut Tx, id: &str, at: i64) -> StoreResult<()> {
+    sqlx::query("DELETE FROM auth_session WHERE user_id = $1")
+        .bind(id)
+        .execute(tx.conn())
+        .await?;
+    sqlx::query("UPDATE auth_token SET revoked = 1 WHERE user_id = $1 AND revoked = 0")
+        .bind(id)
+        .execute(tx.conn())
+        .await?;
+    log_revocation(tx, "user", id, at).await
+}
+
+/// A client as listed by `ehrx client list`.
+#[derive(Debug, Clone)]
+pub struct ClientListRow {
+    pub client_id: String,
+    pub name: String,
+    pub kind: String,
+    pub scope: String,
+    pub created: i64,
+    pub disabled: i64,
+}
+
+/// Every registered client, by id.
+pub async fn clients(conn: &mut AnyConnection) -> StoreResult<Vec<ClientListRow>> {
+    let rows = sqlx::query(
+        "SELECT client_id, name, kind, scope, created, disabled FROM auth_client ORDER BY client_id",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(ClientListRow {
+                client_id: r.try_get("client_id")?,
+                name: r.try_get("name")?,
+                kind: r.try_get("kind")?,
+                scope: r.try_get("scope")?,
+                created: r.try_get("created")?,
+                disabled: r.try_get("disabled")?,
+            })
+        })
+        .collect()
+}
+
+/// A user as listed by `ehrx user list`.
+#[derive(Debug, Clone)]
+pub struct UserListRow {
+    pub id: String,
+    pub username: String,
+    pub fhir_user: String,
+    pub created: i64,
+    pub disabled: i64,
+}
+
+/// Every user, by username.
+pub async fn users(conn: &mut AnyConnection) -> StoreResult<Vec<UserListRow>> {
+    let rows = sqlx::query(
+        "SELECT id, username, fhir_user, created, disabled FROM auth_user ORDER BY username",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(UserListRow {
+                id: r.try_get("id")?,
+                username: r.try_get("username")?,
+                fhir_user: r.try_get("fhir_user")?,
+                created: r.try_get("created")?,
+                disabled: r.try_get("disabled")?,
+            })
+        })
+        .collect()
+}
+
+/// The id of the user called `username`.
+pub async fn user_id_by_name(
+    conn: &mut AnyConnection,
+    username: &str,
+) -> StoreResult<Option<String>> {
+    let row = sqlx::query("SELECT id FROM auth_user WHERE username = $1")
+        .bind(username)
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.map(|r| r.try_get::<String, _>("id"))
+        .transpose()
+        .map_err(Into::into)
 }
 
 /// Marks a (refresh) token used by compare-and-set: true only for the one
