@@ -454,8 +454,10 @@ async fn patient_choices(s: &AppState) -> Vec<(String, String)> {
         ("_count".to_string(), "50".to_string()),
         ("_sort".to_string(), "family".to_string()),
     ];
-    let Ok(bundle) =
-        crate::interaction::search(&mut r.view(), &s.env, "Patient", &params, false).await
+    let Ok(Ok(bundle)) =
+        crate::interaction::search(&mut r.view(), &s.env, "Patient", &params, false)
+            .await
+            .map(|b| b.into_value())
     else {
         return Vec::new();
     };

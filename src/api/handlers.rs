@@ -240,7 +240,7 @@ async fn history(
 ) -> Result<FhirResponse> {
     let mut r = req.gate.reader().await?;
     let b = interaction::history(&mut r.view(), &state.env, scope, &req.params).await?;
-    Ok(FhirResponse::new(StatusCode::OK).with_value(b))
+    Ok(FhirResponse::new(StatusCode::OK).with_bundle(b))
 }
 
 pub async fn history_system(State(state): State<AppState>, req: FhirRequest) -> Response {
@@ -278,7 +278,7 @@ async fn search(
         req.strict_handling(),
     )
     .await?;
-    Ok(FhirResponse::new(StatusCode::OK).with_value(b))
+    Ok(FhirResponse::new(StatusCode::OK).with_bundle(b))
 }
 
 pub async fn search_type(
@@ -320,7 +320,7 @@ pub async fn system_search(State(state): State<AppState>, req: FhirRequest) -> R
             req.strict_handling(),
         )
         .await?;
-        Ok(FhirResponse::new(StatusCode::OK).with_value(b))
+        Ok(FhirResponse::new(StatusCode::OK).with_bundle(b))
     };
     req.respond(result.await)
 }
@@ -365,7 +365,7 @@ pub async fn compartment_or_operation(
             )
             .await?
         };
-        Ok(Ok(FhirResponse::new(StatusCode::OK).with_value(b)))
+        Ok(Ok(FhirResponse::new(StatusCode::OK).with_bundle(b)))
     };
     match result.await {
         // A signed document goes out byte for byte as signed.

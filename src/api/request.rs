@@ -198,6 +198,8 @@ pub enum ResponseBody {
     Value(Value),
     /// A resource already serialised as compact FHIR JSON (as stored).
     Json(String),
+    /// A search, history or `$everything` page.
+    Bundle(crate::fhir::bundle::Bundle),
 }
 
 impl FhirResponse {
@@ -214,6 +216,11 @@ impl FhirResponse {
         self
     }
 
+    pub fn with_bundle(mut self, b: crate::fhir::bundle::Bundle) -> Self {
+        self.body = Some(ResponseBody::Bundle(b));
+        self
+    }
+
     pub fn with_json(mut self, s: String) -> Self {
         self.body = Some(ResponseBody::Json(s));
         self
@@ -226,6 +233,11 @@ impl FhirResponse {
 }
 
 fn serialise(body: ResponseBody, format: Format, pretty: bool) -> Result<Vec<u8>> {
+    let body = match body {
+        ResponseBody::Bundle(b) if format == Format::Json && !pretty => return Ok(b.to_json()),
+        ResponseBody::Bundle(b) => ResponseBody::Value(crate::interaction::bundle_value(b)?),
+        other => other,
+    };
     Ok(match (format, body) {
         (Format::Json, ResponseBody::Json(s)) if !pretty => s.into_bytes(),
         (Format::Json, ResponseBody::Json(s)) => {
@@ -243,6 +255,7 @@ fn serialise(body: ResponseBody, format: Format, pretty: bool) -> Result<Vec<u8>
             codec::to_xml(&v)?
         }
         (Format::Xml, ResponseBody::Value(v)) => codec::to_xml(&v)?,
+        (_, ResponseBody::Bundle(_)) => unreachable!("bundles were turned into values above"),
     })
 }
 

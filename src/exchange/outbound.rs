@@ -72,7 +72,9 @@ pub async fn signed_document(
     let everything = {
         let mut r = gate.reader().await?;
         let params = vec![("_count".to_string(), env.max_count.to_string())];
-        interaction::everything(&mut r.view(), env, patient_id, &params).await?
+        interaction::bundle_value(
+            interaction::everything(&mut r.view(), env, patient_id, &params).await?,
+        )?
     };
     let resources: Vec<Value> = everything["entry"]
         .as_array()

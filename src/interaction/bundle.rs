@@ -445,7 +445,7 @@ async fn perform(tx: &mut Writer, env: &Env, e: &Entry, new_id: &str) -> Result<
                             .into_owned()
                             .collect();
                     let b = search(&mut tx.view(), env, &t.rtype, &params, true).await?;
-                    (StatusCode::OK, b, None)
+                    (StatusCode::OK, super::bundle_value(b)?, None)
                 }
             };
             EntryResponse {

@@ -96,11 +96,19 @@ impl Written {
 
 /// Parses a stored body (written by ehrx, so trusted to be FHIR JSON).
 pub fn parse_stored(body: &str) -> Result<Value> {
-    serde_json::from_str(body).map_err(|e| {
-        Error::Store(store::StoreError::Conflict(format!(
-            "stored resource is unreadable: {e}"
-        )))
-    })
+    serde_json::from_str(body).map_err(unreadable)
+}
+
+/// The error of a stored body that does not parse (a damaged database).
+pub fn unreadable(e: serde_json::Error) -> Error {
+    Error::Store(store::StoreError::Conflict(format!(
+        "stored resource is unreadable: {e}"
+    )))
+}
+
+/// A search, history or `$everything` page as one JSON value.
+pub fn bundle_value(b: crate::fhir::bundle::Bundle) -> Result<Value> {
+    b.into_value().map_err(unreadable)
 }
 
 /// Checks a resource type named in a URL.

@@ -1,10 +1,10 @@
 //! read, vread and history, through the caller-scoped store.
 
-use serde_json::{json, Value};
+use serde_json::{json, Map};
 
-use super::{check_id, check_type, live, not_known, parse_stored, Env};
+use super::{check_id, check_type, live, not_known, Env};
 use crate::error::{Error, Result};
-use crate::fhir::bundle::{bundle, etag, paging_links};
+use crate::fhir::bundle::{etag, paging_links, Bundle, Entry, Resource};
 use crate::policy::scope::Ops;
 use crate::search;
 use crate::store::{Found, HistoryScope, Version, View};
@@ -82,30 +82,41 @@ fn page_size(env: &Env, count: Option<usize>) -> usize {
     count.unwrap_or(env.default_count).min(env.max_count)
 }
 
-/// Entry of a history Bundle.
-fn history_entry(env: &Env, v: &Version) -> Result<Value> {
+/// Entry of a history Bundle: the stored body as it is.
+fn history_entry(env: &Env, v: Version) -> Entry {
     let full_url = format!("{}/{}/{}", env.base, v.rtype, v.id);
     let modified = v.last_updated.clone();
-    Ok(if v.deleted {
-        json!({
-            "fullUrl": full_url,
-            "request": {"method": "DELETE", "url": format!("{}/{}", v.rtype, v.id)},
-            "response": {"status": "204 No Content", "etag": etag(v.version), "lastModified": modified},
-        })
-    } else {
-        let resource = parse_stored(v.body.as_deref().unwrap_or("{}"))?;
-        let (method, url, status) = if v.version == 1 {
-            ("POST", v.rtype.clone(), "201 Created")
-        } else {
-            ("PUT", format!("{}/{}", v.rtype, v.id), "200 OK")
+    let mut rest = Map::new();
+    if v.deleted {
+        rest.insert(
+            "request".into(),
+            json!({"method": "DELETE", "url": format!("{}/{}", v.rtype, v.id)}),
+        );
+        rest.insert(
+            "response".into(),
+            json!({"status": "204 No Content", "etag": etag(v.version), "lastModified": modified}),
+        );
+        return Entry {
+            full_url,
+            resource: None,
+            rest,
         };
-        json!({
-            "fullUrl": full_url,
-            "resource": resource,
-            "request": {"method": method, "url": url},
-            "response": {"status": status, "etag": etag(v.version), "lastModified": modified},
-        })
-    })
+    }
+    let (method, url, status) = if v.version == 1 {
+        ("POST", v.rtype.clone(), "201 Created")
+    } else {
+        ("PUT", format!("{}/{}", v.rtype, v.id), "200 OK")
+    };
+    rest.insert("request".into(), json!({"method": method, "url": url}));
+    rest.insert(
+        "response".into(),
+        json!({"status": status, "etag": etag(v.version), "lastModified": modified}),
+    );
+    Entry {
+        full_url,
+        resource: Some(Resource::Stored(v.body.unwrap_or_else(|| "{}".to_string()))),
+        rest,
+    }
 }
 
 /// history at system, type or instance level, newest first, keyset-paged.
@@ -114,7 +125,7 @@ pub async fn history(
     env: &Env,
     scope: HistoryScope<'_>,
     params: &[(String, String)],
-) -> Result<Value> {
+) -> Result<Bundle> {
     let path = match &scope {
         HistoryScope::System => "_history".to_string(),
         HistoryScope::Type(t) => {
@@ -160,8 +171,8 @@ pub async fn history(
         next,
     );
     let entries = rows
-        .iter()
+        .into_iter()
         .map(|(_, v)| history_entry(env, v))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(bundle("history", None, links, entries))
+        .collect();
+    Ok(Bundle::new("history", None, links, entries))
 }

@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 use super::read::parse_count;
 use super::{check_id, check_type, parse_stored, Env};
 use crate::error::{Error, Result};
-use crate::fhir::bundle::{bundle, paging_links};
+use crate::fhir::bundle::{paging_links, Bundle, Entry, Resource};
 use crate::fhir::types::is_resource_type;
 use crate::policy::scope::Ops;
 use crate::search::compartment::{self, compartment_params};
@@ -206,7 +206,7 @@ pub async fn search(
     rtype: &str,
     params: &[(String, String)],
     strict: bool,
-) -> Result<Value> {
+) -> Result<Bundle> {
     search_in(view, env, rtype, None, params, strict).await
 }
 
@@ -218,7 +218,7 @@ pub async fn compartment_search(
     rtype: &str,
     params: &[(String, String)],
     strict: bool,
-) -> Result<Value> {
+) -> Result<Bundle> {
     search_in(view, env, rtype, Some(owner), params, strict).await
 }
 
@@ -229,7 +229,7 @@ async fn search_in(
     owner: Option<(&str, &str)>,
     params: &[(String, String)],
     strict: bool,
-) -> Result<Value> {
+) -> Result<Bundle> {
     check_type(rtype)?;
     let Parsed { mut conds, applied } = search::parse(rtype, params, strict, &env.base)?;
     let path = match owner {
@@ -313,23 +313,39 @@ async fn search_in(
     let matches: Vec<Version> = rows.into_iter().map(|(v, _)| v).collect();
     let included = includes(view, &matches, &control).await?;
     let mut entries = Vec::with_capacity(matches.len() + included.len());
-    for v in &matches {
+    for v in matches {
         entries.push(entry(env, v, "match", &control)?);
     }
-    for v in &included {
+    for v in included {
         entries.push(entry(env, v, "include", &control)?);
     }
-    Ok(bundle("searchset", total, links, entries))
+    Ok(Bundle::new("searchset", total, links, entries))
 }
 
-fn entry(env: &Env, v: &Version, mode: &str, control: &Control) -> Result<Value> {
-    let mut resource = parse_stored(v.body.as_deref().unwrap_or("{}"))?;
-    shape(&mut resource, control.summary, &control.elements);
-    Ok(json!({
-        "fullUrl": format!("{}/{}/{}", env.base, v.rtype, v.id),
-        "resource": resource,
-        "search": {"mode": mode},
-    }))
+/// A searchset entry: the stored body as it is, unless `_summary` or
+/// `_elements` shape it.
+fn entry(env: &Env, v: Version, mode: &str, control: &Control) -> Result<Entry> {
+    let shaped =
+        !matches!(control.summary, Summary::False | Summary::Count) || !control.elements.is_empty();
+    let body = v.body.unwrap_or_else(|| "{}".to_string());
+    let resource = if shaped {
+        let mut resource = parse_stored(&body)?;
+        shape(&mut resource, control.summary, &control.elements);
+        Resource::Value(resource)
+    } else {
+        Resource::Stored(body)
+    };
+    Ok(search_entry(env, &v.rtype, &v.id, resource, mode))
+}
+
+fn search_entry(env: &Env, rtype: &str, id: &str, resource: Resource, mode: &str) -> Entry {
+    let mut rest = Map::new();
+    rest.insert("search".into(), json!({ "mode": mode }));
+    Entry {
+        full_url: format!("{}/{}/{}", env.base, rtype, id),
+        resource: Some(resource),
+        rest,
+    }
 }
 
 /// Elements every summary keeps, besides the `isSummary` ones.
@@ -502,7 +518,7 @@ pub async fn everything(
     env: &Env,
     id: &str,
     params: &[(String, String)],
-) -> Result<Value> {
+) -> Result<Bundle> {
     check_id(id)?;
     super::read::read(view, "Patient", id).await?;
     view.access().check_type(Ops::SEARCH, "Patient")?;
@@ -660,7 +676,7 @@ pub async fn system_search(
     env: &Env,
     params: &[(String, String)],
     strict: bool,
-) -> Result<Value> {
+) -> Result<Bundle> {
     let types: Vec<String> = params
         .iter()
         .filter(|(k, _)| k == "_type")
@@ -759,19 +775,16 @@ fn paged_bundle(
     next: Option<String>,
     page: Vec<Version>,
     total: Option<i64>,
-) -> Result<Value> {
+) -> Result<Bundle> {
     let links = paging_links(&env.base, path, &base_params, cursor, next);
     let entries = page
-        .iter()
+        .into_iter()
         .map(|v| {
-            Ok(json!({
-                "fullUrl": format!("{}/{}/{}", env.base, v.rtype, v.id),
-                "resource": parse_stored(v.body.as_deref().unwrap_or("{}"))?,
-                "search": {"mode": "match"},
-            }))
+            let body = v.body.unwrap_or_else(|| "{}".to_string());
+            search_entry(env, &v.rtype, &v.id, Resource::Stored(body), "match")
         })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(bundle("searchset", total, links, entries))
+        .collect();
+    Ok(Bundle::new("searchset", total, links, entries))
 }
 
 /// The SQL and query plan(s) of a search given as `Type?query` or
