@@ -53,8 +53,41 @@ pub fn ehrx_bin() -> std::process::Command {
     c
 }
 
+/// The test data the repository carries (`tests/data/testdata.tar.xz`,
+/// sources and licences in `tests/data/SOURCES.md`), unpacked once per build
+/// directory into a folder named after the archive's digest.
 pub fn data_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data")
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(unpack_test_data).clone()
+}
+
+fn unpack_test_data() -> PathBuf {
+    use sha2::Digest as _;
+    let archive = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/testdata.tar.xz");
+    let bytes = std::fs::read(&archive).expect("tests/data/testdata.tar.xz");
+    let digest = hex::encode(&sha2::Sha256::digest(&bytes)[..8]);
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let dir = root.join(format!("ehrx-test-data-{digest}"));
+    if dir.is_dir() {
+        return dir;
+    }
+    // Unpacked beside, then renamed into place: test binaries running at the
+    // same time never see a half-unpacked folder.
+    let partial = tempfile::tempdir_in(&root).expect("temporary folder for the test data");
+    let status = std::process::Command::new("tar")
+        .arg("-xJf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(partial.path())
+        .status()
+        .expect("run tar (with xz) to unpack the test data");
+    assert!(status.success(), "tar -xJf {} failed", archive.display());
+    let partial = partial.keep();
+    if std::fs::rename(&partial, &dir).is_err() {
+        // Another test binary got there first.
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    dir
 }
 
 impl TestServer {
