@@ -1,5 +1,6 @@
 //! Command line: `ehrx serve | migrate | import | reindex | explain |
-//! client | user | keys | launch | subscriber | exchange-cert`.
+//! backup | restore | client | user | keys | launch | subscriber |
+//! exchange-cert`.
 
 use std::path::PathBuf;
 
@@ -45,6 +46,23 @@ pub enum Command {
         /// `Type?query` or `Patient/ID/$everything`.
         search: String,
     },
+    /// Back up the whole database into one file (`--out FILE`), while the
+    /// server runs; or check a backup (`ehrx backup verify FILE`).
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Backup {
+        #[command(subcommand)]
+        command: Option<BackupCommand>,
+        /// The file to write (gzip-compressed JSON lines; written under a
+        /// temporary name and renamed when complete).
+        #[arg(long, required = true)]
+        out: Option<PathBuf>,
+    },
+    /// Restore a backup into an empty database; a damaged or truncated file
+    /// is refused before anything is written. Prints what was restored.
+    Restore {
+        /// A file written by `ehrx backup`.
+        file: PathBuf,
+    },
     /// OAuth clients of the authorization server.
     #[command(subcommand)]
     Client(ClientCommand),
@@ -75,6 +93,13 @@ pub enum Command {
         #[arg(long)]
         ecdsa: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Check a backup without restoring it: complete, unaltered, and every
+    /// count as its manifest says. Prints the manifest.
+    Verify { file: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]

@@ -78,6 +78,31 @@ pub struct Config {
     /// registered clients.
     #[serde(deserialize_with = "list_or_commas")]
     pub cors_origins: Vec<String>,
+    /// `text` (the default; colours only on a terminal) or `json` (one JSON
+    /// object per line) (`EHRX_LOG_FORMAT`).
+    pub log_format: LogFormat,
+    /// Serve `/metrics`, `/health/live` and `/health/ready` on this socket
+    /// address only, instead of beside the API (`EHRX_OPS_LISTEN`).
+    pub ops_listen: Option<String>,
+    /// Several `ehrx serve` processes share the database (`EHRX_CLUSTER`):
+    /// refused unless the database is PostgreSQL.
+    pub cluster: bool,
+    /// Seconds between scheduled backups; 0 (the default) takes none
+    /// (`EHRX_BACKUP_INTERVAL`).
+    pub backup_interval: u64,
+    /// Where scheduled backups go (`EHRX_BACKUP_DIR`).
+    pub backup_dir: std::path::PathBuf,
+    /// Scheduled backups kept; older ones are removed (`EHRX_BACKUP_KEEP`).
+    pub backup_keep: usize,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// Whether `s` is an http(s) origin: no path, query, fragment or user.
@@ -136,6 +161,12 @@ impl Default for Config {
             statement_timeout: 30,
             limits: crate::limits::Limits::default(),
             cors_origins: Vec::new(),
+            log_format: LogFormat::Text,
+            ops_listen: None,
+            cluster: false,
+            backup_interval: 0,
+            backup_dir: "backups".into(),
+            backup_keep: 7,
         }
     }
 }
@@ -208,6 +239,17 @@ impl Config {
             return Err(ConfigError(
                 "request_timeout and statement_timeout must be positive".into(),
             ));
+        }
+        if self.cluster && !self.database_url.starts_with("postgres") {
+            return Err(ConfigError(
+                "cluster = true needs PostgreSQL (database_url = \"postgres://…\"): SQLite is \
+                 one file on one machine, and several servers cannot share it safely; run one \
+                 server, or move the data with `ehrx backup` and `ehrx restore`"
+                    .into(),
+            ));
+        }
+        if self.backup_keep == 0 {
+            return Err(ConfigError("backup_keep must be positive".into()));
         }
         let l = &self.limits;
         if [

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod fhir;
 pub mod import;
 pub mod interaction;
 pub mod limits;
+pub mod metrics;
 pub mod policy;
 pub mod search;
 pub mod server;

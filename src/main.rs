@@ -1,8 +1,10 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use ehrx::cli::{Cli, ClientCommand, Command, KeysCommand, SubscriberCommand, UserCommand};
-use ehrx::config::Config;
+use ehrx::cli::{
+    BackupCommand, Cli, ClientCommand, Command, KeysCommand, SubscriberCommand, UserCommand,
+};
+use ehrx::config::{Config, LogFormat};
 use ehrx::server::{shutdown_signal, Server};
 use ehrx::store::Store;
 use tracing_subscriber::EnvFilter;
@@ -17,10 +19,7 @@ fn main() -> ExitCode {
         }
     };
     ehrx::limits::install(config.limits);
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -34,8 +33,85 @@ fn main() -> ExitCode {
     runtime.block_on(run(cli.command, config))
 }
 
+/// Log lines to standard error: plain text (coloured only on a terminal, and
+/// not with `NO_COLOR` set) or JSON lines.
+fn init_logging(config: &Config) {
+    use std::io::IsTerminal as _;
+    let filter = EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Text => {
+            let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            builder.with_ansi(colour).init()
+        }
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
+}
+
 async fn run(command: Command, config: Config) -> ExitCode {
     match command {
+        Command::Backup {
+            command: Some(BackupCommand::Verify { file }),
+            ..
+        } => {
+            let checked = tokio::task::spawn_blocking(move || ehrx::backup::verify(&file)).await;
+            print_json(
+                "ehrx backup verify",
+                match checked {
+                    Ok(Ok(c)) => Ok(serde_json::json!({ "verified": c })),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                },
+            )
+        }
+        Command::Backup { out, .. } => {
+            let Some(out) = out else {
+                eprintln!("ehrx backup: --out FILE is required");
+                return ExitCode::from(2);
+            };
+            let started = std::time::Instant::now();
+            let result = async {
+                let store = open_store(&config).await?;
+                let done = ehrx::backup::write(&store, &out)
+                    .await
+                    .map_err(|e| e.to_string());
+                store.close().await;
+                done
+            }
+            .await;
+            print_json(
+                "ehrx backup",
+                result.map(|c| {
+                    serde_json::json!({
+                        "written": c,
+                        "seconds": started.elapsed().as_secs_f64(),
+                    })
+                }),
+            )
+        }
+        Command::Restore { file } => {
+            let started = std::time::Instant::now();
+            let result = async {
+                let store = config.open_store(2).await.map_err(|e| e.to_string())?;
+                let done = ehrx::backup::restore(&store, &file)
+                    .await
+                    .map_err(|e| e.to_string());
+                store.close().await;
+                done
+            }
+            .await;
+            print_json(
+                "ehrx restore",
+                result.map(|c| {
+                    serde_json::json!({
+                        "restored": c,
+                        "seconds": started.elapsed().as_secs_f64(),
+                    })
+                }),
+            )
+        }
         Command::Serve => {
             let server = match Server::bind(config).await {
                 Ok(s) => s,

@@ -1,4 +1,6 @@
-//! Starting the HTTP server.
+//! Starting the HTTP server: the API listener (HTTP or HTTPS), the
+//! operator endpoints' own listener when `ops_listen` is set, the background
+//! tasks (planner statistics, scheduled backups), and graceful shutdown.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -6,7 +8,7 @@ use std::time::Duration;
 use axum::Router;
 use tokio::net::TcpListener;
 
-use crate::api::{router, AppState};
+use crate::api::{ops_router, router, AppState};
 use crate::auth::Auth;
 use crate::config::Config;
 
@@ -35,6 +37,8 @@ pub struct Server {
     pub state: AppState,
     /// Set when the server speaks HTTPS.
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The operator endpoints' own listener (`ops_listen`).
+    pub ops_listener: Option<TcpListener>,
 }
 
 impl Server {
@@ -70,6 +74,20 @@ impl Server {
                     addr: config.listen.clone(),
                     source,
                 })?;
+        let ops_listener = match &config.ops_listen {
+            Some(addr) => {
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| ServeError::Bind {
+                            addr: addr.clone(),
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
+        crate::metrics::install();
         let tls = match (&config.tls_cert_file, &config.tls_key_file) {
             (Some(cert), Some(key)) => {
                 Some(crate::exchange::tls::acceptor(cert, key).map_err(ServeError::Tls)?)
@@ -86,6 +104,7 @@ impl Server {
             listener,
             state,
             tls,
+            ops_listener,
         })
     }
 
@@ -109,9 +128,44 @@ impl Server {
                 }
             }
         });
+        let config = &self.state.config;
+        let (stop_backups, backups_stopped) = tokio::sync::watch::channel(false);
+        let backups = (config.backup_interval > 0).then(|| {
+            tracing::info!(
+                dir = %config.backup_dir.display(),
+                every_seconds = config.backup_interval,
+                keep = config.backup_keep,
+                "scheduled backups on"
+            );
+            crate::backup::spawn_scheduled(
+                self.state.store.clone(),
+                config.backup_dir.clone(),
+                Duration::from_secs(config.backup_interval),
+                config.backup_keep,
+                backups_stopped,
+            )
+        });
+        // The operator endpoints stay up until the API has drained.
+        let (ops_stop, ops_stopped) = tokio::sync::oneshot::channel::<()>();
+        let ops = self.ops_listener.map(|listener| {
+            let app = ops_router(self.state.clone());
+            tokio::spawn(serve_connections(listener, None, app, async {
+                let _ = ops_stopped.await;
+            }))
+        });
         serve_connections(self.listener, self.tls, app, shutdown).await;
+        let _ = ops_stop.send(());
+        if let Some(ops) = ops {
+            let _ = ops.await;
+        }
         optimizer.abort();
+        // A scheduled backup being written is finished first.
+        let _ = stop_backups.send(true);
+        if let Some(b) = backups {
+            let _ = b.await;
+        }
         self.state.store.close().await;
+        tracing::info!("stopped");
         Ok(())
     }
 }

@@ -104,7 +104,7 @@ async fn round_trip(s: &TestServer, file: &str) -> Result<(), String> {
 async fn every_r4_example_round_trips_through_xml() {
     let s = TestServer::start().await;
     let index = std::fs::read_to_string(data_dir().join("fhir-examples/index.csv"))
-        .expect("../shared/data present");
+        .expect("the test data's index.csv");
     let files: Vec<String> = index
         .lines()
         .skip(1)

@@ -2,7 +2,7 @@
 //! every parameter type with its modifiers and prefixes, chaining, `_has`,
 //! `_include`/`_revinclude`, `_sort`, `_total`, `_summary`, `_elements`,
 //! compartments, system search and errors. Expected result sets were read
-//! off the example files in `../shared/data/fhir-examples`.
+//! off the example files in the test data (`tests/data/`, `fhir-examples/`).
 
 mod common;
 

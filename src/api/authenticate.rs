@@ -62,7 +62,8 @@ pub async fn authenticate(State(s): State<AppState>, mut req: Request, next: Nex
 }
 
 /// 401 with an OperationOutcome and a `WWW-Authenticate` challenge (RFC 6750).
-fn refuse(format: Format, why: &str, error: Option<&str>) -> Response {
+fn refuse(format: Format, why: &str, error: Option<&'static str>) -> Response {
+    crate::metrics::auth_failure("api", error.unwrap_or("missing_token"));
     let mut r = render(Err(Error::Unauthorized(why.to_string())), format, false);
     let challenge = match error {
         Some(code) => format!(

@@ -56,6 +56,9 @@ impl IntoResponse for AuthError {
             AuthError::AccessDenied(_) => StatusCode::FORBIDDEN,
             _ => StatusCode::BAD_REQUEST,
         };
+        if status.is_client_error() {
+            crate::metrics::auth_failure("oauth", self.code());
+        }
         let description = match &self {
             AuthError::Store(e) => {
                 tracing::error!("authorization server storage error: {e}");

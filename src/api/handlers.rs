@@ -369,14 +369,22 @@ pub async fn compartment_or_operation(
     };
     match result.await {
         // A signed document goes out byte for byte as signed.
-        Ok(Err(xml)) => (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/fhir+xml; charset=utf-8")],
-            xml,
-        )
-            .into_response(),
+        Ok(Err(xml)) => {
+            crate::metrics::exchange_document("out", "sent");
+            (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/fhir+xml; charset=utf-8")],
+                xml,
+            )
+                .into_response()
+        }
         Ok(Ok(r)) => req.respond(Ok(r)),
-        Err(e) => req.respond(Err(e)),
+        Err(e) => {
+            if what == "$signed-document" {
+                crate::metrics::exchange_document("out", "refused");
+            }
+            req.respond(Err(e))
+        }
     }
 }
 
@@ -419,7 +427,16 @@ pub async fn exchange_document(
         };
         Ok(FhirResponse::new(status).with_value(receipt.body))
     };
-    req.respond(result.await)
+    let result = result.await;
+    crate::metrics::exchange_document(
+        "in",
+        if result.is_ok() {
+            "accepted"
+        } else {
+            "refused"
+        },
+    );
+    req.respond(result)
 }
 
 pub async fn not_found(req: FhirRequest) -> Response {

@@ -7,6 +7,7 @@ pub mod authorization;
 mod capability;
 pub mod cors;
 mod handlers;
+pub mod ops;
 mod request;
 mod throttle;
 
@@ -19,6 +20,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 
 use crate::auth::Auth;
 use crate::config::Config;
@@ -103,8 +107,16 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             authenticate::authenticate,
         ));
+    // Operator endpoints sit beside the API unless they have their own
+    // address (`ops_listen`, served by `server`).
+    let ops = if state.config.ops_listen.is_none() {
+        ops::router()
+    } else {
+        Router::new()
+    };
     Router::new()
         .route("/metadata", get(metadata))
+        .merge(ops)
         // The sender of a document is authenticated by its signature.
         .route("/exchange/documents", post(exchange_document))
         .merge(authorization::router())
@@ -117,8 +129,53 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(middleware::from_fn_with_state(state.clone(), cors::cors))
         .layer(middleware::from_fn(log_request))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(NewRequestId))
+        .layer(middleware::from_fn(screen_request_id))
         .with_state(state)
 }
+
+/// The operator endpoints alone, for their own listener (`ops_listen`).
+pub fn ops_router(state: AppState) -> Router {
+    ops::router().with_state(state)
+}
+
+/// A fresh request id: a random UUID.
+#[derive(Clone, Copy)]
+struct NewRequestId;
+
+impl MakeRequestId for NewRequestId {
+    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
+        header::HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+            .ok()
+            .map(RequestId::new)
+    }
+}
+
+/// The longest `X-Request-Id` a caller may choose.
+const MAX_REQUEST_ID: usize = 128;
+
+/// Keeps a caller's `X-Request-Id` (so a request can be followed across
+/// systems) only when it is short and plain (letters, digits, `.`, `_`, `-`);
+/// any other is replaced by a fresh one, so log lines cannot be forged
+/// through it.
+async fn screen_request_id(mut req: Request, next: Next) -> Response {
+    let plain = |v: &header::HeaderValue| {
+        let b = v.as_bytes();
+        !b.is_empty()
+            && b.len() <= MAX_REQUEST_ID
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+    };
+    let ids = req.headers().get_all(X_REQUEST_ID).iter().count();
+    if ids > 1 || req.headers().get(X_REQUEST_ID).is_some_and(|v| !plain(v)) {
+        req.headers_mut().remove(X_REQUEST_ID);
+    }
+    next.run(req).await
+}
+
+/// The request id header, set on every request and answer.
+const X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
 
 /// The largest request head (all header names and values) answered: above
 /// it, 431 with an OperationOutcome.
@@ -188,23 +245,38 @@ fn panic_outcome(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
     )
 }
 
-/// One log line per request: method, route template, status, latency.
-/// Query strings and bodies are never logged (they may carry PHI).
+/// One log line per request: method, route template, status, latency; and
+/// the request's metrics. Every line logged while the request runs carries
+/// its request id. Query strings and bodies are never logged (they may
+/// carry PHI).
 async fn log_request(req: Request, next: Next) -> Response {
+    use tracing::Instrument as _;
     let method = req.method().clone();
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
+    let id = req
+        .headers()
+        .get(X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let span = tracing::info_span!("request", request_id = %id);
     let start = Instant::now();
-    let response = next.run(req).await;
-    tracing::info!(
-        %method,
-        route,
-        status = response.status().as_u16(),
-        micros = start.elapsed().as_micros() as u64,
-        "request"
-    );
+    let response = next.run(req).instrument(span.clone()).await;
+    let elapsed = start.elapsed();
+    let status = response.status().as_u16();
+    crate::metrics::request(method.as_str(), &route, status, elapsed);
+    span.in_scope(|| {
+        tracing::info!(
+            %method,
+            route,
+            status,
+            micros = elapsed.as_micros() as u64,
+            "request"
+        )
+    });
     response
 }

@@ -7,9 +7,11 @@
 //! committing rolls everything back, so a failed request changes nothing.
 
 pub mod auth;
+pub mod backup;
 mod checkpoint;
 pub mod exchange;
 pub mod gate;
+mod health;
 mod query;
 mod reindex;
 mod search;
@@ -23,6 +25,7 @@ use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 pub use gate::{Found, Gate, Reader, View, Writer};
+pub use health::{PoolUse, Readiness};
 pub use query::HistoryScope;
 pub use reindex::reindex;
 
@@ -45,6 +48,9 @@ pub enum StoreError {
     /// A private key stored sealed cannot be opened.
     #[error("{0}")]
     Secret(String),
+    /// A table or column the operation cannot handle (backups).
+    #[error("{0}")]
+    Schema(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -227,12 +233,48 @@ impl Store {
             Some(lock) => Some(lock.clone().lock_owned().await),
             None => None,
         };
-        let tx = self.pool.begin().await?;
+        let tx = match self.dialect {
+            Dialect::Sqlite => sqlite_begin_immediate(&self.pool).await?,
+            Dialect::Postgres => self.pool.begin().await?,
+        };
         Ok(Tx {
             tx,
             dialect: self.dialect,
             _guard: guard,
         })
+    }
+}
+
+/// How many times a write transaction waits out `busy_timeout` for another
+/// process's writer before giving up (about a minute in all).
+const SQLITE_BUSY_RETRIES: u32 = 6;
+
+/// A write transaction on SQLite that takes the database's write lock at its
+/// start. The in-process mutex orders this process's writers; another process
+/// on the same file (`ehrx import` beside `ehrx serve`) is waited for: `BEGIN
+/// IMMEDIATE` waits `busy_timeout` for its lock, and is retried while it
+/// still holds it. A deferred `BEGIN` would instead fail with "database is
+/// locked" when its first write finds the file changed since its first read.
+async fn sqlite_begin_immediate(
+    pool: &AnyPool,
+) -> StoreResult<sqlx::Transaction<'static, sqlx::Any>> {
+    let mut attempt = 0;
+    loop {
+        match pool.begin_with("BEGIN IMMEDIATE").await {
+            Err(sqlx::Error::Database(e))
+                if attempt < SQLITE_BUSY_RETRIES
+                    && e.code()
+                        .and_then(|c| c.parse::<i32>().ok())
+                        .is_some_and(|c| c & 0xff == 5) =>
+            {
+                attempt += 1;
+                tracing::debug!(
+                    attempt,
+                    "database busy with another process's writer; waiting"
+                );
+            }
+            other => return Ok(other?),
+        }
     }
 }
 

@@ -21,6 +21,23 @@ pub struct TestServer {
     _dir: tempfile::TempDir,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<()>>,
+    /// A server run as its own `ehrx serve` process ([`TestServer::spawn`]).
+    pub process: Option<std::process::Child>,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(child) = self.process.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A port free at the time of asking.
+pub fn free_port() -> u16 {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap().port()
 }
 
 /// A fresh database URL for one test.
@@ -53,8 +70,41 @@ pub fn ehrx_bin() -> std::process::Command {
     c
 }
 
+/// The test data the repository carries (`tests/data/testdata.tar.xz`,
+/// sources and licences in `tests/data/SOURCES.md`), unpacked once per build
+/// directory into a folder named after the archive's digest.
 pub fn data_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data")
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(unpack_test_data).clone()
+}
+
+fn unpack_test_data() -> PathBuf {
+    use sha2::Digest as _;
+    let archive = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/testdata.tar.xz");
+    let bytes = std::fs::read(&archive).expect("tests/data/testdata.tar.xz");
+    let digest = hex::encode(&sha2::Sha256::digest(&bytes)[..8]);
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let dir = root.join(format!("ehrx-test-data-{digest}"));
+    if dir.is_dir() {
+        return dir;
+    }
+    // Unpacked beside, then renamed into place: test binaries running at the
+    // same time never see a half-unpacked folder.
+    let partial = tempfile::tempdir_in(&root).expect("temporary folder for the test data");
+    let status = std::process::Command::new("tar")
+        .arg("-xJf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(partial.path())
+        .status()
+        .expect("run tar (with xz) to unpack the test data");
+    assert!(status.success(), "tar -xJf {} failed", archive.display());
+    let partial = partial.keep();
+    if std::fs::rename(&partial, &dir).is_err() {
+        // Another test binary got there first.
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    dir
 }
 
 impl TestServer {
@@ -103,10 +153,9 @@ impl TestServer {
             ..Config::default()
         };
         adjust(&mut config);
+        let database_url = config.database_url.clone();
         // Bind first to learn the port, then set the base URL to match.
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = probe.local_addr().unwrap().port();
-        drop(probe);
+        let port = free_port();
         config.listen = format!("127.0.0.1:{port}");
         let base = format!("http://127.0.0.1:{port}");
         config.base_url = Some(base.clone());
@@ -128,7 +177,86 @@ impl TestServer {
             _dir: dir,
             shutdown: Some(tx),
             handle: Some(handle),
+            process: None,
         }
+    }
+
+    /// A real `ehrx serve` process on `database_url`, its configuration
+    /// given by `EHRX_*` variables (`env`; its listen address and, unless
+    /// `env` sets it, its base URL are its own), its log in
+    /// [`TestServer::log`]. Returns once it answers.
+    pub async fn spawn(database_url: &str, env: &[(&str, &str)]) -> TestServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let base = format!("http://127.0.0.1:{port}");
+        let mut cmd = ehrx_bin();
+        cmd.arg("serve")
+            .current_dir(dir.path())
+            .env("EHRX_LISTEN", format!("127.0.0.1:{port}"))
+            .env("EHRX_BASE_URL", &base)
+            .env("EHRX_DATABASE_URL", database_url)
+            .env("EHRX_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("serve.log")).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start ehrx serve");
+        let mut s = TestServer {
+            base,
+            client: reqwest::Client::new(),
+            database_url: database_url.to_string(),
+            token: None,
+            _dir: dir,
+            shutdown: None,
+            handle: None,
+            process: Some(child),
+        };
+        s.wait_ready().await;
+        s
+    }
+
+    /// Waits until the server answers `/metadata` with 200; panics with
+    /// its log if its process ends first or it never does.
+    pub async fn wait_ready(&mut self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            if let Ok(r) = self.client.get(self.url("metadata")).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            if let Some(child) = self.process.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("ehrx serve exited ({status}):\n{}", self.log());
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "ehrx serve never became ready:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    /// What a spawned server has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("serve.log")).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM to a spawned server and waits for it to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let child = self.process.as_mut().expect("a spawned server");
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+        let exit = child.wait().expect("ehrx serve exits");
+        self.process = None;
+        exit
     }
 
     /// The `ehrx` binary against this server's database.
