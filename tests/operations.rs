@@ -524,11 +524,25 @@ async fn two_servers_on_one_database_honour_each_others_tokens_and_single_use_co
     } else {
         "false"
     };
-    let a = TestServer::spawn(&db, &[("EHRX_CLUSTER", cluster)]).await;
+    // Revocations reach the other node within this delay.
+    let delay_ms = 300;
+    let delay = delay_ms.to_string();
+    let a = TestServer::spawn(
+        &db,
+        &[
+            ("EHRX_CLUSTER", cluster),
+            ("EHRX_REVOCATION_MAX_DELAY_MS", &delay),
+        ],
+    )
+    .await;
     let public = a.base.clone();
     let b = TestServer::spawn(
         &db,
-        &[("EHRX_CLUSTER", cluster), ("EHRX_BASE_URL", &public)],
+        &[
+            ("EHRX_CLUSTER", cluster),
+            ("EHRX_BASE_URL", &public),
+            ("EHRX_REVOCATION_MAX_DELAY_MS", &delay),
+        ],
     )
     .await;
     let token_url = format!("{public}/auth/token");
@@ -589,11 +603,17 @@ async fn two_servers_on_one_database_honour_each_others_tokens_and_single_use_co
     let practitioner_path = format!("Practitioner/{practitioner}");
     let (st, _) = smart::get(&a, app_token, &practitioner_path).await;
     assert_eq!(st, 200, "A refused the token B issued");
+    // B remembers the token it checked.
+    let (st, _) = smart::get(&b, app_token, &practitioner_path).await;
+    assert_eq!(st, 200);
     // Replayed at A, the code is refused, and the grant B made from it is
-    // withdrawn everywhere.
+    // withdrawn: at once on A, and on B within the revocation delay.
     let (st, again) = smart::exchange_code(&a, &app, &code, &verifier).await;
     assert_eq!(st, 400, "A redeemed a code B had used: {again}");
     assert_eq!(again["error"], "invalid_grant");
+    let (st, _) = smart::get(&a, app_token, &practitioner_path).await;
+    assert_eq!(st, 401, "A honours a token of the code replayed at A");
+    tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
     for node in [&a, &b] {
         let (st, _) = smart::get(node, app_token, &practitioner_path).await;
         assert_eq!(

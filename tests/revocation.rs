@@ -6,8 +6,8 @@
 
 mod common;
 
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
 use common::smart::*;
 use common::TestServer;
@@ -74,48 +74,15 @@ async fn revoke(s: &TestServer, client_id: &str, k: &ClientKey, token: &str) {
 
 /// A second `ehrx serve` process on `s`'s database with the same base URL
 /// (the tokens' issuer and audience), on its own port.
-struct SecondServer {
-    child: Child,
-    base: String,
-}
-
-impl SecondServer {
-    async fn start(s: &TestServer) -> SecondServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = s
-            .ehrx()
-            .arg("serve")
-            .env("EHRX_LISTEN", format!("127.0.0.1:{port}"))
-            .env("EHRX_BASE_URL", &s.base)
-            .env("EHRX_REVOCATION_MAX_DELAY_MS", DELAY_MS.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let base = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match reqwest::get(format!("{base}/metadata")).await {
-                Ok(r) if r.status() == 200 => break,
-                _ if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(100)).await
-                }
-                other => panic!("the second server did not come up: {other:?}"),
-            }
-        }
-        SecondServer { child, base }
-    }
-}
-
-impl Drop for SecondServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+async fn second_server(s: &TestServer) -> TestServer {
+    TestServer::spawn(
+        &s.database_url,
+        &[
+            ("EHRX_BASE_URL", &s.base),
+            ("EHRX_REVOCATION_MAX_DELAY_MS", &DELAY_MS.to_string()),
+        ],
+    )
+    .await
 }
 
 #[tokio::test]
@@ -135,7 +102,7 @@ async fn a_revoked_token_is_refused_at_once_by_the_server_that_revoked_it() {
 async fn a_revoked_token_is_refused_by_another_server_process_within_the_delay() {
     let s = TestServer::start_with(with_delay).await;
     let (id, k, token) = backend(&s).await;
-    let other = SecondServer::start(&s).await;
+    let other = second_server(&s).await;
     // The second process honours the token the first one issued.
     assert_eq!(patients(&other.base, &token).await.0, 200);
     assert_eq!(patients(&other.base, &token).await.0, 200);
@@ -173,7 +140,7 @@ async fn a_remembered_token_past_its_expiry_is_refused() {
 async fn a_disabled_client_loses_its_tokens_and_gets_no_new_one() {
     let s = TestServer::start_with(with_delay).await;
     let (id, k, token) = backend(&s).await;
-    let other = SecondServer::start(&s).await;
+    let other = second_server(&s).await;
     assert_eq!(patients(&s.base, &token).await.0, 200);
     assert_eq!(patients(&other.base, &token).await.0, 200);
     let listed = cli(&s, &["client", "list"], None);
@@ -272,7 +239,7 @@ async fn a_disabled_user_loses_their_tokens_and_cannot_sign_in() {
     let password = "correct horse battery";
     let t = practitioner_token(&s, "dr.revoke", password).await;
     let token = t["access_token"].as_str().unwrap();
-    let other = SecondServer::start(&s).await;
+    let other = second_server(&s).await;
     assert_eq!(patients(&s.base, token).await.0, 200);
     assert_eq!(patients(&other.base, token).await.0, 200);
     let listed = cli(&s, &["user", "list"], None);
