@@ -1061,3 +1061,73 @@ async fn sqlite_writes_are_checkpointed_into_the_database_file_in_the_background
     }
     server.stop().await;
 }
+
+/// Each version's body is stored once (the current one in `resource`, older
+/// ones in `resource_history`), and every version still reads back whole
+/// through vread and history, also after a deletion.
+#[tokio::test]
+async fn every_version_reads_back_and_each_body_is_stored_once() {
+    use sqlx::{Connection, Row};
+    let s = TestServer::start().await;
+    let mut p = json!({"resourceType": "Patient", "name": [{"family": "Once"}]});
+    let created = s.create(&p).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let mut written = vec![created];
+    for family in ["Twice", "Thrice"] {
+        p["id"] = json!(id);
+        p["name"][0]["family"] = json!(family);
+        let r = s.put_json(&format!("Patient/{id}"), &p).await;
+        assert_eq!(r.status(), 200);
+        written.push(r.json().await.unwrap());
+    }
+    let r = s
+        .client
+        .delete(s.url(&format!("Patient/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    for (n, w) in written.iter().enumerate() {
+        let v = s
+            .get_json(&format!("Patient/{id}/_history/{}", n + 1))
+            .await;
+        assert_eq!(&v, w, "version {}", n + 1);
+    }
+    let h = s.get_json(&format!("Patient/{id}/_history")).await;
+    let families: Vec<&str> = h["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["resource"]["name"][0]["family"].as_str())
+        .collect();
+    assert_eq!(families, ["Thrice", "Twice", "Once"]);
+    sqlx::any::install_default_drivers();
+    let mut db = sqlx::AnyConnection::connect(&s.database_url).await.unwrap();
+    let bodies: i64 = sqlx::query(
+        "SELECT COUNT(*) AS n FROM resource_history WHERE rtype = 'Patient' AND id = $1 AND body IS NOT NULL",
+    )
+    .bind(&id)
+    .fetch_one(&mut db)
+    .await
+    .unwrap()
+    .try_get("n")
+    .unwrap();
+    assert_eq!(
+        bodies, 3,
+        "three live versions, each body once, in history after the deletion"
+    );
+    // A live resource's current body is in `resource` only.
+    let other = s
+        .create(&json!({"resourceType": "Patient", "name": [{"family": "Live"}]}))
+        .await;
+    let n: i64 = sqlx::query(
+        "SELECT COUNT(*) AS n FROM resource_history WHERE rtype = 'Patient' AND id = $1 AND body IS NOT NULL",
+    )
+    .bind(other["id"].as_str().unwrap())
+    .fetch_one(&mut db)
+    .await
+    .unwrap()
+    .try_get("n")
+    .unwrap();
+    assert_eq!(n, 0);
+}

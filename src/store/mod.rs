@@ -3,7 +3,9 @@
 //!
 //! Every version of every resource is kept in `resource_history`; the newest
 //! version is also kept in `resource`, so reading the current version is one
-//! indexed lookup. Writes happen inside a [`Tx`]; dropping a `Tx` without
+//! indexed lookup. Each body is stored once: the current version's only in
+//! `resource` (its history row's body is NULL until a newer version moves
+//! it there), older ones in `resource_history`. Writes happen inside a [`Tx`]; dropping a `Tx` without
 //! committing rolls everything back, so a failed request changes nothing.
 
 pub mod auth;
@@ -348,16 +350,30 @@ impl Tx {
     /// search index rows.
     pub(super) async fn put_version(&mut self, v: &Version, rows: &Rows) -> StoreResult<()> {
         let conn: &mut AnyConnection = &mut self.tx;
+        if v.version > 1 {
+            // The body of the version being replaced moves from `resource`
+            // into its history row (it was stored only once, as current).
+            sqlx::query(
+                "UPDATE resource_history SET body = (SELECT r.body FROM resource r \
+                 WHERE r.rtype = resource_history.rtype AND r.id = resource_history.id \
+                 AND r.version = resource_history.version) \
+                 WHERE rtype = $1 AND id = $2 AND deleted = 0 AND body IS NULL",
+            )
+            .bind(&v.rtype)
+            .bind(&v.id)
+            .execute(&mut *conn)
+            .await?;
+        }
+        // The new version's body is stored in `resource` only.
         let inserted = sqlx::query(
             "INSERT INTO resource_history (rtype, id, version, last_updated, deleted, body) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+             VALUES ($1, $2, $3, $4, $5, NULL)",
         )
         .bind(&v.rtype)
         .bind(&v.id)
         .bind(v.version)
         .bind(&v.last_updated)
         .bind(v.deleted as i64)
-        .bind(v.body.as_deref())
         .execute(&mut *conn)
         .await;
         if let Err(e) = inserted {

@@ -13,6 +13,15 @@ pub enum HistoryScope<'a> {
     Instance(&'a str, &'a str),
 }
 
+/// The body of a `resource_history h` row: its own, or — for the current
+/// version, whose body is stored only in `resource` — the current one.
+macro_rules! history_body {
+    () => {
+        "COALESCE(h.body, (SELECT r.body FROM resource r \
+         WHERE r.rtype = h.rtype AND r.id = h.id AND r.version = h.version)) AS body"
+    };
+}
+
 pub(super) fn version_from_row(r: &AnyRow) -> StoreResult<Version> {
     Ok(Version {
         rtype: r.try_get("rtype")?,
@@ -52,9 +61,11 @@ pub(super) async fn history(
     before: Option<i64>,
     limit: usize,
 ) -> StoreResult<Vec<(i64, Version)>> {
-    let mut sql = String::from(
-        "SELECT seq, rtype, id, version, last_updated, deleted, body FROM resource_history WHERE 1 = 1",
-    );
+    let mut sql = String::from(concat!(
+        "SELECT seq, rtype, id, version, last_updated, deleted, ",
+        history_body!(),
+        " FROM resource_history h WHERE 1 = 1"
+    ));
     let mut binds: Vec<String> = Vec::new();
     match scope {
         HistoryScope::System => {}
@@ -96,10 +107,11 @@ pub(super) async fn version(
     id: &str,
     version: i64,
 ) -> StoreResult<Option<Version>> {
-    let row = sqlx::query(
-        "SELECT rtype, id, version, last_updated, deleted, body FROM resource_history \
-         WHERE rtype = $1 AND id = $2 AND version = $3",
-    )
+    let row = sqlx::query(concat!(
+        "SELECT rtype, id, version, last_updated, deleted, ",
+        history_body!(),
+        " FROM resource_history h WHERE rtype = $1 AND id = $2 AND version = $3"
+    ))
     .bind(rtype)
     .bind(id)
     .bind(version)
@@ -114,10 +126,12 @@ pub(super) async fn last_live(
     rtype: &str,
     id: &str,
 ) -> StoreResult<Option<Version>> {
-    let row = sqlx::query(
-        "SELECT rtype, id, version, last_updated, deleted, body FROM resource_history \
-         WHERE rtype = $1 AND id = $2 AND deleted = 0 ORDER BY version DESC LIMIT 1",
-    )
+    let row = sqlx::query(concat!(
+        "SELECT rtype, id, version, last_updated, deleted, ",
+        history_body!(),
+        " FROM resource_history h WHERE rtype = $1 AND id = $2 AND deleted = 0 \
+             ORDER BY version DESC LIMIT 1"
+    ))
     .bind(rtype)
     .bind(id)
     .fetch_optional(&mut *conn)
