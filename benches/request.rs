@@ -59,8 +59,10 @@ async fn world() -> World {
             n,
         )
     });
-    let mut config = ehrx::config::Config::default();
-    config.base_url = Some(ISSUER.into());
+    let config = ehrx::config::Config {
+        base_url: Some(ISSUER.into()),
+        ..Default::default()
+    };
     let env = Env::from_config(&config);
     let gate = store.gate(Access::maintenance(Maintenance::Import));
     for f in files.iter().take(6) {

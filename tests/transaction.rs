@@ -86,7 +86,8 @@ async fn reads_in_a_transaction_see_its_writes() {
         "entry": [
             {"request": {"method": "GET", "url": "Patient/r1"}},
             {"resource": {"resourceType": "Patient", "id": "r1", "gender": "male"}, "request": {"method": "PUT", "url": "Patient/r1"}},
-            {"request": {"method": "GET", "url": "Patient?_id=r1"}}
+            {"request": {"method": "GET", "url": "Patient?_id=r1"}},
+            {"request": {"method": "GET", "url": "Patient?gender=male"}}
         ]
     });
     let (status, resp) = post_bundle(&s, &b).await;
@@ -94,6 +95,8 @@ async fn reads_in_a_transaction_see_its_writes() {
     assert_eq!(resp["entry"][0]["response"]["status"], "200 OK");
     assert_eq!(resp["entry"][0]["resource"]["gender"], "male");
     assert_eq!(resp["entry"][2]["resource"]["total"], 1);
+    // Found through the search index the transaction wrote.
+    assert_eq!(resp["entry"][3]["resource"]["total"], 1);
     s.stop().await;
 }
 

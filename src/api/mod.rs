@@ -32,9 +32,13 @@ use crate::store::Store;
 pub use capability::capability_statement;
 pub use request::{FhirRequest, FhirResponse};
 
-/// Shared state of every handler.
+/// Shared state of every handler: one reference-counted pointer, so the
+/// clone every middleware layer and handler takes costs one increment.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+/// What [`AppState`] points to.
+pub struct Shared {
     pub store: Store,
     pub env: Arc<Env>,
     pub config: Arc<Config>,
@@ -47,6 +51,13 @@ pub struct AppState {
     pub cors: tower_http::cors::CorsLayer,
 }
 
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
 impl AppState {
     pub fn new(store: Store, config: Config, auth: Auth) -> AppState {
         let env = Env::from_config(&config);
@@ -55,7 +66,7 @@ impl AppState {
             config.token_requests_per_minute,
         );
         let cors = cors::layer(Arc::new(cors::Origins::new(&config, store.clone())));
-        AppState {
+        AppState(Arc::new(Shared {
             throttle: Arc::new(throttle),
             cors,
             store,
@@ -63,7 +74,7 @@ impl AppState {
             config: Arc::new(config),
             exchange: Arc::new(tokio::sync::OnceCell::new()),
             auth: Arc::new(auth),
-        }
+        }))
     }
 
     /// The exchange, loaded (and its key generated) on first use.

@@ -225,7 +225,7 @@ async fn write(
             body: Some(body),
         },
         Some(&resource),
-        &rows,
+        rows,
     )
     .await?;
     let created = prev.map(|p| p.deleted).unwrap_or(true);
@@ -435,7 +435,7 @@ pub async fn delete(
         Some(&cur),
         &v,
         None,
-        &search::index::Rows::default(),
+        search::index::Rows::default(),
     )
     .await?;
     Ok(Some(Written::from_version(&v, StatusCode::NO_CONTENT)?))

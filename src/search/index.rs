@@ -91,6 +91,17 @@ pub struct UriRow {
 }
 
 impl Rows {
+    /// Number of rows over every table.
+    pub fn len(&self) -> usize {
+        self.strings.len()
+            + self.tokens.len()
+            + self.references.len()
+            + self.dates.len()
+            + self.numbers.len()
+            + self.quantities.len()
+            + self.uris.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.strings.is_empty()
             && self.tokens.is_empty()

@@ -111,6 +111,7 @@ impl Reader {
         View {
             conn: &mut self.conn,
             access: &self.access,
+            pending: None,
         }
     }
 }
@@ -126,6 +127,8 @@ pub struct Writer {
 pub struct View<'a> {
     conn: &'a mut AnyConnection,
     access: &'a Access,
+    /// In a write transaction: index rows written but not yet inserted.
+    pending: Option<&'a mut super::PendingIndex>,
 }
 
 impl View<'_> {
@@ -133,9 +136,19 @@ impl View<'_> {
         self.access
     }
 
+    /// Inserts the index rows this transaction wrote and has not inserted
+    /// yet, so that what follows sees them.
+    async fn ready(&mut self) -> StoreResult<()> {
+        if let Some(p) = self.pending.as_mut() {
+            p.flush(self.conn).await?;
+        }
+        Ok(())
+    }
+
     /// The current version of `rtype/id`, as far as the caller may see it
     /// for `op` (read: the resource's content decides, in SQL).
     pub async fn current(&mut self, op: Ops, rtype: &str, id: &str) -> Result<Found> {
+        self.ready().await?;
         if self.access.is_unrestricted() {
             return Ok(match query::current(self.conn, rtype, id, false).await? {
                 None => Found::Absent,
@@ -169,6 +182,7 @@ impl View<'_> {
     /// Version `n` of `rtype/id`: visible when the resource is (now, or
     /// before its deletion) and that version's content is too.
     pub async fn version(&mut self, rtype: &str, id: &str, n: i64) -> Result<Found> {
+        self.ready().await?;
         if matches!(self.current(Ops::READ, rtype, id).await?, Found::Absent) {
             return Ok(Found::Absent);
         }
@@ -190,6 +204,7 @@ impl View<'_> {
         before: Option<i64>,
         limit: usize,
     ) -> Result<Option<Vec<(i64, Version)>>> {
+        self.ready().await?;
         match scope {
             HistoryScope::System => self.access.check_whole_type(Ops::SEARCH, None)?,
             HistoryScope::Type(t) => self.access.check_whole_type(Ops::SEARCH, Some(t))?,
@@ -214,12 +229,14 @@ impl View<'_> {
         after: Option<&Cursor>,
         limit: usize,
     ) -> Result<Vec<(Version, Vec<crate::search::cond::Bind>)>> {
+        self.ready().await?;
         let q = self.confined(q)?;
         Ok(sq::search(self.conn, &q, after, limit).await?)
     }
 
     /// The number of matches the caller may see.
     pub async fn count(&mut self, q: &Query) -> Result<i64> {
+        self.ready().await?;
         let q = self.confined(q)?;
         Ok(sq::count(self.conn, &q).await?)
     }
@@ -233,6 +250,7 @@ impl View<'_> {
     /// Current resources matching conditional criteria that the caller
     /// may see (at most two are looked at: none, one, or "several").
     pub async fn find(&mut self, rtype: &str, query: &str) -> Result<Vec<Version>> {
+        self.ready().await?;
         let conds = crate::search::parse_conditional(rtype, query, "")?;
         let q = Query {
             rtype: rtype.to_string(),
@@ -246,6 +264,7 @@ impl View<'_> {
     /// The current resources of `rtype` among `ids` that the caller may
     /// read (none when it may read no resource of the type).
     pub async fn fetch(&mut self, rtype: &str, ids: &[String]) -> Result<Vec<Version>> {
+        self.ready().await?;
         if self.access.check_type(Ops::READ, rtype).is_err() {
             return Ok(Vec::new());
         }
@@ -281,6 +300,7 @@ impl View<'_> {
         params: Option<&[String]>,
         limit: usize,
     ) -> Result<Vec<(String, String)>> {
+        self.ready().await?;
         Ok(sq::references_from(self.conn, rtype, ids, params, limit).await?)
     }
 
@@ -294,6 +314,7 @@ impl View<'_> {
         ids: &[String],
         limit: usize,
     ) -> Result<Vec<String>> {
+        self.ready().await?;
         Ok(sq::references_to(self.conn, source, params, target_type, ids, limit).await?)
     }
 
@@ -307,6 +328,7 @@ impl View<'_> {
         after: Option<(&str, &str)>,
         limit: usize,
     ) -> Result<Vec<Version>> {
+        self.ready().await?;
         let rows = sq::compartment_page(self.conn, target, pairs, since, after, limit).await?;
         Ok(rows
             .into_iter()
@@ -321,6 +343,7 @@ impl View<'_> {
         q: &Query,
         limit: usize,
     ) -> Result<(String, Vec<String>)> {
+        self.ready().await?;
         let q = self.confined(q)?;
         Ok(sq::explain(self.conn, dialect, &q, limit).await?)
     }
@@ -334,6 +357,7 @@ impl View<'_> {
         target_type: &str,
         ids: &[String],
     ) -> Result<(String, Vec<String>)> {
+        self.ready().await?;
         Ok(sq::explain_references_to(self.conn, dialect, source, params, target_type, ids).await?)
     }
 
@@ -345,6 +369,7 @@ impl View<'_> {
         pairs: &[(String, String)],
         limit: usize,
     ) -> Result<(String, Vec<String>)> {
+        self.ready().await?;
         Ok(sq::explain_compartment_page(self.conn, dialect, target, pairs, limit).await?)
     }
 }
@@ -369,10 +394,14 @@ impl Writer {
         &self.access
     }
 
+    /// Reads inside the transaction; they see everything it wrote (its
+    /// index rows are inserted before the first read).
     pub fn view(&mut self) -> View<'_> {
+        let (conn, pending) = self.tx.conn_and_pending();
         View {
-            conn: self.tx.conn(),
+            conn,
             access: &self.access,
+            pending: Some(pending),
         }
     }
 
@@ -421,7 +450,7 @@ impl Writer {
         prev: Option<&Version>,
         v: &Version,
         resource: Option<&Value>,
-        rows: &Rows,
+        rows: Rows,
     ) -> Result<()> {
         self.access.check_type(op, &v.rtype)?;
         if let Some(p) = prev.filter(|p| !p.deleted) {
