@@ -545,8 +545,13 @@ enum Col<'a> {
     R(f64),
 }
 
+/// Rows per multi-row INSERT: full statements share one prepared statement.
+const ROWS_PER_INSERT: usize = 128;
+
 /// Inserts rows of one table in multi-row statements; every row starts
-/// with its resource's type and id.
+/// with its resource's type and id. SQLite gets anonymous `?` parameters:
+/// binding numbered ones looks each number up in a list, which costs the
+/// square of their count per statement.
 async fn insert_table(
     conn: &mut AnyConnection,
     table: &str,
@@ -554,7 +559,8 @@ async fn insert_table(
     rows: Vec<Vec<Col<'_>>>,
 ) -> StoreResult<()> {
     let per_row = columns.len() + 2;
-    for chunk in rows.chunks(4000 / per_row) {
+    let numbered = !conn.backend_name().eq_ignore_ascii_case("sqlite");
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
         let mut sql = format!(
             "INSERT INTO {table} (rtype, id, {}) VALUES ",
             columns.join(", ")
@@ -570,8 +576,12 @@ async fn insert_table(
                 if j > 0 {
                     sql.push_str(", ");
                 }
-                sql.push('$');
-                sql.push_str(&n.to_string());
+                if numbered {
+                    sql.push('$');
+                    sql.push_str(&n.to_string());
+                } else {
+                    sql.push('?');
+                }
             }
             sql.push(')');
         }
