@@ -196,8 +196,12 @@ async fn disabling_an_unknown_client_or_user_fails_with_a_message() {
     }
 }
 
-/// A practitioner user signed in through a public app: their token.
-async fn practitioner_token(s: &TestServer, username: &str, password: &str) -> Value {
+/// The password [`practitioner_user`] gives.
+const PASSWORD: &str = "correct horse battery";
+
+/// A practitioner user (password [`PASSWORD`]) signed in through a public
+/// app: their token response.
+async fn practitioner_token(s: &TestServer, username: &str) -> Value {
     let admin = admin_token(s).await;
     let (st, p) = fhir(
         s,
@@ -208,20 +212,12 @@ async fn practitioner_token(s: &TestServer, username: &str, password: &str) -> V
     )
     .await;
     assert_eq!(st, 201, "{p}");
-    let user = cli(
-        s,
-        &[
-            "user",
-            "add",
-            "--username",
-            username,
-            "--password-stdin",
-            "--fhir-user",
-            &format!("Practitioner/{}", p["id"].as_str().unwrap()),
-        ],
-        Some(password),
-    );
-    assert_eq!(user["username"], username);
+    practitioner_user(s, username, p["id"].as_str().unwrap());
+    user_token(s, username, PASSWORD).await
+}
+
+/// Signs `username` in through a new public app; the token response.
+async fn user_token(s: &TestServer, username: &str, password: &str) -> Value {
     let client = public_client(s, "openid fhirUser user/*.rs");
     app_token(
         s,
@@ -233,11 +229,33 @@ async fn practitioner_token(s: &TestServer, username: &str, password: &str) -> V
     .await
 }
 
+/// The status of signing in on the authorize pages (401 when refused).
+async fn sign_in(s: &TestServer, username: &str, password: &str) -> u16 {
+    let client = public_client(s, "openid fhirUser user/*.rs");
+    let (_, challenge) = pkce();
+    let mut f = authorize_params(
+        s,
+        &client,
+        "openid fhirUser user/Patient.rs",
+        &challenge,
+        &[],
+    );
+    f.push(("username".into(), username.into()));
+    f.push(("password".into(), password.into()));
+    browser()
+        .post(s.url("auth/login"))
+        .form(&f)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
 #[tokio::test]
 async fn a_disabled_user_loses_their_tokens_and_cannot_sign_in() {
     let s = TestServer::start_with(with_delay).await;
-    let password = "correct horse battery";
-    let t = practitioner_token(&s, "dr.revoke", password).await;
+    let t = practitioner_token(&s, "dr.revoke").await;
     let token = t["access_token"].as_str().unwrap();
     let other = second_server(&s).await;
     assert_eq!(patients(&s.base, token).await.0, 200);
@@ -254,63 +272,22 @@ async fn a_disabled_user_loses_their_tokens_and_cannot_sign_in() {
     wait_out_the_delay().await;
     assert_eq!(patients(&s.base, token).await.0, 401);
     assert_eq!(patients(&other.base, token).await.0, 401);
-    // The refresh token went with the grant's user.
-    if let Some(refresh) = t["refresh_token"].as_str() {
-        let (st, _) = form(
-            &s,
-            "auth/token",
-            &[("grant_type", "refresh_token"), ("refresh_token", refresh)],
-        )
-        .await;
-        assert_ne!(st, 200);
-    }
-    // Signing in is refused like a wrong password.
-    let client = public_client(&s, "openid fhirUser user/*.rs");
-    let (_, challenge) = pkce();
-    let params = authorize_params(
-        &s,
-        &client,
-        "openid fhirUser user/Patient.rs",
-        &challenge,
-        &[],
-    );
-    let mut f = params.clone();
-    f.push(("username".into(), "dr.revoke".into()));
-    f.push(("password".into(), password.into()));
-    let r = browser()
-        .post(s.url("auth/login"))
-        .form(&f)
-        .send()
-        .await
-        .unwrap();
     assert_eq!(
-        r.status(),
+        sign_in(&s, "dr.revoke", PASSWORD).await,
         401,
         "a disabled user signs in like a wrong password"
     );
     cli(&s, &["user", "enable", "dr.revoke"], None);
-    let again = app_token(
-        &s,
-        &client,
-        "openid fhirUser user/Patient.rs",
-        Some(("dr.revoke", password)),
-        &[],
-    )
-    .await;
-    assert_eq!(
-        patients(&s.base, again["access_token"].as_str().unwrap())
-            .await
-            .0,
-        200
-    );
+    let again = user_token(&s, "dr.revoke", PASSWORD).await;
+    let again = again["access_token"].as_str().unwrap();
+    assert_eq!(patients(&s.base, again).await.0, 200);
 }
 
 #[tokio::test]
 async fn a_new_password_ends_the_old_tokens_and_the_old_password() {
     let s = TestServer::start_with(with_delay).await;
-    let old = "the first password";
     let new = "the second password";
-    let t = practitioner_token(&s, "dr.newpass", old).await;
+    let t = practitioner_token(&s, "dr.newpass").await;
     let token = t["access_token"].as_str().unwrap();
     assert_eq!(patients(&s.base, token).await.0, 200);
     cli(
@@ -320,39 +297,14 @@ async fn a_new_password_ends_the_old_tokens_and_the_old_password() {
     );
     wait_out_the_delay().await;
     assert_eq!(patients(&s.base, token).await.0, 401);
-    let client = public_client(&s, "openid fhirUser user/*.rs");
-    let (_, challenge) = pkce();
-    let params = authorize_params(
-        &s,
-        &client,
-        "openid fhirUser user/Patient.rs",
-        &challenge,
-        &[],
-    );
-    let mut f = params.clone();
-    f.push(("username".into(), "dr.newpass".into()));
-    f.push(("password".into(), old.into()));
-    let r = browser()
-        .post(s.url("auth/login"))
-        .form(&f)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401, "the old password no longer signs in");
-    let again = app_token(
-        &s,
-        &client,
-        "openid fhirUser user/Patient.rs",
-        Some(("dr.newpass", new)),
-        &[],
-    )
-    .await;
     assert_eq!(
-        patients(&s.base, again["access_token"].as_str().unwrap())
-            .await
-            .0,
-        200
+        sign_in(&s, "dr.newpass", PASSWORD).await,
+        401,
+        "the old password no longer signs in"
     );
+    let again = user_token(&s, "dr.newpass", new).await;
+    let again = again["access_token"].as_str().unwrap();
+    assert_eq!(patients(&s.base, again).await.0, 200);
     // A password the policy refuses changes nothing.
     let out = s
         .ehrx()
