@@ -111,13 +111,33 @@ async fn a_revoked_token_is_refused_by_another_server_process_within_the_delay()
     let (st, challenge) = patients(&other.base, &token).await;
     assert_eq!(st, 401);
     assert!(challenge.contains("revoked"), "{challenge}");
-    // A token issued by the second process is honoured by the first, and
-    // revoking it there reaches the second.
-    let (st, t) = backend_token(&s, &id, &k, "system/Patient.rs").await;
+    // The other way round: a token issued by the second process, remembered
+    // by the first, revoked at the second.
+    let token_url = s.url("auth/token");
+    let a = assertion(&other, &id, &k, 240, Some(&token_url));
+    let (st, t) = assertion_grant(&other, &a, "system/Patient.rs").await;
     assert_eq!(st, 200, "{t}");
-    let second = t["access_token"].as_str().unwrap();
-    assert_eq!(patients(&other.base, second).await.0, 200);
-    assert_eq!(patients(&s.base, second).await.0, 200);
+    let second = t["access_token"].as_str().unwrap().to_string();
+    assert_eq!(patients(&s.base, &second).await.0, 200);
+    assert_eq!(patients(&s.base, &second).await.0, 200);
+    let a = assertion(&other, &id, &k, 200, Some(&token_url));
+    let (st, body) = form(
+        &other,
+        "auth/revoke",
+        &[
+            ("token", second.as_str()),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
+            ("client_assertion", &a),
+        ],
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(patients(&other.base, &second).await.0, 401);
+    wait_out_the_delay().await;
+    assert_eq!(patients(&s.base, &second).await.0, 401);
 }
 
 #[tokio::test]
