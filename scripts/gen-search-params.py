@@ -11,6 +11,11 @@ src = sys.argv[1] if len(sys.argv) > 1 else "../shared/data/definitions/search-p
 bundle = json.load(open(src))
 params = [e["resource"] for e in bundle["entry"]]
 by_url = {p["url"]: p for p in params}
+# Consent.provision nests: the circle of trust finds the Consents that name
+# a caller at any of the three provision levels ehrx accepts, so `actor`
+# (and `Consent?actor=`) covers nested provisions too.
+NESTED = " | ".join("Consent" + ".provision" * n + ".actor.reference" for n in (1, 2, 3))
+OVERRIDES = {"http://hl7.org/fhir/SearchParameter/Consent-actor": NESTED}
 out = []
 for p in params:
     item = {
@@ -18,7 +23,7 @@ for p in params:
         "url": p["url"],
         "type": p["type"],
         "base": p["base"],
-        "expression": p.get("expression", ""),
+        "expression": OVERRIDES.get(p["url"], p.get("expression", "")),
     }
     if p.get("target"):
         item["target"] = p["target"]

@@ -125,6 +125,14 @@ pub enum ClientCommand {
             default_value = "openid fhirUser launch launch/patient offline_access online_access patient/*.rs user/*.rs"
         )]
         scope: String,
+        /// Bind a backend client to an insurer's Organization
+        /// (`Organization/ID`): it then reads only its members' permitted
+        /// part (`policies/insurer.json`).
+        #[arg(long)]
+        organization: Option<String>,
+        /// The insurer role in the policy file (default `claims`).
+        #[arg(long, requires = "organization")]
+        insurer_role: Option<String>,
     },
     /// Print every registered client as JSON (no secrets).
     List,

@@ -94,6 +94,16 @@ pub struct Config {
     pub backup_dir: std::path::PathBuf,
     /// Scheduled backups kept; older ones are removed (`EHRX_BACKUP_KEEP`).
     pub backup_keep: usize,
+    /// Who sees a patient's record when no Consent of theirs decides
+    /// (`EHRX_CONSENT_DEFAULT`): `permit-treatment` (the default: their
+    /// general practitioner and care teams) or `deny` (nobody).
+    pub consent_default: crate::policy::consent::ConsentDefault,
+    /// The insurers' policy file (`EHRX_INSURER_POLICY`); the built-in
+    /// `policies/insurer.json` when unset.
+    pub insurer_policy: Option<std::path::PathBuf>,
+    /// How long a break-the-glass grant lasts, in minutes
+    /// (`EHRX_EMERGENCY_ACCESS_MINUTES`, 1 to 1440).
+    pub emergency_access_minutes: u64,
 }
 
 /// How log lines are written.
@@ -167,6 +177,9 @@ impl Default for Config {
             backup_interval: 0,
             backup_dir: "backups".into(),
             backup_keep: 7,
+            consent_default: crate::policy::consent::ConsentDefault::PermitTreatment,
+            insurer_policy: None,
+            emergency_access_minutes: 60,
         }
     }
 }
@@ -176,6 +189,19 @@ impl Default for Config {
 pub struct ConfigError(String);
 
 impl Config {
+    /// The insurers' policy: the file `insurer_policy` names, or the
+    /// built-in one.
+    pub fn insurer_policy(&self) -> Result<crate::policy::insurer::InsurerPolicy, String> {
+        match &self.insurer_policy {
+            None => Ok(crate::policy::insurer::InsurerPolicy::built_in()),
+            Some(f) => {
+                let text = std::fs::read_to_string(f)
+                    .map_err(|e| format!("insurer_policy {}: {e}", f.display()))?;
+                crate::policy::insurer::InsurerPolicy::parse(&text)
+            }
+        }
+    }
+
     /// Loads the configuration: built-in defaults, then the TOML file (if it
     /// exists), then `EHRX_*` environment variables.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
@@ -248,6 +274,12 @@ impl Config {
                     .into(),
             ));
         }
+        if !(1..=1440).contains(&self.emergency_access_minutes) {
+            return Err(ConfigError(
+                "emergency_access_minutes must be between 1 and 1440".into(),
+            ));
+        }
+        self.insurer_policy().map_err(ConfigError)?;
         if self.backup_keep == 0 {
             return Err(ConfigError("backup_keep must be positive".into()));
         }

@@ -197,6 +197,8 @@ async fn run(command: Command, config: Config) -> ExitCode {
             jwks_file,
             jwks_url,
             scope,
+            organization,
+            insurer_role,
         }) => {
             let result = async {
                 let jwks = match jwks_file {
@@ -218,6 +220,8 @@ async fn run(command: Command, config: Config) -> ExitCode {
                     jwks,
                     jwks_url,
                     scope,
+                    organization,
+                    insurer_role,
                 };
                 ehrx::auth::clients::register(&store, &new)
                     .await

@@ -951,6 +951,8 @@ async fn token_grant(
                 client_id: client.client_id.clone(),
                 user_id: Some(user.id.clone()),
                 fhir_user: Some(user.fhir_user.clone()),
+                organization: None,
+                insurer_role: None,
                 patient: row.patient,
                 encounter: row.encounter,
                 nonce: row.nonce,
@@ -1011,6 +1013,8 @@ async fn token_grant(
                 client_id: client.client_id,
                 user_id: stored.user_id,
                 fhir_user: stored.fhir_user,
+                organization: None,
+                insurer_role: None,
                 patient: stored.patient,
                 encounter: stored.encounter,
                 nonce: None,
@@ -1048,6 +1052,13 @@ async fn token_grant(
                 client_id: client.client_id.clone(),
                 user_id: None,
                 fhir_user: None,
+                organization: client.organization.clone(),
+                insurer_role: client.organization.as_ref().map(|_| {
+                    client
+                        .insurer_role
+                        .clone()
+                        .unwrap_or_else(|| "claims".into())
+                }),
                 patient: None,
                 encounter: None,
                 nonce: None,

@@ -49,6 +49,8 @@ pub struct Shared {
     pub throttle: Arc<throttle::Throttle>,
     /// The CORS policy of the endpoints browser apps call.
     pub cors: tower_http::cors::CorsLayer,
+    /// The insurers' permitted part (`insurer_policy`).
+    pub insurers: Arc<crate::policy::insurer::InsurerPolicy>,
 }
 
 impl std::ops::Deref for AppState {
@@ -66,7 +68,12 @@ impl AppState {
             config.token_requests_per_minute,
         );
         let cors = cors::layer(Arc::new(cors::Origins::new(&config, store.clone())));
+        let insurers = config.insurer_policy().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "the insurer policy cannot be read; insurers see nothing");
+            crate::policy::insurer::InsurerPolicy::empty()
+        });
         AppState(Arc::new(Shared {
+            insurers: Arc::new(insurers),
             throttle: Arc::new(throttle),
             cors,
             store,

@@ -76,6 +76,10 @@ impl FromRequest<AppState> for FhirRequest {
             .get::<crate::policy::Access>()
             .cloned()
             .unwrap_or_else(crate::policy::Access::none);
+        let access = match with_circle(state, access).await {
+            Ok(a) => a,
+            Err(e) => return Err(fail(e)),
+        };
         Ok(FhirRequest {
             gate: state.store.gate(access),
             method: parts.method,
@@ -87,6 +91,34 @@ impl FromRequest<AppState> for FhirRequest {
             pretty,
         })
     }
+}
+
+/// The caller's access with its circle of trust loaded, read afresh for
+/// this request (Consents, care relationships, coverage, break-the-glass),
+/// for the roles whose access depends on it.
+pub async fn with_circle(
+    state: &AppState,
+    access: crate::policy::Access,
+) -> Result<crate::policy::Access> {
+    use crate::policy::{consent::Circle, Role};
+    if !access.role().needs_circle() {
+        return Ok(access);
+    }
+    let role = access.role().clone();
+    let mut facts =
+        crate::store::circle::facts(&state.store, &role, chrono::Utc::now().timestamp()).await?;
+    facts.default = Some(state.config.consent_default);
+    let insurer = match &role {
+        Role::Insurer { rules, .. } => Some(std::sync::Arc::new(
+            state
+                .insurers
+                .role(rules)
+                .cloned()
+                .unwrap_or_else(|| crate::policy::insurer::InsurerRules::nothing(rules)),
+        )),
+        _ => None,
+    };
+    Ok(access.with_circle(Circle::new(facts, insurer)))
 }
 
 impl FhirRequest {

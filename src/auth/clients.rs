@@ -53,6 +53,10 @@ pub struct Client {
     pub jwks_url: Option<String>,
     /// What the client may ever be granted.
     pub scopes: Vec<Scope>,
+    /// A backend client bound to an insurer's Organization, and its
+    /// insurer role (`policies/insurer.json`).
+    pub organization: Option<String>,
+    pub insurer_role: Option<String>,
 }
 
 /// A client to register.
@@ -64,6 +68,9 @@ pub struct NewClient {
     pub jwks: Option<Value>,
     pub jwks_url: Option<String>,
     pub scope: String,
+    /// `Organization/ID` of an insurer (or bare ID).
+    pub organization: Option<String>,
+    pub insurer_role: Option<String>,
 }
 
 /// Registers a client; returns `(client_id, secret)` (a secret only for
@@ -110,6 +117,11 @@ pub async fn register(store: &Store, c: &NewClient) -> AuthResult<(String, Optio
         jwks: c.jwks.as_ref().map(|j| j.to_string()),
         jwks_url: c.jwks_url.clone(),
         scope: c.scope.clone(),
+        organization: c
+            .organization
+            .as_deref()
+            .map(|o| o.strip_prefix("Organization/").unwrap_or(o).to_string()),
+        insurer_role: c.insurer_role.clone(),
     };
     db::insert_client(tx.conn(), &row, now()).await?;
     tx.commit().await?;
@@ -159,6 +171,8 @@ pub async fn get(store: &Store, client_id: &str) -> AuthResult<Option<Client>> {
         jwks: r.jwks.and_then(|j| serde_json::from_str(&j).ok()),
         jwks_url: r.jwks_url,
         scopes: scope::parse_scopes(&r.scope)?,
+        organization: r.organization,
+        insurer_role: r.insurer_role,
     }))
 }
 

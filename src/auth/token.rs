@@ -12,7 +12,7 @@ use std::sync::Arc;
 use super::cache::{self, Verified};
 use super::{now, random_token, sha256_b64, Auth, AuthError, AuthResult, OFFLINE_TTL, SESSION_TTL};
 use crate::policy::scope::{self, Scope};
-use crate::policy::Access;
+use crate::policy::{Access, Role};
 use crate::store::auth as db;
 
 /// The claims of an ehrx access token.
@@ -32,6 +32,12 @@ pub struct Claims {
     pub encounter: Option<String>,
     #[serde(rename = "fhirUser", skip_serializing_if = "Option::is_none")]
     pub fhir_user: Option<String>,
+    /// The Organization a backend client was bound to at registration
+    /// (an insurer), and its insurer role.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub organization: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub insurer_role: Option<String>,
 }
 
 /// Who is calling, from a checked access token.
@@ -43,7 +49,16 @@ pub struct Principal {
 
 impl Principal {
     pub fn access(&self) -> Access {
-        Access::from_scopes(&self.scopes, self.claims.patient.as_deref())
+        Access::from_token(&self.scopes, self.claims.patient.as_deref(), self.role())
+    }
+
+    /// The caller's role in the circle of trust.
+    pub fn role(&self) -> Role {
+        Role::of_token(
+            self.claims.fhir_user.as_deref(),
+            self.claims.organization.as_deref(),
+            self.claims.insurer_role.as_deref(),
+        )
     }
 }
 
@@ -55,6 +70,9 @@ pub struct Grant {
     pub client_id: String,
     pub user_id: Option<String>,
     pub fhir_user: Option<String>,
+    /// A backend client's Organization (an insurer) and insurer role.
+    pub organization: Option<String>,
+    pub insurer_role: Option<String>,
     pub scopes: Vec<Scope>,
     pub patient: Option<String>,
     pub encounter: Option<String>,
@@ -84,6 +102,8 @@ pub async fn issue(auth: &Auth, grant: &Grant) -> AuthResult<Value> {
         patient: grant.patient.clone(),
         encounter: grant.encounter.clone(),
         fhir_user: grant.fhir_user.clone(),
+        organization: grant.organization.clone(),
+        insurer_role: grant.insurer_role.clone(),
     };
     let mut header = Header::new(Algorithm::RS256);
     header.kid = Some(kid.clone());

@@ -247,7 +247,7 @@ async fn search_in(
                 alts.push(Cond::RefersTo {
                     params: ps,
                     target_type: ot.to_string(),
-                    target_id: oid.to_string(),
+                    target_ids: vec![oid.to_string()],
                 });
             }
             if ot == rtype {

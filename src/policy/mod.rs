@@ -19,7 +19,10 @@
 //! searches and on the resource for everything else. An exchange subscriber
 //! creates, and sees only what it created itself (`meta.source`).
 
+pub mod consent;
+pub mod insurer;
 pub mod patient_data;
+pub mod role;
 pub mod scope;
 
 use serde_json::Value;
@@ -28,8 +31,11 @@ use crate::error::{Error, Result};
 use crate::search::cond::{Bind, Cond, Table, Test};
 use crate::search::index;
 use crate::search::registry::{registry, Kind};
+use consent::Circle;
 use patient_data::Reach;
+pub use role::Role;
 use scope::{Context, Ops, Scope};
+use std::sync::Arc;
 
 /// ehrx's own jobs that act on every resource, each by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +77,10 @@ pub struct Access {
     maintenance: Option<Maintenance>,
     rules: Vec<Rule>,
     patient: Option<String>,
+    role: Role,
+    /// The circle of trust, loaded for this request (`store::circle`);
+    /// a role that needs one and has none sees no patient's record.
+    circle: Option<Arc<Circle>>,
 }
 
 impl Access {
@@ -80,6 +90,8 @@ impl Access {
             maintenance: Some(job),
             rules: Vec::new(),
             patient: None,
+            role: Role::Administrator,
+            circle: None,
         }
     }
 
@@ -89,24 +101,44 @@ impl Access {
             maintenance: None,
             rules: Vec::new(),
             patient: None,
+            role: Role::Nobody,
+            circle: None,
         }
     }
 
     /// The access granted by `scopes`; `patient` is the token's patient
-    /// context. `patient/` scopes without a patient grant nothing.
+    /// context. `patient/` scopes without a patient grant nothing. The
+    /// caller's role is [`Role::System`]; see [`Access::from_token`].
     pub fn from_scopes(scopes: &[Scope], patient: Option<&str>) -> Access {
+        Access::from_token(scopes, patient, Role::System)
+    }
+
+    /// The access of a token: its scopes, limited by its role. A patient
+    /// reaches only their own record, whatever the scopes say; a role
+    /// that depends on the circle of trust sees patients' records only
+    /// once [`Access::with_circle`] gave it one; [`Role::Nobody`] gets
+    /// nothing.
+    pub fn from_token(scopes: &[Scope], patient: Option<&str>, role: Role) -> Access {
+        if role == Role::Nobody {
+            return Access::none();
+        }
+        let patient = match &role {
+            Role::Patient(own) => Some(own.as_str()),
+            _ => patient,
+        };
         let mut rules = Vec::new();
         for s in scopes {
             let Scope::Resource(r) = s else { continue };
             if !grantable_filter(r.rtype.as_deref(), &r.filter) {
                 continue;
             }
-            let bound = match r.context {
-                Context::Patient => match patient {
+            let bound = match (r.context, &role) {
+                (_, Role::Patient(own)) => Some(own.clone()),
+                (Context::Patient, _) => match patient {
                     Some(p) => Some(p.to_string()),
                     None => continue,
                 },
-                Context::User | Context::System => None,
+                (Context::User | Context::System, _) => None,
             };
             rules.push(Rule {
                 rtype: r.rtype.clone(),
@@ -121,7 +153,28 @@ impl Access {
             maintenance: None,
             rules,
             patient: patient.map(str::to_string),
+            role,
+            circle: None,
         }
+    }
+
+    /// This access with the circle of trust loaded for this request.
+    pub fn with_circle(mut self, circle: Circle) -> Access {
+        self.circle = Some(Arc::new(circle));
+        self
+    }
+
+    pub fn role(&self) -> &Role {
+        &self.role
+    }
+
+    pub fn circle(&self) -> Option<&Circle> {
+        self.circle.as_deref()
+    }
+
+    /// Whether the circle of trust limits this caller.
+    fn circled(&self) -> bool {
+        self.role.needs_circle()
     }
 
     /// An exchange subscriber: creates resources marked with its `source`
@@ -149,6 +202,8 @@ impl Access {
                 },
             ],
             patient: None,
+            role: Role::Subscriber,
+            circle: None,
         }
     }
 
@@ -172,8 +227,11 @@ impl Access {
     }
 
     fn rules_for<'a>(&'a self, op: Ops, rtype: &'a str) -> impl Iterator<Item = &'a Rule> + 'a {
+        let circled = self.circled();
+        let reached = !circled || self.circle.as_ref().is_some_and(|c| c.reaches_type(rtype));
         self.rules.iter().filter(move |r| {
-            r.ops.contains(op)
+            reached
+                && r.ops.contains(op)
                 && r.rtype.as_deref().is_none_or(|t| t == rtype)
                 && (r.patient.is_none()
                     || match patient_data::reach(rtype) {
@@ -214,13 +272,14 @@ impl Access {
     /// `rtype` (of every type for `None`).
     pub fn sees_whole_type(&self, op: Ops, rtype: Option<&str>) -> bool {
         self.is_unrestricted()
-            || self.rules.iter().any(|r| {
-                r.ops.contains(op)
-                    && r.patient.is_none()
-                    && r.filter.is_empty()
-                    && r.source.is_none()
-                    && (r.rtype.is_none() || (rtype.is_some() && r.rtype.as_deref() == rtype))
-            })
+            || !self.circled()
+                && self.rules.iter().any(|r| {
+                    r.ops.contains(op)
+                        && r.patient.is_none()
+                        && r.filter.is_empty()
+                        && r.source.is_none()
+                        && (r.rtype.is_none() || (rtype.is_some() && r.rtype.as_deref() == rtype))
+                })
     }
 
     /// May the caller do `op` on this resource (its content)?
@@ -229,7 +288,7 @@ impl Access {
             return true;
         }
         let mut rows = None;
-        self.rules_for(op, rtype).any(|r| {
+        let scoped = self.rules_for(op, rtype).any(|r| {
             let rows = rows.get_or_insert_with(|| index::extract(rtype, resource));
             r.patient
                 .as_deref()
@@ -241,7 +300,14 @@ impl Access {
                 && r.id
                     .as_deref()
                     .is_none_or(|i| resource.get("id").and_then(Value::as_str) == Some(i))
-        })
+        });
+        scoped
+            && (!self.circled()
+                || self.circle.as_ref().is_some_and(|c| {
+                    let rows = rows.get_or_insert_with(|| index::extract(rtype, resource));
+                    let id = resource.get("id").and_then(Value::as_str).unwrap_or("");
+                    c.holds(circle_op(op), rtype, id, rows)
+                }))
     }
 
     /// `Ok` if the caller may do `op` on `resource`, else 403.
@@ -272,6 +338,22 @@ impl Access {
             return Ok(None);
         }
         self.check_type(op, rtype)?;
+        let scoped = self.scope_conds(op, rtype)?;
+        if !self.circled() {
+            return Ok(scoped);
+        }
+        let circle = match &self.circle {
+            Some(c) => c.cond(circle_op(op), rtype),
+            None => Some(consent::nothing()),
+        };
+        Ok(match (scoped, circle) {
+            (s, None) => s,
+            (None, c) => c,
+            (Some(s), Some(c)) => Some(Cond::And(vec![s, c])),
+        })
+    }
+
+    fn scope_conds(&self, op: Ops, rtype: &str) -> Result<Option<Cond>> {
         let mut alts = Vec::new();
         for r in self.rules_for(op, rtype) {
             let mut conds = Vec::new();
@@ -284,7 +366,7 @@ impl Access {
                         Cond::RefersTo {
                             params,
                             target_type: "Patient".into(),
-                            target_id: p.clone(),
+                            target_ids: vec![p.clone()],
                         }
                     });
                 }
@@ -380,6 +462,16 @@ impl Access {
             .copied()
             .filter(|t| self.check_type(op, t).is_ok())
             .collect()
+    }
+}
+
+/// The interaction a consent decision is made for: reads and searches
+/// are `access`; creating, changing and deleting are `correct`.
+fn circle_op(op: Ops) -> Ops {
+    if op == Ops::SEARCH {
+        Ops::READ
+    } else {
+        op
     }
 }
 
@@ -530,7 +622,7 @@ mod tests {
         );
         let a = access("patient/Observation.rs", Some("p1"));
         match a.conds(Ops::SEARCH, "Observation").unwrap() {
-            Some(Cond::RefersTo { target_id, .. }) => assert_eq!(target_id, "p1"),
+            Some(Cond::RefersTo { target_ids, .. }) => assert_eq!(target_ids, vec!["p1"]),
             other => panic!("{other:?}"),
         }
         let a = access("patient/Patient.rs", Some("p1"));

@@ -81,12 +81,12 @@ pub enum Cond {
         param: String,
         test: Test,
     },
-    /// Refers to `target_type/target_id` through any of `params`
-    /// (compartment membership).
+    /// Refers to `target_type/id`, for one of `target_ids`, through any of
+    /// `params` (compartment membership).
     RefersTo {
         params: Vec<String>,
         target_type: String,
-        target_id: String,
+        target_ids: Vec<String>,
     },
     /// Some composite value whose components all pass their tests.
     Composite(Vec<(Table, String, Test)>),

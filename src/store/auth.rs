@@ -27,6 +27,9 @@ pub struct ClientRow {
     pub jwks: Option<String>,
     pub jwks_url: Option<String>,
     pub scope: String,
+    /// An insurer's Organization id, and its insurer role.
+    pub organization: Option<String>,
+    pub insurer_role: Option<String>,
 }
 
 /// Registers a client.
@@ -36,8 +39,8 @@ pub async fn insert_client(
     created: i64,
 ) -> StoreResult<()> {
     sqlx::query(
-        "INSERT INTO auth_client (client_id, name, kind, secret_hash, redirect_uris, jwks, jwks_url, scope, created) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        "INSERT INTO auth_client (client_id, name, kind, secret_hash, redirect_uris, jwks, jwks_url, scope, created, organization, insurer_role) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
     )
     .bind(&c.client_id)
     .bind(&c.name)
@@ -48,6 +51,8 @@ pub async fn insert_client(
     .bind(c.jwks_url.as_deref())
     .bind(&c.scope)
     .bind(created)
+    .bind(c.organization.as_deref())
+    .bind(c.insurer_role.as_deref())
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -56,7 +61,7 @@ pub async fn insert_client(
 /// The client registered as `client_id`.
 pub async fn client(conn: &mut AnyConnection, client_id: &str) -> StoreResult<Option<ClientRow>> {
     let row = sqlx::query(
-        "SELECT client_id, name, kind, secret_hash, redirect_uris, jwks, jwks_url, scope FROM auth_client WHERE client_id = $1 AND disabled = 0",
+        "SELECT client_id, name, kind, secret_hash, redirect_uris, jwks, jwks_url, scope, organization, insurer_role FROM auth_client WHERE client_id = $1 AND disabled = 0",
     )
     .bind(client_id)
     .fetch_optional(&mut *conn)
@@ -71,6 +76,8 @@ pub async fn client(conn: &mut AnyConnection, client_id: &str) -> StoreResult<Op
         jwks: r.try_get("jwks")?,
         jwks_url: r.try_get("jwks_url")?,
         scope: r.try_get("scope")?,
+        organization: r.try_get("organization")?,
+        insurer_role: r.try_get("insurer_role")?,
     }))
 }
 

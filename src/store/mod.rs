@@ -11,6 +11,7 @@
 pub mod auth;
 pub mod backup;
 mod checkpoint;
+pub mod circle;
 pub mod exchange;
 pub mod gate;
 mod health;

@@ -232,19 +232,25 @@ fn ids_of(sql: &mut Sql, rtype: &str, c: &Cond, depth: usize, corr: Option<&str>
         Cond::RefersTo {
             params,
             target_type,
-            target_id,
+            target_ids,
         } => {
             let own = owner(sql, &a);
             let mut ps: Vec<String> = params.iter().map(|p| sql.text(p)).collect();
-            if ps.is_empty() {
-                // No parameter can place anything there: matches nothing.
-                ps.push("NULL".into());
+            if ps.is_empty() || target_ids.is_empty() {
+                // No parameter or no target can place anything there:
+                // matches nothing.
+                ps = vec!["NULL".into()];
             }
-            let tid = sql.text(target_id);
+            let tids: Vec<String> = target_ids.iter().map(|t| sql.text(t)).collect();
+            let tid = match tids.len() {
+                0 => "= NULL".to_string(),
+                1 => format!("= {}", tids[0]),
+                _ => format!("IN ({})", tids.join(", ")),
+            };
             let tt = sql.text(target_type);
             format!(
                 "SELECT {a}.id FROM idx_reference {a} WHERE {own} AND {a}.param IN ({}) \
-                 AND {a}.target_id = {tid} AND {a}.target_type = {tt}",
+                 AND {a}.target_id {tid} AND {a}.target_type = {tt}",
                 ps.join(", ")
             )
         }

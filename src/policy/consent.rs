@@ -1,0 +1,620 @@
+//! The circle of trust: a patient's Consents, care relationships and
+//! emergency grants, compiled into store conditions for one caller.
+//!
+//! Everything here is pure: `store::circle` loads the facts for a caller
+//! at the start of every request (so a revoked Consent counts on the very
+//! next request, whatever token is used), and this module turns them into
+//! a [`Cond`] per resource type, which the gate adds to every query, and
+//! into the same test on a single resource's index rows.
+//!
+//! How a decision is made, for caller A and a resource R of patient P:
+//! - A break-the-glass grant of A for P in force: visible (and recorded).
+//! - Otherwise every active `patient-privacy` Consent of P is evaluated. A
+//!   provision applies when its period covers now, its actors (if any) name
+//!   A, its actions (if any) include the interaction (`access` for reads,
+//!   `correct` for writes), its classes (if any) include R's type, and R
+//!   meets its codes, security labels, data period and data references.
+//!   Nested provisions refine their parent: among the children that apply,
+//!   deny overrides permit; if none applies, the parent's own type decides.
+//!   Across Consents, deny overrides permit.
+//! - A `permit` names who it permits: a permit with no actor on its path
+//!   permits only P's care team and general practitioner (the PCF "basic"
+//!   consent), never everybody. A `deny` without actor denies everyone.
+//! - Without a decision, the implicit policy: `consent_default =
+//!   "permit-treatment"` lets P's general practitioner (a Practitioner,
+//!   one of their PractitionerRoles, or an Organization they work for) and
+//!   active care teams see the record; `"deny"` lets nobody.
+//! - An insurer sees its members' (Coverage.beneficiary of a Coverage it
+//!   pays) permitted part (`super::insurer`), minus what Consents deny; a
+//!   Consent's permit never widens it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::insurer::InsurerRules;
+use super::patient_data::{self, Reach};
+use super::scope::Ops;
+use crate::search::cond::{Bind, Cond, Table, Test};
+use crate::search::index::{index_text, Rows};
+use crate::search::registry::{registry, Kind};
+
+/// The implicit policy for a patient without a deciding Consent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConsentDefault {
+    /// Nobody but those a Consent permits.
+    Deny,
+    /// The patient's general practitioner and care teams.
+    PermitTreatment,
+}
+
+/// What `store::circle` loaded for one caller, for one request.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Facts {
+    /// Now, as an RFC 3339 instant (UTC).
+    pub now: String,
+    /// References that name the caller: `Practitioner/x`, its
+    /// `PractitionerRole/…`, the `Organization/…` it works for, the
+    /// `CareTeam/…` it is part of, `RelatedPerson/…`.
+    pub identity: BTreeSet<String>,
+    /// Patients the caller treats (general practitioner, care team).
+    pub treatment: BTreeSet<String>,
+    /// Patients the caller holds a break-the-glass grant for.
+    pub emergency: BTreeSet<String>,
+    /// An insurer's members.
+    pub covered: BTreeSet<String>,
+    /// Active patient-privacy Consents, by patient id.
+    pub consents: BTreeMap<String, Vec<Value>>,
+    pub default: Option<ConsentDefault>,
+}
+
+/// One caller's compiled circle of trust.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Circle {
+    facts: Facts,
+    insurer: Option<Arc<InsurerRules>>,
+}
+
+/// A boolean over store conditions, simplified as it is built.
+#[derive(Debug, Clone, PartialEq)]
+enum B {
+    T,
+    F,
+    C(Cond),
+    And(Vec<B>),
+    Or(Vec<B>),
+    Not(Box<B>),
+}
+
+impl B {
+    fn and(parts: Vec<B>) -> B {
+        let mut out = Vec::new();
+        for p in parts {
+            match p {
+                B::T => {}
+                B::F => return B::F,
+                B::And(inner) => out.extend(inner),
+                other => out.push(other),
+            }
+        }
+        match out.len() {
+            0 => B::T,
+            1 => out.pop().expect("one"),
+            _ => B::And(out),
+        }
+    }
+    fn or(parts: Vec<B>) -> B {
+        let mut out = Vec::new();
+        for p in parts {
+            match p {
+                B::F => {}
+                B::T => return B::T,
+                B::Or(inner) => out.extend(inner),
+                other => out.push(other),
+            }
+        }
+        match out.len() {
+            0 => B::F,
+            1 => out.pop().expect("one"),
+            _ => B::Or(out),
+        }
+    }
+    fn not(b: B) -> B {
+        match b {
+            B::T => B::F,
+            B::F => B::T,
+            B::Not(inner) => *inner,
+            other => B::Not(Box::new(other)),
+        }
+    }
+    fn to_cond(&self) -> Cond {
+        match self {
+            B::T => Cond::And(Vec::new()),
+            B::F => Cond::Or(Vec::new()),
+            B::C(c) => c.clone(),
+            B::And(bs) => Cond::And(bs.iter().map(B::to_cond).collect()),
+            B::Or(bs) => Cond::Or(bs.iter().map(B::to_cond).collect()),
+            B::Not(b) => Cond::Not(Box::new(b.to_cond())),
+        }
+    }
+}
+
+/// A condition that matches nothing.
+pub fn nothing() -> Cond {
+    Cond::Or(Vec::new())
+}
+
+/// Why a provision applies or not, for `$access-preview`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Reason {
+    /// `Consent/ID` and the provision's path (`provision.provision[1]`), or
+    /// the implicit policy, or break-the-glass.
+    pub source: String,
+    pub effect: &'static str,
+}
+
+impl Circle {
+    pub fn new(facts: Facts, insurer: Option<Arc<InsurerRules>>) -> Circle {
+        Circle { facts, insurer }
+    }
+
+    pub fn facts(&self) -> &Facts {
+        &self.facts
+    }
+
+    pub fn insurer(&self) -> Option<&InsurerRules> {
+        self.insurer.as_deref()
+    }
+
+    /// Every patient the caller could see something of.
+    pub fn patients(&self) -> BTreeSet<&str> {
+        let f = &self.facts;
+        let mut all: BTreeSet<&str> = f.emergency.iter().map(String::as_str).collect();
+        if self.insurer.is_some() {
+            all.extend(f.covered.iter().map(String::as_str));
+        } else {
+            all.extend(f.treatment.iter().map(String::as_str));
+            all.extend(f.consents.keys().map(String::as_str));
+        }
+        all
+    }
+
+    /// Whether the caller may reach type `rtype` at all.
+    pub fn reaches_type(&self, rtype: &str) -> bool {
+        match &self.insurer {
+            Some(rules) => rules.allows(rtype),
+            None => !matches!(patient_data::reach(rtype), Reach::None),
+        }
+    }
+
+    /// The condition confining resources of `rtype` to what the circle
+    /// lets the caller `op`; `None` when it adds nothing (shared reference
+    /// data for a practitioner).
+    pub fn cond(&self, op: Ops, rtype: &str) -> Option<Cond> {
+        if !self.reaches_type(rtype) {
+            return Some(nothing());
+        }
+        let extra = self.insurer.as_ref().and_then(|r| r.filter(rtype));
+        let params = match patient_data::reach(rtype) {
+            Reach::Own(params) => params,
+            // Shared reference data describes no patient.
+            Reach::Shared | Reach::None => return extra,
+        };
+        let mut full = Vec::new();
+        let mut alts = Vec::new();
+        for p in self.patients() {
+            match self.visible(p, op, rtype) {
+                B::F => {}
+                B::T => full.push(p.to_string()),
+                b => alts.push(B::and(vec![
+                    B::C(member(rtype, &params, vec![p.to_string()])),
+                    b,
+                ])),
+            }
+        }
+        if !full.is_empty() {
+            alts.push(B::C(member(rtype, &params, full)));
+        }
+        let mut all = B::or(alts);
+        if let Some(e) = extra {
+            all = B::and(vec![all, B::C(e)]);
+        }
+        Some(all.to_cond())
+    }
+
+    /// The same decision as [`Circle::cond`], on one resource's index rows.
+    pub fn holds(&self, op: Ops, rtype: &str, id: &str, rows: &Rows) -> bool {
+        match self.cond(op, rtype) {
+            None => true,
+            Some(c) => holds(&c, id, rows),
+        }
+    }
+
+    /// What decides for patient `p`, resource type `rtype` and `op`.
+    fn visible(&self, p: &str, op: Ops, rtype: &str) -> B {
+        let f = &self.facts;
+        if f.emergency.contains(p) && self.insurer.is_none() {
+            return B::T;
+        }
+        let treats = f.treatment.contains(p);
+        let mut permits = Vec::new();
+        let mut denies = Vec::new();
+        for c in f.consents.get(p).map(Vec::as_slice).unwrap_or(&[]) {
+            if let Some(root) = c.get("provision") {
+                let ctx = Ctx {
+                    circle: self,
+                    op,
+                    rtype,
+                    treats,
+                };
+                if let Some((permit, deny)) = ctx.node(root, false) {
+                    permits.push(permit);
+                    denies.push(deny);
+                }
+            }
+        }
+        let denied = B::or(denies);
+        if self.insurer.is_some() {
+            return if f.covered.contains(p) {
+                B::not(denied)
+            } else {
+                B::F
+            };
+        }
+        let base = treats && f.default == Some(ConsentDefault::PermitTreatment);
+        B::and(vec![
+            B::not(denied),
+            B::or(vec![B::or(permits), if base { B::T } else { B::F }]),
+        ])
+    }
+
+    /// For `$access-preview`: which provisions of which Consents decide for
+    /// patient `p` and type `rtype` (reads).
+    pub fn reasons(&self, p: &str, rtype: &str) -> Vec<Reason> {
+        let f = &self.facts;
+        let mut out = Vec::new();
+        if f.emergency.contains(p) && self.insurer.is_none() {
+            out.push(Reason {
+                source: "break-the-glass grant".into(),
+                effect: "permit",
+            });
+        }
+        if let Some(rules) = &self.insurer {
+            out.push(Reason {
+                source: format!("insurer policy '{}'", rules.name),
+                effect: if rules.allows(rtype) && f.covered.contains(p) {
+                    "permit"
+                } else {
+                    "deny"
+                },
+            });
+        } else if f.treatment.contains(p) {
+            out.push(Reason {
+                source: "care relationship (general practitioner or care team)".into(),
+                effect: if f.default == Some(ConsentDefault::PermitTreatment) {
+                    "permit"
+                } else {
+                    "none (consent_default = deny)"
+                },
+            });
+        }
+        let ctx = Ctx {
+            circle: self,
+            op: Ops::READ,
+            rtype,
+            treats: f.treatment.contains(p),
+        };
+        for c in f.consents.get(p).map(Vec::as_slice).unwrap_or(&[]) {
+            let id = c.get("id").and_then(Value::as_str).unwrap_or("?");
+            if let Some(root) = c.get("provision") {
+                ctx.explain(root, false, &format!("Consent/{id}.provision"), &mut out);
+            }
+        }
+        out
+    }
+}
+
+struct Ctx<'a> {
+    circle: &'a Circle,
+    op: Ops,
+    rtype: &'a str,
+    treats: bool,
+}
+
+impl Ctx<'_> {
+    /// `(permit, deny)` of a provision for the resources it applies to, or
+    /// `None` when it cannot apply to this caller, type and interaction.
+    fn node(&self, n: &Value, named_above: bool) -> Option<(B, B)> {
+        let (m, named) = self.applies(n, named_above)?;
+        let mut child_permit = Vec::new();
+        let mut child_deny = Vec::new();
+        for c in list(n, "provision") {
+            if let Some((p, d)) = self.node(c, named) {
+                child_permit.push(p);
+                child_deny.push(d);
+            }
+        }
+        let any_deny = B::or(child_deny);
+        let any_permit = B::or(child_permit);
+        let kind = n.get("type").and_then(Value::as_str);
+        let own_permit = kind == Some("permit") && (named || self.treats);
+        let own_deny = kind == Some("deny");
+        let deny = B::and(vec![
+            m.clone(),
+            B::or(vec![
+                any_deny.clone(),
+                if own_deny {
+                    B::not(any_permit.clone())
+                } else {
+                    B::F
+                },
+            ]),
+        ]);
+        let permit = B::and(vec![
+            m,
+            B::not(any_deny),
+            B::or(vec![any_permit, if own_permit { B::T } else { B::F }]),
+        ]);
+        Some((permit, deny))
+    }
+
+    fn explain(&self, n: &Value, named_above: bool, path: &str, out: &mut Vec<Reason>) {
+        let Some((_, named)) = self.applies(n, named_above) else {
+            return;
+        };
+        let kind = n.get("type").and_then(Value::as_str).unwrap_or("");
+        let effect = match kind {
+            "deny" => "deny",
+            "permit" if named || self.treats => "permit",
+            _ => "none (a permit names no actor of this caller)",
+        };
+        out.push(Reason {
+            source: path.to_string(),
+            effect,
+        });
+        for (i, c) in list(n, "provision").enumerate() {
+            self.explain(c, named, &format!("{path}.provision[{i}]"), out);
+        }
+    }
+
+    /// Whether provision `n` can apply (period, actor, action, class), the
+    /// condition on resources it adds (codes, labels, data period, data),
+    /// and whether an actor on its path names the caller.
+    fn applies(&self, n: &Value, named_above: bool) -> Option<(B, bool)> {
+        let now = &self.circle.facts.now;
+        if let Some(p) = n.get("period") {
+            if !covers(p, now) {
+                return None;
+            }
+        }
+        let actors: Vec<&str> = list(n, "actor")
+            .filter_map(|a| a.pointer("/reference/reference").and_then(Value::as_str))
+            .collect();
+        let named = if actors.is_empty() {
+            named_above
+        } else if actors
+            .iter()
+            .any(|a| self.circle.facts.identity.contains(*a))
+        {
+            true
+        } else {
+            return None;
+        };
+        let actions: Vec<&str> = list(n, "action").flat_map(codes).collect();
+        if !actions.is_empty() {
+            let wanted: &[&str] = if self.op == Ops::READ || self.op == Ops::SEARCH {
+                &["access", "use", "disclose"]
+            } else {
+                &["correct"]
+            };
+            if !actions.iter().any(|a| wanted.contains(a)) {
+                return None;
+            }
+        }
+        let classes: Vec<&str> = list(n, "class")
+            .filter_map(|c| c.get("code").and_then(Value::as_str))
+            .collect();
+        if !classes.is_empty() && !classes.contains(&self.rtype) {
+            return None;
+        }
+        let mut conds = Vec::new();
+        let labels: Vec<B> = list(n, "securityLabel")
+            .map(|c| B::C(token("_security", c)))
+            .collect();
+        if !labels.is_empty() {
+            conds.push(B::or(labels));
+        }
+        let code_param = registry()
+            .get(self.rtype, "code")
+            .filter(|p| p.kind == Kind::Token && p.supported());
+        let codes: Vec<B> = list(n, "code")
+            .flat_map(|cc| list(cc, "coding"))
+            .map(|c| match code_param {
+                Some(_) => B::C(token("code", c)),
+                None => B::F,
+            })
+            .collect();
+        if !codes.is_empty() {
+            conds.push(B::or(codes));
+        }
+        if let Some(dp) = n.get("dataPeriod") {
+            conds.push(self.data_period(dp));
+        }
+        let data: Vec<B> = list(n, "data")
+            .filter_map(|d| d.pointer("/reference/reference").and_then(Value::as_str))
+            .map(|r| match r.split_once('/') {
+                Some((t, id)) if t == self.rtype => B::C(Cond::Ids(vec![id.to_string()])),
+                _ => B::F,
+            })
+            .collect();
+        if !data.is_empty() {
+            conds.push(B::or(data));
+        }
+        Some((B::and(conds), named))
+    }
+
+    /// Resources whose clinical date (`date` parameter) lies in `period`.
+    fn data_period(&self, period: &Value) -> B {
+        let Some(p) = registry()
+            .get(self.rtype, "date")
+            .filter(|p| p.kind == Kind::Date && p.supported())
+        else {
+            return B::F;
+        };
+        let mut params = Vec::new();
+        if let Some(s) = period.get("start").and_then(Value::as_str) {
+            params.push((p.code.clone(), format!("ge{s}")));
+        }
+        if let Some(e) = period.get("end").and_then(Value::as_str) {
+            params.push((p.code.clone(), format!("le{e}")));
+        }
+        if params.is_empty() {
+            return B::T;
+        }
+        match crate::search::parse(self.rtype, &params, true, "") {
+            Ok(parsed) => B::and(parsed.conds.into_iter().map(B::C).collect()),
+            Err(_) => B::F,
+        }
+    }
+}
+
+/// Membership in the record of `patients`.
+fn member(rtype: &str, params: &[String], patients: Vec<String>) -> Cond {
+    if rtype == "Patient" {
+        Cond::Ids(patients)
+    } else {
+        Cond::RefersTo {
+            params: params.to_vec(),
+            target_type: "Patient".into(),
+            target_ids: patients,
+        }
+    }
+}
+
+/// A token condition for a Coding (`system|code`).
+fn token(param: &str, coding: &Value) -> Cond {
+    let code = coding.get("code").and_then(Value::as_str).unwrap_or("");
+    let test = match coding.get("system").and_then(Value::as_str) {
+        Some(s) => Test::And(vec![
+            Test::Eq("system", Bind::Text(s.to_string())),
+            Test::Eq("code", Bind::Text(code.to_string())),
+        ]),
+        None => Test::Eq("code", Bind::Text(code.to_string())),
+    };
+    Cond::Index {
+        table: Table::Token,
+        param: param.to_string(),
+        test,
+    }
+}
+
+fn list<'a>(v: &'a Value, key: &str) -> impl Iterator<Item = &'a Value> + 'a {
+    v.get(key)
+        .and_then(Value::as_array)
+        .map(|a| a.iter())
+        .into_iter()
+        .flatten()
+}
+
+fn codes(cc: &Value) -> impl Iterator<Item = &str> + '_ {
+    list(cc, "coding").filter_map(|c| c.get("code").and_then(Value::as_str))
+}
+
+/// Whether a FHIR Period covers the instant `now` (a date-only end covers
+/// its whole day).
+pub fn covers(period: &Value, now: &str) -> bool {
+    let start_ok = period
+        .get("start")
+        .and_then(Value::as_str)
+        .is_none_or(|s| s <= now || now.starts_with(s));
+    let end_ok = period
+        .get("end")
+        .and_then(Value::as_str)
+        .is_none_or(|e| now <= e || now.starts_with(e));
+    start_ok && end_ok
+}
+
+/// Whether a Consent is one the circle of trust obeys: active, of scope
+/// `patient-privacy`, in its period.
+pub fn in_force(consent: &Value, now: &str) -> bool {
+    consent.get("status").and_then(Value::as_str) == Some("active")
+        && consent
+            .get("scope")
+            .map(|s| codes(s).any(|c| c == "patient-privacy"))
+            .unwrap_or(false)
+        && consent
+            .pointer("/provision/period")
+            .is_none_or(|p| covers(p, now))
+}
+
+/// Evaluates a condition on one resource's index rows (the subset of
+/// conditions the circle of trust and the scopes produce; anything else is
+/// false, so an unknown condition hides rather than shows).
+pub fn holds(c: &Cond, id: &str, rows: &Rows) -> bool {
+    match c {
+        Cond::Ids(ids) => ids.iter().any(|i| i == id),
+        Cond::RefersTo {
+            params,
+            target_type,
+            target_ids,
+        } => rows.references.iter().any(|r| {
+            params.contains(&r.param)
+                && &r.target_type == target_type
+                && target_ids.contains(&r.target_id)
+        }),
+        Cond::Index {
+            table: Table::Token,
+            param,
+            test,
+        } => rows.tokens.iter().any(|t| {
+            &t.param == param
+                && test_holds(test, &|col| match col {
+                    "system" => Some(t.system.as_str()),
+                    "code" => Some(t.code.as_str()),
+                    _ => None,
+                })
+        }),
+        Cond::Index {
+            table: Table::Date,
+            param,
+            test,
+        } => rows.dates.iter().any(|d| {
+            &d.param == param
+                && test_holds(test, &|col| match col {
+                    "lo" => Some(d.lo.as_str()),
+                    "hi" => Some(d.hi.as_str()),
+                    _ => None,
+                })
+        }),
+        Cond::Not(inner) => !holds(inner, id, rows),
+        Cond::And(cs) => cs.iter().all(|c| holds(c, id, rows)),
+        Cond::Or(cs) => cs.iter().any(|c| holds(c, id, rows)),
+        _ => false,
+    }
+}
+
+fn test_holds<'a>(t: &Test, col: &dyn Fn(&str) -> Option<&'a str>) -> bool {
+    let text = |b: &Bind| match b {
+        Bind::Text(s) => Some(index_text(s).to_string()),
+        Bind::Real(_) => None,
+    };
+    let cmp = |c: &str, b: &Bind, f: fn(std::cmp::Ordering) -> bool| match (col(c), text(b)) {
+        (Some(v), Some(w)) => f(v.cmp(w.as_str())),
+        _ => false,
+    };
+    match t {
+        Test::Any => true,
+        Test::Eq(c, b) => cmp(c, b, |o| o.is_eq()),
+        Test::Ne(c, b) => cmp(c, b, |o| o.is_ne()),
+        Test::Lt(c, b) => cmp(c, b, |o| o.is_lt()),
+        Test::Le(c, b) => cmp(c, b, |o| o.is_le()),
+        Test::Gt(c, b) => cmp(c, b, |o| o.is_gt()),
+        Test::Ge(c, b) => cmp(c, b, |o| o.is_ge()),
+        Test::In(c, vals) => col(c).is_some_and(|v| vals.iter().any(|w| index_text(w) == v)),
+        Test::And(ts) => ts.iter().all(|t| test_holds(t, col)),
+        Test::Or(ts) => ts.iter().any(|t| test_holds(t, col)),
+        Test::Prefix(..) | Test::Contains(..) => false,
+    }
+}
