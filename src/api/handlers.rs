@@ -347,6 +347,18 @@ pub async fn compartment_or_operation(
             .await?;
             return Ok(Err(xml));
         }
+        if what == "$access-preview" && rtype == "Patient" {
+            let p = interaction::circle::access_preview(
+                &req.gate,
+                &state.store,
+                state.config.consent_default,
+                &state.insurers,
+                &id,
+                &req.params,
+            )
+            .await?;
+            return Ok(Ok(FhirResponse::new(StatusCode::OK).with_value(p)));
+        }
         let mut r = req.gate.reader().await?;
         let b = if what == "$everything" && rtype == "Patient" {
             interaction::everything(&mut r.view(), &state.env, &id, &req.params).await?
@@ -386,6 +398,33 @@ pub async fn compartment_or_operation(
             req.respond(Err(e))
         }
     }
+}
+
+/// `POST /{type}/{id}/$operation`.
+pub async fn instance_operation(
+    State(state): State<AppState>,
+    Path((rtype, id, what)): Path<(String, String, String)>,
+    req: FhirRequest,
+) -> Response {
+    let result = async {
+        if what == "$emergency-access" && rtype == "Patient" {
+            let body = req.resource()?;
+            let p = interaction::circle::emergency_access(
+                &req.gate,
+                &state.store,
+                state.config.emergency_access_minutes,
+                &id,
+                &body,
+            )
+            .await?;
+            return Ok(FhirResponse::new(StatusCode::OK).with_value(p));
+        }
+        Err(Error::NotSupported(format!(
+            "operation POST {what} is not supported on {rtype}"
+        )))
+    };
+    let r = result.await;
+    req.respond(r)
 }
 
 pub async fn transaction(State(state): State<AppState>, req: FhirRequest) -> Response {

@@ -119,7 +119,10 @@ pub fn router(state: AppState) -> Router {
             get(read).put(update).delete(delete).patch(patch),
         )
         .route("/{rtype}/{id}/_history", get(history_instance))
-        .route("/{rtype}/{id}/{what}", get(compartment_or_operation))
+        .route(
+            "/{rtype}/{id}/{what}",
+            get(compartment_or_operation).post(instance_operation),
+        )
         .route("/{rtype}/{id}/_history/{vid}", get(vread))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

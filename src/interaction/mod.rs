@@ -6,6 +6,7 @@
 //! exist.
 
 pub mod bundle;
+pub mod circle;
 mod read;
 mod searchset;
 
