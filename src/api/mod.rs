@@ -119,7 +119,10 @@ pub fn router(state: AppState) -> Router {
             get(read).put(update).delete(delete).patch(patch),
         )
         .route("/{rtype}/{id}/_history", get(history_instance))
-        .route("/{rtype}/{id}/{what}", get(compartment_or_operation))
+        .route(
+            "/{rtype}/{id}/{what}",
+            get(compartment_or_operation).post(instance_operation),
+        )
         .route("/{rtype}/{id}/_history/{vid}", get(vread))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -234,7 +237,13 @@ async fn bound_request(
         );
     }
     let limit = std::time::Duration::from_secs(state.config.request_timeout);
-    let run = crate::limits::scope(state.config.limits, next.run(req));
+    let run = crate::limits::scope(
+        state.config.limits,
+        crate::interaction::rights::scope(
+            std::sync::Arc::clone(&state.env.amendment_types),
+            next.run(req),
+        ),
+    );
     match tokio::time::timeout(limit, run).await {
         Ok(response) => response,
         Err(_) => {
