@@ -815,3 +815,50 @@ async fn consent_provisions_nested_deeper_than_three_levels_are_refused() {
     let (st, v) = w.call(&w.pat, Method::POST, "Consent", Some(&c)).await;
     assert_eq!(st, 201, "{v}");
 }
+
+#[tokio::test]
+async fn a_practitioners_patch_is_a_pending_amendment_too() {
+    let w = world().await;
+    let obs = w.clinicians_observation().await;
+    let path = format!("Observation/{}", id(&obs));
+    let patch = json!([{"op": "replace", "path": "/valueQuantity/value", "value": 81}]);
+    let r =
+        w.s.client
+            .patch(w.s.url(&path))
+            .bearer_auth(&w.dr_a)
+            .header("Content-Type", "application/json-patch+json")
+            .body(patch.to_string())
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(r.status(), 202);
+    let task: Value = r.json().await.unwrap();
+    assert_eq!(task["contained"][0]["valueQuantity"]["value"], json!(81));
+    assert_eq!(version(&w.read(&path).await), "1");
+}
+
+#[tokio::test]
+async fn a_practitioner_changes_demographics_directly_and_other_patient_elements_by_amendment() {
+    let w = world().await;
+    let path = format!("Patient/{}", w.p);
+    let mut p = w.read(&path).await;
+    p["telecom"] = json!([{"system": "email", "value": "p@example.org"}]);
+    let (st, v) = w.call(&w.dr_a, Method::PUT, &path, Some(&p)).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(version(&v), "2");
+    let mut p = w.read(&path).await;
+    p["birthDate"] = json!("1970-01-02");
+    let (st, task) = w.call(&w.dr_a, Method::PUT, &path, Some(&p)).await;
+    assert_eq!(st, 202, "{task}");
+    assert_eq!(w.read(&path).await["birthDate"], "1970-01-01");
+    let (st, _) = w
+        .call(
+            &w.dr_b,
+            Method::POST,
+            &format!("Task/{}/$approve", id(&task)),
+            None,
+        )
+        .await;
+    assert_eq!(st, 200);
+    assert_eq!(w.read(&path).await["birthDate"], "1970-01-02");
+}
