@@ -178,7 +178,16 @@ async fn discovery_documents_and_public_endpoints() {
         .iter()
         .map(|o| o["name"].as_str().unwrap())
         .collect();
-    assert_eq!(ops, ["everything", "signed-document"]);
+    assert_eq!(
+        ops,
+        [
+            "everything",
+            "signed-document",
+            "correction-request",
+            "approve",
+            "reject"
+        ]
+    );
     let uris = &sec["extension"][0];
     assert_eq!(
         uris["url"],
