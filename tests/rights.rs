@@ -862,3 +862,39 @@ async fn a_practitioner_changes_demographics_directly_and_other_patient_elements
     assert_eq!(st, 200);
     assert_eq!(w.read(&path).await["birthDate"], "1970-01-02");
 }
+
+#[tokio::test]
+async fn a_related_person_the_patient_trusts_still_cannot_write_their_consent() {
+    let w = world().await;
+    let rp = create(
+        &w.s,
+        &w.admin,
+        json!({"resourceType": "RelatedPerson", "patient": {"reference": format!("Patient/{}", w.p)},
+            "name": [{"family": "Carer"}]}),
+    )
+    .await;
+    let rp_ref = format!("RelatedPerson/{}", id(&rp));
+    // The patient lets the related person see and correct their record.
+    create(&w.s, &w.pat, consent(&w.p, &rp_ref)).await;
+    let carer = user_token(&w.s, "carer@example.org", &rp_ref, "user/*.cruds").await;
+    let (st, me) = w
+        .call(&carer, Method::GET, &format!("Patient/{}", w.p), None)
+        .await;
+    assert_eq!(st, 200, "the Consent lets the related person read: {me}");
+    let (st, outcome) = w
+        .call(
+            &carer,
+            Method::POST,
+            "Consent",
+            Some(&consent(&w.p, &rp_ref)),
+        )
+        .await;
+    assert_eq!(st, 403, "{outcome}");
+    assert!(
+        outcome["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("may not write a patient's Consent"),
+        "{outcome}"
+    );
+}
