@@ -372,3 +372,31 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod amendment_types_tests {
+    use super::*;
+
+    fn with(toml: &str) -> Config {
+        Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(toml))
+            .extract()
+            .unwrap()
+    }
+
+    #[test]
+    fn amendment_types_default_to_the_compartment_and_can_be_listed_or_emptied() {
+        let d = with("");
+        assert_eq!(d.amendment_types, None);
+        assert!(d.amendment_types().contains(&"Observation".to_string()));
+        assert!(with("amendment_types = []").amendment_types().is_empty());
+        // As the environment gives it: one comma-separated string.
+        assert_eq!(
+            with("amendment_types = \"Observation, Condition\"").amendment_types(),
+            ["Observation", "Condition"]
+        );
+        let mut bad = Config::default();
+        bad.amendment_types = Some(vec!["Nonsense".into()]);
+        assert!(bad.validate().is_err());
+    }
+}

@@ -64,7 +64,11 @@ async fn user_token(s: &TestServer, username: &str, fhir_user: &str, scope: &str
 }
 
 async fn world() -> World {
-    let s = TestServer::start().await;
+    world_with(|_| {}).await
+}
+
+async fn world_with(adjust: impl FnOnce(&mut ehrx::config::Config)) -> World {
+    let s = TestServer::start_authorized(adjust).await;
     let admin = admin_token(&s).await;
     let a = create(
         &s,
@@ -897,4 +901,32 @@ async fn a_related_person_the_patient_trusts_still_cannot_write_their_consent() 
             .contains("may not write a patient's Consent"),
         "{outcome}"
     );
+}
+
+#[tokio::test]
+async fn amendment_types_name_the_gated_types() {
+    let w = world_with(|c| c.amendment_types = Some(vec!["Condition".into()])).await;
+    let obs = w.clinicians_observation().await;
+    let mut changed = obs.clone();
+    changed["valueQuantity"]["value"] = json!(82);
+    let path = format!("Observation/{}", id(&obs));
+    let (st, v) = w.call(&w.dr_a, Method::PUT, &path, Some(&changed)).await;
+    assert_eq!(st, 200, "Observation is not gated here: {v}");
+    assert_eq!(version(&v), "2");
+    let condition = create(
+        &w.s,
+        &w.dr_a,
+        json!({"resourceType": "Condition", "code": {"text": "asthma"},
+            "subject": {"reference": format!("Patient/{}", w.p)}}),
+    )
+    .await;
+    let (st, _) = w
+        .call(
+            &w.dr_a,
+            Method::DELETE,
+            &format!("Condition/{}", id(&condition)),
+            None,
+        )
+        .await;
+    assert_eq!(st, 202);
 }
