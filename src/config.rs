@@ -395,8 +395,10 @@ mod amendment_types_tests {
             with("amendment_types = \"Observation, Condition\"").amendment_types(),
             ["Observation", "Condition"]
         );
-        let mut bad = Config::default();
-        bad.amendment_types = Some(vec!["Nonsense".into()]);
+        let bad = Config {
+            amendment_types: Some(vec!["Nonsense".into()]),
+            ..Config::default()
+        };
         assert!(bad.validate().is_err());
     }
 }
