@@ -115,12 +115,17 @@ async fn patient_with_observations(
     family: &str,
     observations: &[(&str, f64, &str)],
 ) -> String {
+    // Their general practitioner is `Practitioner/pr-1`, the practitioner
+    // who picks among their patients below.
     let (st, p) = fhir(
         s,
         admin,
         reqwest::Method::POST,
         "Patient",
-        Some(&json!({"resourceType": "Patient", "name": [{"family": family, "given": [given]}]})),
+        Some(
+            &json!({"resourceType": "Patient", "name": [{"family": family, "given": [given]}],
+            "generalPractitioner": [{"reference": "Practitioner/pr-1"}]}),
+        ),
     )
     .await;
     assert_eq!(st, 201, "{p}");

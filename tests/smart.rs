@@ -25,6 +25,10 @@ const UNREACHABLE_WITH_PATIENT_SCOPES: [&str; 3] = ["Bundle", "MessageHeader", "
 /// Test data, written by a backend client with `system/*.cruds`:
 /// two patients, each with a lab and a vital-signs Observation and an
 /// Encounter.
+/// The practitioners of these tests: the general practitioners of both
+/// patients of [`world`], so that the circle of trust lets them in.
+const GENERAL_PRACTITIONERS: [&str; 7] = ["pr1", "pr-1", "pr-2", "pr-9", "pr-race", "p", "pr-oidc"];
+
 struct World {
     admin: String,
     p1: String,
@@ -45,7 +49,11 @@ async fn world(s: &TestServer) -> World {
             reqwest::Method::POST,
             "Patient",
             Some(
-                &json!({"resourceType": "Patient", "name": [{"family": family, "given": ["Pat"]}]}),
+                &json!({"resourceType": "Patient", "name": [{"family": family, "given": ["Pat"]}],
+                    "generalPractitioner": GENERAL_PRACTITIONERS
+                        .iter()
+                        .map(|p| json!({"reference": format!("Practitioner/{p}")}))
+                        .collect::<Vec<_>>()}),
             ),
         )
         .await;

@@ -2,8 +2,12 @@
 the way an app does, and prints it.
 
     python3 smart_token.py patient BASE EHRX_BIN PATIENT_ID SCOPE
-        EHR launch for PATIENT_ID by a practitioner account: `ehrx launch`,
-        authorize with PKCE, sign in, allow, redeem the code.
+        The patient themself (an account whose fhirUser is Patient/ID),
+        launched with PATIENT_ID as context: `ehrx launch`, authorize with
+        PKCE, sign in, allow, redeem the code.
+    python3 smart_token.py user BASE EHRX_BIN FHIR_USER SCOPE
+        A person's standalone sign-in (e.g. FHIR_USER Practitioner/bench
+        with `openid fhirUser user/*.rs`).
     python3 smart_token.py system BASE EHRX_BIN SCOPE
         Backend services: a client registered with an EC P-384 key, a signed
         client assertion, client_credentials.
@@ -71,19 +75,23 @@ def hidden(page, name):
     return html.unescape(m.group(1)) if m else None
 
 
-def patient_token(base, binary, patient, scope):
-    launch = ehrx(binary, "launch", "--patient", patient)["launch"]
+def patient_token(base, binary, patient, scope, fhir_user=None):
+    launch = ehrx(binary, "launch", "--patient", patient)["launch"] if patient else None
     user = f"bench.{uuid.uuid4().hex[:12]}"
     password = secrets.token_urlsafe(18)
     ehrx(binary, "user", "add", "--username", user, "--password-stdin",
-         "--fhir-user", "Practitioner/bench", stdin=password + "\n")
+         "--fhir-user", fhir_user or f"Patient/{patient}", stdin=password + "\n")
+    if launch:
+        scope = f"launch {scope}"
     client = ehrx(binary, "client", "add", "--name", "bench app", "--type", "public",
-                  "--redirect-uri", REDIRECT, "--scope", f"launch {scope}")["client_id"]
+                  "--redirect-uri", REDIRECT, "--scope", scope)["client_id"]
     verifier = secrets.token_urlsafe(48)
     challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
     params = [("response_type", "code"), ("client_id", client), ("redirect_uri", REDIRECT),
-              ("scope", f"launch {scope}"), ("state", "bench"), ("aud", base), ("launch", launch),
+              ("scope", scope), ("state", "bench"), ("aud", base),
               ("code_challenge", challenge), ("code_challenge_method", "S256")]
+    if launch:
+        params.append(("launch", launch))
     s = requests.Session()
     s.get(f"{base}/auth/authorize", params=params, timeout=30).raise_for_status()
     r = s.post(f"{base}/auth/login", data=params + [("username", user), ("password", password)],
@@ -98,7 +106,7 @@ def patient_token(base, binary, patient, scope):
         "code_verifier": verifier, "client_id": client}, timeout=30)
     r.raise_for_status()
     t = r.json()
-    assert t.get("patient") == patient, t
+    assert patient is None or t.get("patient") == patient, t
     return t["access_token"]
 
 
@@ -106,5 +114,7 @@ if __name__ == "__main__":
     kind, base, binary = sys.argv[1:4]
     if kind == "patient":
         print(patient_token(base, binary, sys.argv[4], sys.argv[5]))
+    elif kind == "user":
+        print(patient_token(base, binary, None, sys.argv[5], fhir_user=sys.argv[4]))
     else:
         print(system_token(base, binary, sys.argv[4]))

@@ -446,10 +446,20 @@ fn needs_picker(a: &Authorization, user: &User) -> bool {
     a.launch_patient.is_none() && !user.is_patient() && a.grantable.contains(&Scope::LaunchPatient)
 }
 
-async fn patient_choices(s: &AppState) -> Vec<(String, String)> {
-    let gate = s
-        .store
-        .gate(Access::maintenance(Maintenance::PatientPicker));
+/// The store as the signing-in user may read patients: a practitioner
+/// picks only among the patients of their circle of trust.
+async fn picker_gate(s: &AppState, user: &User) -> Option<crate::store::Gate> {
+    let role = crate::policy::Role::of_token(Some(&user.fhir_user), None, None);
+    let scopes = scope::parse_scopes("user/Patient.rs").ok()?;
+    let access = Access::from_token(&scopes, None, role);
+    let access = super::request::with_circle(s, access).await.ok()?;
+    Some(s.store.gate(access))
+}
+
+async fn patient_choices(s: &AppState, user: &User) -> Vec<(String, String)> {
+    let Some(gate) = picker_gate(s, user).await else {
+        return Vec::new();
+    };
     let Ok(mut r) = gate.reader().await else {
         return Vec::new();
     };
@@ -513,7 +523,7 @@ async fn render_consent(
         })
         .collect();
     let patients = if needs_picker(a, user) {
-        Some(patient_choices(s).await)
+        Some(patient_choices(s, user).await)
     } else {
         None
     };
@@ -756,14 +766,14 @@ async fn consent(State(s): State<AppState>, jar: CookieJar, Form(p): Form<Params
         let Some(pid) = field(&p, "patient").filter(|v| !v.is_empty()) else {
             return render_consent(&s, &a, &user, &sid, &p, Some("Choose a patient.")).await;
         };
-        let gate = s
-            .store
-            .gate(Access::maintenance(Maintenance::PatientPicker));
-        let exists = match gate.reader().await {
-            Ok(mut r) => crate::interaction::read(&mut r.view(), "Patient", pid)
-                .await
-                .is_ok(),
-            Err(_) => false,
+        let exists = match picker_gate(&s, &user).await {
+            Some(gate) => match gate.reader().await {
+                Ok(mut r) => crate::interaction::read(&mut r.view(), "Patient", pid)
+                    .await
+                    .is_ok(),
+                Err(_) => false,
+            },
+            None => false,
         };
         if !exists {
             return render_consent(

@@ -360,6 +360,18 @@ pub async fn compartment_or_operation(
             .await?;
             return Ok(Err(xml));
         }
+        if what == "$access-preview" && rtype == "Patient" {
+            let p = interaction::circle::access_preview(
+                &req.gate,
+                &state.store,
+                state.config.consent_default,
+                &state.insurers,
+                &id,
+                &req.params,
+            )
+            .await?;
+            return Ok(Ok(FhirResponse::new(StatusCode::OK).with_value(p)));
+        }
         let mut r = req.gate.reader().await?;
         let b = if what == "$everything" && rtype == "Patient" {
             interaction::everything(&mut r.view(), &state.env, &id, &req.params).await?
@@ -401,14 +413,27 @@ pub async fn compartment_or_operation(
     }
 }
 
-/// `POST Task/{id}/$approve`, `POST Task/{id}/$reject` (amendments and
-/// correction requests) and `POST Patient/{id}/$correction-request`.
+/// `POST /{type}/{id}/$operation`: `Patient/{id}/$emergency-access`
+/// (break the glass), `Task/{id}/$approve` and `Task/{id}/$reject`
+/// (amendments and correction requests), `Patient/{id}/$correction-request`.
 pub async fn instance_operation(
     State(state): State<AppState>,
     Path((rtype, id, what)): Path<(String, String, String)>,
     req: FhirRequest,
 ) -> Response {
     let result = async {
+        if what == "$emergency-access" && rtype == "Patient" {
+            let body = req.resource()?;
+            let p = interaction::circle::emergency_access(
+                &req.gate,
+                &state.store,
+                state.config.emergency_access_minutes,
+                &id,
+                &body,
+            )
+            .await?;
+            return Ok(FhirResponse::new(StatusCode::OK).with_value(p));
+        }
         interaction::check_type(&rtype)?;
         let body = if req.body.is_empty() {
             None
@@ -433,7 +458,7 @@ pub async fn instance_operation(
             }
             _ => {
                 return Err(Error::NotSupported(format!(
-                    "operation {what} is not supported on {rtype} with POST"
+                    "operation POST {what} is not supported on {rtype}"
                 )))
             }
         };

@@ -7,6 +7,7 @@
 
 pub mod amend;
 pub mod bundle;
+pub mod circle;
 pub mod correction;
 mod read;
 pub mod rights;

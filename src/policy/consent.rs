@@ -618,3 +618,195 @@ fn test_holds<'a>(t: &Test, col: &dyn Fn(&str) -> Option<&'a str>) -> bool {
         Test::Prefix(..) | Test::Contains(..) => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::search::index;
+    use serde_json::json;
+
+    const NOW: &str = "2026-06-01T12:00:00.000Z";
+    const LABELS: &str = "http://terminology.hl7.org/CodeSystem/v3-ActCode";
+
+    fn consent(provision: Value) -> Value {
+        json!({"resourceType": "Consent", "id": "c", "status": "active",
+            "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
+            "patient": {"reference": "Patient/p"}, "provision": provision})
+    }
+
+    fn actor(r: &str) -> Value {
+        json!([{"role": {"text": "x"}, "reference": {"reference": r}}])
+    }
+
+    fn circle(identity: &[&str], treats: bool, consents: Vec<Value>) -> Circle {
+        let mut f = Facts {
+            now: NOW.into(),
+            identity: identity.iter().map(|s| s.to_string()).collect(),
+            default: Some(ConsentDefault::PermitTreatment),
+            ..Facts::default()
+        };
+        if treats {
+            f.treatment.insert("p".into());
+        }
+        if !consents.is_empty() {
+            f.consents.insert("p".into(), consents);
+        }
+        Circle::new(f, None)
+    }
+
+    fn obs(labels: &[&str]) -> (String, Rows) {
+        let sec: Vec<Value> = labels
+            .iter()
+            .map(|l| json!({"system": LABELS, "code": l}))
+            .collect();
+        let r = json!({"resourceType": "Observation", "id": "o", "status": "final",
+            "meta": {"security": sec}, "code": {"text": "x"},
+            "subject": {"reference": "Patient/p"}});
+        ("o".into(), index::extract("Observation", &r))
+    }
+
+    fn sees(c: &Circle, labels: &[&str]) -> bool {
+        let (id, rows) = obs(labels);
+        c.holds(Ops::READ, "Observation", &id, &rows)
+    }
+
+    #[test]
+    fn the_care_team_sees_the_record_without_a_consent_and_nobody_else_does() {
+        assert!(sees(&circle(&["Practitioner/gp"], true, vec![]), &[]));
+        assert!(!sees(&circle(&["Practitioner/x"], false, vec![]), &[]));
+        let mut deny_default = circle(&["Practitioner/gp"], true, vec![]);
+        deny_default.facts.default = Some(ConsentDefault::Deny);
+        assert!(!sees(&deny_default, &[]));
+    }
+
+    #[test]
+    fn a_permit_without_actor_never_reaches_strangers() {
+        let c = consent(json!({"type": "permit"}));
+        assert!(!sees(
+            &circle(&["Practitioner/x"], false, vec![c.clone()]),
+            &[]
+        ));
+        assert!(sees(&circle(&["Practitioner/gp"], true, vec![c]), &[]));
+    }
+
+    #[test]
+    fn nested_provisions_refine_and_deny_overrides_permit() {
+        // Opt-out of everyone, except x, who may not see HIV data.
+        let c = consent(json!({"type": "deny", "provision": [
+            {"type": "permit", "actor": actor("Practitioner/x")},
+            {"type": "deny", "actor": actor("Practitioner/x"),
+             "securityLabel": [{"system": LABELS, "code": "HIV"}]}
+        ]}));
+        let x = circle(&["Practitioner/x"], false, vec![c.clone()]);
+        assert!(sees(&x, &[]));
+        assert!(!sees(&x, &["HIV"]));
+        // The general practitioner is denied by the root.
+        assert!(!sees(
+            &circle(&["Practitioner/gp"], true, vec![c.clone()]),
+            &[]
+        ));
+        // A second Consent's deny overrides the first one's permit.
+        let other = consent(json!({"type": "permit", "provision": [
+            {"type": "deny", "actor": actor("Practitioner/x")}]}));
+        assert!(!sees(
+            &circle(&["Practitioner/x"], false, vec![c, other]),
+            &[]
+        ));
+    }
+
+    #[test]
+    fn classes_actions_and_periods_limit_where_a_provision_applies() {
+        let c = consent(json!({"type": "permit", "provision": [
+            {"type": "permit", "actor": actor("RelatedPerson/r"),
+             "class": [{"system": "http://hl7.org/fhir/resource-types", "code": "Condition"}]},
+            {"type": "permit", "actor": actor("Practitioner/late"),
+             "period": {"start": "2027-01-01"}},
+            {"type": "permit", "actor": actor("Practitioner/fixer"),
+             "action": [{"coding": [{"code": "correct"}]}]}
+        ]}));
+        assert!(!sees(
+            &circle(&["RelatedPerson/r"], false, vec![c.clone()]),
+            &[]
+        ));
+        assert!(!sees(
+            &circle(&["Practitioner/late"], false, vec![c.clone()]),
+            &[]
+        ));
+        let fixer = circle(&["Practitioner/fixer"], false, vec![c.clone()]);
+        assert!(!sees(&fixer, &[]));
+        let (id, rows) = obs(&[]);
+        assert!(fixer.holds(Ops::UPDATE, "Observation", &id, &rows));
+        let r = circle(&["RelatedPerson/r"], false, vec![c]);
+        let cond = r.cond(Ops::READ, "Condition").unwrap();
+        assert!(matches!(cond, Cond::RefersTo { .. }), "{cond:?}");
+    }
+
+    #[test]
+    fn an_organisation_actor_covers_who_works_for_it() {
+        let c = consent(json!({"type": "permit", "provision": [
+            {"type": "permit", "actor": actor("Organization/clinic")}]}));
+        assert!(sees(
+            &circle(
+                &[
+                    "Practitioner/y",
+                    "PractitionerRole/r",
+                    "Organization/clinic"
+                ],
+                false,
+                vec![c.clone()]
+            ),
+            &[]
+        ));
+        assert!(!sees(&circle(&["Practitioner/y"], false, vec![c]), &[]));
+    }
+
+    #[test]
+    fn a_consent_narrows_an_insurer_never_widens_it() {
+        let rules = crate::policy::insurer::InsurerPolicy::built_in()
+            .role("claims")
+            .cloned()
+            .unwrap();
+        let mut f = Facts {
+            now: NOW.into(),
+            identity: ["Organization/acme".to_string()].into(),
+            ..Facts::default()
+        };
+        f.covered.insert("p".into());
+        f.consents.insert(
+            "p".into(),
+            vec![consent(json!({"type": "permit", "provision": [
+                {"type": "permit", "actor": actor("Organization/acme"),
+                 "class": [{"code": "Observation"}]},
+                {"type": "deny", "actor": actor("Organization/acme"),
+                 "securityLabel": [{"system": LABELS, "code": "HIV"}]}]}))],
+        );
+        let c = Circle::new(f, Some(Arc::new(rules)));
+        assert!(!c.reaches_type("Observation"));
+        assert!(!sees(&c, &[]));
+        let claim = |labels: &[&str]| {
+            let sec: Vec<Value> = labels
+                .iter()
+                .map(|l| json!({"system": LABELS, "code": l}))
+                .collect();
+            let r = json!({"resourceType": "Claim", "id": "k", "meta": {"security": sec},
+                "patient": {"reference": "Patient/p"}});
+            index::extract("Claim", &r)
+        };
+        assert!(c.holds(Ops::READ, "Claim", "k", &claim(&[])));
+        assert!(!c.holds(Ops::READ, "Claim", "k", &claim(&["HIV"])));
+    }
+
+    #[test]
+    fn inactive_or_other_scope_consents_do_not_count() {
+        let mut c = consent(json!({"type": "permit"}));
+        assert!(in_force(&c, NOW));
+        c["status"] = json!("inactive");
+        assert!(!in_force(&c, NOW));
+        let mut c = consent(json!({"type": "permit", "period": {"end": "2026-05-31"}}));
+        assert!(!in_force(&c, NOW));
+        c["provision"]["period"]["end"] = json!("2026-06-01");
+        assert!(in_force(&c, NOW));
+        c["scope"]["coding"][0]["code"] = json!("research");
+        assert!(!in_force(&c, NOW));
+    }
+}

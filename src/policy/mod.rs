@@ -47,12 +47,14 @@ pub enum Maintenance {
     Explain,
     /// The sign-up page creating a new patient's own Patient resource.
     SignUp,
-    /// The consent page listing patients for a practitioner to pick.
-    PatientPicker,
     /// `auth_disabled = true`: development without tokens.
     AuthDisabled,
     /// `ehrx subscriber …`: a subscriber's Organization and Endpoint.
     Subscribers,
+    /// Checking that a patient exists before breaking the glass.
+    EmergencyAccess,
+    /// Counting a patient's whole record for `$access-preview`.
+    AccessPreview,
 }
 
 /// One permission of a caller.

@@ -148,6 +148,11 @@ impl View<'_> {
     /// The current version of `rtype/id`, as far as the caller may see it
     /// for `op` (read: the resource's content decides, in SQL).
     pub async fn current(&mut self, op: Ops, rtype: &str, id: &str) -> Result<Found> {
+        let found = self.current_stored(op, rtype, id).await?;
+        Ok(present_found(self.access, found))
+    }
+
+    async fn current_stored(&mut self, op: Ops, rtype: &str, id: &str) -> Result<Found> {
         self.ready().await?;
         if self.access.is_unrestricted() {
             return Ok(match query::current(self.conn, rtype, id, false).await? {
@@ -192,13 +197,18 @@ impl View<'_> {
     /// before its deletion) and that version's content is too.
     pub async fn version(&mut self, rtype: &str, id: &str, n: i64) -> Result<Found> {
         self.ready().await?;
-        if matches!(self.current(Ops::READ, rtype, id).await?, Found::Absent) {
+        if matches!(
+            self.current_stored(Ops::READ, rtype, id).await?,
+            Found::Absent
+        ) {
             return Ok(Found::Absent);
         }
         Ok(match query::version(self.conn, rtype, id, n).await? {
             None => Found::Absent,
             Some(v) if v.deleted => Found::Deleted(v),
-            Some(v) if permits_version(self.access, Ops::READ, &v) => Found::Live(v),
+            Some(v) if permits_version(self.access, Ops::READ, &v) => {
+                Found::Live(present(self.access, v))
+            }
             Some(_) => Found::Absent,
         })
     }
@@ -218,7 +228,7 @@ impl View<'_> {
             HistoryScope::System => self.access.check_whole_type(Ops::SEARCH, None)?,
             HistoryScope::Type(t) => self.access.check_whole_type(Ops::SEARCH, Some(t))?,
             HistoryScope::Instance(t, id) => {
-                if matches!(self.current(Ops::READ, t, id).await?, Found::Absent) {
+                if matches!(self.current_stored(Ops::READ, t, id).await?, Found::Absent) {
                     return Ok(None);
                 }
             }
@@ -227,6 +237,7 @@ impl View<'_> {
         Ok(Some(
             rows.into_iter()
                 .filter(|(_, v)| v.deleted || permits_version(self.access, Ops::READ, v))
+                .map(|(s, v)| (s, present(self.access, v)))
                 .collect(),
         ))
     }
@@ -240,7 +251,11 @@ impl View<'_> {
     ) -> Result<Vec<(Version, Vec<crate::search::cond::Bind>)>> {
         self.ready().await?;
         let q = self.confined(q)?;
-        Ok(sq::search(self.conn, &q, after, limit).await?)
+        let found = sq::search(self.conn, &q, after, limit).await?;
+        Ok(found
+            .into_iter()
+            .map(|(v, b)| (present(self.access, v), b))
+            .collect())
     }
 
     /// The number of matches the caller may see.
@@ -280,6 +295,7 @@ impl View<'_> {
         if self.access.is_unrestricted() {
             return Ok(sq::fetch_many(self.conn, rtype, ids).await?);
         }
+        let access = self.access;
         let mut out = Vec::new();
         for chunk in ids.chunks(500) {
             let mut conds = vec![Cond::Ids(chunk.to_vec())];
@@ -293,7 +309,7 @@ impl View<'_> {
                 sq::search(self.conn, &q, None, chunk.len())
                     .await?
                     .into_iter()
-                    .map(|(v, _)| v),
+                    .map(|(v, _)| present(access, v)),
             );
         }
         Ok(out)
@@ -342,6 +358,7 @@ impl View<'_> {
         Ok(rows
             .into_iter()
             .filter(|v| permits_version(self.access, Ops::READ, v))
+            .map(|v| present(self.access, v))
             .collect())
     }
 
@@ -380,6 +397,32 @@ impl View<'_> {
     ) -> Result<(String, Vec<String>)> {
         self.ready().await?;
         Ok(sq::explain_compartment_page(self.conn, dialect, target, pairs, limit).await?)
+    }
+}
+
+/// A version as this caller is given it: an insurer's has the elements
+/// its policy masks taken out (and is marked SUBSETTED), before any
+/// format, `_elements` or `_summary` sees it.
+fn present(access: &Access, mut v: Version) -> Version {
+    let Some(rules) = access.circle().and_then(|c| c.insurer()) else {
+        return v;
+    };
+    if let Some(body) = v.body.as_deref() {
+        v.body = match serde_json::from_str::<Value>(body) {
+            Ok(mut r) => {
+                rules.mask(&v.rtype, &mut r);
+                Some(r.to_string())
+            }
+            Err(_) => None,
+        };
+    }
+    v
+}
+
+fn present_found(access: &Access, f: Found) -> Found {
+    match f {
+        Found::Live(v) => Found::Live(present(access, v)),
+        other => other,
     }
 }
 

@@ -10,6 +10,7 @@ use ehrx::server::Server;
 use serde_json::Value;
 use sqlx::Connection;
 
+pub mod records;
 pub mod smart;
 
 pub struct TestServer {

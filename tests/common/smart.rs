@@ -448,15 +448,29 @@ pub async fn all_pages(s: &TestServer, token: &str, path: &str) -> (u16, Vec<(St
     }
 }
 
-/// An access token bound to `patient` through an EHR launch by a
-/// practitioner (login and consent driven like a browser).
+/// An access token of the patient themself (an account whose `fhirUser`
+/// is `Patient/{patient}`), launched with `patient` as context (login and
+/// consent driven like a browser).
 pub async fn patient_token(s: &TestServer, patient: &str, scope: &str) -> String {
     let launch = cli(s, &["launch", "--patient", patient], None)["launch"]
         .as_str()
         .unwrap()
         .to_string();
-    let user = format!("dr.{}", uuid::Uuid::new_v4().simple());
-    practitioner_user(s, &user, "matrix");
+    let user = format!("pt.{}", uuid::Uuid::new_v4().simple());
+    let out = cli(
+        s,
+        &[
+            "user",
+            "add",
+            "--username",
+            &user,
+            "--password-stdin",
+            "--fhir-user",
+            &format!("Patient/{patient}"),
+        ],
+        Some("correct horse battery\n"),
+    );
+    assert_eq!(out["fhirUser"], format!("Patient/{patient}"));
     let client = public_client(s, &format!("launch {scope}"));
     let t = app_token(
         s,
