@@ -110,6 +110,8 @@ async fn world() -> World {
         client_id: "bench".into(),
         user_id: None,
         fhir_user: None,
+        organization: None,
+        insurer_role: None,
         scopes: parse_scopes("system/*.rs").unwrap(),
         patient: None,
         encounter: None,

@@ -302,6 +302,11 @@ async fn world() -> World {
         if t == "Coverage" {
             r["payor"] = json!([{"reference": "Organization/insurer"}]);
             r["status"] = json!("active");
+            r["identifier"] = json!([
+                {"type": {"coding": [coding("http://terminology.hl7.org/CodeSystem/v2-0203", "MB")]},
+                 "value": "member-1"},
+                {"system": "urn:ssn", "value": SECRET}
+            ]);
         }
         if t == "Claim" {
             r["text"] = json!({"status": "generated", "div": format!("<div xmlns=\"http://www.w3.org/1999/xhtml\">{SECRET}</div>")});
@@ -634,7 +639,7 @@ async fn everything_and_batch_reads_show_only_what_the_circle_allows() {
                 ));
             }
         }
-        // Batch GET entries.
+        // Batch GET entries, each answered on its own.
         let entries: Vec<Value> = w
             .recs
             .iter()
@@ -647,6 +652,51 @@ async fn everything_and_batch_reads_show_only_what_the_circle_allows() {
             let status = e["response"]["status"].as_str().unwrap_or("");
             if status.starts_with("200") != role.sees(r) {
                 wrong.push(format!("{role:?} batch GET {}: {status}", r.path()));
+            }
+        }
+        // A transaction of GET entries of only visible resources succeeds
+        // with each one; with one invisible resource it fails as a whole,
+        // like a transaction naming a resource that does not exist.
+        let visible: Vec<&Rec> = w.recs.iter().filter(|r| role.sees(r)).collect();
+        let tx = |rs: &[&Rec]| {
+            json!({"resourceType": "Bundle", "type": "transaction", "entry": rs
+                .iter()
+                .map(|r| json!({"request": {"method": "GET", "url": r.path()}}))
+                .collect::<Vec<_>>()})
+        };
+        if !visible.is_empty() {
+            let (st, out) = fhir(&w.s, tok, Method::POST, "", Some(&tx(&visible))).await;
+            let ok = out["entry"].as_array().is_some_and(|es| {
+                es.len() == visible.len()
+                    && es.iter().zip(&visible).all(|(e, r)| {
+                        e["resource"]["id"].as_str() == Some(r.id.as_str())
+                            && e["response"]["status"]
+                                .as_str()
+                                .is_some_and(|s| s.starts_with("200"))
+                    })
+            });
+            if st != 200 || !ok {
+                wrong.push(format!("{role:?} transaction GET of visible: {st} {out}"));
+            }
+        }
+        if let Some(hidden) = w.recs.iter().find(|r| !role.sees(r)) {
+            let mut rs = visible.clone();
+            rs.push(hidden);
+            let (st, _) = fhir(&w.s, tok, Method::POST, "", Some(&tx(&rs))).await;
+            let missing = Rec {
+                rtype: hidden.rtype.clone(),
+                id: "no-such-id".into(),
+                owner: "p",
+                labels: vec![],
+            };
+            let mut rs2 = visible.clone();
+            rs2.push(&missing);
+            let (st2, _) = fhir(&w.s, tok, Method::POST, "", Some(&tx(&rs2))).await;
+            if st != st2 || st == 200 {
+                wrong.push(format!(
+                    "{role:?} transaction GET of hidden {}: {st}, of a missing one: {st2}",
+                    hidden.path()
+                ));
             }
         }
     }
@@ -718,6 +768,26 @@ async fn a_revoked_consent_counts_on_the_next_request_for_tokens_issued_before()
 }
 
 #[tokio::test]
+async fn an_active_care_team_brings_its_members_into_the_circle() {
+    let w = world().await;
+    let dr = person_token(&w.s, "Practitioner/dr-team").await;
+    assert_eq!(get(&w.s, &dr, "Condition/p-condition").await.0, 404);
+    assert_eq!(get(&w.s, &dr, "Patient/p").await.0, 404);
+    let team = |status: &str| {
+        json!({"resourceType": "CareTeam", "id": "team-p", "status": status,
+            "subject": {"reference": "Patient/p"},
+            "participant": [{"member": {"reference": "Practitioner/dr-team"}}]})
+    };
+    put(&w.s, &w.admin, &team("active")).await;
+    assert_eq!(get(&w.s, &dr, "Patient/p").await.0, 200);
+    assert_eq!(get(&w.s, &dr, "Condition/p-condition").await.0, 200);
+    // Still nothing of Q.
+    assert_eq!(get(&w.s, &dr, "Patient/q").await.0, 404);
+    put(&w.s, &w.admin, &team("inactive")).await;
+    assert_eq!(get(&w.s, &dr, "Patient/p").await.0, 404);
+}
+
+#[tokio::test]
 async fn a_patient_may_write_only_their_own_consent() {
     let w = world().await;
     let mut other = p_consent("active");
@@ -784,7 +854,30 @@ async fn masked_insurer_elements_never_appear_in_any_format() {
     assert_eq!(st, 200);
     assert!(claim.get("identifier").is_none() && claim.get("text").is_none());
     assert!(claim["supportingInfo"][0].get("valueAttachment").is_none());
-    // A Coverage's member id stays.
+    // Searching a masked element would tell what the mask hides: refused,
+    // whether the value exists or not.
+    for value in [SECRET, "no-such-value"] {
+        let (st, out) = get(&w.s, tok, &format!("Claim?identifier={value}")).await;
+        assert_eq!(st, 403, "{out}");
+    }
+    // A Coverage's member id stays; its other identifiers go.
+    let (st, cov) = get(&w.s, tok, "Coverage/p-coverage").await;
+    assert_eq!(st, 200, "{cov}");
+    let (_, full) = get(&w.s, &w.admin, "Coverage/p-coverage").await;
+    let member = |c: &Value| {
+        c["identifier"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| i["type"]["coding"][0]["code"] == "MB")
+            .count()
+    };
+    assert_eq!((member(&cov), member(&full)), (1, 1));
+    assert!(!cov.to_string().contains(SECRET) && full.to_string().contains(SECRET));
+    assert_eq!(
+        cov["identifier"].as_array().map_or(0, Vec::len),
+        member(&full)
+    );
 }
 
 #[tokio::test]

@@ -1209,7 +1209,12 @@ async fn launch(
         let patient = body.get("patient").and_then(Value::as_str);
         let encounter = body.get("encounter").and_then(Value::as_str);
         if let Some(pid) = patient {
-            let gate = s.store.gate(verified.access.clone());
+            // The practitioner must see the patient now: their circle of
+            // trust, read for this request.
+            let access = super::request::with_circle(&s, verified.access.clone())
+                .await
+                .map_err(|e| AuthError::AccessDenied(e.to_string()))?;
+            let gate = s.store.gate(access);
             let mut r = gate.reader().await?;
             crate::interaction::read(&mut r.view(), "Patient", pid)
                 .await

@@ -797,6 +797,30 @@ mod tests {
     }
 
     #[test]
+    fn codes_and_data_periods_select_resources() {
+        let c = consent(json!({"type": "permit", "provision": [
+            {"type": "permit", "actor": actor("Practitioner/x"),
+             "code": [{"coding": [{"system": "http://loinc.org", "code": "718-7"}]}]},
+            {"type": "permit", "actor": actor("Practitioner/y"),
+             "dataPeriod": {"start": "2020-01-01", "end": "2020-12-31"}}
+        ]}));
+        let obs = |code: &str, date: &str| {
+            let r = json!({"resourceType": "Observation", "id": "o", "status": "final",
+                "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+                "effectiveDateTime": date, "subject": {"reference": "Patient/p"}});
+            index::extract("Observation", &r)
+        };
+        let x = circle(&["Practitioner/x"], false, vec![c.clone()]);
+        assert!(x.holds(Ops::READ, "Observation", "o", &obs("718-7", "2019-05-05")));
+        assert!(!x.holds(Ops::READ, "Observation", "o", &obs("2345-7", "2019-05-05")));
+        let y = circle(&["Practitioner/y"], false, vec![c]);
+        assert!(y.holds(Ops::READ, "Observation", "o", &obs("2345-7", "2020-05-05")));
+        assert!(!y.holds(Ops::READ, "Observation", "o", &obs("2345-7", "2021-05-05")));
+        // A type without a clinical date matches no data period.
+        assert!(!y.holds(Ops::READ, "Patient", "p", &Rows::default()));
+    }
+
+    #[test]
     fn inactive_or_other_scope_consents_do_not_count() {
         let mut c = consent(json!({"type": "permit"}));
         assert!(in_force(&c, NOW));

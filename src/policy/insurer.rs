@@ -132,6 +132,36 @@ impl InsurerRules {
         Some(Cond::And(parsed.conds))
     }
 
+    /// Whether a search parameter of `rtype` reads a masked element: a
+    /// search on it would tell what the mask hides.
+    pub fn masks_param(&self, rtype: &str, param: &str) -> bool {
+        let Some(expr) = crate::search::registry::registry()
+            .get(rtype, param)
+            .and_then(|p| p.expr.as_ref())
+        else {
+            return false;
+        };
+        crate::search::fhirpath::element_paths(expr)
+            .iter()
+            .any(|path| self.masks_path(rtype, path))
+    }
+
+    fn masks_path(&self, rtype: &str, path: &[String]) -> bool {
+        let Some(top) = path.first() else {
+            return false;
+        };
+        if self.masks_element(rtype, top) {
+            return true;
+        }
+        let rule = self.role.types.get(rtype);
+        self.role
+            .mask
+            .iter()
+            .chain(rule.map(|r| r.mask.iter()).into_iter().flatten())
+            .filter_map(|m| m.strip_prefix("*."))
+            .any(|deep| path.iter().any(|p| p == deep))
+    }
+
     /// The top-level elements of `rtype` that are masked (for refusing
     /// searches on them).
     pub fn masks_element(&self, rtype: &str, element: &str) -> bool {
@@ -264,5 +294,10 @@ mod tests {
         assert!(cond.get("evidence").is_none() && cond.get("note").is_none());
         assert!(r.masks_element("Condition", "evidence"));
         assert!(!r.masks_element("Condition", "code"));
+        // Searches on masked elements would tell what the mask hides.
+        assert!(r.masks_param("Claim", "identifier"));
+        assert!(r.masks_param("Condition", "evidence"));
+        assert!(!r.masks_param("Claim", "patient"));
+        assert!(!r.masks_param("Condition", "code"));
     }
 }

@@ -411,6 +411,15 @@ impl Access {
         if self.is_unrestricted() {
             return Ok(());
         }
+        if let Some(rules) = self.circle.as_ref().and_then(|c| c.insurer()) {
+            for c in conds.iter() {
+                if let Some(p) = masked_param(rules, rtype, c) {
+                    return Err(Error::Forbidden(format!(
+                        "{rtype}?{p}: the insurer policy masks what this parameter searches"
+                    )));
+                }
+            }
+        }
         for c in conds.iter_mut() {
             self.confine_inner(c)?;
         }
@@ -465,6 +474,27 @@ impl Access {
             .copied()
             .filter(|t| self.check_type(op, t).is_ok())
             .collect()
+    }
+}
+
+/// A search parameter in `c` (on `rtype`, or on the source type of a
+/// `_has`) that reads an element the insurer's policy masks. Chains are
+/// checked on their target type when they are confined.
+fn masked_param<'c>(rules: &insurer::InsurerRules, rtype: &str, c: &'c Cond) -> Option<&'c str> {
+    match c {
+        Cond::Index { param, .. } | Cond::Chain { param, .. }
+            if rules.masks_param(rtype, param) =>
+        {
+            Some(param)
+        }
+        Cond::Composite(parts) => parts
+            .iter()
+            .find(|(_, p, _)| rules.masks_param(rtype, p))
+            .map(|(_, p, _)| p.as_str()),
+        Cond::Has { source, param, .. } if rules.masks_param(source, param) => Some(param),
+        Cond::Not(inner) => masked_param(rules, rtype, inner),
+        Cond::Or(cs) | Cond::And(cs) => cs.iter().find_map(|c| masked_param(rules, rtype, c)),
+        _ => None,
     }
 }
 

@@ -274,6 +274,48 @@ pub fn compile(src: &str) -> Result<Expr, String> {
     Ok(e)
 }
 
+/// The element paths an expression reads, as JSON names from the
+/// resource down (`Claim.identifier` → `["identifier"]`, `Observation.value
+/// as Quantity` → `["valueQuantity"]`): what a search on it can reveal.
+pub fn element_paths(e: &Expr) -> Vec<Vec<String>> {
+    match e {
+        Expr::Root(name) if name.starts_with(|c: char| c.is_ascii_uppercase()) => vec![vec![]],
+        Expr::Root(name) => vec![vec![name.clone()]],
+        Expr::Field(inner, name) => element_paths(inner)
+            .into_iter()
+            .map(|mut p| {
+                p.push(name.clone());
+                p
+            })
+            .collect(),
+        Expr::As(inner, ty) => element_paths(inner)
+            .into_iter()
+            .map(|mut p| {
+                if let Some(last) = p.last_mut() {
+                    let mut cs = ty.chars();
+                    if let Some(first) = cs.next() {
+                        last.push(first.to_ascii_uppercase());
+                        last.push_str(cs.as_str());
+                    }
+                }
+                p
+            })
+            .collect(),
+        Expr::Extension(inner, _) => element_paths(inner)
+            .into_iter()
+            .map(|mut p| {
+                p.push("extension".into());
+                p
+            })
+            .collect(),
+        Expr::WhereResolveIs(inner, _)
+        | Expr::WhereEq(inner, _, _)
+        | Expr::Index(inner, _)
+        | Expr::ExistsNotFalse(inner) => element_paths(inner),
+        Expr::Union(parts) => parts.iter().flat_map(element_paths).collect(),
+    }
+}
+
 /// The parts of a (possibly multi-type) expression that apply to `rtype`,
 /// e.g. `Observation.subject` out of `A.patient | Observation.subject`.
 pub fn for_type(e: &Expr, rtype: &str) -> Option<Expr> {
