@@ -125,15 +125,13 @@ async fn world_with(adjust: impl FnOnce(&mut ehrx::config::Config)) -> World {
 }
 
 async fn practitioner_login(s: &TestServer, username: &str) -> String {
-    let client = public_client(s, "openid fhirUser user/*.cruds");
-    let t = app_token(
-        s,
-        &client,
-        "openid fhirUser user/*.cruds",
-        Some((username, PASSWORD)),
-        &[],
-    )
-    .await;
+    practitioner_login_with(s, username, "user/*.cruds").await
+}
+
+async fn practitioner_login_with(s: &TestServer, username: &str, scope: &str) -> String {
+    let scope = format!("openid fhirUser {scope}");
+    let client = public_client(s, &scope);
+    let t = app_token(s, &client, &scope, Some((username, PASSWORD)), &[]).await;
     t["access_token"].as_str().unwrap().to_string()
 }
 
@@ -929,4 +927,24 @@ async fn amendment_types_name_the_gated_types() {
         )
         .await;
     assert_eq!(st, 202);
+}
+
+#[tokio::test]
+async fn an_amendment_needs_a_token_that_may_create_its_task() {
+    let w = world().await;
+    let obs = w.clinicians_observation().await;
+    let narrow = practitioner_login_with(&w.s, "dr.a", "user/Observation.cruds").await;
+    let mut changed = obs.clone();
+    changed["valueQuantity"]["value"] = json!(83);
+    let path = format!("Observation/{}", id(&obs));
+    let (st, outcome) = w.call(&narrow, Method::PUT, &path, Some(&changed)).await;
+    assert_eq!(st, 403, "{outcome}");
+    assert!(
+        outcome["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("Task"),
+        "{outcome}"
+    );
+    assert_eq!(version(&w.read(&path).await), "1");
 }

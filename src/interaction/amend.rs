@@ -82,6 +82,16 @@ pub async fn propose(tx: &mut Writer, cur: &Version, proposed: Option<Value>) ->
         Error::Forbidden("an amendment needs an author named by the token (fhirUser)".into())
     })?;
     let target = format!("{}/{}", cur.rtype, cur.id);
+    if tx.access().check_type(Ops::CREATE, "Task").is_err() {
+        return Err(rights::refused(
+            format!(
+                "a practitioner's change of {target} is an amendment that another practitioner \
+                 approves, kept as a Task: the token needs a scope that creates Task \
+                 (user/Task.c, or patient/Task.c)"
+            ),
+            None,
+        ));
+    }
     let what = if proposed.is_some() {
         "Update"
     } else {
