@@ -11,6 +11,12 @@
 //!   by code through the gate.
 //! - `serialise/bundle_*`: a 50-entry searchset written with stored bodies
 //!   spliced in, against parsing and re-serialising every resource.
+//! - `circle/load_facts`: reading a practitioner's circle of trust (roles,
+//!   care relationships, Consents naming them, their patients' Consents,
+//!   break-the-glass grants), as every request of theirs does;
+//!   `circle/compile`: turning it into the Observation condition;
+//!   `sql/search_observations_consent`: the search above for that
+//!   practitioner, whose patient's Consent has five provisions.
 //!
 //!     cargo bench --bench request
 //!
@@ -24,9 +30,11 @@ use ehrx::auth::token::{self, Grant};
 use ehrx::auth::Auth;
 use ehrx::fhir::bundle::{Bundle, Entry, Resource};
 use ehrx::interaction::{self, Env};
-use ehrx::policy::scope::parse_scopes;
+use ehrx::policy::consent::{Circle, ConsentDefault};
+use ehrx::policy::role::{Practitioner, Role};
+use ehrx::policy::scope::{parse_scopes, Ops};
 use ehrx::policy::{Access, Maintenance};
-use ehrx::store::Store;
+use ehrx::store::{circle, Store};
 use serde_json::{json, Map, Value};
 
 const BUNDLES: &str = "../shared/data/synthea/hiv-transaction-bundles";
@@ -234,6 +242,55 @@ fn stages(c: &mut Criterion) {
         b.iter(|| serde_json::to_vec(&build(true).into_value().unwrap()).unwrap())
     });
     g.finish();
+
+    // A Consent of five provisions that lets Practitioner/bench in.
+    rt.block_on(async {
+        let labels = "http://terminology.hl7.org/CodeSystem/v3-ActCode";
+        let actor = |r: &str| json!([{"role": {"text": "x"}, "reference": {"reference": r}}]);
+        let consent = json!({"resourceType": "Consent", "status": "active",
+            "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
+            "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+            "patient": {"reference": format!("Patient/{}", w.patient)},
+            "provision": {"type": "permit", "provision": [
+                {"type": "permit", "actor": actor("Practitioner/bench")},
+                {"type": "deny", "actor": actor("Practitioner/bench"), "securityLabel": [{"system": labels, "code": "PSY"}]},
+                {"type": "deny", "actor": actor("Practitioner/bench"), "securityLabel": [{"system": labels, "code": "ETH"}]},
+                {"type": "deny", "actor": actor("Organization/acme"), "securityLabel": [{"system": labels, "code": "HIV"}]}]}});
+        let gate = w.store.gate(Access::maintenance(Maintenance::Import));
+        let mut tx = gate.begin().await.unwrap();
+        interaction::create(&mut tx, "Consent", consent, None)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    });
+    let role = Role::Practitioner(Practitioner::Id("bench".into()));
+    let now = chrono::Utc::now().timestamp();
+    let mut g = c.benchmark_group("circle");
+    g.bench_function("load_facts", |b| {
+        b.iter(|| rt.block_on(circle::facts(&w.store, &role, now)).unwrap())
+    });
+    let mut facts = rt.block_on(circle::facts(&w.store, &role, now)).unwrap();
+    facts.default = Some(ConsentDefault::PermitTreatment);
+    assert!(facts.consents.contains_key(&w.patient));
+    let circle = Circle::new(facts, None);
+    g.bench_function("compile", |b| {
+        b.iter(|| circle.cond(Ops::READ, "Observation"))
+    });
+    g.finish();
+    let user = parse_scopes("user/*.rs").unwrap();
+    let gate = w
+        .store
+        .gate(Access::from_token(&user, None, role).with_circle(circle));
+    c.bench_function("sql/search_observations_consent", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let mut r = gate.reader().await.unwrap();
+                interaction::search(&mut r.view(), &w.env, "Observation", &params, true)
+                    .await
+                    .unwrap()
+            })
+        })
+    });
 }
 
 criterion_group!(benches, stages);

@@ -238,7 +238,11 @@ fn p_consent(status: &str) -> Value {
 }
 
 async fn world() -> World {
-    let s = TestServer::start_secured().await;
+    world_with(|_| {}).await
+}
+
+async fn world_with(adjust: impl FnOnce(&mut ehrx::config::Config)) -> World {
+    let s = TestServer::start_with(adjust).await;
     let admin = admin_token(&s).await;
     let p_family = format!("Fam{}", uuid::Uuid::new_v4().simple());
     for r in [
@@ -785,6 +789,23 @@ async fn an_active_care_team_brings_its_members_into_the_circle() {
     assert_eq!(get(&w.s, &dr, "Patient/q").await.0, 404);
     put(&w.s, &w.admin, &team("inactive")).await;
     assert_eq!(get(&w.s, &dr, "Patient/p").await.0, 404);
+}
+
+#[tokio::test]
+async fn with_consent_default_deny_only_a_consent_lets_anyone_in() {
+    let w = world_with(|c| {
+        c.consent_default = ehrx::policy::consent::ConsentDefault::Deny;
+    })
+    .await;
+    // Q has no Consent: their general practitioner sees nothing.
+    assert_eq!(get(&w.s, w.token(Role::Outside), "Patient/q").await.0, 404);
+    // P's Consent permits P's care team (its root) and the clinic.
+    assert_eq!(get(&w.s, w.token(Role::Treating), "Patient/p").await.0, 200);
+    assert_eq!(get(&w.s, w.token(Role::Clinic), "Patient/p").await.0, 200);
+    // Without it, nobody.
+    w.set_consent("inactive").await;
+    assert_eq!(get(&w.s, w.token(Role::Treating), "Patient/p").await.0, 404);
+    assert_eq!(get(&w.s, w.token(Role::Clinic), "Patient/p").await.0, 404);
 }
 
 #[tokio::test]

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What consent enforcement costs: search and $everything for a practitioner
 # whose patient has a Consent of five provisions that names them, against
-# an unrestricted system/*.rs token, on the Synthea HIV set in a fresh
-# SQLite database. Each shape runs DURATION (default 10s) with wrk (2
+# an unrestricted system/*.rs token, on the Synthea HIV set loaded COPIES
+# times (default 9: about 108,000 resources, scripts/bench/replicate.py)
+# into a fresh SQLite database. Each shape runs DURATION (default 10s) with wrk (2
 # threads, 16 connections); rounds alternate the two tokens (ROUNDS,
 # default 3) and the p50 latencies are printed per round.
 #   scripts/bench/consent.sh [DATA_DIR]
@@ -13,6 +14,7 @@ cd "$(dirname "$0")/../.."
 data="${1:-../shared/data}"
 duration="${DURATION:-10s}"
 rounds="${ROUNDS:-3}"
+copies="${COPIES:-9}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ehrx-target}"
 if [ -z "${EHRX_BIN:-}" ]; then
   cargo build --release --quiet
@@ -22,10 +24,15 @@ work=$(mktemp -d)
 port="${BENCH_PORT:-18083}"
 base="http://127.0.0.1:$port"
 export EHRX_DATABASE_URL="sqlite:$work/bench.db" EHRX_LOG=warn EHRX_BASE_URL="$base"
-"$bin" import --quiet "$data/synthea/hiv-transaction-bundles" >/dev/null
-EHRX_LISTEN="127.0.0.1:$port" "$bin" serve &
+# Loading: authorization off, then the server is started again with it on.
+EHRX_AUTH_DISABLED=true EHRX_LISTEN="127.0.0.1:$port" "$bin" serve &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$work"' EXIT
+for _ in $(seq 100); do curl -sf "$base/metadata" >/dev/null && break; sleep 0.1; done
+python3 scripts/bench/replicate.py "$base" "$data/synthea/hiv-transaction-bundles" "$copies" 2
+kill $pid; wait $pid 2>/dev/null || true
+EHRX_LISTEN="127.0.0.1:$port" "$bin" serve &
+pid=$!
 for _ in $(seq 100); do curl -sf "$base/metadata" >/dev/null && break; sleep 0.1; done
 
 sys=$(python3 scripts/bench/smart_token.py system "$base" "$bin" "system/*.cruds")

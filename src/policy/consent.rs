@@ -217,6 +217,19 @@ impl Circle {
         if !full.is_empty() {
             alts.push(B::C(member(rtype, &params, full)));
         }
+        if op == Ops::CREATE && rtype == "Patient" && self.insurer.is_none() {
+            // A practitioner registers a new patient whose general
+            // practitioner they are (themself, a role, an organisation).
+            for (t, ids) in by_type(&self.facts.identity) {
+                if ["Practitioner", "PractitionerRole", "Organization"].contains(&t) {
+                    alts.push(B::C(Cond::RefersTo {
+                        params: vec!["general-practitioner".into()],
+                        target_type: t.to_string(),
+                        target_ids: ids,
+                    }));
+                }
+            }
+        }
         let mut all = B::or(alts);
         if let Some(e) = extra {
             all = B::and(vec![all, B::C(e)]);
@@ -478,6 +491,17 @@ impl Ctx<'_> {
             Err(_) => B::F,
         }
     }
+}
+
+/// References `Type/id` grouped by type.
+fn by_type(refs: &BTreeSet<String>) -> BTreeMap<&str, Vec<String>> {
+    let mut out: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for r in refs {
+        if let Some((t, id)) = r.split_once('/') {
+            out.entry(t).or_default().push(id.to_string());
+        }
+    }
+    out
 }
 
 /// Membership in the record of `patients`.
@@ -794,6 +818,20 @@ mod tests {
         };
         assert!(c.holds(Ops::READ, "Claim", "k", &claim(&[])));
         assert!(!c.holds(Ops::READ, "Claim", "k", &claim(&["HIV"])));
+    }
+
+    #[test]
+    fn a_practitioner_registers_only_patients_they_treat() {
+        let c = circle(&["Practitioner/x", "Organization/o"], false, vec![]);
+        let patient = |gp: &str| {
+            let r = json!({"resourceType": "Patient", "id": "new",
+                "generalPractitioner": [{"reference": gp}]});
+            index::extract("Patient", &r)
+        };
+        assert!(c.holds(Ops::CREATE, "Patient", "new", &patient("Practitioner/x")));
+        assert!(c.holds(Ops::CREATE, "Patient", "new", &patient("Organization/o")));
+        assert!(!c.holds(Ops::CREATE, "Patient", "new", &patient("Practitioner/y")));
+        assert!(!c.holds(Ops::READ, "Patient", "new", &patient("Practitioner/x")));
     }
 
     #[test]
