@@ -104,6 +104,18 @@ pub struct Config {
     /// How long a break-the-glass grant lasts, in minutes
     /// (`EHRX_EMERGENCY_ACCESS_MINUTES`, 1 to 1440).
     pub emergency_access_minutes: u64,
+    /// The resource types whose existing resources a practitioner changes
+    /// or deletes only with a second practitioner's approval (four-eyes
+    /// amendments; `EHRX_AMENDMENT_TYPES`, comma-separated). Unset: every
+    /// type of the Patient compartment but `Consent` (a Patient's
+    /// demographic elements and patient-reported data are never gated);
+    /// an empty list turns amendments off.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "optional_list_or_commas"
+    )]
+    pub amendment_types: Option<Vec<String>>,
 }
 
 /// How log lines are written.
@@ -145,6 +157,12 @@ fn list_or_commas<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>,
     })
 }
 
+fn optional_list_or_commas<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<String>>, D::Error> {
+    list_or_commas(d).map(Some)
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -180,6 +198,7 @@ impl Default for Config {
             consent_default: crate::policy::consent::ConsentDefault::PermitTreatment,
             insurer_policy: None,
             emergency_access_minutes: 60,
+            amendment_types: None,
         }
     }
 }
@@ -280,6 +299,13 @@ impl Config {
             ));
         }
         self.insurer_policy().map_err(ConfigError)?;
+        for t in self.amendment_types.iter().flatten() {
+            if !crate::fhir::types::is_resource_type(t) {
+                return Err(ConfigError(format!(
+                    "amendment_types: '{t}' is not a FHIR R4 resource type"
+                )));
+            }
+        }
         if self.backup_keep == 0 {
             return Err(ConfigError("backup_keep must be positive".into()));
         }
@@ -330,11 +356,49 @@ impl Config {
         std::time::Duration::from_millis(self.revocation_max_delay_ms)
     }
 
+    /// The types four-eyes amendments gate (`amendment_types`).
+    pub fn amendment_types(&self) -> Vec<String> {
+        match &self.amendment_types {
+            Some(list) => list.clone(),
+            None => crate::policy::rights::default_amendment_types(),
+        }
+    }
+
     pub fn base_url(&self) -> String {
         match &self.base_url {
             Some(b) => b.trim_end_matches('/').to_string(),
             None if self.tls_cert_file.is_some() => format!("https://{}", self.listen),
             None => format!("http://{}", self.listen),
         }
+    }
+}
+
+#[cfg(test)]
+mod amendment_types_tests {
+    use super::*;
+
+    fn with(toml: &str) -> Config {
+        Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(toml))
+            .extract()
+            .unwrap()
+    }
+
+    #[test]
+    fn amendment_types_default_to_the_compartment_and_can_be_listed_or_emptied() {
+        let d = with("");
+        assert_eq!(d.amendment_types, None);
+        assert!(d.amendment_types().contains(&"Observation".to_string()));
+        assert!(with("amendment_types = []").amendment_types().is_empty());
+        // As the environment gives it: one comma-separated string.
+        assert_eq!(
+            with("amendment_types = \"Observation, Condition\"").amendment_types(),
+            ["Observation", "Condition"]
+        );
+        let bad = Config {
+            amendment_types: Some(vec!["Nonsense".into()]),
+            ..Config::default()
+        };
+        assert!(bad.validate().is_err());
     }
 }

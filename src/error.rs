@@ -65,6 +65,20 @@ pub enum Error {
     /// A valid token whose scopes do not allow the request (403).
     #[error("{0}")]
     Forbidden(String),
+    /// A write the caller's role may not make (403), naming the element
+    /// (patients' rights, consent authorship, amendments).
+    #[error("{message}")]
+    Refused {
+        message: String,
+        expression: Option<String>,
+    },
+    /// A write that breaks a rule of the record (422 business-rule),
+    /// naming the element.
+    #[error("{message}")]
+    Rule {
+        message: String,
+        expression: Option<String>,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     /// A signed-XML document refused by the exchange.
@@ -136,7 +150,8 @@ impl Error {
             Error::Store(e) if e.is_timeout() => StatusCode::SERVICE_UNAVAILABLE,
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::Forbidden(_) | Error::Refused { .. } => StatusCode::FORBIDDEN,
+            Error::Rule { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Error::Store(StoreError::Conflict(_)) => StatusCode::CONFLICT,
             Error::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Error::Exchange(e) => e.status(),
@@ -163,7 +178,8 @@ impl Error {
             Error::Store(e) if e.is_timeout() => "timeout",
             Error::NotSupported(_) | Error::MethodNotAllowed(_) => "not-supported",
             Error::Unauthorized(_) => "login",
-            Error::Forbidden(_) => "forbidden",
+            Error::Forbidden(_) | Error::Refused { .. } => "forbidden",
+            Error::Rule { .. } => "business-rule",
             Error::Store(StoreError::Conflict(_)) => "conflict",
             Error::Store(_) => "exception",
             Error::Exchange(e) => e.code(),
@@ -174,7 +190,9 @@ impl Error {
     fn expression(&self) -> Option<String> {
         match self {
             Error::Parse(f) | Error::PatchedInvalid(f) => f.expression.clone(),
-            Error::Invalid { expression, .. } => expression.clone(),
+            Error::Invalid { expression, .. }
+            | Error::Refused { expression, .. }
+            | Error::Rule { expression, .. } => expression.clone(),
             Error::Exchange(e) => e.xpath(),
             Error::InEntry { index, source } => Some(match source.expression() {
                 // A resource-relative path such as `Patient.name` sits under the entry's resource.

@@ -186,7 +186,16 @@ async fn discovery_documents_and_public_endpoints() {
         .iter()
         .map(|o| o["name"].as_str().unwrap())
         .collect();
-    assert_eq!(ops, ["everything", "signed-document"]);
+    assert_eq!(
+        ops,
+        [
+            "everything",
+            "signed-document",
+            "correction-request",
+            "approve",
+            "reject"
+        ]
+    );
     let uris = &sec["extension"][0];
     assert_eq!(
         uris["url"],
@@ -714,10 +723,12 @@ async fn transactions_are_confined_entry_by_entry_and_stay_atomic() {
         .to_string();
     practitioner_user(&s, "dr.tx", "pr-2");
     let client = public_client(&s, "launch patient/*.cruds");
+    // Task: a practitioner's change of a record is an amendment, kept as
+    // a Task for another practitioner to approve.
     let t = app_token(
         &s,
         &client,
-        "launch patient/Observation.cruds",
+        "launch patient/Observation.cruds patient/Task.c",
         Some(("dr.tx", "correct horse battery")),
         &[("launch", &launch)],
     )
@@ -794,7 +805,8 @@ async fn transactions_are_confined_entry_by_entry_and_stay_atomic() {
         )
         .await
         .0,
-        204
+        202,
+        "deleting a record of their patient is an amendment awaiting approval"
     );
 }
 

@@ -103,6 +103,18 @@ pub fn capability_statement(base: &str) -> Value {
             "name": "signed-document",
             "definition": format!("{base}/OperationDefinition/Patient-signed-document"),
             "documentation": "GET Patient/{id}/$signed-document[?recipient=Organization/{id}][&signature=rsa-sha256|ecdsa-sha256]: the patient's records as a FHIR XML document Bundle signed (XML-DSig, RSA-SHA256 by default or ECDSA-SHA256) with ehrx's exchange key, the Patient encrypted (XML-Enc) for the recipient subscriber's certificate when asked"
+        }, {
+            "name": "correction-request",
+            "definition": "http://hl7.org/fhir/uv/patient-corrections/OperationDefinition/correction-request",
+            "documentation": "POST Patient/{id}/$correction-request with a Communication (payload: what is wrong; about: the resources concerned), by the patient with their own token: stores the Communication and a Task (code medRecCxReq, status requested, business status queued) in the amendment queue; answers 201 with the Task"
+        }, {
+            "name": "approve",
+            "definition": format!("{base}/OperationDefinition/Task-approve"),
+            "documentation": "POST Task/{id}/$approve [Parameters comment]: a practitioner other than its author applies a pending amendment (with a Provenance naming author and verifier) or accepts a correction request; 409 when the resource changed since the proposal or the Task is no longer requested"
+        }, {
+            "name": "reject",
+            "definition": format!("{base}/OperationDefinition/Task-reject"),
+            "documentation": "POST Task/{id}/$reject with Parameters reason: closes a pending amendment or correction request as rejected; the record is unchanged"
         }],
         "compartment": ["http://hl7.org/fhir/CompartmentDefinition/patient"],
     }]);

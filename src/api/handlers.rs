@@ -40,7 +40,8 @@ fn written(state: &AppState, req: &FhirRequest, w: Written) -> FhirResponse {
     let location = format!("{}/{}", state.env.base, w.versioned_path());
     let mut r = version_headers(FhirResponse::new(w.status), w.version, &w.last_updated);
     r = r.header(
-        if w.status == StatusCode::CREATED {
+        // 202: a proposed amendment; the Location is its Task.
+        if w.status == StatusCode::CREATED || w.status == StatusCode::ACCEPTED {
             header::LOCATION
         } else {
             header::CONTENT_LOCATION
@@ -59,7 +60,11 @@ fn written(state: &AppState, req: &FhirRequest, w: Written) -> FhirResponse {
     }
 }
 
-fn deleted(req: &FhirRequest, w: Option<Written>, what: &str) -> FhirResponse {
+fn deleted(state: &AppState, req: &FhirRequest, w: Option<Written>, what: &str) -> FhirResponse {
+    if let Some(w) = w.as_ref().filter(|w| w.status == StatusCode::ACCEPTED) {
+        // A proposed deletion: the record is unchanged, the Task answers.
+        return written(state, req, w.clone());
+    }
     let mut r = match req.prefer_return() {
         Return::OperationOutcome => FhirResponse::new(StatusCode::OK).with_value(
             operation_outcome(&[Issue::information(match &w {
@@ -175,25 +180,33 @@ pub async fn conditional_update(
     req.respond(result.await)
 }
 
-pub async fn delete(Path((rtype, id)): Path<(String, String)>, req: FhirRequest) -> Response {
+pub async fn delete(
+    State(state): State<AppState>,
+    Path((rtype, id)): Path<(String, String)>,
+    req: FhirRequest,
+) -> Response {
     let result = async {
         let if_match = req.if_match()?;
         let mut tx = req.gate.begin().await?;
         let w = interaction::delete(&mut tx, &rtype, &id, if_match).await?;
         tx.commit().await?;
-        Ok(deleted(&req, w, &format!("{rtype}/{id}")))
+        Ok(deleted(&state, &req, w, &format!("{rtype}/{id}")))
     };
     req.respond(result.await)
 }
 
-pub async fn conditional_delete(Path(rtype): Path<String>, req: FhirRequest) -> Response {
+pub async fn conditional_delete(
+    State(state): State<AppState>,
+    Path(rtype): Path<String>,
+    req: FhirRequest,
+) -> Response {
     let result = async {
         interaction::check_type(&rtype)?;
         let query = criteria_only(criteria(&req)?);
         let mut tx = req.gate.begin().await?;
         let w = interaction::conditional_delete(&mut tx, &rtype, &query).await?;
         tx.commit().await?;
-        Ok(deleted(&req, w, &format!("{rtype}?{query}")))
+        Ok(deleted(&state, &req, w, &format!("{rtype}?{query}")))
     };
     req.respond(result.await)
 }
@@ -400,7 +413,9 @@ pub async fn compartment_or_operation(
     }
 }
 
-/// `POST /{type}/{id}/$operation`.
+/// `POST /{type}/{id}/$operation`: `Patient/{id}/$emergency-access`
+/// (break the glass), `Task/{id}/$approve` and `Task/{id}/$reject`
+/// (amendments and correction requests), `Patient/{id}/$correction-request`.
 pub async fn instance_operation(
     State(state): State<AppState>,
     Path((rtype, id, what)): Path<(String, String, String)>,
@@ -419,12 +434,38 @@ pub async fn instance_operation(
             .await?;
             return Ok(FhirResponse::new(StatusCode::OK).with_value(p));
         }
-        Err(Error::NotSupported(format!(
-            "operation POST {what} is not supported on {rtype}"
-        )))
+        interaction::check_type(&rtype)?;
+        let body = if req.body.is_empty() {
+            None
+        } else {
+            Some(req.resource()?)
+        };
+        let mut tx = req.gate.begin().await?;
+        let w = match (rtype.as_str(), what.as_str()) {
+            ("Task", "$approve") => {
+                let note = interaction::amend::parameter(body.as_ref(), "comment");
+                interaction::amend::approve(&mut tx, &id, note.as_deref()).await?
+            }
+            ("Task", "$reject") => {
+                let reason = interaction::amend::parameter(body.as_ref(), "reason");
+                interaction::amend::reject(&mut tx, &id, reason.as_deref().unwrap_or("")).await?
+            }
+            ("Patient", "$correction-request") => {
+                let body = body.ok_or_else(|| {
+                    Error::invalid("$correction-request takes a Communication in its body")
+                })?;
+                interaction::correction::request(&mut tx, &id, body).await?
+            }
+            _ => {
+                return Err(Error::NotSupported(format!(
+                    "operation POST {what} is not supported on {rtype}"
+                )))
+            }
+        };
+        tx.commit().await?;
+        Ok(written(&state, &req, w))
     };
-    let r = result.await;
-    req.respond(r)
+    req.respond(result.await)
 }
 
 pub async fn transaction(State(state): State<AppState>, req: FhirRequest) -> Response {

@@ -237,7 +237,13 @@ async fn bound_request(
         );
     }
     let limit = std::time::Duration::from_secs(state.config.request_timeout);
-    let run = crate::limits::scope(state.config.limits, next.run(req));
+    let run = crate::limits::scope(
+        state.config.limits,
+        crate::interaction::rights::scope(
+            std::sync::Arc::clone(&state.env.amendment_types),
+            next.run(req),
+        ),
+    );
     match tokio::time::timeout(limit, run).await {
         Ok(response) => response,
         Err(_) => {

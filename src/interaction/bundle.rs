@@ -88,6 +88,10 @@ impl EntryResponse {
     }
 
     fn deleted(w: Option<&Written>) -> EntryResponse {
+        if let Some(w) = w.filter(|w| w.status == StatusCode::ACCEPTED) {
+            // A proposed deletion: the Task of the amendment.
+            return EntryResponse::written(w);
+        }
         EntryResponse {
             status: StatusCode::NO_CONTENT,
             location: None,
@@ -532,6 +536,16 @@ async fn find(tx: &mut Writer, rtype: &str, query: &str) -> Result<Vec<crate::st
     tx.view().find(rtype, query).await
 }
 
+/// The Provenances a transaction writes.
+fn provenances(entries: &[Entry]) -> Vec<Value> {
+    entries
+        .iter()
+        .filter(|e| matches!(e.method, Method::Post | Method::Put))
+        .filter_map(|e| e.resource.clone())
+        .filter(|r| r.get("resourceType").and_then(Value::as_str) == Some("Provenance"))
+        .collect()
+}
+
 async fn transaction(
     gate: &Gate,
     env: &Env,
@@ -573,16 +587,20 @@ async fn transaction(
     order.sort_by_key(|&i| entries[i].method.phase());
 
     // 1. Deletes come first.
-    for &i in order
-        .iter()
-        .filter(|&&i| entries[i].method == Method::Delete)
-    {
-        responses[i] = Some(
-            perform(&mut tx, env, &entries[i], "")
-                .await
-                .map_err(|e| e.in_entry(i))?,
-        );
-    }
+    super::rights::with_vouchers(provenances(&entries), async {
+        for &i in order
+            .iter()
+            .filter(|&&i| entries[i].method == Method::Delete)
+        {
+            responses[i] = Some(
+                perform(&mut tx, env, &entries[i], "")
+                    .await
+                    .map_err(|e| e.in_entry(i))?,
+            );
+        }
+        Ok::<(), Error>(())
+    })
+    .await?;
 
     // 2. Decide the id every POST and PUT will have, so references can be rewritten.
     // Conditional creates and updates first lock their criteria against
@@ -699,35 +717,43 @@ async fn transaction(
         .collect();
     check_references(&mut tx, env, &entries, &written).await?;
 
-    // 4. Writes, then reads, in the spec's order.
-    let mut created: HashSet<String> = HashSet::new();
-    for &i in order
-        .iter()
-        .filter(|&&i| entries[i].method != Method::Delete)
-    {
-        if responses[i].is_some() {
-            continue; // conditional create that matched
-        }
-        let e = &entries[i];
-        if e.method == Method::Post && e.if_none_exist.is_some() && !created.insert(ids[i].clone())
+    // 4. Writes, then reads, in the spec's order. The Provenances the
+    // Bundle carries let a practitioner record a Consent on a patient's
+    // behalf (`super::rights`).
+    super::rights::with_vouchers(provenances(&entries), async {
+        let mut created: HashSet<String> = HashSet::new();
+        for &i in order
+            .iter()
+            .filter(|&&i| entries[i].method != Method::Delete)
         {
-            // Second entry of a duplicated conditional create.
-            let v = read(&mut tx.view(), &e.target.rtype, &ids[i])
-                .await
-                .map_err(|err| err.in_entry(i))?;
-            responses[i] = Some(EntryResponse::written(
-                &Written::from_version(&v, StatusCode::OK).map_err(|err| err.in_entry(i))?,
-            ));
-            continue;
+            if responses[i].is_some() {
+                continue; // conditional create that matched
+            }
+            let e = &entries[i];
+            if e.method == Method::Post
+                && e.if_none_exist.is_some()
+                && !created.insert(ids[i].clone())
+            {
+                // Second entry of a duplicated conditional create.
+                let v = read(&mut tx.view(), &e.target.rtype, &ids[i])
+                    .await
+                    .map_err(|err| err.in_entry(i))?;
+                responses[i] = Some(EntryResponse::written(
+                    &Written::from_version(&v, StatusCode::OK).map_err(|err| err.in_entry(i))?,
+                ));
+                continue;
+            }
+            let mut e = e.clone();
+            e.if_none_exist = None; // already resolved above
+            responses[i] = Some(
+                perform(&mut tx, env, &e, &ids[i])
+                    .await
+                    .map_err(|err| err.in_entry(i))?,
+            );
         }
-        let mut e = e.clone();
-        e.if_none_exist = None; // already resolved above
-        responses[i] = Some(
-            perform(&mut tx, env, &e, &ids[i])
-                .await
-                .map_err(|err| err.in_entry(i))?,
-        );
-    }
+        Ok::<(), Error>(())
+    })
+    .await?;
     tx.commit().await?;
     Ok(responses
         .into_iter()

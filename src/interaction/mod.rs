@@ -5,9 +5,12 @@
 //! not see. What the caller may not see answers exactly as what does not
 //! exist.
 
+pub mod amend;
 pub mod bundle;
 pub mod circle;
+pub mod correction;
 mod read;
+pub mod rights;
 mod searchset;
 
 use axum::http::StatusCode;
@@ -30,6 +33,9 @@ pub struct Env {
     pub base: String,
     pub default_count: usize,
     pub max_count: usize,
+    /// The types whose practitioner changes are amendments
+    /// (`amendment_types`).
+    pub amendment_types: std::sync::Arc<Vec<String>>,
 }
 
 impl Env {
@@ -38,6 +44,7 @@ impl Env {
             base: config.base_url(),
             default_count: config.default_count,
             max_count: config.max_count,
+            amendment_types: std::sync::Arc::new(config.amendment_types()),
         }
     }
 }
@@ -178,9 +185,34 @@ fn content_of(resource: &Value) -> Value {
     v
 }
 
+/// Writes `resource` as the next version of `rtype/id` after `prev`, by
+/// the rules of `policy::rights` (which may turn it into a proposed
+/// amendment, answered 202 with the Task); the gate checks `op` on it.
+async fn write(
+    tx: &mut Writer,
+    op: Ops,
+    rtype: &str,
+    id: &str,
+    prev: Option<&Version>,
+    resource: Value,
+) -> Result<Written> {
+    let mut resource = resource;
+    let live = prev.filter(|p| !p.deleted);
+    match rights::before_write(tx, rtype, id, live, &mut resource).await? {
+        rights::Before::Proposed(w) => Ok(*w),
+        rights::Before::Store(by_patient) => {
+            let w = store_version(tx, op, rtype, id, prev, resource).await?;
+            if let Some(p) = by_patient {
+                rights::patient_provenance(tx, &w, &p, live.is_some()).await?;
+            }
+            Ok(w)
+        }
+    }
+}
+
 /// Stores `resource` as the next version of `rtype/id` after `prev`; the
 /// gate checks `op` on it.
-async fn write(
+async fn store_version(
     tx: &mut Writer,
     op: Ops,
     rtype: &str,
@@ -423,6 +455,15 @@ pub async fn delete(
     let Found::Live(cur) = found else {
         return Ok(None);
     };
+    if let Some(proposed) = rights::before_delete(tx, &cur).await? {
+        return Ok(Some(proposed));
+    }
+    store_tombstone(tx, &cur).await.map(Some)
+}
+
+/// Writes the tombstone after `cur`.
+async fn store_tombstone(tx: &mut Writer, cur: &Version) -> Result<Written> {
+    let (rtype, id) = (cur.rtype.as_str(), cur.id.as_str());
     let v = Version {
         rtype: rtype.to_string(),
         id: id.to_string(),
@@ -433,13 +474,13 @@ pub async fn delete(
     };
     tx.put(
         Ops::DELETE,
-        Some(&cur),
+        Some(cur),
         &v,
         None,
         search::index::Rows::default(),
     )
     .await?;
-    Ok(Some(Written::from_version(&v, StatusCode::NO_CONTENT)?))
+    Written::from_version(&v, StatusCode::NO_CONTENT)
 }
 
 /// conditional delete (DELETE `Type?criteria`): none or one match is

@@ -22,6 +22,7 @@
 pub mod consent;
 pub mod insurer;
 pub mod patient_data;
+pub mod rights;
 pub mod role;
 pub mod scope;
 
