@@ -99,6 +99,7 @@ impl B {
                 other => out.push(other),
             }
         }
+        dedup(&mut out);
         match out.len() {
             0 => B::T,
             1 => out.pop().expect("one"),
@@ -115,6 +116,7 @@ impl B {
                 other => out.push(other),
             }
         }
+        dedup(&mut out);
         match out.len() {
             0 => B::F,
             1 => out.pop().expect("one"),
@@ -139,6 +141,17 @@ impl B {
             B::Not(b) => Cond::Not(Box::new(b.to_cond())),
         }
     }
+}
+
+/// Drops repeated terms (the same test is written once in SQL).
+fn dedup(terms: &mut Vec<B>) {
+    let mut kept: Vec<B> = Vec::with_capacity(terms.len());
+    for t in terms.drain(..) {
+        if !kept.contains(&t) {
+            kept.push(t);
+        }
+    }
+    *terms = kept;
 }
 
 /// A condition that matches nothing.

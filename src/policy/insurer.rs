@@ -121,6 +121,14 @@ impl InsurerRules {
         self.role.types.contains_key(rtype)
     }
 
+    /// Whether the policy filters `rtype` on parameter `param`.
+    pub fn filters_on(&self, rtype: &str, param: &str) -> bool {
+        self.role
+            .types
+            .get(rtype)
+            .is_some_and(|t| t.filter.contains_key(param))
+    }
+
     /// The policy's token filters for `rtype`, as one condition.
     pub fn filter(&self, rtype: &str) -> Option<Cond> {
         let rule = self.role.types.get(rtype)?;

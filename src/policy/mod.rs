@@ -285,6 +285,36 @@ impl Access {
                 })
     }
 
+    /// The index rows of `resource` that the caller's rules and circle of
+    /// trust test: its patient references, labels, code, date, general
+    /// practitioner and the rules' filter parameters.
+    fn rows_for(&self, rtype: &str, resource: &Value) -> index::Rows {
+        let own = match patient_data::reach(rtype) {
+            Reach::Own(params) => params,
+            _ => Vec::new(),
+        };
+        index::extract_some(rtype, resource, |code| {
+            own.iter().any(|p| p == code)
+                || [
+                    "_security",
+                    "_source",
+                    "code",
+                    "date",
+                    "general-practitioner",
+                ]
+                .contains(&code)
+                || self
+                    .rules
+                    .iter()
+                    .any(|r| r.filter.iter().any(|(k, _)| k == code))
+                || self
+                    .circle
+                    .as_ref()
+                    .and_then(|c| c.insurer())
+                    .is_some_and(|i| i.filters_on(rtype, code))
+        })
+    }
+
     /// May the caller do `op` on this resource (its content)?
     pub fn permits(&self, op: Ops, rtype: &str, resource: &Value) -> bool {
         if self.is_unrestricted() {
@@ -292,7 +322,7 @@ impl Access {
         }
         let mut rows = None;
         let scoped = self.rules_for(op, rtype).any(|r| {
-            let rows = rows.get_or_insert_with(|| index::extract(rtype, resource));
+            let rows = rows.get_or_insert_with(|| self.rows_for(rtype, resource));
             r.patient
                 .as_deref()
                 .is_none_or(|p| belongs_to(rtype, resource, rows, p))
@@ -307,7 +337,7 @@ impl Access {
         scoped
             && (!self.circled()
                 || self.circle.as_ref().is_some_and(|c| {
-                    let rows = rows.get_or_insert_with(|| index::extract(rtype, resource));
+                    let rows = rows.get_or_insert_with(|| self.rows_for(rtype, resource));
                     let id = resource.get("id").and_then(Value::as_str).unwrap_or("");
                     c.holds(circle_op(op), rtype, id, rows)
                 }))

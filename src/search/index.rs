@@ -128,10 +128,16 @@ pub fn component_param(code: &str, n: usize) -> String {
 
 /// Every index row of `resource`.
 pub fn extract(rtype: &str, resource: &Value) -> Rows {
+    extract_some(rtype, resource, |_| true)
+}
+
+/// The index rows of only the parameters `wanted` names (an access
+/// decision on one resource needs a few, not all of them).
+pub fn extract_some(rtype: &str, resource: &Value, wanted: impl Fn(&str) -> bool) -> Rows {
     let mut rows = Rows::default();
     for p in registry().params(rtype) {
         // Served from the resource table itself.
-        if p.code == "_id" || p.code == "_lastUpdated" || !p.supported() {
+        if p.code == "_id" || p.code == "_lastUpdated" || !p.supported() || !wanted(&p.code) {
             continue;
         }
         let Some(expr) = &p.expr else { continue };
