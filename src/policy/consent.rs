@@ -113,6 +113,31 @@ impl B {
                 B::F => {}
                 B::T => return B::T,
                 B::Or(inner) => out.extend(inner),
+                // Tests of one token parameter join into one lookup
+                // (`_security` is PSY or ETH: one index probe, not two).
+                B::C(Cond::Index {
+                    table: Table::Token,
+                    param,
+                    test,
+                }) => match out.iter_mut().find_map(|o| match o {
+                    B::C(Cond::Index {
+                        table: Table::Token,
+                        param: p,
+                        test: Test::Or(ts),
+                    }) if *p == param => Some(ts),
+                    _ => None,
+                }) {
+                    Some(ts) => {
+                        if !ts.contains(&test) {
+                            ts.push(test)
+                        }
+                    }
+                    None => out.push(B::C(Cond::Index {
+                        table: Table::Token,
+                        param,
+                        test: Test::Or(vec![test]),
+                    })),
+                },
                 other => out.push(other),
             }
         }
