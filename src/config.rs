@@ -94,6 +94,16 @@ pub struct Config {
     pub backup_dir: std::path::PathBuf,
     /// Scheduled backups kept; older ones are removed (`EHRX_BACKUP_KEEP`).
     pub backup_keep: usize,
+    /// Record every access in the audit log before answering it
+    /// (`EHRX_AUDIT`; default on). Off only to measure what the audit costs.
+    pub audit: bool,
+    /// Seconds between signed audit checkpoints
+    /// (`EHRX_AUDIT_CHECKPOINT_INTERVAL`); 0 signs none on a schedule.
+    pub audit_checkpoint_interval: u64,
+    /// Days an audit entry's content is kept (`EHRX_AUDIT_RETENTION_DAYS`);
+    /// 0 (the default) keeps everything. Entries at or after the newest
+    /// checkpoint a witness fetched are never cleared.
+    pub audit_retention_days: u64,
 }
 
 /// How log lines are written.
@@ -167,6 +177,9 @@ impl Default for Config {
             backup_interval: 0,
             backup_dir: "backups".into(),
             backup_keep: 7,
+            audit: true,
+            audit_checkpoint_interval: 60,
+            audit_retention_days: 0,
         }
     }
 }

@@ -83,6 +83,12 @@ impl Gate {
         self.store.dialect
     }
 
+    /// The store behind the gate, for the audit log's caller-scoped reads
+    /// (`store::audit`).
+    pub(super) fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// A connection for reads.
     pub async fn reader(&self) -> StoreResult<Reader> {
         Ok(Reader {
@@ -146,8 +152,17 @@ impl View<'_> {
     }
 
     /// The current version of `rtype/id`, as far as the caller may see it
-    /// for `op` (read: the resource's content decides, in SQL).
+    /// for `op` (read: the resource's content decides, in SQL). What is
+    /// found is noted for the audit.
     pub async fn current(&mut self, op: Ops, rtype: &str, id: &str) -> Result<Found> {
+        let found = self.lookup(op, rtype, id).await?;
+        if let Some(v) = found.version() {
+            audited(v);
+        }
+        Ok(found)
+    }
+
+    async fn lookup(&mut self, op: Ops, rtype: &str, id: &str) -> Result<Found> {
         self.ready().await?;
         if self.access.is_unrestricted() {
             return Ok(match query::current(self.conn, rtype, id, false).await? {
@@ -227,6 +242,7 @@ impl View<'_> {
         Ok(Some(
             rows.into_iter()
                 .filter(|(_, v)| v.deleted || permits_version(self.access, Ops::READ, v))
+                .inspect(|(_, v)| audited(v))
                 .collect(),
         ))
     }
@@ -240,7 +256,9 @@ impl View<'_> {
     ) -> Result<Vec<(Version, Vec<crate::search::cond::Bind>)>> {
         self.ready().await?;
         let q = self.confined(q)?;
-        Ok(sq::search(self.conn, &q, after, limit).await?)
+        let found = sq::search(self.conn, &q, after, limit).await?;
+        found.iter().for_each(|(v, _)| audited(v));
+        Ok(found)
     }
 
     /// The number of matches the caller may see.
@@ -278,7 +296,9 @@ impl View<'_> {
             return Ok(Vec::new());
         }
         if self.access.is_unrestricted() {
-            return Ok(sq::fetch_many(self.conn, rtype, ids).await?);
+            let found = sq::fetch_many(self.conn, rtype, ids).await?;
+            found.iter().for_each(audited);
+            return Ok(found);
         }
         let mut out = Vec::new();
         for chunk in ids.chunks(500) {
@@ -296,6 +316,7 @@ impl View<'_> {
                     .map(|(v, _)| v),
             );
         }
+        out.iter().for_each(audited);
         Ok(out)
     }
 
@@ -342,6 +363,7 @@ impl View<'_> {
         Ok(rows
             .into_iter()
             .filter(|v| permits_version(self.access, Ops::READ, v))
+            .inspect(audited)
             .collect())
     }
 
@@ -383,6 +405,11 @@ impl View<'_> {
     }
 }
 
+/// Notes a version handed to the caller, for the request's AuditEvents.
+fn audited(v: &Version) {
+    crate::audit::context::read(&v.rtype, &v.id, v.body.as_deref());
+}
+
 /// Whether the caller may do `op` on a stored version's content.
 fn permits_version(access: &Access, op: Ops, v: &Version) -> bool {
     if access.is_unrestricted() {
@@ -414,7 +441,11 @@ impl Writer {
         }
     }
 
-    pub async fn commit(self) -> StoreResult<()> {
+    /// Commits, with the AuditEvents of what was written (in the same
+    /// transaction: no write without its audit entry).
+    pub async fn commit(mut self) -> StoreResult<()> {
+        let dialect = self.tx.dialect;
+        super::audit::record_writes(self.tx.conn(), dialect).await?;
         self.tx.commit().await
     }
 
@@ -461,6 +492,11 @@ impl Writer {
         resource: Option<&Value>,
         rows: Rows,
     ) -> Result<()> {
+        if v.rtype == "AuditEvent" {
+            return Err(Error::MethodNotAllowed(
+                "AuditEvents are recorded by the server and cannot be written".into(),
+            ));
+        }
         self.access.check_type(op, &v.rtype)?;
         if let Some(p) = prev.filter(|p| !p.deleted) {
             if !permits_version(&self.access, op, p) {
@@ -477,6 +513,8 @@ impl Writer {
             }
             None => {}
         }
-        Ok(self.tx.put_version(v, rows).await?)
+        self.tx.put_version(v, rows).await?;
+        super::audit::wrote(op, prev, v);
+        Ok(())
     }
 }
