@@ -134,7 +134,11 @@ pub enum AuditCommand {
     Checkpoint,
     /// Clear the content of entries older than `audit_retention_days`
     /// (never past the newest checkpoint a witness fetched).
-    Prune,
+    Prune {
+        /// Clear entries recorded before this FHIR date or instant instead.
+        #[arg(long)]
+        before: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

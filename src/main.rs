@@ -462,17 +462,20 @@ async fn audit(command: AuditCommand, config: &Config) -> ExitCode {
                 .map(|c| c.map(|c| c.to_json()).unwrap_or_default())
                 .map_err(|e| e.to_string()),
         ),
-        AuditCommand::Prune => {
-            if config.audit_retention_days == 0 {
-                return print_json(
-                    "ehrx audit prune",
-                    Err("audit_retention_days is 0: every entry is kept".into()),
-                );
-            }
-            let cutoff = (chrono::Utc::now()
-                - chrono::Duration::days(config.audit_retention_days as i64))
-            .format("%Y-%m-%dT%H:%M:%S%.3fZ")
-            .to_string();
+        AuditCommand::Prune { before } => {
+            let cutoff = match before {
+                Some(b) => b,
+                None if config.audit_retention_days == 0 => {
+                    return print_json(
+                        "ehrx audit prune",
+                        Err("audit_retention_days is 0: every entry is kept".into()),
+                    );
+                }
+                None => (chrono::Utc::now()
+                    - chrono::Duration::days(config.audit_retention_days as i64))
+                .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+                .to_string(),
+            };
             print_json(
                 "ehrx audit prune",
                 audit::prune(&store, &cutoff)

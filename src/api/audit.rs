@@ -289,7 +289,8 @@ fn jwt_claims(jwt: &str) -> Option<Value> {
 }
 
 /// The client a token-endpoint request names: `client_id`, the client
-/// assertion's issuer, or HTTP Basic's user.
+/// assertion's issuer, HTTP Basic's user, or the client of the bearer token
+/// it presents (introspection).
 fn requesting_client(form: &[(String, String)], headers: &axum::http::HeaderMap) -> Option<String> {
     let field = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     field("client_id")
@@ -297,6 +298,16 @@ fn requesting_client(form: &[(String, String)], headers: &axum::http::HeaderMap)
             field("client_assertion")
                 .and_then(|a| jwt_claims(&a))
                 .and_then(|c| c["iss"].as_str().map(str::to_string))
+        })
+        .or_else(|| {
+            let bearer = headers
+                .get(header::AUTHORIZATION)?
+                .to_str()
+                .ok()?
+                .strip_prefix("Bearer ")?
+                .trim()
+                .to_string();
+            jwt_claims(&bearer)?["client_id"].as_str().map(str::to_string)
         })
         .or_else(|| {
             let basic = headers

@@ -195,7 +195,8 @@ impl<'a> Verifier<'a> {
             self.checked += 1;
             if c.root_bytes() == Some(self.tree.root()) {
                 self.last_good = c.size;
-            } else {
+            } else if self.problems.is_empty() {
+                // (An entry already found bad explains a different root.)
                 self.problem(
                     self.last_good,
                     format!(

@@ -209,8 +209,9 @@ impl AuditLog {
         .bind(&c.key_id)
         .execute(&mut *conn)
         .await?;
+        drop(conn);
         crate::metrics::audit_checkpoint(c.size);
-        Ok(latest_checkpoint(&self.inner.store).await?)
+        latest_checkpoint(&self.inner.store).await
     }
 
     /// The newest signed checkpoint.
