@@ -27,7 +27,8 @@ pub async fn export(log: &AuditLog, since: &str, out: Option<&Path>) -> Result<u
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout())),
     };
-    writeln!(sink, "{}", json!({ "checkpoint": checkpoint.to_json() })).map_err(|e| e.to_string())?;
+    writeln!(sink, "{}", json!({ "checkpoint": checkpoint.to_json() }))
+        .map_err(|e| e.to_string())?;
     let mut rows = Vec::new();
     audit::export(log.store(), since, |e| {
         rows.push(e);

@@ -2,7 +2,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use ehrx::cli::{
-    AuditCommand, BackupCommand, Cli, ClientCommand, Command, KeysCommand, SubscriberCommand, UserCommand,
+    AuditCommand, BackupCommand, Cli, ClientCommand, Command, KeysCommand, SubscriberCommand,
+    UserCommand,
 };
 use ehrx::config::{Config, LogFormat};
 use ehrx::server::{shutdown_signal, Server};

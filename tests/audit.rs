@@ -45,9 +45,11 @@ async fn world(s: &TestServer) -> World {
             &admin,
             reqwest::Method::PUT,
             &format!("Observation/{o}"),
-            Some(&json!({"resourceType": "Observation", "id": o, "status": "final",
+            Some(
+                &json!({"resourceType": "Observation", "id": o, "status": "final",
                 "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
-                "subject": {"reference": format!("Patient/{p}")}})),
+                "subject": {"reference": format!("Patient/{p}")}}),
+            ),
         )
         .await;
         assert!(st == 200 || st == 201, "{b}");
@@ -180,7 +182,14 @@ async fn creates_updates_and_deletes_are_recorded_with_their_patient() {
     let w = world(&s).await;
     let obs = json!({"resourceType": "Observation", "status": "final",
         "code": {"text": "x"}, "subject": {"reference": "Patient/pa"}});
-    let (st, made) = fhir(&s, &w.admin, reqwest::Method::POST, "Observation", Some(&obs)).await;
+    let (st, made) = fhir(
+        &s,
+        &w.admin,
+        reqwest::Method::POST,
+        "Observation",
+        Some(&obs),
+    )
+    .await;
     assert_eq!(st, 201);
     let id = made["id"].as_str().unwrap();
     let mut changed = made.clone();
@@ -192,14 +201,22 @@ async fn creates_updates_and_deletes_are_recorded_with_their_patient() {
             .0,
         200
     );
-    assert!(fhir(&s, &w.admin, reqwest::Method::DELETE, &path, None).await.0 < 300);
+    assert!(
+        fhir(&s, &w.admin, reqwest::Method::DELETE, &path, None)
+            .await
+            .0
+            < 300
+    );
     let found = audit(&s, &w.admin, &format!("entity={path}")).await;
     let mut seen: Vec<(String, String, String)> = found
         .iter()
         .map(|e| {
             assert_balp(e);
             assert_eq!(patient_of(e), Some("Patient/pa"), "{e}");
-            assert_eq!(agent(e, "110153")["who"]["identifier"]["value"], w.admin_client.as_str());
+            assert_eq!(
+                agent(e, "110153")["who"]["identifier"]["value"],
+                w.admin_client.as_str()
+            );
             (
                 e["subtype"][0]["code"].as_str().unwrap().to_string(),
                 e["action"].as_str().unwrap().to_string(),
@@ -264,7 +281,10 @@ async fn refused_requests_are_recorded_with_their_outcome() {
         .expect("the 401 is recorded");
     assert_balp(unauthenticated);
     assert_eq!(patient_of(unauthenticated), Some("Patient/pa"));
-    assert_eq!(entity(unauthenticated, "4")["what"]["reference"], "Patient/pa");
+    assert_eq!(
+        entity(unauthenticated, "4")["what"]["reference"],
+        "Patient/pa"
+    );
     let forbidden = refused
         .iter()
         .find(|e| e["outcomeDesc"] == "HTTP 403")
@@ -299,7 +319,10 @@ async fn sign_in_and_every_token_event_are_recorded_without_the_token() {
     // Signed in, a token issued and refreshed.
     let t = app_token(&s, &client, scope, Some(("dr.smart", PW)), &[]).await;
     let access = t["access_token"].as_str().unwrap().to_string();
-    let refresh = t["refresh_token"].as_str().expect("a refresh token").to_string();
+    let refresh = t["refresh_token"]
+        .as_str()
+        .expect("a refresh token")
+        .to_string();
     let (st, t2) = form(
         &s,
         "auth/token",
@@ -352,7 +375,10 @@ async fn sign_in_and_every_token_event_are_recorded_without_the_token() {
             .unwrap_or_else(|| panic!("no {sub} event with outcome {outcome}"))
     };
     let failed = find("110122", "4");
-    assert_eq!(agent(failed, "IRCP")["who"]["identifier"]["value"], "dr.smart");
+    assert_eq!(
+        agent(failed, "IRCP")["who"]["identifier"]["value"],
+        "dr.smart"
+    );
     assert_eq!(find("110122", "0")["type"]["code"], "110114");
     let issued = all
         .iter()
@@ -362,12 +388,19 @@ async fn sign_in_and_every_token_event_are_recorded_without_the_token() {
         })
         .expect("the user's token issued");
     assert_balp(issued);
-    assert_eq!(agent(issued, "110153")["who"]["identifier"]["value"], client.as_str());
+    assert_eq!(
+        agent(issued, "110153")["who"]["identifier"]["value"],
+        client.as_str()
+    );
     let tail = issued["entity"]
         .as_array()
         .unwrap()
         .iter()
-        .find_map(|x| x["what"]["identifier"]["value"].as_str().filter(|v| v.starts_with('…')))
+        .find_map(|x| {
+            x["what"]["identifier"]["value"]
+                .as_str()
+                .filter(|v| v.starts_with('…'))
+        })
         .unwrap();
     assert!(access.ends_with(tail.trim_start_matches('…')));
     assert_eq!(find("token-refreshed", "0")["action"], "C");
@@ -420,7 +453,9 @@ async fn audit_events_cannot_be_written_through_the_api() {
     let (st, b) = fhir(&s, &w.admin, reqwest::Method::POST, "", Some(&bundle)).await;
     assert!(st >= 400, "{b}");
     let stored = audit(&s, &w.admin, "").await;
-    assert!(stored.iter().all(|e| e["recorded"] != "2026-01-01T00:00:00Z"));
+    assert!(stored
+        .iter()
+        .all(|e| e["recorded"] != "2026-01-01T00:00:00Z"));
 }
 
 #[tokio::test]
@@ -542,7 +577,14 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_answered() {
     // A write: 503, and nothing stored.
     let obs = json!({"resourceType": "Observation", "id": "lost", "status": "final",
         "code": {"text": "never stored"}, "subject": {"reference": "Patient/pa"}});
-    let (st, b) = fhir(&s, &w.admin, reqwest::Method::PUT, "Observation/lost", Some(&obs)).await;
+    let (st, b) = fhir(
+        &s,
+        &w.admin,
+        reqwest::Method::PUT,
+        "Observation/lost",
+        Some(&obs),
+    )
+    .await;
     assert_eq!(st, 503, "{b}");
     assert_eq!(b["resourceType"], "OperationOutcome");
     exec(&s, mend_it).await;
@@ -575,7 +617,12 @@ fn verify(s: &TestServer, args: &[&str]) -> Value {
 async fn logged() -> (TestServer, World) {
     let s = TestServer::start().await;
     let w = world(&s).await;
-    for p in ["Patient/pa", "Patient/pb", "Observation/oa", "Observation/ob"] {
+    for p in [
+        "Patient/pa",
+        "Patient/pb",
+        "Observation/oa",
+        "Observation/ob",
+    ] {
         assert_eq!(get(&s, &w.admin, p).await.0, 200);
     }
     let c = cli(&s, &["audit", "checkpoint"], None);
@@ -762,7 +809,11 @@ async fn retention_keeps_everything_from_the_witnessed_checkpoint_on() {
         .env("EHRX_AUDIT_RETENTION_DAYS", "1")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut c = db(&s).await;
     let cleared: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_entry WHERE body IS NULL")
         .fetch_one(&mut c)
@@ -786,7 +837,11 @@ async fn export_writes_each_entry_with_an_inclusion_proof() {
         .args(["audit", "export", "--since", "2000-01-01"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     let mut lines = text.lines().filter(|l| l.starts_with('{'));
     let head: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
@@ -832,7 +887,8 @@ async fn export_writes_each_entry_with_an_inclusion_proof() {
 #[tokio::test]
 async fn python_checks_the_checkpoint_signature_and_the_proofs() {
     let (s, w) = logged().await;
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/audit_proof.py");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/audit_proof.py");
     for index in ["0", "5"] {
         // Run beside the server, which answers on this test's runtime.
         let (script, base, token) = (script.clone(), s.base.clone(), w.admin.clone());
@@ -867,4 +923,43 @@ async fn the_audit_can_be_switched_off() {
         .await
         .unwrap();
     assert_eq!(n, 0);
+}
+
+#[tokio::test]
+async fn a_backup_carries_the_log_and_its_newest_checkpoint() {
+    let (s, _w) = logged().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("b.jsonl.gz");
+    let written = cli(&s, &["backup", "--out", file.to_str().unwrap()], None);
+    let cp = &written["written"]["manifest"]["audit_checkpoint"];
+    assert!(cp["size"].as_u64().unwrap() >= 8, "{written}");
+    assert!(
+        written["written"]["manifest"]["tables"]["audit_entry"]
+            .as_i64()
+            .unwrap()
+            >= 8
+    );
+    // Restored elsewhere, the log still verifies against its checkpoint.
+    let target = common::fresh_database(&dir.path().join("t")).await;
+    if let Some(path) = target.strip_prefix("sqlite:") {
+        std::fs::create_dir_all(std::path::Path::new(path).parent().unwrap()).unwrap();
+    }
+    let run = |args: &[&str]| {
+        common::ehrx_bin()
+            .args(args)
+            .env("EHRX_DATABASE_URL", &target)
+            .env("EHRX_LOG", "error")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["restore", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&["audit", "verify"]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["verified"], true, "{report}");
+    assert_eq!(report["checkpoints_checked"], 1);
 }

@@ -24,13 +24,12 @@ CREATE TABLE audit_entry (
 CREATE INDEX audit_entry_patient ON audit_entry (patient, seq);
 CREATE INDEX audit_entry_recorded ON audit_entry (recorded);
 
--- The log's size: the row every appender locks, so entries get consecutive
--- positions in commit order.
+-- The log's size: the one row (id 1, made by the first append) every
+-- appender locks, so entries get consecutive positions in commit order.
 CREATE TABLE audit_head (
     id   INTEGER PRIMARY KEY,
     size BIGINT NOT NULL
 );
-INSERT INTO audit_head (id, size) VALUES (1, 0);
 
 -- Signed checkpoints: the tree's size and root at one moment, signed with
 -- the audit key. `note` is the signed text.

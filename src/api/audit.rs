@@ -50,7 +50,9 @@ fn caller_of(s: &AppState, req: &Request) -> Caller {
         .map(|v| {
             v.split(',')
                 .map(str::trim)
-                .filter(|c| !c.is_empty() && c.len() <= 32 && c.bytes().all(|b| b.is_ascii_alphanumeric()))
+                .filter(|c| {
+                    !c.is_empty() && c.len() <= 32 && c.bytes().all(|b| b.is_ascii_alphanumeric())
+                })
                 .map(str::to_string)
                 .collect()
         })
@@ -94,7 +96,11 @@ struct Interaction {
 
 impl Interaction {
     fn of(method: &Method, path: &str) -> Interaction {
-        let segs: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+        let segs: Vec<&str> = path
+            .trim_matches('/')
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .collect();
         let get = method == Method::GET || method == Method::HEAD;
         let (code, action) = match (segs.as_slice(), get) {
             ([], true) => ("search-system", Action::Execute),
@@ -307,7 +313,9 @@ fn requesting_client(form: &[(String, String)], headers: &axum::http::HeaderMap)
                 .strip_prefix("Bearer ")?
                 .trim()
                 .to_string();
-            jwt_claims(&bearer)?["client_id"].as_str().map(str::to_string)
+            jwt_claims(&bearer)?["client_id"]
+                .as_str()
+                .map(str::to_string)
         })
         .or_else(|| {
             let basic = headers
@@ -447,7 +455,9 @@ fn audit_query(req: &FhirRequest, max: usize, default: usize) -> crate::Result<A
         match k.as_str() {
             "date" => {
                 let (cmp, value) = match v.get(..2) {
-                    Some(p @ ("ge" | "gt" | "le" | "lt" | "eq")) => (p.to_string(), v[2..].to_string()),
+                    Some(p @ ("ge" | "gt" | "le" | "lt" | "eq")) => {
+                        (p.to_string(), v[2..].to_string())
+                    }
                     _ => ("eq".to_string(), v.clone()),
                 };
                 q.date.push((cmp, value));
@@ -508,7 +518,8 @@ pub async fn search(State(s): State<AppState>, req: FhirRequest) -> Response {
             }));
         }
         let own = req.raw_query.clone().unwrap_or_default();
-        let mut links = vec![json!({"relation": "self", "url": format!("{base}/AuditEvent?{own}")})];
+        let mut links =
+            vec![json!({"relation": "self", "url": format!("{base}/AuditEvent?{own}")})];
         if found.len() == q.count {
             if let Some((last, _)) = found.last() {
                 let kept: Vec<String> = req
@@ -590,8 +601,17 @@ pub async fn access_log(
                 continue;
             };
             let c = event::Columns::of(&v);
-            let day = c.recorded.as_deref().unwrap_or("").get(..10).unwrap_or("").to_string();
-            let who = c.agent.clone().unwrap_or_else(|| "unauthenticated caller".into());
+            let day = c
+                .recorded
+                .as_deref()
+                .unwrap_or("")
+                .get(..10)
+                .unwrap_or("")
+                .to_string();
+            let who = c
+                .agent
+                .clone()
+                .unwrap_or_else(|| "unauthenticated caller".into());
             let client = c.client.clone().unwrap_or_default();
             let g = groups.entry((day, who, client)).or_default();
             g.count += 1;
@@ -600,20 +620,25 @@ pub async fn access_log(
             }
             let what = c.subtype.clone().unwrap_or_default();
             *g.what.entry(what).or_default() += 1;
-            if c
-                .purpose
+            if c.purpose
                 .as_deref()
                 .is_some_and(|p| p.split(',').any(|x| x == "BTG"))
             {
                 g.break_the_glass = true;
             }
         }
-        let mut params = vec![json!({"name": "patient", "valueReference": {"reference": format!("Patient/{id}")}})];
+        let mut params = vec![
+            json!({"name": "patient", "valueReference": {"reference": format!("Patient/{id}")}}),
+        ];
         for ((day, who, client), g) in groups.into_iter().rev() {
             let what: Vec<String> = g.what.iter().map(|(k, n)| format!("{k} ×{n}")).collect();
             let mut summary = format!(
                 "{day} {who}{}: {} access(es) ({})",
-                if client.is_empty() { String::new() } else { format!(" via {client}") },
+                if client.is_empty() {
+                    String::new()
+                } else {
+                    format!(" via {client}")
+                },
                 g.count,
                 what.join(", ")
             );
@@ -673,7 +698,11 @@ fn problem(status: StatusCode, code: &'static str, message: impl Into<String>) -
 
 fn store_failure(e: crate::store::StoreError) -> Response {
     tracing::error!(error = %e, "audit endpoint failed");
-    problem(StatusCode::SERVICE_UNAVAILABLE, "transient", "the audit log is unavailable")
+    problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "transient",
+        "the audit log is unavailable",
+    )
 }
 
 /// `GET /audit/checkpoint`: the newest signed checkpoint. A caller with a
@@ -681,7 +710,11 @@ fn store_failure(e: crate::store::StoreError) -> Response {
 /// witness of it.
 pub async fn checkpoint(State(s): State<AppState>, headers: axum::http::HeaderMap) -> Response {
     let Some(log) = s.audit.clone() else {
-        return problem(StatusCode::NOT_FOUND, "not-found", "the audit log is switched off");
+        return problem(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "the audit log is switched off",
+        );
     };
     let c = match log.latest_checkpoint().await {
         Ok(Some(c)) => Some(c),
@@ -697,7 +730,10 @@ pub async fn checkpoint(State(s): State<AppState>, headers: axum::http::HeaderMa
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim);
     if let Some(token) = bearer {
         match crate::auth::token::verify(&s.auth, token).await {
@@ -707,7 +743,11 @@ pub async fn checkpoint(State(s): State<AppState>, headers: axum::http::HeaderMa
                 }
             }
             Err(_) => {
-                return problem(StatusCode::UNAUTHORIZED, "login", "the bearer token is not valid")
+                return problem(
+                    StatusCode::UNAUTHORIZED,
+                    "login",
+                    "the bearer token is not valid",
+                )
             }
         }
     }
@@ -717,7 +757,11 @@ pub async fn checkpoint(State(s): State<AppState>, headers: axum::http::HeaderMa
 /// `GET /audit/key`: the public key checkpoints are signed with.
 pub async fn key(State(s): State<AppState>) -> Response {
     let Some(log) = s.audit.clone() else {
-        return problem(StatusCode::NOT_FOUND, "not-found", "the audit log is switched off");
+        return problem(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "the audit log is switched off",
+        );
     };
     match log.public_key().await {
         Ok((id, pem)) => json_response(
@@ -729,7 +773,9 @@ pub async fn key(State(s): State<AppState>) -> Response {
 }
 
 fn number(q: &[(String, String)], k: &str) -> Option<u64> {
-    q.iter().find(|(n, _)| n == k).and_then(|(_, v)| v.parse().ok())
+    q.iter()
+        .find(|(n, _)| n == k)
+        .and_then(|(_, v)| v.parse().ok())
 }
 
 fn hashes(h: &[[u8; 32]]) -> Vec<String> {
@@ -743,7 +789,11 @@ pub async fn inclusion(
     axum::extract::Query(q): axum::extract::Query<Vec<(String, String)>>,
 ) -> Response {
     let Some(log) = s.audit.clone() else {
-        return problem(StatusCode::NOT_FOUND, "not-found", "the audit log is switched off");
+        return problem(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "the audit log is switched off",
+        );
     };
     let Some(index) = number(&q, "index") else {
         return problem(StatusCode::BAD_REQUEST, "required", "index is required");
@@ -783,10 +833,18 @@ pub async fn consistency(
     axum::extract::Query(q): axum::extract::Query<Vec<(String, String)>>,
 ) -> Response {
     let Some(log) = s.audit.clone() else {
-        return problem(StatusCode::NOT_FOUND, "not-found", "the audit log is switched off");
+        return problem(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "the audit log is switched off",
+        );
     };
     let (Some(from), Some(to)) = (number(&q, "from"), number(&q, "to")) else {
-        return problem(StatusCode::BAD_REQUEST, "required", "from and to are required");
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "required",
+            "from and to are required",
+        );
     };
     match log.consistency(from, to).await {
         Ok(Some((a, b, path))) => json_response(

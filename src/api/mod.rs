@@ -171,10 +171,10 @@ pub fn router(state: AppState) -> Router {
         .route("/audit/key", get(audit::key))
         .route("/audit/proof/inclusion", get(audit::inclusion))
         .route("/audit/proof/consistency", get(audit::consistency))
-        .merge(authorization::router().route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            audit::smart,
-        )))
+        .merge(
+            authorization::router()
+                .route_layer(middleware::from_fn_with_state(state.clone(), audit::smart)),
+        )
         .merge(fhir)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -158,10 +158,9 @@ impl<'a> Verifier<'a> {
                             }
                         }
                     }
-                    Err(_) => self.problem(
-                        seq,
-                        format!("entry {seq} changed: its body is not JSON"),
-                    ),
+                    Err(_) => {
+                        self.problem(seq, format!("entry {seq} changed: its body is not JSON"))
+                    }
                 }
             }
             None => {

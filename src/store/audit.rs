@@ -259,9 +259,11 @@ impl AuditLog {
         new: u64,
     ) -> StoreResult<Option<([u8; 32], [u8; 32], Vec<[u8; 32]>)>> {
         let tree = self.tree().await?;
-        let (Some(a), Some(b), Some(path)) =
-            (tree.root_at(old), tree.root_at(new), tree.consistency(old, new))
-        else {
+        let (Some(a), Some(b), Some(path)) = (
+            tree.root_at(old),
+            tree.root_at(new),
+            tree.consistency(old, new),
+        ) else {
             return Ok(None);
         };
         Ok(Some((a, b, path)))
@@ -320,6 +322,9 @@ pub(super) async fn append(
     if events.is_empty() {
         return Ok(());
     }
+    sqlx::query("INSERT INTO audit_head (id, size) VALUES (1, 0) ON CONFLICT (id) DO NOTHING")
+        .execute(&mut *conn)
+        .await?;
     let lock = match dialect {
         Dialect::Postgres => "SELECT size FROM audit_head WHERE id = 1 FOR UPDATE",
         Dialect::Sqlite => "SELECT size FROM audit_head WHERE id = 1",
@@ -386,6 +391,13 @@ pub(super) async fn record_writes(conn: &mut AnyConnection, dialect: Dialect) ->
 
 async fn latest_checkpoint(store: &Store) -> StoreResult<Option<Checkpoint>> {
     let mut conn = store.pool.acquire().await?;
+    latest_checkpoint_on(&mut conn).await
+}
+
+/// The newest signed checkpoint, as `conn` sees the database.
+pub(super) async fn latest_checkpoint_on(
+    conn: &mut AnyConnection,
+) -> StoreResult<Option<Checkpoint>> {
     let row = sqlx::query(
         "SELECT size, root, created, note, signature, key_id FROM audit_checkpoint \
          ORDER BY size DESC LIMIT 1",
@@ -421,9 +433,11 @@ pub async fn checkpoints(store: &Store) -> StoreResult<Vec<Checkpoint>> {
 /// The public keys that signed checkpoints: `(key id, PEM)`.
 pub async fn public_keys(store: &Store) -> StoreResult<Vec<(String, String)>> {
     let mut conn = store.pool.acquire().await?;
-    Ok(sqlx::query_as("SELECT id, public_key FROM audit_key ORDER BY created")
-        .fetch_all(&mut *conn)
-        .await?)
+    Ok(
+        sqlx::query_as("SELECT id, public_key FROM audit_key ORDER BY created")
+            .fetch_all(&mut *conn)
+            .await?,
+    )
 }
 
 async fn load_or_create_key(store: &Store) -> StoreResult<Key> {
@@ -725,13 +739,15 @@ impl Gate {
         }
         if let Some(b) = q.before {
             binds.push(b.to_string());
-            sql.push_str(&format!(
-                " AND seq < CAST(${} AS BIGINT)",
-                binds.len()
-            ));
+            sql.push_str(&format!(" AND seq < CAST(${} AS BIGINT)", binds.len()));
         }
         sql.push_str(&format!(" ORDER BY seq DESC LIMIT {}", q.count.max(1)));
-        let mut reader = self.store().pool.acquire().await.map_err(StoreError::from)?;
+        let mut reader = self
+            .store()
+            .pool
+            .acquire()
+            .await
+            .map_err(StoreError::from)?;
         let mut query = sqlx::query_as::<_, (i64, String)>(&sql);
         for b in &binds {
             query = query.bind(b.as_str());
@@ -744,7 +760,12 @@ impl Gate {
 
     /// One AuditEvent by position, if this caller may see it.
     pub async fn audit_read(&self, seq: i64) -> Result<Option<String>> {
-        let mut reader = self.store().pool.acquire().await.map_err(StoreError::from)?;
+        let mut reader = self
+            .store()
+            .pool
+            .acquire()
+            .await
+            .map_err(StoreError::from)?;
         let row: Option<(Option<String>, Option<String>)> =
             sqlx::query_as("SELECT body, patient FROM audit_entry WHERE seq = $1")
                 .bind(seq)
