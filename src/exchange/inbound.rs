@@ -142,6 +142,8 @@ async fn claim_and_store(store: &Store, env: &Env, doc: Received) -> Result<Rece
     let source = source_of(env, &doc.org);
     let org_id = doc.org.trim_start_matches("Organization/");
     let gate = store.gate(Access::subscriber(&source, org_id));
+    // The signer, verified, is the requestor of the audit record.
+    crate::audit::context::identify(Some(&doc.org), &source, None);
     let key = db::ReceiptKey {
         subscriber: &source,
         digest: &digest,
