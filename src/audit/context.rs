@@ -104,6 +104,19 @@ pub async fn scope<F: std::future::Future>(ctx: Arc<Context>, fut: F) -> F::Outp
     CONTEXT.scope(ctx, fut).await
 }
 
+/// `fut` with the current request's audit context, for work the request
+/// hands to another task (which would otherwise run outside it, and write
+/// without its audit).
+pub fn carry<F: std::future::Future>(fut: F) -> impl std::future::Future<Output = F::Output> {
+    let ctx = current();
+    async move {
+        match ctx {
+            Some(c) => CONTEXT.scope(c, fut).await,
+            None => fut.await,
+        }
+    }
+}
+
 fn current() -> Option<Arc<Context>> {
     CONTEXT.try_with(Arc::clone).ok()
 }

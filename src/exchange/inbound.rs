@@ -114,9 +114,11 @@ pub async fn receive(
         unsigned_text,
         org,
     };
-    tokio::spawn(async move { claim_and_store(&store, &env, doc).await })
-        .await
-        .map_err(|e| ExchangeError::Worker(e.to_string()))?
+    tokio::spawn(crate::audit::context::carry(async move {
+        claim_and_store(&store, &env, doc).await
+    }))
+    .await
+    .map_err(|e| ExchangeError::Worker(e.to_string()))?
 }
 
 /// A verified document on its way to the store.
