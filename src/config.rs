@@ -100,7 +100,8 @@ pub struct Config {
     /// Seconds between signed audit checkpoints
     /// (`EHRX_AUDIT_CHECKPOINT_INTERVAL`); 0 signs none on a schedule.
     pub audit_checkpoint_interval: u64,
-    /// Days an audit entry's content is kept (`EHRX_AUDIT_RETENTION_DAYS`);
+    /// Days an audit entry's content is kept, cleared at each checkpoint
+    /// and by `ehrx audit prune` (`EHRX_AUDIT_RETENTION_DAYS`);
     /// 0 (the default) keeps everything. Entries at or after the newest
     /// checkpoint a witness fetched are never cleared.
     pub audit_retention_days: u64,

@@ -418,7 +418,7 @@ async fn audit(command: AuditCommand, config: &Config) -> ExitCode {
         Ok(s) => s,
         Err(e) => return print_json("ehrx audit", Err(e.to_string())),
     };
-    let log = || audit::AuditLog::start(store.clone(), config.base_url(), Default::default());
+    let log = || audit::AuditLog::start(store.clone(), config.base_url(), Default::default(), 0);
     match command {
         AuditCommand::Verify { from_checkpoint } => {
             let extra = match from_checkpoint {
@@ -472,10 +472,7 @@ async fn audit(command: AuditCommand, config: &Config) -> ExitCode {
                         Err("audit_retention_days is 0: every entry is kept".into()),
                     );
                 }
-                None => (chrono::Utc::now()
-                    - chrono::Duration::days(config.audit_retention_days as i64))
-                .format("%Y-%m-%dT%H:%M:%S%.3fZ")
-                .to_string(),
+                None => audit::retention_cutoff(config.audit_retention_days),
             };
             print_json(
                 "ehrx audit prune",

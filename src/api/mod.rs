@@ -74,6 +74,7 @@ impl AppState {
                 store.clone(),
                 config.base_url(),
                 std::time::Duration::from_secs(config.audit_checkpoint_interval),
+                config.audit_retention_days,
             )
         });
         AppState(Arc::new(Shared {

@@ -66,8 +66,14 @@ struct Job {
 
 impl AuditLog {
     /// Starts the log's writer task (and, with a non-zero interval, its
-    /// checkpointer) on `store`.
-    pub fn start(store: Store, origin: String, checkpoint_interval: Duration) -> AuditLog {
+    /// checkpointer, which also applies retention: `retention_days`, 0 for
+    /// none) on `store`.
+    pub fn start(
+        store: Store,
+        origin: String,
+        checkpoint_interval: Duration,
+        retention_days: u64,
+    ) -> AuditLog {
         let (tx, rx) = mpsc::channel(16_384);
         let log = AuditLog {
             inner: Arc::new(Inner {
@@ -95,6 +101,12 @@ impl AuditLog {
                     if let Err(e) = log.checkpoint().await {
                         crate::metrics::audit_failure("checkpoint");
                         tracing::warn!(error = %e, "audit checkpoint failed; retrying");
+                    }
+                    if retention_days > 0 {
+                        let cutoff = retention_cutoff(retention_days);
+                        if let Err(e) = prune(&log.inner.store, &cutoff).await {
+                            tracing::warn!(error = %e, "audit retention failed; retrying");
+                        }
                     }
                 }
             });
@@ -591,6 +603,13 @@ pub async fn export(
             return Ok(count);
         }
     }
+}
+
+/// The instant `days` days ago, as entries record time.
+pub fn retention_cutoff(days: u64) -> String {
+    (chrono::Utc::now() - chrono::Duration::days(days.min(365_000) as i64))
+        .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+        .to_string()
 }
 
 /// Clears the bodies (and searchable copies) of entries recorded before
