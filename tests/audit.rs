@@ -963,3 +963,38 @@ async fn a_backup_carries_the_log_and_its_newest_checkpoint() {
     assert_eq!(report["verified"], true, "{report}");
     assert_eq!(report["checkpoints_checked"], 1);
 }
+
+#[tokio::test]
+async fn an_event_recorded_through_the_audit_api_reaches_the_access_log() {
+    use ehrx::audit::{Action, Event, EventType};
+    let s = TestServer::start().await;
+    let _w = world(&s).await;
+    // What the consent and break-the-glass code does: build an event and
+    // record it (committed when `record` returns).
+    let store = ehrx::store::Store::open(&s.database_url, 2, std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    let log = ehrx::store::audit::AuditLog::start(store, s.base.clone(), Default::default(), 0);
+    log.record(vec![Event::new(EventType::break_the_glass(), Action::Read)
+        .user(Some("Practitioner/emergency".into()))
+        .client(Some("ward-app".into()))
+        .patient(Some("pa".into()))
+        .data("Observation/oa")
+        .purpose("BTG")])
+        .await
+        .unwrap();
+    let me = patient(&s, "pa").await;
+    let (_, log) = get(&s, &me, "Patient/pa/$access-log").await;
+    let marked = log["parameter"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["part"][1]["valueString"] == "Practitioner/emergency")
+        .expect("the recorded access is listed");
+    assert_eq!(marked["part"][2]["valueString"], "ward-app");
+    assert_eq!(marked["part"][6]["valueBoolean"], true);
+    assert!(marked["part"][3]["valueString"]
+        .as_str()
+        .unwrap()
+        .contains("break-the-glass"));
+}

@@ -149,6 +149,14 @@ pub fn set_purpose(code: &str) {
     }
 }
 
+/// An event of the current request's caller (who, client, address,
+/// purposes), or `None` outside an audited request: the way to record an
+/// event of one's own during a request, e.g.
+/// `log.record(vec![context::event(EventType::consent_change(), Action::Update)?.patient(Some(id))])`.
+pub fn event(kind: EventType, action: Action) -> Option<Event> {
+    current().map(|c| c.caller().event(kind, action))
+}
+
 /// Notes a resource handed to the caller (`body`: its stored JSON).
 pub fn read(rtype: &str, id: &str, body: Option<&str>) {
     let Some(c) = current() else { return };

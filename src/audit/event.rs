@@ -127,6 +127,39 @@ impl EventType {
         }
     }
 
+    /// A consent given, changed or withdrawn.
+    pub fn consent_change() -> EventType {
+        EventType {
+            kind: Code::new(DCM, "110110", "Patient Record"),
+            subtype: Code::new(EHRX_SUBTYPE, "consent-change", "Consent changed"),
+        }
+    }
+
+    /// Access to a record under break-the-glass (record it with purpose of
+    /// use `BTG` too, which `$access-log` marks).
+    pub fn break_the_glass() -> EventType {
+        EventType {
+            kind: Code::new(DCM, "110113", "Security Alert"),
+            subtype: Code::new(EHRX_SUBTYPE, "break-the-glass", "Break-the-glass access"),
+        }
+    }
+
+    /// An amendment of a record proposed.
+    pub fn amendment_proposed() -> EventType {
+        EventType {
+            kind: Code::new(DCM, "110110", "Patient Record"),
+            subtype: Code::new(EHRX_SUBTYPE, "amendment-proposed", "Amendment proposed"),
+        }
+    }
+
+    /// An amendment approved or refused (the outcome says which).
+    pub fn amendment_decided() -> EventType {
+        EventType {
+            kind: Code::new(DCM, "110110", "Patient Record"),
+            subtype: Code::new(EHRX_SUBTYPE, "amendment-decided", "Amendment decided"),
+        }
+    }
+
     /// Any other event: the audit module's users add theirs this way (or
     /// as a named constructor here).
     pub fn custom(kind: Code, subtype: Code) -> EventType {
