@@ -17,7 +17,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use sqlx::{AnyConnection, Row};
 use tokio::sync::{mpsc, oneshot, Mutex, OnceCell};
 
@@ -60,7 +59,7 @@ struct Key {
 }
 
 struct Job {
-    events: Vec<Value>,
+    events: Vec<Prepared>,
     done: oneshot::Sender<std::result::Result<(), String>>,
 }
 
@@ -123,7 +122,7 @@ impl AuditLog {
         if events.is_empty() {
             return Ok(());
         }
-        let events = events.iter().map(Event::to_json).collect();
+        let events = events.iter().map(prepare).collect();
         let (done, wait) = oneshot::channel();
         let queued = Instant::now();
         self.inner
@@ -302,7 +301,7 @@ async fn writer(store: Store, mut rx: mpsc::Receiver<Job>) {
             }
         }
         let started = Instant::now();
-        let mut events: Vec<Value> = Vec::with_capacity(n);
+        let mut events: Vec<Prepared> = Vec::with_capacity(n);
         for j in &mut jobs {
             events.append(&mut j.events);
         }
@@ -318,10 +317,33 @@ async fn writer(store: Store, mut rx: mpsc::Receiver<Job>) {
     }
 }
 
-async fn append_batch(store: &Store, events: Vec<Value>) -> StoreResult<()> {
+async fn append_batch(store: &Store, events: Vec<Prepared>) -> StoreResult<()> {
     let mut tx = store.begin().await?;
     append(tx.conn(), store.dialect, events).await?;
     tx.commit().await
+}
+
+/// An event serialised before it reaches the writer (on the requesting
+/// task, not the writer's): its JSON split around its empty `id`, which the
+/// writer fills in with the entry's position, and its columns.
+pub struct Prepared {
+    head: String,
+    tail: String,
+    columns: Columns,
+}
+
+fn prepare(e: &Event) -> Prepared {
+    const ID: &str = "\"id\":\"\"";
+    let v = e.to_json();
+    let columns = Columns::of(&v);
+    let text = v.to_string();
+    // `id` is the second member of every event (`Event::to_json`).
+    let at = text.find(ID).map_or(text.len(), |i| i + ID.len() - 1);
+    Prepared {
+        head: text[..at].to_string(),
+        tail: text[at..].to_string(),
+        columns,
+    }
 }
 
 /// Appends `events` inside the transaction `conn` is in, at the next
@@ -329,7 +351,7 @@ async fn append_batch(store: &Store, events: Vec<Value>) -> StoreResult<()> {
 pub(super) async fn append(
     conn: &mut AnyConnection,
     dialect: Dialect,
-    mut events: Vec<Value>,
+    events: Vec<Prepared>,
 ) -> StoreResult<()> {
     if events.is_empty() {
         return Ok(());
@@ -346,18 +368,17 @@ pub(super) async fn append(
         .await?
         .ok_or_else(|| StoreError::Audit("the audit log's head row is missing".into()))?;
     let n = events.len() as i64;
-    for (chunk_no, chunk) in events.chunks_mut(ROWS_PER_INSERT).enumerate() {
+    for (chunk_no, chunk) in events.chunks(ROWS_PER_INSERT).enumerate() {
         let mut sql = String::from(
             "INSERT INTO audit_entry (seq, recorded, type, subtype, action, outcome, patient, \
              agent, client, entity, purpose, body, digest) VALUES ",
         );
-        let mut rows: Vec<(i64, Columns, String, String)> = Vec::with_capacity(chunk.len());
-        for (i, e) in chunk.iter_mut().enumerate() {
+        let mut rows: Vec<(i64, &Columns, String, String)> = Vec::with_capacity(chunk.len());
+        for (i, e) in chunk.iter().enumerate() {
             let seq = size + (chunk_no * ROWS_PER_INSERT + i) as i64;
-            e["id"] = Value::String(seq.to_string());
-            let body = serde_json::to_string(e).map_err(|x| StoreError::Audit(x.to_string()))?;
+            let body = format!("{}{seq}{}", e.head, e.tail);
             let digest = hex::encode(tree::digest(body.as_bytes()));
-            rows.push((seq, Columns::of(e), body, digest));
+            rows.push((seq, &e.columns, body, digest));
             let b = i * 13;
             if i > 0 {
                 sql.push(',');
@@ -395,8 +416,8 @@ pub(super) async fn record_writes(conn: &mut AnyConnection, dialect: Dialect) ->
     if events.is_empty() {
         return Ok(());
     }
-    let values = events.iter().map(Event::to_json).collect();
-    append(conn, dialect, values)
+    let prepared = events.iter().map(prepare).collect();
+    append(conn, dialect, prepared)
         .await
         .map_err(|e| StoreError::Audit(e.to_string()))
 }
