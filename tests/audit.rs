@@ -998,3 +998,22 @@ async fn an_event_recorded_through_the_audit_api_reaches_the_access_log() {
         .unwrap()
         .contains("break-the-glass"));
 }
+
+#[tokio::test]
+async fn a_page_is_audited_for_the_patients_it_shows_only() {
+    let s = TestServer::start().await;
+    let w = world(&s).await;
+    let dr = practitioner(&s, "prac6").await;
+    // One of two matches shown (the other was only looked ahead at).
+    let (st, b) = get(
+        &s,
+        &dr,
+        "Observation?code=http://loinc.org|8867-4&_sort=_id&_count=1",
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert_eq!(b["entry"][0]["resource"]["id"], "oa");
+    let found = audit(&s, &w.admin, "agent=Practitioner/prac6&subtype=search-type").await;
+    let patients: Vec<&str> = found.iter().filter_map(patient_of).collect();
+    assert_eq!(patients, ["Patient/pa"]);
+}

@@ -257,7 +257,14 @@ impl View<'_> {
         self.ready().await?;
         let q = self.confined(q)?;
         let found = sq::search(self.conn, &q, after, limit).await?;
-        found.iter().for_each(|(v, _)| audited(v));
+        // A full page's last row is the look-ahead that tells whether a
+        // next page exists; it is not shown, so not audited.
+        let shown = if found.len() == limit && limit > 1 {
+            limit - 1
+        } else {
+            found.len()
+        };
+        found.iter().take(shown).for_each(|(v, _)| audited(v));
         Ok(found)
     }
 
