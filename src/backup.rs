@@ -78,8 +78,9 @@ pub struct Manifest {
     pub tables: BTreeMap<String, i64>,
     /// Current (not deleted) resources and stored versions per type.
     pub resources: BTreeMap<String, TypeCount>,
-    /// The audit trail's last checkpoint at the snapshot; `null` until ehrx
-    /// keeps an audit trail.
+    /// The audit log's newest signed checkpoint in the snapshot (as `GET
+    /// /audit/checkpoint` serves it); `null` when none was signed yet. The
+    /// audit tables themselves are in the backup like every other table.
     pub audit_checkpoint: Option<Value>,
 }
 
@@ -188,6 +189,7 @@ async fn write_to(store: &Store, path: &Path) -> BackupResult<(String, Manifest)
         path: path.to_path_buf(),
     };
     let mut snapshot = store.snapshot().await?;
+    let audit_checkpoint = snapshot.audit_checkpoint().await?;
     let manifest = Manifest {
         format: FORMAT.into(),
         format_version: FORMAT_VERSION,
@@ -200,7 +202,7 @@ async fn write_to(store: &Store, path: &Path) -> BackupResult<(String, Manifest)
         schema_version: snapshot.schema_version,
         tables: snapshot.rows.iter().cloned().collect(),
         resources: snapshot.types.iter().cloned().collect(),
-        audit_checkpoint: None,
+        audit_checkpoint,
     };
     w.line(&manifest)?;
     for table in snapshot.tables.clone() {

@@ -84,6 +84,12 @@ pub enum Command {
         #[command(subcommand)]
         command: SubscriberCommand,
     },
+    /// The audit log: verify it, export it, sign a checkpoint, apply
+    /// retention.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Print ehrx's exchange certificate (PEM), which subscribers use to
     /// encrypt for ehrx and to verify what ehrx signs with RSA-SHA256.
     /// Generates the keys on first use.
@@ -100,6 +106,39 @@ pub enum BackupCommand {
     /// Check a backup without restoring it: complete, unaltered, and every
     /// count as its manifest says. Prints the manifest.
     Verify { file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Recompute the log's Merkle tree from the database and check every
+    /// entry, the recorded size and every signed checkpoint; prints a JSON
+    /// report naming the first entry changed, inserted or removed, and
+    /// exits non-zero if there is one.
+    Verify {
+        /// Also check against this checkpoint (as `GET /audit/checkpoint`
+        /// served it, e.g. kept by a witness).
+        #[arg(long)]
+        from_checkpoint: Option<PathBuf>,
+    },
+    /// Write the entries recorded since DATE as NDJSON, each with its
+    /// inclusion proof in the newest signed checkpoint (signed now).
+    Export {
+        /// A FHIR date or instant (`2026-01-31`, `2026-01-31T12:00:00Z`).
+        #[arg(long)]
+        since: String,
+        /// The file to write (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Sign a checkpoint of the log as it is now; prints it.
+    Checkpoint,
+    /// Clear the content of entries older than `audit_retention_days`
+    /// (never past the newest checkpoint a witness fetched).
+    Prune {
+        /// Clear entries recorded before this FHIR date or instant instead.
+        #[arg(long)]
+        before: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

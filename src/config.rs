@@ -116,6 +116,17 @@ pub struct Config {
         deserialize_with = "optional_list_or_commas"
     )]
     pub amendment_types: Option<Vec<String>>,
+    /// Record every access in the audit log before answering it
+    /// (`EHRX_AUDIT`; default on). Off only to measure what the audit costs.
+    pub audit: bool,
+    /// Seconds between signed audit checkpoints
+    /// (`EHRX_AUDIT_CHECKPOINT_INTERVAL`); 0 signs none on a schedule.
+    pub audit_checkpoint_interval: u64,
+    /// Days an audit entry's content is kept, cleared at each checkpoint
+    /// and by `ehrx audit prune` (`EHRX_AUDIT_RETENTION_DAYS`);
+    /// 0 (the default) keeps everything. Entries at or after the newest
+    /// checkpoint a witness fetched are never cleared.
+    pub audit_retention_days: u64,
 }
 
 /// How log lines are written.
@@ -199,6 +210,9 @@ impl Default for Config {
             insurer_policy: None,
             emergency_access_minutes: 60,
             amendment_types: None,
+            audit: true,
+            audit_checkpoint_interval: 60,
+            audit_retention_days: 0,
         }
     }
 }

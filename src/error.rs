@@ -84,6 +84,10 @@ pub enum Error {
     /// A signed-XML document refused by the exchange.
     #[error(transparent)]
     Exchange(#[from] crate::exchange::ExchangeError),
+    /// The audit log could not be written: the request is not answered
+    /// (503; fail-closed).
+    #[error("{0}")]
+    AuditUnavailable(String),
     /// An error raised by one entry of a batch or transaction Bundle.
     #[error("Bundle.entry[{index}]: {source}")]
     InEntry {
@@ -148,6 +152,9 @@ impl Error {
             Error::NotSupported(_) | Error::TooCostly(_) => StatusCode::BAD_REQUEST,
             Error::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Store(e) if e.is_timeout() => StatusCode::SERVICE_UNAVAILABLE,
+            Error::AuditUnavailable(_) | Error::Store(StoreError::Audit(_)) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::Forbidden(_) | Error::Refused { .. } => StatusCode::FORBIDDEN,
@@ -176,6 +183,7 @@ impl Error {
             Error::PayloadTooLarge(_) | Error::TooCostly(_) => "too-costly",
             Error::Timeout(_) => "timeout",
             Error::Store(e) if e.is_timeout() => "timeout",
+            Error::AuditUnavailable(_) | Error::Store(StoreError::Audit(_)) => "transient",
             Error::NotSupported(_) | Error::MethodNotAllowed(_) => "not-supported",
             Error::Unauthorized(_) => "login",
             Error::Forbidden(_) | Error::Refused { .. } => "forbidden",
@@ -214,6 +222,11 @@ impl Error {
             },
             Error::Store(e) if e.is_timeout() => {
                 "the request took longer than the server allows; narrow it".to_string()
+            }
+            Error::AuditUnavailable(_) | Error::Store(StoreError::Audit(_)) => {
+                "the access could not be recorded in the audit log, so it is not answered; \
+                 try again later"
+                    .to_string()
             }
             // Never leak database internals to the caller; they go to the log.
             Error::Store(StoreError::Database(_))

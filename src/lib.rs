@@ -6,6 +6,8 @@
 //! persistence) with `search` providing criteria and index tokens.
 
 pub mod api;
+pub mod audit;
+pub mod audit_export;
 pub mod auth;
 pub mod backup;
 pub mod cli;

@@ -2,7 +2,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use ehrx::cli::{
-    BackupCommand, Cli, ClientCommand, Command, KeysCommand, SubscriberCommand, UserCommand,
+    AuditCommand, BackupCommand, Cli, ClientCommand, Command, KeysCommand, SubscriberCommand,
+    UserCommand,
 };
 use ehrx::config::{Config, LogFormat};
 use ehrx::server::{shutdown_signal, Server};
@@ -388,6 +389,7 @@ async fn run(command: Command, config: Config) -> ExitCode {
             }
         }
         Command::Subscriber { command } => subscriber(command, &config).await,
+        Command::Audit { command } => audit(command, &config).await,
         Command::ExchangeCert { ecdsa } => {
             let result = async {
                 let store = config
@@ -410,6 +412,79 @@ async fn run(command: Command, config: Config) -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+async fn audit(command: AuditCommand, config: &Config) -> ExitCode {
+    use ehrx::store::audit;
+    let store = match config.open_store(1).await {
+        Ok(s) => s,
+        Err(e) => return print_json("ehrx audit", Err(e.to_string())),
+    };
+    let log = || audit::AuditLog::start(store.clone(), config.base_url(), Default::default(), 0);
+    match command {
+        AuditCommand::Verify { from_checkpoint } => {
+            let extra = match from_checkpoint {
+                Some(path) => match std::fs::read(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+                {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        return print_json(
+                            "ehrx audit verify",
+                            Err(format!("cannot read {}: {e}", path.display())),
+                        )
+                    }
+                },
+                None => None,
+            };
+            match audit::verify(&store, extra).await {
+                Ok(report) => {
+                    println!("{}", serde_json::to_string(&report).unwrap_or_default());
+                    if report.verified {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => print_json("ehrx audit verify", Err(e.to_string())),
+            }
+        }
+        AuditCommand::Export { since, out } => {
+            let result = ehrx::audit_export::export(&log(), &since, out.as_deref()).await;
+            print_json(
+                "ehrx audit export",
+                result.map(|n| serde_json::json!({ "exported": n })),
+            )
+        }
+        AuditCommand::Checkpoint => print_json(
+            "ehrx audit checkpoint",
+            log()
+                .checkpoint()
+                .await
+                .map(|c| c.map(|c| c.to_json()).unwrap_or_default())
+                .map_err(|e| e.to_string()),
+        ),
+        AuditCommand::Prune { before } => {
+            let cutoff = match before {
+                Some(b) => b,
+                None if config.audit_retention_days == 0 => {
+                    return print_json(
+                        "ehrx audit prune",
+                        Err("audit_retention_days is 0: every entry is kept".into()),
+                    );
+                }
+                None => audit::retention_cutoff(config.audit_retention_days),
+            };
+            print_json(
+                "ehrx audit prune",
+                audit::prune(&store, &cutoff)
+                    .await
+                    .map(|n| serde_json::json!({ "cleared": n, "before": cutoff }))
+                    .map_err(|e| e.to_string()),
+            )
         }
     }
 }

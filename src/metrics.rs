@@ -16,6 +16,14 @@
 //! | `ehrx_auth_failures_total` | endpoint (`api`, `oauth`), reason | refused tokens and OAuth requests |
 //! | `ehrx_exchange_documents_total` | direction (`in`, `out`), outcome | signed documents received and sent |
 //! | `ehrx_backups_total` | result (`ok`, `failed`) | scheduled backups |
+//! | `ehrx_audit_events_total` | | audit entries appended by the group-commit writer |
+//! | `ehrx_audit_batches_total` | result (`ok`, `failed`) | group-commit batches |
+//! | `ehrx_audit_batch_events` | | entries per batch (summary) |
+//! | `ehrx_audit_batch_requests` | | requests waiting on one batch (summary) |
+//! | `ehrx_audit_commit_seconds` | | time to append and commit one batch (histogram) |
+//! | `ehrx_audit_wait_seconds` | | time a response waited for its batch: the audit's lag (histogram) |
+//! | `ehrx_audit_failures_total` | what (`append`, `checkpoint`) | audit writes that failed (their requests got 503) |
+//! | `ehrx_audit_checkpoint_size` | | entries covered by the newest signed checkpoint |
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -81,6 +89,34 @@ fn describe() {
         "Signed documents received (in) and produced (out), by outcome"
     );
     describe_counter!("ehrx_backups_total", "Scheduled backups, by result");
+    describe_counter!(
+        "ehrx_audit_events_total",
+        "Audit entries appended by the group-commit writer"
+    );
+    describe_counter!("ehrx_audit_batches_total", "Audit group-commit batches");
+    describe_histogram!("ehrx_audit_batch_events", "Audit entries per batch");
+    describe_histogram!(
+        "ehrx_audit_batch_requests",
+        "Requests waiting on one audit batch"
+    );
+    describe_histogram!(
+        "ehrx_audit_commit_seconds",
+        Unit::Seconds,
+        "Time to append and commit one audit batch"
+    );
+    describe_histogram!(
+        "ehrx_audit_wait_seconds",
+        Unit::Seconds,
+        "Time a response waited for its audit batch"
+    );
+    describe_counter!(
+        "ehrx_audit_failures_total",
+        "Audit writes that failed, by what"
+    );
+    describe_gauge!(
+        "ehrx_audit_checkpoint_size",
+        "Entries covered by the newest signed audit checkpoint"
+    );
 }
 
 /// The metrics in the Prometheus text format, with the pool's use sampled
@@ -145,4 +181,34 @@ pub fn exchange_document(direction: &'static str, outcome: &'static str) {
 pub fn backup_finished(ok: bool) {
     metrics::counter!("ehrx_backups_total", "result" => if ok { "ok" } else { "failed" })
         .increment(1);
+}
+
+/// One audit group-commit batch: `events` entries for `requests` waiting
+/// requests, committed (or not) in `elapsed`.
+pub fn audit_batch(events: usize, requests: usize, elapsed: Duration, ok: bool) {
+    metrics::counter!("ehrx_audit_batches_total", "result" => if ok { "ok" } else { "failed" })
+        .increment(1);
+    if ok {
+        metrics::counter!("ehrx_audit_events_total").increment(events as u64);
+    } else {
+        audit_failure("append");
+    }
+    metrics::histogram!("ehrx_audit_batch_events").record(events as f64);
+    metrics::histogram!("ehrx_audit_batch_requests").record(requests as f64);
+    metrics::histogram!("ehrx_audit_commit_seconds").record(elapsed.as_secs_f64());
+}
+
+/// How long a response waited for its audit batch.
+pub fn audit_wait(elapsed: Duration) {
+    metrics::histogram!("ehrx_audit_wait_seconds").record(elapsed.as_secs_f64());
+}
+
+/// An audit write that failed (`append`, `checkpoint`).
+pub fn audit_failure(what: &'static str) {
+    metrics::counter!("ehrx_audit_failures_total", "what" => what).increment(1);
+}
+
+/// A signed audit checkpoint covering `size` entries.
+pub fn audit_checkpoint(size: u64) {
+    metrics::gauge!("ehrx_audit_checkpoint_size").set(size as f64);
 }

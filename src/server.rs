@@ -189,6 +189,7 @@ async fn serve_connections(
     app: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
+    use crate::api::audit::Peer;
     use crate::exchange::tls::ClientCertificate;
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
@@ -197,10 +198,10 @@ async fn serve_connections(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
-        let tcp = tokio::select! {
+        let (tcp, addr) = tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
+                Ok((tcp, addr)) => (tcp, addr),
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -217,8 +218,14 @@ async fn serve_connections(
                 .max_buf_size(MAX_HEAD_BUFFER);
             let result = match tls {
                 None => {
+                    let svc = app.map_request(
+                        move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                            req.extensions_mut().insert(Peer(addr));
+                            req
+                        },
+                    );
                     let conn =
-                        http.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app));
+                        http.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(svc));
                     watcher.watch(conn).await
                 }
                 Some(acceptor) => {
@@ -245,6 +252,7 @@ async fn serve_connections(
                     let svc = app.map_request(
                         move |mut req: axum::extract::Request<hyper::body::Incoming>| {
                             req.extensions_mut().insert(peer.clone());
+                            req.extensions_mut().insert(Peer(addr));
                             req
                         },
                     );

@@ -1723,3 +1723,49 @@ async fn private_keys_are_sealed_at_rest_with_a_key_encryption_key() {
         .all(|k| k.starts_with("-----BEGIN PRIVATE KEY-----")));
     assert_eq!(run(cli(None).arg("exchange-cert")), cert);
 }
+
+/// A received document is audited (an Import event per patient it was filed
+/// under, its sender the requestor), and so is a refused one.
+#[tokio::test]
+async fn received_and_refused_documents_are_audited() {
+    let server = TestServer::start().await;
+    let work = Work::new();
+    let signer = work.rsa("Audited sender");
+    let sub = add_subscriber(&server, "Audited Hospital", "hospital", &signer);
+    let (status, answer) = post_xml(&server, &work.sign(&ccd(), &signer)).await;
+    assert_eq!(status, 201, "{answer}");
+    assert_refused(&server, &ccd(), 403, "the document is not signed").await;
+    let found = server
+        .get_json("AuditEvent?subtype=exchange-document-in&_count=100")
+        .await;
+    let events: Vec<&Value> = found["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["resource"])
+        .collect();
+    let accepted = events
+        .iter()
+        .find(|e| e["outcome"] == "0")
+        .expect("the received document is audited");
+    assert_eq!(accepted["type"]["code"], "110107");
+    let patient = accepted["entity"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["role"]["code"] == "1")
+        .expect("filed under a patient");
+    assert!(patient["what"]["reference"]
+        .as_str()
+        .unwrap()
+        .starts_with("Patient/"));
+    let requestor = accepted["agent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["requestor"] == true)
+        .unwrap();
+    assert_eq!(requestor["who"]["reference"], sub["organization"]);
+    assert!(events.iter().any(|e| e["outcome"] == "4"));
+    server.stop().await;
+}

@@ -45,6 +45,12 @@ pub async fn authenticate(State(s): State<AppState>, mut req: Request, next: Nex
     };
     match token::verify(&s.auth, &bearer).await {
         Ok(verified) => {
+            let c = &verified.principal.claims;
+            crate::audit::context::identify(
+                c.fhir_user.as_deref(),
+                &c.client_id,
+                c.patient.as_deref(),
+            );
             req.extensions_mut().insert(verified.access.clone());
             req.extensions_mut().insert(verified);
             next.run(req).await

@@ -2,6 +2,7 @@
 //! plain values, calls an `interaction` function, and renders the result or
 //! error in the negotiated format.
 
+pub mod audit;
 mod authenticate;
 pub mod authorization;
 mod capability;
@@ -51,6 +52,8 @@ pub struct Shared {
     pub cors: tower_http::cors::CorsLayer,
     /// The insurers' permitted part (`insurer_policy`).
     pub insurers: Arc<crate::policy::insurer::InsurerPolicy>,
+    /// The audit log (`None` when `audit = false`).
+    pub audit: Option<crate::store::audit::AuditLog>,
 }
 
 impl std::ops::Deref for AppState {
@@ -72,8 +75,17 @@ impl AppState {
             tracing::error!(error = %e, "the insurer policy cannot be read; insurers see nothing");
             crate::policy::insurer::InsurerPolicy::empty()
         });
+        let audit = config.audit.then(|| {
+            crate::store::audit::AuditLog::start(
+                store.clone(),
+                config.base_url(),
+                std::time::Duration::from_secs(config.audit_checkpoint_interval),
+                config.audit_retention_days,
+            )
+        });
         AppState(Arc::new(Shared {
             insurers: Arc::new(insurers),
+            audit,
             throttle: Arc::new(throttle),
             cors,
             store,
@@ -102,6 +114,24 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     use handlers::*;
     let fhir = Router::new()
+        // The audit log, read through the caller-scoped store; never written.
+        .route(
+            "/AuditEvent",
+            get(audit::search)
+                .post(audit::not_writable)
+                .put(audit::not_writable)
+                .delete(audit::not_writable)
+                .patch(audit::not_writable),
+        )
+        .route(
+            "/AuditEvent/{id}",
+            get(audit::read)
+                .put(audit::not_writable)
+                .delete(audit::not_writable)
+                .patch(audit::not_writable)
+                .post(audit::not_writable),
+        )
+        .route("/Patient/{id}/$access-log", get(audit::access_log))
         .route("/", post(transaction).get(system_search))
         .route("/_history", get(history_system))
         .route(
@@ -127,7 +157,9 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             authenticate::authenticate,
-        ));
+        ))
+        // Outside authentication, so refused tokens are recorded too.
+        .route_layer(middleware::from_fn_with_state(state.clone(), audit::fhir));
     // Operator endpoints sit beside the API unless they have their own
     // address (`ops_listen`, served by `server`).
     let ops = if state.config.ops_listen.is_none() {
@@ -139,8 +171,21 @@ pub fn router(state: AppState) -> Router {
         .route("/metadata", get(metadata))
         .merge(ops)
         // The sender of a document is authenticated by its signature.
-        .route("/exchange/documents", post(exchange_document))
-        .merge(authorization::router())
+        .route(
+            "/exchange/documents",
+            post(exchange_document).route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                audit::exchange,
+            )),
+        )
+        .route("/audit/checkpoint", get(audit::checkpoint))
+        .route("/audit/key", get(audit::key))
+        .route("/audit/proof/inclusion", get(audit::inclusion))
+        .route("/audit/proof/consistency", get(audit::consistency))
+        .merge(
+            authorization::router()
+                .route_layer(middleware::from_fn_with_state(state.clone(), audit::smart)),
+        )
         .merge(fhir)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

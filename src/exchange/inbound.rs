@@ -114,9 +114,11 @@ pub async fn receive(
         unsigned_text,
         org,
     };
-    tokio::spawn(async move { claim_and_store(&store, &env, doc).await })
-        .await
-        .map_err(|e| ExchangeError::Worker(e.to_string()))?
+    tokio::spawn(crate::audit::context::carry(async move {
+        claim_and_store(&store, &env, doc).await
+    }))
+    .await
+    .map_err(|e| ExchangeError::Worker(e.to_string()))?
 }
 
 /// A verified document on its way to the store.
@@ -142,6 +144,8 @@ async fn claim_and_store(store: &Store, env: &Env, doc: Received) -> Result<Rece
     let source = source_of(env, &doc.org);
     let org_id = doc.org.trim_start_matches("Organization/");
     let gate = store.gate(Access::subscriber(&source, org_id));
+    // The signer, verified, is the requestor of the audit record.
+    crate::audit::context::identify(Some(&doc.org), &source, None);
     let key = db::ReceiptKey {
         subscriber: &source,
         digest: &digest,

@@ -274,6 +274,14 @@ impl Snapshot {
         self.dialect
     }
 
+    /// The audit log's newest signed checkpoint in the snapshot, as served
+    /// by `GET /audit/checkpoint`.
+    pub async fn audit_checkpoint(&mut self) -> StoreResult<Option<serde_json::Value>> {
+        Ok(super::audit::latest_checkpoint_on(&mut self.tx)
+            .await?
+            .map(|c| c.to_json()))
+    }
+
     /// Streams every row of `table` to `each` (which may stop the copy with
     /// an error of its own).
     pub async fn rows<E: From<StoreError>>(

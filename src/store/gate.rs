@@ -83,6 +83,12 @@ impl Gate {
         self.store.dialect
     }
 
+    /// The store behind the gate, for the audit log's caller-scoped reads
+    /// (`store::audit`).
+    pub(super) fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// A connection for reads.
     pub async fn reader(&self) -> StoreResult<Reader> {
         Ok(Reader {
@@ -146,9 +152,13 @@ impl View<'_> {
     }
 
     /// The current version of `rtype/id`, as far as the caller may see it
-    /// for `op` (read: the resource's content decides, in SQL).
+    /// for `op` (read: the resource's content decides, in SQL). What is
+    /// found is noted for the audit.
     pub async fn current(&mut self, op: Ops, rtype: &str, id: &str) -> Result<Found> {
         let found = self.current_stored(op, rtype, id).await?;
+        if let Some(v) = found.version() {
+            audited(v);
+        }
         Ok(present_found(self.access, found))
     }
 
@@ -237,6 +247,7 @@ impl View<'_> {
         Ok(Some(
             rows.into_iter()
                 .filter(|(_, v)| v.deleted || permits_version(self.access, Ops::READ, v))
+                .inspect(|(_, v)| audited(v))
                 .map(|(s, v)| (s, present(self.access, v)))
                 .collect(),
         ))
@@ -252,6 +263,14 @@ impl View<'_> {
         self.ready().await?;
         let q = self.confined(q)?;
         let found = sq::search(self.conn, &q, after, limit).await?;
+        // A full page's last row is the look-ahead that tells whether a
+        // next page exists; it is not shown, so not audited.
+        let shown = if found.len() == limit && limit > 1 {
+            limit - 1
+        } else {
+            found.len()
+        };
+        found.iter().take(shown).for_each(|(v, _)| audited(v));
         Ok(found
             .into_iter()
             .map(|(v, b)| (present(self.access, v), b))
@@ -293,7 +312,9 @@ impl View<'_> {
             return Ok(Vec::new());
         }
         if self.access.is_unrestricted() {
-            return Ok(sq::fetch_many(self.conn, rtype, ids).await?);
+            let found = sq::fetch_many(self.conn, rtype, ids).await?;
+            found.iter().for_each(audited);
+            return Ok(found);
         }
         let access = self.access;
         let mut out = Vec::new();
@@ -312,6 +333,7 @@ impl View<'_> {
                     .map(|(v, _)| present(access, v)),
             );
         }
+        out.iter().for_each(audited);
         Ok(out)
     }
 
@@ -358,6 +380,7 @@ impl View<'_> {
         Ok(rows
             .into_iter()
             .filter(|v| permits_version(self.access, Ops::READ, v))
+            .inspect(audited)
             .map(|v| present(self.access, v))
             .collect())
     }
@@ -426,6 +449,11 @@ fn present_found(access: &Access, f: Found) -> Found {
     }
 }
 
+/// Notes a version handed to the caller, for the request's AuditEvents.
+fn audited(v: &Version) {
+    crate::audit::context::read(&v.rtype, &v.id, v.body.as_deref());
+}
+
 /// Whether the caller may do `op` on a stored version's content.
 fn permits_version(access: &Access, op: Ops, v: &Version) -> bool {
     if access.is_unrestricted() {
@@ -457,7 +485,11 @@ impl Writer {
         }
     }
 
-    pub async fn commit(self) -> StoreResult<()> {
+    /// Commits, with the AuditEvents of what was written (in the same
+    /// transaction: no write without its audit entry).
+    pub async fn commit(mut self) -> StoreResult<()> {
+        let dialect = self.tx.dialect;
+        super::audit::record_writes(self.tx.conn(), dialect).await?;
         self.tx.commit().await
     }
 
@@ -504,6 +536,11 @@ impl Writer {
         resource: Option<&Value>,
         rows: Rows,
     ) -> Result<()> {
+        if v.rtype == "AuditEvent" {
+            return Err(Error::MethodNotAllowed(
+                "AuditEvents are recorded by the server and cannot be written".into(),
+            ));
+        }
         self.access.check_type(op, &v.rtype)?;
         if let Some(p) = prev.filter(|p| !p.deleted) {
             if !permits_version(&self.access, op, p) {
@@ -520,6 +557,8 @@ impl Writer {
             }
             None => {}
         }
-        Ok(self.tx.put_version(v, rows).await?)
+        self.tx.put_version(v, rows).await?;
+        super::audit::wrote(op, prev, v);
+        Ok(())
     }
 }

@@ -8,6 +8,7 @@
 //! it there), older ones in `resource_history`. Writes happen inside a [`Tx`]; dropping a `Tx` without
 //! committing rolls everything back, so a failed request changes nothing.
 
+pub mod audit;
 pub mod auth;
 pub mod backup;
 mod checkpoint;
@@ -54,6 +55,10 @@ pub enum StoreError {
     /// A table or column the operation cannot handle (backups).
     #[error("{0}")]
     Schema(String),
+    /// The audit log could not be written (the access it records must not
+    /// be answered).
+    #[error("audit log unavailable: {0}")]
+    Audit(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;

@@ -20,9 +20,10 @@ use super::{Store, StoreError};
 const PREFIX: &str = "sealed:v1:";
 
 /// The columns that hold private keys: table, id column, key column.
-const KEY_COLUMNS: [(&str, &str, &str); 2] = [
+const KEY_COLUMNS: [(&str, &str, &str); 3] = [
     ("auth_key", "kid", "private_pem"),
     ("exchange_key", "id", "private_key_pem"),
+    ("audit_key", "id", "private_key"),
 ];
 
 /// The name a sealed value is bound to: its table and row id.

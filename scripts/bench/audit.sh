@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# What the audit log costs: read and search throughput with the audit on and
+# off, the same requests (wrk, 2 threads, 16 connections, DURATION each,
+# default 10s) with real tokens against two servers on copies of one
+# database (the Synthea HIV set, SQLite), one started with EHRX_AUDIT=false;
+# then the group-commit batches the audited server wrote (from /metrics).
+#   scripts/bench/audit.sh [DATA_DIR]
+# PROFILE selects the cargo profile built (default release; `profiling`
+# for line tables); EHRX_BIN runs another build instead. Needs wrk, curl,
+# python3 with tests/interop/requirements.txt.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+data="${1:-../shared/data}"
+duration="${DURATION:-10s}"
+profile="${PROFILE:-release}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ehrx-target}"
+if [ -z "${EHRX_BIN:-}" ]; then
+  cargo build --profile "$profile" --quiet
+fi
+bin="${EHRX_BIN:-$CARGO_TARGET_DIR/$profile/ehrx}"
+work=$(mktemp -d)
+port="${BENCH_PORT:-18083}"
+base="http://127.0.0.1:$port"
+export EHRX_LOG=warn EHRX_BASE_URL="$base"
+EHRX_DATABASE_URL="sqlite:$work/seed.db" "$bin" import --quiet "$data/synthea/hiv-transaction-bundles" >/dev/null
+pid=""
+trap '[ -n "$pid" ] && kill $pid 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
+
+declare -A rps
+shapes=()
+
+# serve NAME AUDIT: a server on a fresh copy of the imported database.
+serve() {
+  for f in "$work"/seed.db*; do cp "$f" "${f/seed/$1}"; done
+  export EHRX_DATABASE_URL="sqlite:$work/$1.db"
+  EHRX_AUDIT="$2" EHRX_LISTEN="127.0.0.1:$port" "$bin" serve &
+  pid=$!
+  for _ in $(seq 100); do curl -sf "$base/metadata" >/dev/null && break; sleep 0.1; done
+}
+
+stop() {
+  kill "$pid"
+  wait "$pid" 2>/dev/null || true
+  pid=""
+}
+
+# measure NAME: every shape against the running server.
+measure() {
+  local name=$1
+  local sys pat patient obs code q
+  sys=$(python3 scripts/bench/smart_token.py system "$base" "$bin" "system/*.rs")
+  read -r patient obs code < <(python3 - "$base" "$sys" <<'PY'
+import collections, json, sys, urllib.request
+base, token = sys.argv[1], sys.argv[2]
+def get(path):
+    req = urllib.request.Request(base + path, headers={"Authorization": "Bearer " + token})
+    with urllib.request.urlopen(req) as r:
+        return json.load(r)
+pats = [e["resource"] for e in get("/Patient?_count=1000&_elements=identifier")["entry"]]
+def key(p):
+    return min(i["value"] for i in p["identifier"] if i.get("system") == "https://github.com/synthetichealth/synthea")
+p = min(pats, key=key)["id"]
+obs = [e["resource"] for e in get(f"/Observation?patient={p}&_sort=date,_id&_count=1000")["entry"]]
+codes = collections.Counter(o["code"]["coding"][0]["system"] + "|" + o["code"]["coding"][0]["code"] for o in obs)
+code = min(codes, key=lambda c: (-codes[c], c))
+o = next(o for o in obs if o["code"]["coding"][0]["system"] + "|" + o["code"]["coding"][0]["code"] == code)
+print(p, o["id"], code)
+PY
+  )
+  pat=$(python3 scripts/bench/smart_token.py patient "$base" "$bin" "$patient" "patient/*.rs")
+  q=$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1]))' "$code")
+  shapes=(
+    "system token, read Patient|$sys|Patient/$patient"
+    "system token, read Observation|$sys|Observation/$obs"
+    "system token, search Observations by patient and code|$sys|Observation?patient=$patient&code=$q"
+    "patient token, read own Observation|$pat|Observation/$obs"
+    "patient token, search own Observations by code|$pat|Observation?patient=$patient&code=$q"
+  )
+  for s in "${shapes[@]}"; do
+    IFS='|' read -r what token path <<<"$s"
+    local out
+    out=$(wrk -t2 -c16 -d"$duration" --latency -H "Authorization: Bearer $token" "$base/$path")
+    echo "== audit $name: $what: GET /$path"
+    echo "$out" | grep -E "Requests/sec|50%|99%|Non-2xx|errors" || true
+    rps["$name|$what"]=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  done
+}
+
+echo "== $($bin --version 2>/dev/null || echo ehrx); machine: $(nproc) cores, shared by server and wrk; $duration per run"
+serve off false
+measure off
+stop
+serve on true
+measure on
+echo "== group commit (audited server, whole run):"
+curl -s "$base/metrics" | grep -E '^ehrx_audit_(events_total|batches_total|batch_events|batch_requests|wait_seconds_(sum|count)|commit_seconds_(sum|count)|failures_total)' || true
+curl -s "$base/metrics" | python3 -c '
+import sys
+m = {}
+for line in sys.stdin:
+    if line.startswith("#") or not line.strip():
+        continue
+    k, v = line.rsplit(" ", 1)
+    m[k] = float(v)
+events = m.get("ehrx_audit_events_total", 0)
+batches = sum(v for k, v in m.items() if k.startswith("ehrx_audit_batches_total"))
+wait_n = m.get("ehrx_audit_wait_seconds_count", 0)
+wait_s = m.get("ehrx_audit_wait_seconds_sum", 0)
+print(f"== {events:.0f} entries in {batches:.0f} batches: {events / max(batches, 1):.1f} entries per batch; "
+      f"mean wait for the batch {1000 * wait_s / max(wait_n, 1):.2f} ms")
+'
+stop
+echo "== throughput with the audit on, as a share of audit off (target >= 70 %):"
+for s in "${shapes[@]}"; do
+  IFS='|' read -r what _ _ <<<"$s"
+  off=${rps["off|$what"]}
+  on=${rps["on|$what"]}
+  python3 -c "import sys; off, on = float(sys.argv[1]), float(sys.argv[2]); print(f'{sys.argv[3]}: off {off:.0f}/s, on {on:.0f}/s = {100 * on / off:.0f} %')" "$off" "$on" "$what"
+done

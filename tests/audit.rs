@@ -1,0 +1,1019 @@
+//! The audit log (issue 15), through real HTTP against the real server with
+//! real tokens: BALP-shaped AuditEvents for FHIR interactions, SMART events
+//! and exchanged documents (refusals included); AuditEvent search and
+//! `$access-log` for auditors and patients; fail-closed answers when the log
+//! cannot be written; `ehrx audit verify` naming the first tampered entry;
+//! proofs and checkpoint signatures checked by independent Python code.
+
+mod common;
+
+use std::process::Stdio;
+
+use base64::Engine as _;
+use common::smart::*;
+use common::TestServer;
+use jsonwebtoken::Algorithm;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use sqlx::Connection;
+
+const PW: &str = "correct horse battery";
+
+struct World {
+    admin: String,
+    /// The admin token's client.
+    admin_client: String,
+}
+
+/// Two patients (pa, pb) with an Observation each (oa, ob), same code.
+async fn world(s: &TestServer) -> World {
+    let admin = s.token.clone().unwrap();
+    for (p, family) in [("pa", "Alpha"), ("pb", "Beta")] {
+        let (st, b) = fhir(
+            s,
+            &admin,
+            reqwest::Method::PUT,
+            &format!("Patient/{p}"),
+            Some(&json!({"resourceType": "Patient", "id": p, "name": [{"family": family}]})),
+        )
+        .await;
+        assert!(st == 200 || st == 201, "{b}");
+    }
+    for (o, p) in [("oa", "pa"), ("ob", "pb")] {
+        let (st, b) = fhir(
+            s,
+            &admin,
+            reqwest::Method::PUT,
+            &format!("Observation/{o}"),
+            Some(
+                &json!({"resourceType": "Observation", "id": o, "status": "final",
+                "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+                "subject": {"reference": format!("Patient/{p}")}}),
+            ),
+        )
+        .await;
+        assert!(st == 200 || st == 201, "{b}");
+    }
+    let admin_client = claims_of(&admin)["client_id"].as_str().unwrap().to_string();
+    World {
+        admin,
+        admin_client,
+    }
+}
+
+/// A practitioner's token (`user/*.rs`, fhirUser Practitioner/{id}).
+async fn practitioner(s: &TestServer, id: &str) -> String {
+    let user = format!("dr.{id}");
+    practitioner_user(s, &user, id);
+    let scope = "openid fhirUser user/*.rs";
+    let client = public_client(s, scope);
+    app_token(s, &client, scope, Some((&user, PW)), &[]).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// A patient's own token (fhirUser Patient/{id}, `patient/*.rs`).
+async fn patient(s: &TestServer, id: &str) -> String {
+    let user = format!("patient.{id}");
+    cli(
+        s,
+        &[
+            "user",
+            "add",
+            "--username",
+            &user,
+            "--password-stdin",
+            "--fhir-user",
+            &format!("Patient/{id}"),
+        ],
+        Some(&format!("{PW}\n")),
+    );
+    let scope = "launch/patient openid fhirUser patient/*.rs";
+    let client = public_client(s, scope);
+    let t = app_token(s, &client, scope, Some((&user, PW)), &[]).await;
+    assert_eq!(t["patient"], id);
+    t["access_token"].as_str().unwrap().to_string()
+}
+
+/// The AuditEvents a search returns.
+async fn audit(s: &TestServer, token: &str, query: &str) -> Vec<Value> {
+    let (st, b) = get(s, token, &format!("AuditEvent?{query}&_count=1000")).await;
+    assert_eq!(st, 200, "{b}");
+    b["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"].clone())
+        .collect()
+}
+
+fn agent<'a>(e: &'a Value, code: &str) -> &'a Value {
+    e["agent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["type"]["coding"][0]["code"] == code)
+        .unwrap_or(&Value::Null)
+}
+
+fn entity<'a>(e: &'a Value, role: &str) -> &'a Value {
+    e["entity"]
+        .as_array()
+        .map(|a| a.iter().find(|x| x["role"]["code"] == role))
+        .and_then(|x| x)
+        .unwrap_or(&Value::Null)
+}
+
+fn patient_of(e: &Value) -> Option<&str> {
+    entity(e, "1")["what"]["reference"].as_str()
+}
+
+/// The elements every BALP profile requires: type, subtype, action,
+/// recorded, outcome; the client (Source Role ID, with its address) and
+/// server (Destination Role ID) agents, one requestor; the source observer.
+fn assert_balp(e: &Value) {
+    for k in ["type", "subtype", "action", "recorded", "outcome", "source"] {
+        assert!(!e[k].is_null(), "{k} missing: {e}");
+    }
+    assert_eq!(agent(e, "110153")["network"]["address"], "127.0.0.1", "{e}");
+    assert!(!agent(e, "110152").is_null(), "{e}");
+    let requestors = e["agent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["requestor"] == true)
+        .count();
+    assert_eq!(requestors, 1, "{e}");
+    assert!(!e["source"]["observer"].is_null());
+}
+
+fn profile(e: &Value) -> &str {
+    e["meta"]["profile"][0]
+        .as_str()
+        .unwrap_or("")
+        .rsplit('.')
+        .next()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_practitioners_read_is_a_balp_patient_read() {
+    let s = TestServer::start().await;
+    let w = world(&s).await;
+    let dr = practitioner(&s, "prac1").await;
+    assert_eq!(get(&s, &dr, "Observation/oa").await.0, 200);
+    let found = audit(&s, &w.admin, "agent=Practitioner/prac1&subtype=read").await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    let e = &found[0];
+    assert_balp(e);
+    assert_eq!(profile(e), "PatientRead");
+    assert_eq!(e["action"], "R");
+    assert_eq!(e["outcome"], "0");
+    assert_eq!(agent(e, "IRCP")["who"]["reference"], "Practitioner/prac1");
+    assert_eq!(agent(e, "IRCP")["requestor"], true);
+    assert_eq!(patient_of(e), Some("Patient/pa"));
+    assert_eq!(entity(e, "4")["what"]["reference"], "Observation/oa");
+}
+
+#[tokio::test]
+async fn creates_updates_and_deletes_are_recorded_with_their_patient() {
+    let s = TestServer::start().await;
+    let w = world(&s).await;
+    let obs = json!({"resourceType": "Observation", "status": "final",
+        "code": {"text": "x"}, "subject": {"reference": "Patient/pa"}});
+    let (st, made) = fhir(
+        &s,
+        &w.admin,
+        reqwest::Method::POST,
+        "Observation",
+        Some(&obs),
+    )
+    .await;
+    assert_eq!(st, 201);
+    let id = made["id"].as_str().unwrap();
+    let mut changed = made.clone();
+    changed["status"] = json!("amended");
+    let path = format!("Observation/{id}");
+    assert_eq!(
+        fhir(&s, &w.admin, reqwest::Method::PUT, &path, Some(&changed))
+            .await
+            .0,
+        200
+    );
+    assert!(
+        fhir(&s, &w.admin, reqwest::Method::DELETE, &path, None)
+            .await
+            .0
+            < 300
+    );
+    let found = audit(&s, &w.admin, &format!("entity={path}")).await;
+    let mut seen: Vec<(String, String, String)> = found
+        .iter()
+        .map(|e| {
+            assert_balp(e);
+            assert_eq!(patient_of(e), Some("Patient/pa"), "{e}");
+            assert_eq!(
+                agent(e, "110153")["who"]["identifier"]["value"],
+                w.admin_client.as_str()
+            );
+            (
+                e["subtype"][0]["code"].as_str().unwrap().to_string(),
+                e["action"].as_str().unwrap().to_string(),
+                profile(e).to_string(),
+            )
+        })
+        .collect();
+    seen.sort();
+    let expect = |a: &str, b: &str, c: &str| (a.to_string(), b.to_string(), c.to_string());
+    assert_eq!(
+        seen,
+        vec![
+            expect("create", "C", "PatientCreate"),
+            expect("delete", "D", "PatientDelete"),
+            expect("update", "U", "PatientUpdate"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_search_touching_two_patients_is_one_patient_query_per_patient() {
+    let s = TestServer::start().await;
+    let w = world(&s).await;
+    let dr = practitioner(&s, "prac2").await;
+    let (st, b) = get(&s, &dr, "Observation?code=http://loinc.org|8867-4").await;
+    assert_eq!(st, 200);
+    assert_eq!(b["entry"].as_array().unwrap().len(), 2);
+    let found = audit(&s, &w.admin, "agent=Practitioner/prac2&subtype=search-type").await;
+    let mut patients: Vec<&str> = found.iter().filter_map(patient_of).collect();
+    patients.sort();
+    assert_eq!(patients, ["Patient/pa", "Patient/pb"]);
+    for e in &found {
+        assert_balp(e);
+        assert_eq!(profile(e), "PatientQuery");
+        assert_eq!(e["action"], "E");
+        let q = entity(e, "24")["query"].as_str().unwrap();
+        let q = base64::engine::general_purpose::STANDARD.decode(q).unwrap();
+        assert_eq!(
+            String::from_utf8(q).unwrap(),
+            "/Observation?code=http://loinc.org|8867-4"
+        );
+    }
+}
+
+#[tokio::test]
+async fn refused_requests_are_recorded_with_their_outcome() {
+    let s = TestServer::start().await;
+    let w = world(&s).await;
+    // No token: 401.
+    let r = reqwest::get(s.url("Patient/pa")).await.unwrap();
+    assert_eq!(r.status(), 401);
+    // A patient's token writing: 403.
+    let p = patient(&s, "pb").await;
+    let obs = json!({"resourceType": "Observation", "status": "final",
+        "code": {"text": "x"}, "subject": {"reference": "Patient/pb"}});
+    let (st, _) = fhir(&s, &p, reqwest::Method::POST, "Observation", Some(&obs)).await;
+    assert_eq!(st, 403);
+    let refused = audit(&s, &w.admin, "outcome=4").await;
+    let unauthenticated = refused
+        .iter()
+        .find(|e| e["outcomeDesc"] == "HTTP 401")
+        .expect("the 401 is recorded");
+    assert_balp(unauthenticated);
+    assert_eq!(patient_of(unauthenticated), Some("Patient/pa"));
+    assert_eq!(
+        entity(unauthenticated, "4")["what"]["reference"],
+        "Patient/pa"
+    );
+    let forbidden = refused
+        .iter()
+        .find(|e| e["outcomeDesc"] == "HTTP 403")
+        .expect("the 403 is recorded");
+    assert_balp(forbidden);
+    assert_eq!(forbidden["action"], "C");
+    assert_eq!(agent(forbidden, "IRCP")["who"]["reference"], "Patient/pb");
+    // A refusal conforms to no "successful" BALP profile.
+    assert!(forbidden["meta"].is_null());
+}
+
+#[tokio::test]
+async fn sign_in_and_every_token_event_are_recorded_without_the_token() {
+    let s = TestServer::start().await;
+    let w = world(&s).await;
+    practitioner_user(&s, "dr.smart", "prac3");
+    // A wrong password.
+    let scope = "openid fhirUser offline_access user/*.rs";
+    let client = public_client(&s, scope);
+    let (_, challenge) = pkce();
+    let params = authorize_params(&s, &client, scope, &challenge, &[]);
+    let mut f = params.clone();
+    f.push(("username".into(), "dr.smart".into()));
+    f.push(("password".into(), "wrong".into()));
+    let r = browser()
+        .post(s.url("auth/login"))
+        .form(&f)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // Signed in, a token issued and refreshed.
+    let t = app_token(&s, &client, scope, Some(("dr.smart", PW)), &[]).await;
+    let access = t["access_token"].as_str().unwrap().to_string();
+    let refresh = t["refresh_token"]
+        .as_str()
+        .expect("a refresh token")
+        .to_string();
+    let (st, t2) = form(
+        &s,
+        "auth/token",
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", &refresh),
+            ("client_id", &client),
+        ],
+    )
+    .await;
+    assert_eq!(st, 200, "{t2}");
+    // Introspected by the administrator, revoked by a backend client.
+    let r = s
+        .client
+        .post(s.url("auth/introspect"))
+        .bearer_auth(&w.admin)
+        .form(&[("token", access.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let k = client_key(Algorithm::RS384);
+    let backend = backend_client(&s, &k, "system/Patient.rs");
+    let (_, bt) = backend_token(&s, &backend, &k, "system/Patient.rs").await;
+    let btoken = bt["access_token"].as_str().unwrap().to_string();
+    let a = assertion(&s, &backend, &k, 200, None);
+    let (st, _) = form(
+        &s,
+        "auth/revoke",
+        &[
+            ("token", &btoken),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
+            ("client_assertion", &a),
+        ],
+    )
+    .await;
+    assert_eq!(st, 200);
+
+    let all = audit(&s, &w.admin, "").await;
+    let text = serde_json::to_string(&all).unwrap();
+    for secret in [&access, &refresh, &btoken] {
+        assert!(!text.contains(secret.as_str()), "a token is in the log");
+    }
+    let find = |sub: &str, outcome: &str| {
+        all.iter()
+            .find(|e| e["subtype"][0]["code"] == sub && e["outcome"] == outcome)
+            .unwrap_or_else(|| panic!("no {sub} event with outcome {outcome}"))
+    };
+    let failed = find("110122", "4");
+    assert_eq!(
+        agent(failed, "IRCP")["who"]["identifier"]["value"],
+        "dr.smart"
+    );
+    assert_eq!(find("110122", "0")["type"]["code"], "110114");
+    let issued = all
+        .iter()
+        .find(|e| {
+            e["subtype"][0]["code"] == "token-issued"
+                && agent(e, "IRCP")["who"]["reference"] == "Practitioner/prac3"
+        })
+        .expect("the user's token issued");
+    assert_balp(issued);
+    assert_eq!(
+        agent(issued, "110153")["who"]["identifier"]["value"],
+        client.as_str()
+    );
+    let tail = issued["entity"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|x| {
+            x["what"]["identifier"]["value"]
+                .as_str()
+                .filter(|v| v.starts_with('…'))
+        })
+        .unwrap();
+    assert!(access.ends_with(tail.trim_start_matches('…')));
+    assert_eq!(find("token-refreshed", "0")["action"], "C");
+    let introspected = find("token-introspected", "0");
+    assert_eq!(
+        agent(introspected, "110153")["who"]["identifier"]["value"],
+        w.admin_client.as_str()
+    );
+    let revoked = find("token-revoked", "0");
+    assert_eq!(
+        agent(revoked, "110153")["who"]["identifier"]["value"],
+        backend.as_str()
+    );
+}
+
+#[tokio::test]
+async fn a_document_sent_out_is_recorded_as_an_export_for_its_patient() {
+    let s = TestServer::start().await;
+    let w = world(&s).await;
+    let r = s
+        .client
+        .get(s.url("Patient/pa/$signed-document"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let found = audit(&s, &w.admin, "subtype=exchange-document-out").await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["type"]["code"], "110106");
+    assert_eq!(patient_of(&found[0]), Some("Patient/pa"));
+}
+
+#[tokio::test]
+async fn audit_events_cannot_be_written_through_the_api() {
+    let s = TestServer::start().await;
+    let w = world(&s).await;
+    let e = json!({"resourceType": "AuditEvent", "type": {"code": "rest"},
+        "recorded": "2026-01-01T00:00:00Z", "agent": [], "source": {"observer": {}}});
+    for (m, path) in [
+        (reqwest::Method::POST, "AuditEvent"),
+        (reqwest::Method::PUT, "AuditEvent/0"),
+        (reqwest::Method::DELETE, "AuditEvent/0"),
+    ] {
+        let (st, b) = fhir(&s, &w.admin, m.clone(), path, Some(&e)).await;
+        assert_eq!(st, 405, "{m} {path}: {b}");
+        assert_eq!(b["resourceType"], "OperationOutcome");
+    }
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": e, "request": {"method": "POST", "url": "AuditEvent"}}]});
+    let (st, b) = fhir(&s, &w.admin, reqwest::Method::POST, "", Some(&bundle)).await;
+    assert!(st >= 400, "{b}");
+    let stored = audit(&s, &w.admin, "").await;
+    assert!(stored
+        .iter()
+        .all(|e| e["recorded"] != "2026-01-01T00:00:00Z"));
+}
+
+#[tokio::test]
+async fn a_patient_sees_who_read_their_record_and_nothing_about_others() {
+    let s = TestServer::start().await;
+    let _w = world(&s).await;
+    let dr = practitioner(&s, "prac4").await;
+    assert_eq!(get(&s, &dr, "Observation/oa").await.0, 200);
+    assert_eq!(get(&s, &dr, "Observation/ob").await.0, 200);
+    let me = patient(&s, "pa").await;
+    let mine = audit(&s, &me, "patient=pa").await;
+    assert!(!mine.is_empty());
+    assert!(mine.iter().all(|e| patient_of(e) == Some("Patient/pa")));
+    assert!(mine.iter().any(|e| {
+        agent(e, "IRCP")["who"]["reference"] == "Practitioner/prac4"
+            && entity(e, "4")["what"]["reference"] == "Observation/oa"
+    }));
+    // Without a patient parameter: still only their own.
+    let all = audit(&s, &me, "").await;
+    assert!(all.iter().all(|e| patient_of(e) == Some("Patient/pa")));
+    // Another patient's events are absent.
+    assert!(audit(&s, &me, "patient=pb").await.is_empty());
+    let (st, _) = get(&s, &me, "Patient/pb/$access-log").await;
+    assert_eq!(st, 404);
+    // The summary: per accessor and day.
+    let (st, log) = get(&s, &me, "Patient/pa/$access-log").await;
+    assert_eq!(st, 200, "{log}");
+    let text = log.to_string();
+    assert!(!text.contains("Observation/ob") && !text.contains("Patient/pb"));
+    let access = log["parameter"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["name"] == "access")
+        .find(|p| p["part"][1]["valueString"] == "Practitioner/prac4")
+        .expect("the practitioner's access is listed");
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    assert_eq!(access["part"][0]["valueDate"], today.as_str());
+    assert!(access["part"][3]["valueString"]
+        .as_str()
+        .unwrap()
+        .contains("read"));
+    assert_eq!(access["part"][6]["valueBoolean"], false);
+    // A token without access to the audit log is refused.
+    let k = client_key(Algorithm::RS384);
+    let c = backend_client(&s, &k, "system/Patient.rs");
+    let (_, t) = backend_token(&s, &c, &k, "system/Patient.rs").await;
+    let (st, _) = get(&s, t["access_token"].as_str().unwrap(), "AuditEvent").await;
+    assert_eq!(st, 403);
+}
+
+#[tokio::test]
+async fn break_the_glass_is_marked_in_the_access_log() {
+    let s = TestServer::start().await;
+    let w = world(&s).await;
+    let dr = practitioner(&s, "prac5").await;
+    let r = s
+        .client
+        .get(s.url("Observation/oa"))
+        .bearer_auth(&dr)
+        .header("X-Purpose-Of-Use", "BTG")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let found = audit(&s, &w.admin, "purpose=BTG").await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["purposeOfUse"][0]["coding"][0]["code"], "BTG");
+    let me = patient(&s, "pa").await;
+    let (_, log) = get(&s, &me, "Patient/pa/$access-log").await;
+    let marked = log["parameter"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["part"][1]["valueString"] == "Practitioner/prac5")
+        .unwrap();
+    assert_eq!(marked["part"][6]["valueBoolean"], true);
+    assert!(marked["part"][7]["valueString"]
+        .as_str()
+        .unwrap()
+        .contains("BREAK-THE-GLASS"));
+}
+
+async fn db(s: &TestServer) -> sqlx::AnyConnection {
+    sqlx::any::install_default_drivers();
+    sqlx::AnyConnection::connect(&s.database_url).await.unwrap()
+}
+
+async fn exec(s: &TestServer, sql: &str) {
+    let mut c = db(s).await;
+    sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
+}
+
+#[tokio::test]
+async fn when_the_audit_log_cannot_be_written_nothing_is_answered() {
+    let s = TestServer::start().await;
+    let w = world(&s).await;
+    let postgres = s.database_url.starts_with("postgres");
+    let (break_it, mend_it) = if postgres {
+        (
+            "CREATE FUNCTION audit_down() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'audit down'; END $$ LANGUAGE plpgsql; \
+             CREATE TRIGGER audit_down BEFORE INSERT ON audit_entry FOR EACH STATEMENT EXECUTE FUNCTION audit_down();",
+            "DROP TRIGGER audit_down ON audit_entry; DROP FUNCTION audit_down();",
+        )
+    } else {
+        (
+            "CREATE TRIGGER audit_down BEFORE INSERT ON audit_entry BEGIN SELECT RAISE(ABORT, 'audit down'); END;",
+            "DROP TRIGGER audit_down;",
+        )
+    };
+    exec(&s, break_it).await;
+    // A read: 503, an OperationOutcome, nothing of the patient.
+    let r = s.client.get(s.url("Patient/pa")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body = r.text().await.unwrap();
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["resourceType"], "OperationOutcome");
+    assert!(!body.contains("Alpha"), "{body}");
+    // A write: 503, and nothing stored.
+    let obs = json!({"resourceType": "Observation", "id": "lost", "status": "final",
+        "code": {"text": "never stored"}, "subject": {"reference": "Patient/pa"}});
+    let (st, b) = fhir(
+        &s,
+        &w.admin,
+        reqwest::Method::PUT,
+        "Observation/lost",
+        Some(&obs),
+    )
+    .await;
+    assert_eq!(st, 503, "{b}");
+    assert_eq!(b["resourceType"], "OperationOutcome");
+    exec(&s, mend_it).await;
+    assert_eq!(get(&s, &w.admin, "Observation/lost").await.0, 404);
+    assert_eq!(get(&s, &w.admin, "Patient/pa").await.0, 200);
+}
+
+/// Runs `ehrx audit verify` (with extra arguments); its report.
+fn verify(s: &TestServer, args: &[&str]) -> Value {
+    let out = s
+        .ehrx()
+        .args(["audit", "verify"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "verify printed no report: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(out.status.success(), report["verified"] == true, "{report}");
+    report
+}
+
+/// A server whose log holds some entries, the last ones covered by a signed
+/// checkpoint.
+async fn logged() -> (TestServer, World) {
+    let s = TestServer::start().await;
+    let w = world(&s).await;
+    for p in [
+        "Patient/pa",
+        "Patient/pb",
+        "Observation/oa",
+        "Observation/ob",
+    ] {
+        assert_eq!(get(&s, &w.admin, p).await.0, 200);
+    }
+    let c = cli(&s, &["audit", "checkpoint"], None);
+    assert!(c["size"].as_u64().unwrap() >= 8, "{c}");
+    (s, w)
+}
+
+#[tokio::test]
+async fn an_untouched_log_verifies() {
+    let (s, _w) = logged().await;
+    let r = verify(&s, &[]);
+    assert_eq!(r["verified"], true, "{r}");
+    assert_eq!(r["checkpoints_checked"], 1);
+}
+
+#[tokio::test]
+async fn verify_names_an_entry_whose_column_was_changed() {
+    let (s, _w) = logged().await;
+    exec(&s, "UPDATE audit_entry SET outcome = '4' WHERE seq = 5").await;
+    let r = verify(&s, &[]);
+    assert_eq!(r["first_bad"], 5, "{r}");
+}
+
+#[tokio::test]
+async fn verify_names_an_entry_whose_body_was_changed() {
+    let (s, _w) = logged().await;
+    exec(
+        &s,
+        "UPDATE audit_entry SET body = REPLACE(body, '\"outcome\":\"0\"', '\"outcome\":\"4\"') WHERE seq = 3",
+    )
+    .await;
+    let r = verify(&s, &[]);
+    assert_eq!(r["first_bad"], 3, "{r}");
+}
+
+#[tokio::test]
+async fn verify_names_a_deleted_entry() {
+    let (s, _w) = logged().await;
+    exec(&s, "DELETE FROM audit_entry WHERE seq = 4").await;
+    assert_eq!(verify(&s, &[])["first_bad"], 4);
+}
+
+#[tokio::test]
+async fn verify_names_entries_cut_from_the_end() {
+    let (s, _w) = logged().await;
+    // The log's own size is rewritten too: the signed checkpoint still
+    // tells.
+    exec(
+        &s,
+        "DELETE FROM audit_entry WHERE seq >= 6; UPDATE audit_head SET size = 6",
+    )
+    .await;
+    assert_eq!(verify(&s, &[])["first_bad"], 6);
+}
+
+#[tokio::test]
+async fn verify_names_two_reordered_entries() {
+    let (s, _w) = logged().await;
+    exec(
+        &s,
+        "UPDATE audit_entry SET seq = -1 WHERE seq = 2; \
+         UPDATE audit_entry SET seq = 2 WHERE seq = 6; \
+         UPDATE audit_entry SET seq = 6 WHERE seq = -1;",
+    )
+    .await;
+    assert_eq!(verify(&s, &[])["first_bad"], 2);
+}
+
+#[tokio::test]
+async fn verify_names_an_inserted_entry() {
+    let (s, _w) = logged().await;
+    // A forged entry, consistent in itself (body, digest, columns), slid in
+    // at position 3; the entries after it are renumbered and the size
+    // raised to match.
+    let mut c = db(&s).await;
+    let body: String = sqlx::query_scalar("SELECT body FROM audit_entry WHERE seq = 0")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    let mut forged: Value = serde_json::from_str(&body).unwrap();
+    forged["id"] = json!("3");
+    let forged_body = forged.to_string();
+    let cols = ehrx::audit::event::Columns::of(&forged);
+    sqlx::raw_sql(
+        "UPDATE audit_entry SET seq = -(seq + 1) WHERE seq >= 3; \
+         UPDATE audit_entry SET seq = -seq WHERE seq < 0; \
+         UPDATE audit_head SET size = size + 1;",
+    )
+    .execute(&mut c)
+    .await
+    .unwrap();
+    let mut q = sqlx::query(
+        "INSERT INTO audit_entry (seq, recorded, type, subtype, action, outcome, patient, agent, \
+         client, entity, purpose, body, digest) VALUES (3, $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+    );
+    for (_, v) in cols.named() {
+        q = q.bind(v.map(str::to_string));
+    }
+    q.bind(&forged_body)
+        .bind(hex::encode(Sha256::digest(forged_body.as_bytes())))
+        .execute(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(verify(&s, &[])["first_bad"], 3);
+}
+
+#[tokio::test]
+async fn a_consistent_rewrite_is_caught_by_the_checkpoint() {
+    let (s, _w) = logged().await;
+    // Body, digest and columns rewritten together: only the signed
+    // checkpoint can tell.
+    let mut c = db(&s).await;
+    let body: String = sqlx::query_scalar("SELECT body FROM audit_entry WHERE seq = 4")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    let mut v: Value = serde_json::from_str(&body).unwrap();
+    v["recorded"] = json!("2000-01-01T00:00:00.000Z");
+    let forged = v.to_string();
+    sqlx::query("UPDATE audit_entry SET body = $1, digest = $2, recorded = $3 WHERE seq = 4")
+        .bind(&forged)
+        .bind(hex::encode(Sha256::digest(forged.as_bytes())))
+        .bind("2000-01-01T00:00:00.000Z")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    let r = verify(&s, &[]);
+    assert_eq!(r["verified"], false, "{r}");
+    assert!(r["first_bad"].as_u64().unwrap() <= 4, "{r}");
+}
+
+#[tokio::test]
+async fn a_witness_checkpoint_kept_elsewhere_catches_a_truncated_log() {
+    let (s, w) = logged().await;
+    // A witness (a client with a token) keeps the checkpoint; it is
+    // recorded as having fetched it.
+    let r = s
+        .client
+        .get(s.url("audit/checkpoint"))
+        .bearer_auth(&w.admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let kept: Value = r.json().await.unwrap();
+    let size = kept["size"].as_i64().unwrap();
+    let mut c = db(&s).await;
+    let witnessed: i64 = sqlx::query_scalar("SELECT MAX(size) FROM audit_witness")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(witnessed, size);
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), kept.to_string()).unwrap();
+    let path = file.path().to_str().unwrap();
+    assert_eq!(verify(&s, &["--from-checkpoint", path])["verified"], true);
+    // Everything from entry 2 removed, with the stored checkpoints and the
+    // recorded size: the kept checkpoint still tells.
+    exec(
+        &s,
+        "DELETE FROM audit_entry WHERE seq >= 2; DELETE FROM audit_checkpoint; \
+         UPDATE audit_head SET size = 2",
+    )
+    .await;
+    assert_eq!(verify(&s, &[])["verified"], true);
+    assert_eq!(verify(&s, &["--from-checkpoint", path])["first_bad"], 2);
+}
+
+#[tokio::test]
+async fn retention_keeps_everything_from_the_witnessed_checkpoint_on() {
+    let (s, w) = logged().await;
+    let r = s
+        .client
+        .get(s.url("audit/checkpoint"))
+        .bearer_auth(&w.admin)
+        .send()
+        .await
+        .unwrap();
+    let size = r.json::<Value>().await.unwrap()["size"].as_i64().unwrap();
+    assert_eq!(get(&s, &w.admin, "Patient/pa").await.0, 200);
+    let out = s
+        .ehrx()
+        .args(["audit", "prune", "--before", "2999-01-01"])
+        .env("EHRX_AUDIT_RETENTION_DAYS", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut c = db(&s).await;
+    let cleared: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_entry WHERE body IS NULL")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    let kept_from: i64 =
+        sqlx::query_scalar("SELECT MIN(seq) FROM audit_entry WHERE body IS NOT NULL")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+    assert_eq!((cleared, kept_from), (size, size));
+    // Cleared entries keep their digests: the log still verifies.
+    assert_eq!(verify(&s, &[])["verified"], true);
+}
+
+#[tokio::test]
+async fn export_writes_each_entry_with_an_inclusion_proof() {
+    let (s, _w) = logged().await;
+    let out = s
+        .ehrx()
+        .args(["audit", "export", "--since", "2000-01-01"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines = text.lines().filter(|l| l.starts_with('{'));
+    let head: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    let cp = &head["checkpoint"];
+    let root: [u8; 32] = base64::engine::general_purpose::STANDARD
+        .decode(cp["root"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let size = cp["size"].as_u64().unwrap();
+    let mut n = 0;
+    for l in lines {
+        let e: Value = serde_json::from_str(l).unwrap();
+        if e.get("index").is_none() {
+            continue;
+        }
+        let body = e["body"].as_str().unwrap();
+        let leaf: [u8; 32] = Sha256::digest(body.as_bytes()).into();
+        let proof: Vec<[u8; 32]> = e["inclusion"]["proof"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(h.as_str().unwrap())
+                    .unwrap()
+                    .try_into()
+                    .unwrap()
+            })
+            .collect();
+        assert!(ehrx::audit::tree::verify_inclusion(
+            &root,
+            size,
+            &leaf,
+            e["index"].as_u64().unwrap(),
+            &proof
+        ));
+        n += 1;
+    }
+    assert_eq!(n, size);
+}
+
+#[tokio::test]
+async fn python_checks_the_checkpoint_signature_and_the_proofs() {
+    let (s, w) = logged().await;
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/audit_proof.py");
+    for index in ["0", "5"] {
+        // Run beside the server, which answers on this test's runtime.
+        let (script, base, token) = (script.clone(), s.base.clone(), w.admin.clone());
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("python3")
+                .arg(&script)
+                .args([base.as_str(), token.as_str(), index])
+                .output()
+                .expect("python3")
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    }
+}
+
+#[tokio::test]
+async fn the_audit_can_be_switched_off() {
+    let s = TestServer::start_authorized(|c| c.audit = false).await;
+    let w = world(&s).await;
+    assert_eq!(get(&s, &w.admin, "Patient/pa").await.0, 200);
+    assert_eq!(s.get("audit/checkpoint").await.status(), 404);
+    let mut c = db(&s).await;
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_entry")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+}
+
+#[tokio::test]
+async fn a_backup_carries_the_log_and_its_newest_checkpoint() {
+    let (s, _w) = logged().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("b.jsonl.gz");
+    let written = cli(&s, &["backup", "--out", file.to_str().unwrap()], None);
+    let cp = &written["written"]["manifest"]["audit_checkpoint"];
+    assert!(cp["size"].as_u64().unwrap() >= 8, "{written}");
+    assert!(
+        written["written"]["manifest"]["tables"]["audit_entry"]
+            .as_i64()
+            .unwrap()
+            >= 8
+    );
+    // Restored elsewhere, the log still verifies against its checkpoint.
+    let target = common::fresh_database(&dir.path().join("t")).await;
+    if let Some(path) = target.strip_prefix("sqlite:") {
+        std::fs::create_dir_all(std::path::Path::new(path).parent().unwrap()).unwrap();
+    }
+    let run = |args: &[&str]| {
+        common::ehrx_bin()
+            .args(args)
+            .env("EHRX_DATABASE_URL", &target)
+            .env("EHRX_LOG", "error")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["restore", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&["audit", "verify"]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["verified"], true, "{report}");
+    assert_eq!(report["checkpoints_checked"], 1);
+}
+
+#[tokio::test]
+async fn an_event_recorded_through_the_audit_api_reaches_the_access_log() {
+    use ehrx::audit::{Action, Event, EventType};
+    let s = TestServer::start().await;
+    let _w = world(&s).await;
+    // What the consent and break-the-glass code does: build an event and
+    // record it (committed when `record` returns).
+    let store = ehrx::store::Store::open(&s.database_url, 2, std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    let log = ehrx::store::audit::AuditLog::start(store, s.base.clone(), Default::default(), 0);
+    log.record(vec![Event::new(EventType::break_the_glass(), Action::Read)
+        .user(Some("Practitioner/emergency".into()))
+        .client(Some("ward-app".into()))
+        .patient(Some("pa".into()))
+        .data("Observation/oa")
+        .purpose("BTG")])
+        .await
+        .unwrap();
+    let me = patient(&s, "pa").await;
+    let (_, log) = get(&s, &me, "Patient/pa/$access-log").await;
+    let marked = log["parameter"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["part"][1]["valueString"] == "Practitioner/emergency")
+        .expect("the recorded access is listed");
+    assert_eq!(marked["part"][2]["valueString"], "ward-app");
+    assert_eq!(marked["part"][6]["valueBoolean"], true);
+    assert!(marked["part"][3]["valueString"]
+        .as_str()
+        .unwrap()
+        .contains("break-the-glass"));
+}
+
+#[tokio::test]
+async fn a_page_is_audited_for_the_patients_it_shows_only() {
+    let s = TestServer::start().await;
+    let w = world(&s).await;
+    let dr = practitioner(&s, "prac6").await;
+    // One of two matches shown (the other was only looked ahead at).
+    let (st, b) = get(
+        &s,
+        &dr,
+        "Observation?code=http://loinc.org|8867-4&_sort=_id&_count=1",
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert_eq!(b["entry"][0]["resource"]["id"], "oa");
+    let found = audit(&s, &w.admin, "agent=Practitioner/prac6&subtype=search-type").await;
+    let patients: Vec<&str> = found.iter().filter_map(patient_of).collect();
+    assert_eq!(patients, ["Patient/pa"]);
+}
