@@ -25,6 +25,18 @@ struct World {
     admin_client: String,
 }
 
+/// The practitioners of these tests: the general practitioners of both
+/// patients, so that the circle of trust lets them in.
+const GENERAL_PRACTITIONERS: [&str; 7] = [
+    "prac1",
+    "prac2",
+    "prac3",
+    "prac4",
+    "prac5",
+    "prac6",
+    "emergency",
+];
+
 /// Two patients (pa, pb) with an Observation each (oa, ob), same code.
 async fn world(s: &TestServer) -> World {
     let admin = s.token.clone().unwrap();
@@ -34,7 +46,13 @@ async fn world(s: &TestServer) -> World {
             &admin,
             reqwest::Method::PUT,
             &format!("Patient/{p}"),
-            Some(&json!({"resourceType": "Patient", "id": p, "name": [{"family": family}]})),
+            Some(
+                &json!({"resourceType": "Patient", "id": p, "name": [{"family": family}],
+                "generalPractitioner": GENERAL_PRACTITIONERS
+                    .iter()
+                    .map(|g| json!({"reference": format!("Practitioner/{g}")}))
+                    .collect::<Vec<_>>()}),
+            ),
         )
         .await;
         assert!(st == 200 || st == 201, "{b}");

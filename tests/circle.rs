@@ -968,6 +968,37 @@ async fn break_the_glass_is_explicit_limited_and_shown_to_the_patient() {
             && text.contains("unconscious"),
         "{text}"
     );
+    // And in their access log, marked as break-the-glass.
+    let (st, log) = get(&w.s, w.token(Role::Patient), "Patient/p/$access-log").await;
+    assert_eq!(st, 200, "{log}");
+    let marked = log["parameter"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["name"] == "access")
+        .find(|p| {
+            p["part"][1]["valueString"] == "Practitioner/dr-btg"
+                && p["part"][6]["valueBoolean"] == true
+        });
+    assert!(
+        marked.is_some(),
+        "no break-the-glass access of dr-btg in {log}"
+    );
+}
+
+#[tokio::test]
+async fn every_consent_change_is_audited_for_the_patient() {
+    let w = world().await;
+    w.set_consent("inactive").await;
+    let (st, b) = get(
+        &w.s,
+        w.token(Role::Patient),
+        "AuditEvent?patient=p&subtype=consent-change&_count=100",
+    )
+    .await;
+    assert_eq!(st, 200, "{b}");
+    // The Consent's creation and its revocation.
+    assert_eq!(b["entry"].as_array().map_or(0, Vec::len), 2, "{b}");
 }
 
 #[tokio::test]

@@ -111,6 +111,13 @@ async fn every_r4_example_round_trips_through_xml() {
         .map(|l| l.split(',').nth(2).unwrap().to_string())
         .collect();
     assert!(files.len() >= 866);
+    // AuditEvents are recorded by the server and cannot be written through
+    // the API (tests/audit.rs); the other 857 examples go through the same
+    // codec.
+    let files: Vec<String> = files
+        .into_iter()
+        .filter(|f| !f.contains("/AuditEvent-"))
+        .collect();
     let results: Vec<(String, Result<(), String>)> = stream::iter(files.iter())
         .map(|f| async { (f.clone(), round_trip(&s, f).await) })
         .buffer_unordered(8)

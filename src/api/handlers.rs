@@ -432,6 +432,21 @@ pub async fn instance_operation(
                 &body,
             )
             .await?;
+            // Recorded for the patient before the answer leaves, with
+            // purpose of use BTG (which `$access-log` marks).
+            crate::audit::context::set_purpose("BTG");
+            if let Some(log) = &state.audit {
+                if let Some(e) = crate::audit::context::event(
+                    crate::audit::EventType::break_the_glass(),
+                    crate::audit::Action::Execute,
+                ) {
+                    log.record(vec![e
+                        .patient(Some(id.clone()))
+                        .data(format!("Patient/{id}"))])
+                        .await
+                        .map_err(|e| Error::AuditUnavailable(e.to_string()))?;
+                }
+            }
             return Ok(FhirResponse::new(StatusCode::OK).with_value(p));
         }
         interaction::check_type(&rtype)?;

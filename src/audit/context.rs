@@ -56,6 +56,9 @@ struct Inner {
     written: Vec<Written>,
     /// Writes already recorded inside their transaction.
     done: Vec<Written>,
+    /// Events of what the writes mean (a consent change, an amendment),
+    /// recorded with them in their transaction.
+    extra: Vec<(EventType, Action, Vec<String>, String)>,
 }
 
 impl Context {
@@ -186,6 +189,14 @@ pub fn wrote(action: Action, interaction: &'static str, rtype: &str, id: &str, b
     c.with(|i| i.written.push(w));
 }
 
+/// Notes an event that gives a write of this request its meaning (an
+/// amendment proposed or decided): recorded with the writes, in their
+/// transaction, one per patient.
+pub fn note(kind: EventType, action: Action, patients: Vec<String>, data: String) {
+    let Some(c) = current() else { return };
+    c.with(|i| i.extra.push((kind, action, patients, data)));
+}
+
 /// The events of the writes noted and not yet recorded, for recording in
 /// the transaction that is about to commit; they count as recorded from
 /// now on (if the commit fails, the request fails and the middleware
@@ -198,6 +209,29 @@ pub fn take_written() -> Vec<Event> {
         let written = std::mem::take(&mut i.written);
         i.done.extend(written.iter().cloned());
         let mut out = Vec::new();
+        let mut extra = std::mem::take(&mut i.extra);
+        // Every change of a Consent is also a consent change.
+        for w in written
+            .iter()
+            .filter(|w| w.reference.starts_with("Consent/"))
+        {
+            extra.push((
+                EventType::consent_change(),
+                w.action,
+                w.patients.clone(),
+                w.reference.clone(),
+            ));
+        }
+        for (kind, action, patients, data) in extra {
+            let patients: Vec<Option<String>> = if patients.is_empty() {
+                vec![None]
+            } else {
+                patients.into_iter().map(Some).collect()
+            };
+            for p in patients {
+                out.push(i.caller.event(kind, action).patient(p).data(data.clone()));
+            }
+        }
         for w in written {
             let patients: Vec<Option<String>> = if w.patients.is_empty() {
                 vec![None]

@@ -82,6 +82,12 @@ pub async fn propose(tx: &mut Writer, cur: &Version, proposed: Option<Value>) ->
         Error::Forbidden("an amendment needs an author named by the token (fhirUser)".into())
     })?;
     let target = format!("{}/{}", cur.rtype, cur.id);
+    crate::audit::context::note(
+        crate::audit::EventType::amendment_proposed(),
+        crate::audit::Action::Create,
+        crate::audit::context::patients_of(&cur.rtype, &cur.id, cur.body.as_deref()),
+        target.clone(),
+    );
     if tx.access().check_type(Ops::CREATE, "Task").is_err() {
         return Err(rights::refused(
             format!(
@@ -177,8 +183,21 @@ fn reference_at<'a>(v: &'a Value, pointer: &str) -> Option<&'a str> {
 
 /// `POST Task/{id}/$approve`: applies a proposed amendment (or accepts a
 /// correction request) by a practitioner other than its author.
+/// Notes the decision on amendment or correction request `Task/{id}` for
+/// the audit (recorded with the decision's writes).
+fn note_decision(id: &str, task: &Value) {
+    let body = task.to_string();
+    crate::audit::context::note(
+        crate::audit::EventType::amendment_decided(),
+        crate::audit::Action::Update,
+        crate::audit::context::patients_of("Task", id, Some(&body)),
+        format!("Task/{id}"),
+    );
+}
+
 pub async fn approve(tx: &mut Writer, id: &str, note: Option<&str>) -> Result<Written> {
     let (task_version, mut task) = pending(tx, id).await?;
+    note_decision(id, &task);
     let approver = tx
         .access()
         .role()
@@ -345,6 +364,7 @@ pub async fn reject(tx: &mut Writer, id: &str, reason: &str) -> Result<Written> 
         ));
     }
     let (task_version, mut task) = pending(tx, id).await?;
+    note_decision(id, &task);
     let decider = tx
         .access()
         .role()
