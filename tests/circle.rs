@@ -126,6 +126,25 @@ impl World {
     fn p_recs(&self) -> impl Iterator<Item = &Rec> {
         self.recs.iter().filter(|r| r.owner == "p")
     }
+    /// `(type, id)` of every record of P that `role` sees — nothing at all
+    /// if it cannot see P itself (what `$everything` and `_revinclude` on
+    /// P can show).
+    fn record_of_p_as_seen_by(&self, role: Role) -> BTreeSet<(String, String)> {
+        let p = self.recs.iter().find(|r| r.id == "p").expect("Patient/p");
+        if !role.sees(p) {
+            return BTreeSet::new();
+        }
+        self.p_recs()
+            .filter(|r| role.sees(r))
+            .map(|r| (r.rtype.clone(), r.id.clone()))
+            .collect()
+    }
+    /// The entries that are this test's data.
+    fn of_test_data(&self, got: BTreeSet<(String, String)>) -> BTreeSet<(String, String)> {
+        got.into_iter()
+            .filter(|(_, id)| self.recs.iter().any(|r| &r.id == id))
+            .collect()
+    }
 }
 
 async fn put(s: &TestServer, token: &str, r: &Value) {
@@ -537,18 +556,8 @@ async fn includes_chains_and_has_show_only_what_the_circle_allows() {
             st = st.max(s1);
             got.extend(g);
         }
-        let want: BTreeSet<(String, String)> = if role.sees(patient) {
-            w.p_recs()
-                .filter(|r| role.sees(r))
-                .map(|r| (r.rtype.clone(), r.id.clone()))
-                .collect()
-        } else {
-            BTreeSet::new()
-        };
-        let got_p: BTreeSet<_> = got
-            .into_iter()
-            .filter(|(_, id)| w.recs.iter().any(|r| &r.id == id))
-            .collect();
+        let want = w.record_of_p_as_seen_by(role);
+        let got_p = w.of_test_data(got);
         if !(st == 403 && want.is_empty()) && got_p != want {
             let missing: Vec<_> = want.difference(&got_p).collect();
             let extra: Vec<_> = got_p.difference(&want).collect();
@@ -607,23 +616,12 @@ async fn includes_chains_and_has_show_only_what_the_circle_allows() {
 async fn everything_and_batch_reads_show_only_what_the_circle_allows() {
     let w = world().await;
     break_glass(&w).await;
-    let patient = w.recs.iter().find(|r| r.id == "p").unwrap();
     let mut wrong = Vec::new();
     for role in ROLES {
         let tok = w.token(role);
         let (st, got, _) = search_all(&w, tok, "Patient/p/$everything?_count=500").await;
-        let want: BTreeSet<(String, String)> = if role.sees(patient) {
-            w.p_recs()
-                .filter(|r| role.sees(r))
-                .map(|r| (r.rtype.clone(), r.id.clone()))
-                .collect()
-        } else {
-            BTreeSet::new()
-        };
-        let got_p: BTreeSet<_> = got
-            .into_iter()
-            .filter(|(_, id)| w.recs.iter().any(|r| &r.id == id))
-            .collect();
+        let want = w.record_of_p_as_seen_by(role);
+        let got_p = w.of_test_data(got);
         if want.is_empty() {
             if st == 200 && !got_p.is_empty() {
                 wrong.push(format!("{role:?} $everything: {got_p:?}"));
