@@ -20,7 +20,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use common::records::{compartment_types, examples_by_type, record_of};
 use common::smart::{
-    admin_token, app_token, backend_token, cli, client_key, fhir, get, public_client, ClientKey,
+    admin_token, app_token, backend_client_with, backend_token, cli, client_key, fhir, get,
+    public_client, ClientKey,
 };
 use common::TestServer;
 use jsonwebtoken::Algorithm;
@@ -195,29 +196,13 @@ async fn person_token(s: &TestServer, fhir_user: &str) -> String {
 /// A backend client bound to the insurer's Organization.
 async fn insurer_token(s: &TestServer) -> String {
     let k: ClientKey = client_key(Algorithm::RS384);
-    let dir = tempfile::tempdir().unwrap();
-    let jwks = dir.path().join("jwks.json");
-    std::fs::write(&jwks, json!({"keys": [k.jwk]}).to_string()).unwrap();
-    let out = cli(
+    let id = backend_client_with(
         s,
-        &[
-            "client",
-            "add",
-            "--name",
-            "Insurer",
-            "--type",
-            "confidential-asymmetric",
-            "--jwks-file",
-            jwks.to_str().unwrap(),
-            "--scope",
-            "system/*.rs",
-            "--organization",
-            "Organization/insurer",
-        ],
-        None,
+        &k,
+        "system/*.rs",
+        &["--organization", "Organization/insurer"],
     );
-    let id = out["client_id"].as_str().unwrap();
-    let (st, t) = backend_token(s, id, &k, "system/*.rs").await;
+    let (st, t) = backend_token(s, &id, &k, "system/*.rs").await;
     assert_eq!(st, 200, "{t}");
     t["access_token"].as_str().unwrap().to_string()
 }

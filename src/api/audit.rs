@@ -710,11 +710,7 @@ fn store_failure(e: crate::store::StoreError) -> Response {
 /// witness of it.
 pub async fn checkpoint(State(s): State<AppState>, headers: axum::http::HeaderMap) -> Response {
     let Some(log) = s.audit.clone() else {
-        return problem(
-            StatusCode::NOT_FOUND,
-            "not-found",
-            "the audit log is switched off",
-        );
+        return switched_off();
     };
     let c = match log.latest_checkpoint().await {
         Ok(Some(c)) => Some(c),
@@ -757,11 +753,7 @@ pub async fn checkpoint(State(s): State<AppState>, headers: axum::http::HeaderMa
 /// `GET /audit/key`: the public key checkpoints are signed with.
 pub async fn key(State(s): State<AppState>) -> Response {
     let Some(log) = s.audit.clone() else {
-        return problem(
-            StatusCode::NOT_FOUND,
-            "not-found",
-            "the audit log is switched off",
-        );
+        return switched_off();
     };
     match log.public_key().await {
         Ok((id, pem)) => json_response(
@@ -789,11 +781,7 @@ pub async fn inclusion(
     axum::extract::Query(q): axum::extract::Query<Vec<(String, String)>>,
 ) -> Response {
     let Some(log) = s.audit.clone() else {
-        return problem(
-            StatusCode::NOT_FOUND,
-            "not-found",
-            "the audit log is switched off",
-        );
+        return switched_off();
     };
     let Some(index) = number(&q, "index") else {
         return problem(StatusCode::BAD_REQUEST, "required", "index is required");
@@ -833,11 +821,7 @@ pub async fn consistency(
     axum::extract::Query(q): axum::extract::Query<Vec<(String, String)>>,
 ) -> Response {
     let Some(log) = s.audit.clone() else {
-        return problem(
-            StatusCode::NOT_FOUND,
-            "not-found",
-            "the audit log is switched off",
-        );
+        return switched_off();
     };
     let (Some(from), Some(to)) = (number(&q, "from"), number(&q, "to")) else {
         return problem(
@@ -864,4 +848,13 @@ pub async fn consistency(
         ),
         Err(e) => store_failure(e),
     }
+}
+
+/// What every log endpoint answers when the audit log is off.
+fn switched_off() -> Response {
+    problem(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        "the audit log is switched off",
+    )
 }

@@ -94,25 +94,29 @@ pub fn client_key(alg: Algorithm) -> ClientKey {
 
 /// Registers a backend-services client with the CLI.
 pub fn backend_client(s: &TestServer, k: &ClientKey, scope: &str) -> String {
+    backend_client_with(s, k, scope, &[])
+}
+
+/// [`backend_client`] with more `ehrx client add` arguments (e.g.
+/// `--organization Organization/ID` for an insurer).
+pub fn backend_client_with(s: &TestServer, k: &ClientKey, scope: &str, extra: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let jwks = dir.path().join("jwks.json");
     std::fs::write(&jwks, json!({"keys": [k.jwk]}).to_string()).unwrap();
-    let out = cli(
-        s,
-        &[
-            "client",
-            "add",
-            "--name",
-            "Insurer",
-            "--type",
-            "confidential-asymmetric",
-            "--jwks-file",
-            jwks.to_str().unwrap(),
-            "--scope",
-            scope,
-        ],
-        None,
-    );
+    let mut args = vec![
+        "client",
+        "add",
+        "--name",
+        "Insurer",
+        "--type",
+        "confidential-asymmetric",
+        "--jwks-file",
+        jwks.to_str().unwrap(),
+        "--scope",
+        scope,
+    ];
+    args.extend_from_slice(extra);
+    let out = cli(s, &args, None);
     assert!(out.get("client_secret").is_none());
     out["client_id"].as_str().unwrap().to_string()
 }
