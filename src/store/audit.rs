@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sqlx::{AnyConnection, Row};
+use sqlx::{AnyConnection, Executor, Row};
 use tokio::sync::{mpsc, oneshot, Mutex, OnceCell};
 
 use super::{Dialect, Gate, Store, StoreError, StoreResult};
@@ -287,7 +287,13 @@ impl AuditLog {
 }
 
 /// The writer task: appends what has queued up, one transaction per batch.
+///
+/// Under load it keeps one connection of the pool for itself, so that a
+/// batch never queues behind the reads it is holding up; it gives the
+/// connection back whenever nothing is waiting (an idle server, a store
+/// about to close).
 async fn writer(store: Store, mut rx: mpsc::Receiver<Job>) {
+    let mut held: Option<sqlx::pool::PoolConnection<sqlx::Any>> = None;
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
         let mut n = jobs[0].events.len();
@@ -305,8 +311,15 @@ async fn writer(store: Store, mut rx: mpsc::Receiver<Job>) {
         for j in &mut jobs {
             events.append(&mut j.events);
         }
-        let result = append_batch(&store, events).await;
+        let result = append_batch(&store, &mut held, events).await;
         crate::metrics::audit_batch(n, jobs.len(), started.elapsed(), result.is_ok());
+        if result.is_err() {
+            // A connection that failed (perhaps still inside its
+            // transaction) is closed, not given back.
+            if let Some(conn) = held.take() {
+                let _ = conn.close().await;
+            }
+        }
         let result = result.map_err(|e| {
             tracing::error!(error = %e, "the audit log could not be written");
             e.to_string()
@@ -314,13 +327,48 @@ async fn writer(store: Store, mut rx: mpsc::Receiver<Job>) {
         for j in jobs {
             let _ = j.done.send(result.clone());
         }
+        if rx.is_empty() {
+            held = None;
+        }
     }
 }
 
-async fn append_batch(store: &Store, events: Vec<Prepared>) -> StoreResult<()> {
-    let mut tx = store.begin().await?;
-    append(tx.conn(), store.dialect, events).await?;
-    tx.commit().await
+/// Appends one batch in its own transaction on the writer's connection
+/// (taken from the pool if it has none).
+async fn append_batch(
+    store: &Store,
+    held: &mut Option<sqlx::pool::PoolConnection<sqlx::Any>>,
+    events: Vec<Prepared>,
+) -> StoreResult<()> {
+    // This process's other writers go first or after, never beside.
+    let _guard = match &store.write_lock {
+        Some(lock) => Some(lock.clone().lock_owned().await),
+        None => None,
+    };
+    let conn = match held {
+        Some(c) => c,
+        None => held.insert(store.pool.acquire().await?),
+    };
+    match store.dialect {
+        Dialect::Sqlite => {
+            super::sqlite_begin_immediate_on(conn).await?;
+            match append(conn, events).await {
+                Ok(()) => {
+                    conn.execute("COMMIT").await?;
+                }
+                Err(e) => {
+                    let _ = conn.execute("ROLLBACK").await;
+                    return Err(e);
+                }
+            }
+        }
+        Dialect::Postgres => {
+            let mut tx = sqlx::Connection::begin(&mut **conn).await?;
+            append(&mut tx, events).await?;
+            tx.commit().await?;
+        }
+    }
+    Ok(())
 }
 
 /// An event serialised before it reaches the writer (on the requesting
@@ -348,26 +396,35 @@ fn prepare(e: &Event) -> Prepared {
 
 /// Appends `events` inside the transaction `conn` is in, at the next
 /// positions.
-pub(super) async fn append(
-    conn: &mut AnyConnection,
-    dialect: Dialect,
-    events: Vec<Prepared>,
-) -> StoreResult<()> {
+pub(super) async fn append(conn: &mut AnyConnection, events: Vec<Prepared>) -> StoreResult<()> {
     if events.is_empty() {
         return Ok(());
     }
-    sqlx::query("INSERT INTO audit_head (id, size) VALUES (1, 0) ON CONFLICT (id) DO NOTHING")
-        .execute(&mut *conn)
-        .await?;
-    let lock = match dialect {
-        Dialect::Postgres => "SELECT size FROM audit_head WHERE id = 1 FOR UPDATE",
-        Dialect::Sqlite => "SELECT size FROM audit_head WHERE id = 1",
-    };
-    let size: i64 = sqlx::query_scalar(lock)
+    let n = events.len() as i64;
+    // Takes the next `n` positions: one statement, which on PostgreSQL also
+    // locks the head row until the commit (SQLite has one writer at a time).
+    let take = "UPDATE audit_head SET size = size + $1 WHERE id = 1 RETURNING size";
+    let end: i64 = match sqlx::query_scalar(take)
+        .bind(n)
         .fetch_optional(&mut *conn)
         .await?
-        .ok_or_else(|| StoreError::Audit("the audit log's head row is missing".into()))?;
-    let n = events.len() as i64;
+    {
+        Some(end) => end,
+        None => {
+            // The first append ever makes the head row.
+            sqlx::query(
+                "INSERT INTO audit_head (id, size) VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
+            )
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query_scalar(take)
+                .bind(n)
+                .fetch_optional(&mut *conn)
+                .await?
+                .ok_or_else(|| StoreError::Audit("the audit log's head row is missing".into()))?
+        }
+    };
+    let size = end - n;
     for (chunk_no, chunk) in events.chunks(ROWS_PER_INSERT).enumerate() {
         let mut sql = String::from(
             "INSERT INTO audit_entry (seq, recorded, type, subtype, action, outcome, patient, \
@@ -402,22 +459,18 @@ pub(super) async fn append(
         }
         q.execute(&mut *conn).await?;
     }
-    sqlx::query("UPDATE audit_head SET size = $1 WHERE id = 1")
-        .bind(size + n)
-        .execute(&mut *conn)
-        .await?;
     Ok(())
 }
 
 /// Records the writes of the current request (noted by the gate) in the
 /// transaction that is about to commit.
-pub(super) async fn record_writes(conn: &mut AnyConnection, dialect: Dialect) -> StoreResult<()> {
+pub(super) async fn record_writes(conn: &mut AnyConnection) -> StoreResult<()> {
     let events = crate::audit::context::take_written();
     if events.is_empty() {
         return Ok(());
     }
     let prepared = events.iter().map(prepare).collect();
-    append(conn, dialect, prepared)
+    append(conn, prepared)
         .await
         .map_err(|e| StoreError::Audit(e.to_string()))
 }

@@ -488,8 +488,7 @@ impl Writer {
     /// Commits, with the AuditEvents of what was written (in the same
     /// transaction: no write without its audit entry).
     pub async fn commit(mut self) -> StoreResult<()> {
-        let dialect = self.tx.dialect;
-        super::audit::record_writes(self.tx.conn(), dialect).await?;
+        super::audit::record_writes(self.tx.conn()).await?;
         self.tx.commit().await
     }
 
