@@ -128,14 +128,16 @@ impl B {
                     _ => None,
                 }) {
                     Some(ts) => {
-                        if !ts.contains(&test) {
-                            ts.push(test)
+                        for t in alternatives(test) {
+                            if !ts.contains(&t) {
+                                ts.push(t)
+                            }
                         }
                     }
                     None => out.push(B::C(Cond::Index {
                         table: Table::Token,
                         param,
-                        test: Test::Or(vec![test]),
+                        test: Test::Or(alternatives(test)),
                     })),
                 },
                 other => out.push(other),
@@ -165,6 +167,15 @@ impl B {
             B::Or(bs) => Cond::Or(bs.iter().map(B::to_cond).collect()),
             B::Not(b) => Cond::Not(Box::new(b.to_cond())),
         }
+    }
+}
+
+/// The alternatives of a test: an `Or` joined again is not nested (so that
+/// one label deny reached twice is one term, and written once).
+fn alternatives(t: Test) -> Vec<Test> {
+    match t {
+        Test::Or(ts) => ts,
+        t => vec![t],
     }
 }
 

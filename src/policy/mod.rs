@@ -454,7 +454,10 @@ impl Access {
             self.confine_inner(c)?;
         }
         if let Some(limit) = self.conds(op, rtype)? {
-            conds.push(limit);
+            match crate::search::cond::assume(limit, conds) {
+                Cond::And(all) if all.is_empty() => {}
+                limit => conds.push(limit),
+            }
         }
         Ok(())
     }

@@ -134,3 +134,200 @@ pub struct Query {
 
 /// A position in a sorted result: the sort values and id of the last row.
 pub type Cursor = (Vec<Bind>, String);
+
+/// Simplifies `c`, a condition ANDed with `known` (a query's own
+/// conditions), so that SQL does not test per row what the query already
+/// guarantees: a patient-compartment test (`RefersTo Patient/P`) is true
+/// when the query searches a reference parameter among its `params` for
+/// `P`. Such a search term is made to name the target type as well
+/// (`patient=P` becomes `patient=Patient/P`), which only narrows it, and
+/// only for the caller being confined.
+pub fn assume(c: Cond, known: &mut [Cond]) -> Cond {
+    match c {
+        Cond::RefersTo {
+            params,
+            target_type,
+            target_ids,
+        } => {
+            if implied(&params, &target_type, &target_ids, known) {
+                Cond::And(Vec::new())
+            } else {
+                Cond::RefersTo {
+                    params,
+                    target_type,
+                    target_ids,
+                }
+            }
+        }
+        Cond::And(all) => {
+            let mut out = Vec::new();
+            for c in all {
+                match assume(c, known) {
+                    Cond::And(inner) => out.extend(inner),
+                    Cond::Or(alts) if alts.is_empty() => return Cond::Or(alts),
+                    c => out.push(c),
+                }
+            }
+            if out.len() == 1 {
+                out.pop().expect("one")
+            } else {
+                Cond::And(out)
+            }
+        }
+        Cond::Or(alts) => {
+            let mut out = Vec::new();
+            for c in alts {
+                match assume(c, known) {
+                    Cond::And(inner) if inner.is_empty() => return Cond::And(inner),
+                    Cond::Or(inner) => out.extend(inner),
+                    c => out.push(c),
+                }
+            }
+            if out.len() == 1 {
+                out.pop().expect("one")
+            } else {
+                Cond::Or(out)
+            }
+        }
+        Cond::Not(inner) => match assume(*inner, known) {
+            Cond::And(v) if v.is_empty() => Cond::Or(v),
+            Cond::Or(v) if v.is_empty() => Cond::And(v),
+            inner => Cond::Not(Box::new(inner)),
+        },
+        c => c,
+    }
+}
+
+/// Whether a term of `known` guarantees a reference to one of `ids` of
+/// `target_type` through one of `params`; a term that did not name the
+/// type is made to.
+fn implied(params: &[String], target_type: &str, ids: &[String], known: &mut [Cond]) -> bool {
+    for k in known.iter_mut() {
+        match k {
+            Cond::RefersTo {
+                params: kp,
+                target_type: kt,
+                target_ids: ki,
+            } if kt == target_type
+                && !kp.is_empty()
+                && !ki.is_empty()
+                && kp.iter().all(|p| params.contains(p))
+                && ki.iter().all(|i| ids.contains(i)) =>
+            {
+                return true
+            }
+            Cond::Index {
+                table: Table::Reference,
+                param,
+                test,
+            } if params.contains(param) => {
+                let (id, ty) = match &*test {
+                    Test::Eq("target_id", Bind::Text(id)) => (id.clone(), None),
+                    Test::And(ts) if ts.len() == 2 => match (&ts[0], &ts[1]) {
+                        (
+                            Test::Eq("target_id", Bind::Text(id)),
+                            Test::Eq("target_type", Bind::Text(t)),
+                        ) => (id.clone(), Some(t.clone())),
+                        _ => continue,
+                    },
+                    _ => continue,
+                };
+                if !ids.contains(&id) {
+                    continue;
+                }
+                match ty {
+                    Some(t) if t == target_type => return true,
+                    Some(_) => continue,
+                    None => {
+                        *test = Test::And(vec![
+                            Test::Eq("target_id", Bind::Text(id)),
+                            Test::Eq("target_type", Bind::Text(target_type.to_string())),
+                        ]);
+                        return true;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(ids: &[&str]) -> Cond {
+        Cond::RefersTo {
+            params: vec!["patient".into(), "subject".into()],
+            target_type: "Patient".into(),
+            target_ids: ids.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn search(param: &str, id: &str) -> Cond {
+        Cond::Index {
+            table: Table::Reference,
+            param: param.into(),
+            test: Test::Eq("target_id", Bind::Text(id.into())),
+        }
+    }
+
+    fn label(code: &str) -> Cond {
+        Cond::Not(Box::new(Cond::Index {
+            table: Table::Token,
+            param: "_security".into(),
+            test: Test::Eq("code", Bind::Text(code.into())),
+        }))
+    }
+
+    #[test]
+    fn a_compartment_test_the_query_guarantees_is_dropped_and_the_query_names_the_type() {
+        let mut known = vec![search("patient", "p")];
+        let c = assume(Cond::And(vec![member(&["p"]), label("PSY")]), &mut known);
+        assert_eq!(c, label("PSY"));
+        assert_eq!(
+            known[0],
+            Cond::Index {
+                table: Table::Reference,
+                param: "patient".into(),
+                test: Test::And(vec![
+                    Test::Eq("target_id", Bind::Text("p".into())),
+                    Test::Eq("target_type", Bind::Text("Patient".into())),
+                ]),
+            }
+        );
+    }
+
+    #[test]
+    fn another_patient_another_parameter_or_another_type_keeps_the_test() {
+        for mut known in [
+            vec![search("patient", "q")],
+            vec![search("performer", "p")],
+            vec![Cond::Index {
+                table: Table::Reference,
+                param: "subject".into(),
+                test: Test::And(vec![
+                    Test::Eq("target_id", Bind::Text("p".into())),
+                    Test::Eq("target_type", Bind::Text("Group".into())),
+                ]),
+            }],
+        ] {
+            let before = known.clone();
+            assert_eq!(assume(member(&["p"]), &mut known), member(&["p"]));
+            assert_eq!(known, before, "an unused term is left as it was");
+        }
+    }
+
+    #[test]
+    fn true_and_false_fold_through_and_or_not() {
+        let mut known = vec![search("subject", "p")];
+        // Either patient: true once p is guaranteed.
+        let c = Cond::Or(vec![member(&["q"]), Cond::And(vec![member(&["p"])])]);
+        assert_eq!(assume(c, &mut known), Cond::And(Vec::new()));
+        let c = Cond::Not(Box::new(member(&["p"])));
+        assert_eq!(assume(c, &mut known), Cond::Or(Vec::new()));
+        let c = Cond::And(vec![label("HIV"), Cond::Not(Box::new(member(&["p"])))]);
+        assert_eq!(assume(c, &mut known), Cond::Or(Vec::new()));
+    }
+}

@@ -168,6 +168,15 @@ fn render_cond(
             format!("{alias}.id IN ({})", list.join(", "))
         }
         Cond::LastUpdated(t) => format!("({})", render_test(sql, alias, t)),
+        // A denied security label: the labelled resources are few, so
+        // their ids are listed once per query rather than probed per row.
+        Cond::Not(inner) if matches!(&**inner, Cond::Index { table: Table::Token, param, .. } if param == "_security") =>
+        {
+            format!(
+                "{alias}.id NOT IN ({})",
+                ids_of(sql, rtype, inner, depth, None)
+            )
+        }
         Cond::Not(inner) => format!(
             "NOT ({})",
             render_cond(sql, alias, rtype, inner, depth, true)
