@@ -605,6 +605,13 @@ async fn everything_and_batch_reads_show_only_what_the_circle_allows() {
     for role in ROLES {
         let tok = w.token(role);
         let (st, got, _) = search_all(&w, tok, "Patient/p/$everything?_count=500").await;
+        // Small pages, filtered by the circle, still page through all of it.
+        let (st3, got3, _) = search_all(&w, tok, "Patient/p/$everything?_count=3").await;
+        if (st3, &got3) != (st, &got) {
+            wrong.push(format!(
+                "{role:?} $everything in pages of 3: {st3} {got3:?}, in one page: {st} {got:?}"
+            ));
+        }
         let want = w.record_of_p_as_seen_by(role);
         let got_p = w.of_test_data(got);
         if want.is_empty() {

@@ -633,6 +633,7 @@ pub async fn explain_references_to(
 fn compartment_sql(
     target: (&str, &str),
     pairs: &[(String, String)],
+    limits: &[(String, Cond)],
     since: Option<&str>,
     after: Option<(&str, &str)>,
     limit: usize,
@@ -656,6 +657,27 @@ fn compartment_sql(
         "SELECT DISTINCT x.rtype AS t, x.id AS i FROM idx_reference x \
          WHERE x.target_type = {tt} AND x.target_id = {tid} AND x.rtype || '|' || x.param IN ({list})"
     );
+    // The caller's conditions, per type, on the rows of the index (which
+    // carry each resource's type and id), so that the page is cut after
+    // them; a test of `_lastUpdated` needs the resource row instead.
+    let on_resource = limits.iter().any(|(_, c)| tests_last_updated(c));
+    let alias = if on_resource { "r" } else { "x" };
+    let limited = (!limits.is_empty()).then(|| {
+        let mut alts: Vec<String> = limits
+            .iter()
+            .map(|(t, c)| {
+                let tv = sql.text(t);
+                let c = render_conds(&mut sql, alias, t, std::slice::from_ref(c), 0);
+                format!("({alias}.rtype = {tv} AND {c})")
+            })
+            .collect();
+        let others: Vec<String> = limits.iter().map(|(t, _)| sql.text(t)).collect();
+        alts.push(format!("{alias}.rtype NOT IN ({})", others.join(", ")));
+        format!(" AND ({})", alts.join(" OR "))
+    });
+    if !on_resource {
+        inner.push_str(limited.as_deref().unwrap_or(""));
+    }
     if let Some((t, i)) = after {
         let t1 = sql.text(t);
         let t2 = sql.text(t);
@@ -664,7 +686,7 @@ fn compartment_sql(
             " AND (x.rtype > {t1} OR (x.rtype = {t2} AND x.id > {i1}))"
         ));
     }
-    if since.is_none() {
+    if since.is_none() && !on_resource {
         // Index rows exist only for current, non-deleted resources, so the
         // page can be cut before any resource row is read.
         inner.push_str(&format!(" ORDER BY t, i LIMIT {limit}"));
@@ -673,12 +695,26 @@ fn compartment_sql(
         "SELECT r.rtype, r.id, r.version, r.last_updated, r.deleted, r.body FROM ({inner}) m \
          JOIN resource r ON r.rtype = m.t AND r.id = m.i WHERE r.deleted = 0"
     );
+    if on_resource {
+        text.push_str(limited.as_deref().unwrap_or(""));
+    }
     if let Some(s) = since {
         text.push_str(&format!(" AND r.last_updated >= {}", sql.text(s)));
     }
     text.push_str(&format!(" ORDER BY r.rtype, r.id LIMIT {limit}"));
     sql.text = text;
     sql
+}
+
+/// Whether `c` tests the resource row's `last_updated` (outside a
+/// subquery of its own).
+fn tests_last_updated(c: &Cond) -> bool {
+    match c {
+        Cond::LastUpdated(_) => true,
+        Cond::Not(c) => tests_last_updated(c),
+        Cond::And(cs) | Cond::Or(cs) => cs.iter().any(tests_last_updated),
+        _ => false,
+    }
 }
 
 /// Resources in the compartment of `target` (`(type, id)`): those that
@@ -688,11 +724,12 @@ pub async fn compartment_page(
     conn: &mut AnyConnection,
     target: (&str, &str),
     pairs: &[(String, String)],
+    limits: &[(String, Cond)],
     since: Option<&str>,
     after: Option<(&str, &str)>,
     limit: usize,
 ) -> StoreResult<Vec<Version>> {
-    let sql = compartment_sql(target, pairs, since, after, limit);
+    let sql = compartment_sql(target, pairs, limits, since, after, limit);
     let rows = bound(&sql.text, &sql.binds).fetch_all(&mut *conn).await?;
     rows.iter().map(version_from_row).collect()
 }
@@ -703,9 +740,10 @@ pub async fn explain_compartment_page(
     dialect: super::Dialect,
     target: (&str, &str),
     pairs: &[(String, String)],
+    limits: &[(String, Cond)],
     limit: usize,
 ) -> StoreResult<(String, Vec<String>)> {
-    let sql = compartment_sql(target, pairs, None, None, limit);
+    let sql = compartment_sql(target, pairs, limits, None, None, limit);
     let plan = explain_raw(conn, dialect, &sql).await?;
     Ok((sql.text, plan))
 }
