@@ -294,6 +294,8 @@ impl AuditLog {
 /// about to close).
 async fn writer(store: Store, mut rx: mpsc::Receiver<Job>) {
     let mut held: Option<sqlx::pool::PoolConnection<sqlx::Any>> = None;
+    // The log's size as this writer last left it (SQLite).
+    let mut size: Option<i64> = None;
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
         let mut n = jobs[0].events.len();
@@ -311,7 +313,7 @@ async fn writer(store: Store, mut rx: mpsc::Receiver<Job>) {
         for j in &mut jobs {
             events.append(&mut j.events);
         }
-        let result = append_batch(&store, &mut held, events).await;
+        let result = append_batch(&store, &mut held, &mut size, events).await;
         crate::metrics::audit_batch(n, jobs.len(), started.elapsed(), result.is_ok());
         if result.is_err() {
             // A connection that failed (perhaps still inside its
@@ -335,9 +337,16 @@ async fn writer(store: Store, mut rx: mpsc::Receiver<Job>) {
 
 /// Appends one batch in its own transaction on the writer's connection
 /// (taken from the pool if it has none).
+///
+/// On SQLite the whole transaction is one round trip to the connection's
+/// worker thread: the writer expects the log's `size` it left, and the
+/// batch is refused by the database if another appender (a write's own
+/// transaction, another process) has moved it since — then the writer reads
+/// the size and tries once more.
 async fn append_batch(
     store: &Store,
     held: &mut Option<sqlx::pool::PoolConnection<sqlx::Any>>,
+    size: &mut Option<i64>,
     events: Vec<Prepared>,
 ) -> StoreResult<()> {
     // This process's other writers go first or after, never beside.
@@ -351,15 +360,25 @@ async fn append_batch(
     };
     match store.dialect {
         Dialect::Sqlite => {
-            super::sqlite_begin_immediate_on(conn).await?;
-            match append(conn, events).await {
-                Ok(()) => {
-                    conn.execute("COMMIT").await?;
+            let at = match *size {
+                Some(at) => at,
+                None => head(conn).await?,
+            };
+            let n = events.len() as i64;
+            *size = None;
+            if let Err(first) = append_in_one_trip(conn, at, &events).await {
+                let _ = conn.execute("ROLLBACK").await;
+                let now = head(conn).await?;
+                if now == at {
+                    return Err(first);
                 }
-                Err(e) => {
+                if let Err(e) = append_in_one_trip(conn, now, &events).await {
                     let _ = conn.execute("ROLLBACK").await;
                     return Err(e);
                 }
+                *size = Some(now + n);
+            } else {
+                *size = Some(at + n);
             }
         }
         Dialect::Postgres => {
@@ -369,6 +388,90 @@ async fn append_batch(
         }
     }
     Ok(())
+}
+
+/// The log's size (SQLite; 0 before the first append).
+async fn head(conn: &mut AnyConnection) -> StoreResult<i64> {
+    let size: Option<i64> = sqlx::query_scalar("SELECT size FROM audit_head WHERE id = 1")
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(size.unwrap_or(0))
+}
+
+/// `events` at positions `at`, `at + 1`, …: `BEGIN IMMEDIATE`, the rows,
+/// the new size and `COMMIT` as one multi-statement query (SQLite binds
+/// `$N` by number across its statements). The first row's digest is NULL,
+/// which `NOT NULL` refuses, unless the log's size is still `at`; after an
+/// error the transaction may be open, and the caller rolls it back.
+async fn append_in_one_trip(
+    conn: &mut AnyConnection,
+    at: i64,
+    events: &[Prepared],
+) -> StoreResult<()> {
+    let rows = at_positions(at, events);
+    let mut sql = String::from("BEGIN IMMEDIATE;");
+    // $1 is `at`; each row takes the next 13; the count comes last.
+    let mut k = 1;
+    for (chunk_no, chunk) in rows.chunks(ROWS_PER_INSERT).enumerate() {
+        sql.push_str(INSERT_ENTRIES);
+        for (i, _) in chunk.iter().enumerate() {
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push('(');
+            for c in 1..=13 {
+                k += 1;
+                if c > 1 {
+                    sql.push(',');
+                }
+                if chunk_no == 0 && i == 0 && c == 13 {
+                    sql.push_str(&format!(
+                        "CASE WHEN COALESCE((SELECT size FROM audit_head WHERE id = 1), 0) = $1 \
+                         THEN ${k} END"
+                    ));
+                } else {
+                    sql.push_str(&format!("${k}"));
+                }
+            }
+            sql.push(')');
+        }
+        sql.push(';');
+    }
+    sql.push_str(&format!(
+        "INSERT INTO audit_head (id, size) VALUES (1, ${}) \
+         ON CONFLICT (id) DO UPDATE SET size = audit_head.size + excluded.size;COMMIT",
+        k + 1
+    ));
+    let mut q = sqlx::query(&sql)
+        .persistent(rows.len() <= ROWS_PER_INSERT)
+        .bind(at);
+    for (seq, cols, body, digest) in &rows {
+        q = q.bind(*seq);
+        for (_, v) in cols.named() {
+            q = q.bind(v.map(str::to_string));
+        }
+        q = q.bind(body.as_str()).bind(digest.as_str());
+    }
+    q.bind(rows.len() as i64).execute(&mut *conn).await?;
+    Ok(())
+}
+
+const INSERT_ENTRIES: &str = "INSERT INTO audit_entry (seq, recorded, type, subtype, action, \
+     outcome, patient, agent, client, entity, purpose, body, digest) VALUES ";
+
+/// Each event's row at its position from `at`: position, columns, the body
+/// with its `id` filled in, and the body's digest (the tree's leaf data).
+fn at_positions(at: i64, events: &[Prepared]) -> Vec<(i64, &Columns, String, String)> {
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let seq = at + i as i64;
+            let body = format!("{}{seq}{}", e.head, e.tail);
+            let digest = hex::encode(tree::digest(body.as_bytes()));
+            (seq, &e.columns, body, digest)
+        })
+        .collect()
 }
 
 /// An event serialised before it reaches the writer (on the requesting
@@ -425,17 +528,10 @@ pub(super) async fn append(conn: &mut AnyConnection, events: Vec<Prepared>) -> S
         }
     };
     let size = end - n;
-    for (chunk_no, chunk) in events.chunks(ROWS_PER_INSERT).enumerate() {
-        let mut sql = String::from(
-            "INSERT INTO audit_entry (seq, recorded, type, subtype, action, outcome, patient, \
-             agent, client, entity, purpose, body, digest) VALUES ",
-        );
-        let mut rows: Vec<(i64, &Columns, String, String)> = Vec::with_capacity(chunk.len());
-        for (i, e) in chunk.iter().enumerate() {
-            let seq = size + (chunk_no * ROWS_PER_INSERT + i) as i64;
-            let body = format!("{}{seq}{}", e.head, e.tail);
-            let digest = hex::encode(tree::digest(body.as_bytes()));
-            rows.push((seq, &e.columns, body, digest));
+    let rows = at_positions(size, &events);
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        let mut sql = String::from(INSERT_ENTRIES);
+        for i in 0..chunk.len() {
             let b = i * 13;
             if i > 0 {
                 sql.push(',');
@@ -450,7 +546,7 @@ pub(super) async fn append(conn: &mut AnyConnection, events: Vec<Prepared>) -> S
             sql.push(')');
         }
         let mut q = sqlx::query(&sql);
-        for (seq, cols, body, digest) in &rows {
+        for (seq, cols, body, digest) in chunk {
             q = q.bind(*seq);
             for (_, v) in cols.named() {
                 q = q.bind(v.map(str::to_string));

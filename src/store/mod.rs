@@ -298,33 +298,6 @@ async fn sqlite_begin_immediate(
     }
 }
 
-/// `BEGIN IMMEDIATE` on a connection the caller holds, waited out like
-/// [`sqlite_begin_immediate`]; the caller ends the transaction itself
-/// (`COMMIT` or `ROLLBACK`).
-async fn sqlite_begin_immediate_on(conn: &mut AnyConnection) -> StoreResult<()> {
-    let mut attempt = 0;
-    loop {
-        match conn.execute("BEGIN IMMEDIATE").await {
-            Err(sqlx::Error::Database(e))
-                if attempt < SQLITE_BUSY_RETRIES
-                    && e.code()
-                        .and_then(|c| c.parse::<i32>().ok())
-                        .is_some_and(|c| c & 0xff == 5) =>
-            {
-                attempt += 1;
-                tracing::debug!(
-                    attempt,
-                    "database busy with another process's writer; waiting"
-                );
-            }
-            other => {
-                other?;
-                return Ok(());
-            }
-        }
-    }
-}
-
 /// A write transaction. Dropped without [`Tx::commit`], it rolls back.
 pub struct Tx {
     tx: sqlx::Transaction<'static, sqlx::Any>,
