@@ -454,7 +454,7 @@ impl Access {
             self.confine_inner(c)?;
         }
         if let Some(limit) = self.conds(op, rtype)? {
-            match crate::search::cond::assume(limit, conds) {
+            match crate::search::cond::assume(limit, rtype, conds) {
                 Cond::And(all) if all.is_empty() => {}
                 limit => conds.push(limit),
             }

@@ -142,14 +142,14 @@ pub type Cursor = (Vec<Bind>, String);
 /// `P`. Such a search term is made to name the target type as well
 /// (`patient=P` becomes `patient=Patient/P`), which only narrows it, and
 /// only for the caller being confined.
-pub fn assume(c: Cond, known: &mut [Cond]) -> Cond {
+pub fn assume(c: Cond, rtype: &str, known: &mut [Cond]) -> Cond {
     match c {
         Cond::RefersTo {
             params,
             target_type,
             target_ids,
         } => {
-            if implied(&params, &target_type, &target_ids, known) {
+            if implied(rtype, &params, &target_type, &target_ids, known) {
                 Cond::And(Vec::new())
             } else {
                 Cond::RefersTo {
@@ -162,7 +162,7 @@ pub fn assume(c: Cond, known: &mut [Cond]) -> Cond {
         Cond::And(all) => {
             let mut out = Vec::new();
             for c in all {
-                match assume(c, known) {
+                match assume(c, rtype, known) {
                     Cond::And(inner) => out.extend(inner),
                     Cond::Or(alts) if alts.is_empty() => return Cond::Or(alts),
                     c => out.push(c),
@@ -177,7 +177,7 @@ pub fn assume(c: Cond, known: &mut [Cond]) -> Cond {
         Cond::Or(alts) => {
             let mut out = Vec::new();
             for c in alts {
-                match assume(c, known) {
+                match assume(c, rtype, known) {
                     Cond::And(inner) if inner.is_empty() => return Cond::And(inner),
                     Cond::Or(inner) => out.extend(inner),
                     c => out.push(c),
@@ -189,7 +189,7 @@ pub fn assume(c: Cond, known: &mut [Cond]) -> Cond {
                 Cond::Or(out)
             }
         }
-        Cond::Not(inner) => match assume(*inner, known) {
+        Cond::Not(inner) => match assume(*inner, rtype, known) {
             Cond::And(v) if v.is_empty() => Cond::Or(v),
             Cond::Or(v) if v.is_empty() => Cond::And(v),
             inner => Cond::Not(Box::new(inner)),
@@ -201,7 +201,13 @@ pub fn assume(c: Cond, known: &mut [Cond]) -> Cond {
 /// Whether a term of `known` guarantees a reference to one of `ids` of
 /// `target_type` through one of `params`; a term that did not name the
 /// type is made to.
-fn implied(params: &[String], target_type: &str, ids: &[String], known: &mut [Cond]) -> bool {
+fn implied(
+    rtype: &str,
+    params: &[String],
+    target_type: &str,
+    ids: &[String],
+    known: &mut [Cond],
+) -> bool {
     for k in known.iter_mut() {
         match k {
             Cond::RefersTo {
@@ -220,7 +226,7 @@ fn implied(params: &[String], target_type: &str, ids: &[String], known: &mut [Co
                 table: Table::Reference,
                 param,
                 test,
-            } if params.contains(param) => {
+            } if params.iter().any(|p| within(rtype, param, p, target_type)) => {
                 let (id, ty) = match &*test {
                     Test::Eq("target_id", Bind::Text(id)) => (id.clone(), None),
                     Test::And(ts) if ts.len() == 2 => match (&ts[0], &ts[1]) {
@@ -253,13 +259,33 @@ fn implied(params: &[String], target_type: &str, ids: &[String], known: &mut [Co
     false
 }
 
+/// Whether every reference parameter `q` of `rtype` indexes to a
+/// `target_type` is one `p` indexes too: the same parameter, or `p`
+/// narrowed to that type (Observation's `patient` is
+/// `subject.where(resolve() is Patient)`).
+fn within(rtype: &str, q: &str, p: &str, target_type: &str) -> bool {
+    use super::fhirpath::Expr;
+    use super::registry::registry;
+    if q == p {
+        return true;
+    }
+    let reg = registry();
+    match (
+        reg.get(rtype, q).and_then(|q| q.expr.as_ref()),
+        reg.get(rtype, p).and_then(|p| p.expr.as_ref()),
+    ) {
+        (Some(Expr::WhereResolveIs(inner, t)), Some(pe)) => **inner == *pe && t == target_type,
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn member(ids: &[&str]) -> Cond {
         Cond::RefersTo {
-            params: vec!["patient".into(), "subject".into()],
+            params: vec!["subject".into(), "performer".into()],
             target_type: "Patient".into(),
             target_ids: ids.iter().map(|s| s.to_string()).collect(),
         }
@@ -284,7 +310,11 @@ mod tests {
     #[test]
     fn a_compartment_test_the_query_guarantees_is_dropped_and_the_query_names_the_type() {
         let mut known = vec![search("patient", "p")];
-        let c = assume(Cond::And(vec![member(&["p"]), label("PSY")]), &mut known);
+        let c = assume(
+            Cond::And(vec![member(&["p"]), label("PSY")]),
+            "Observation",
+            &mut known,
+        );
         assert_eq!(c, label("PSY"));
         assert_eq!(
             known[0],
@@ -303,7 +333,7 @@ mod tests {
     fn another_patient_another_parameter_or_another_type_keeps_the_test() {
         for mut known in [
             vec![search("patient", "q")],
-            vec![search("performer", "p")],
+            vec![search("encounter", "p")],
             vec![Cond::Index {
                 table: Table::Reference,
                 param: "subject".into(),
@@ -314,7 +344,10 @@ mod tests {
             }],
         ] {
             let before = known.clone();
-            assert_eq!(assume(member(&["p"]), &mut known), member(&["p"]));
+            assert_eq!(
+                assume(member(&["p"]), "Observation", &mut known),
+                member(&["p"])
+            );
             assert_eq!(known, before, "an unused term is left as it was");
         }
     }
@@ -324,10 +357,10 @@ mod tests {
         let mut known = vec![search("subject", "p")];
         // Either patient: true once p is guaranteed.
         let c = Cond::Or(vec![member(&["q"]), Cond::And(vec![member(&["p"])])]);
-        assert_eq!(assume(c, &mut known), Cond::And(Vec::new()));
+        assert_eq!(assume(c, "Observation", &mut known), Cond::And(Vec::new()));
         let c = Cond::Not(Box::new(member(&["p"])));
-        assert_eq!(assume(c, &mut known), Cond::Or(Vec::new()));
+        assert_eq!(assume(c, "Observation", &mut known), Cond::Or(Vec::new()));
         let c = Cond::And(vec![label("HIV"), Cond::Not(Box::new(member(&["p"])))]);
-        assert_eq!(assume(c, &mut known), Cond::Or(Vec::new()));
+        assert_eq!(assume(c, "Observation", &mut known), Cond::Or(Vec::new()));
     }
 }

@@ -451,7 +451,7 @@ fn compartment_limits(
             target_type: target.0.to_string(),
             target_ids: vec![target.1.to_string()],
         }];
-        match crate::search::cond::assume(c, &mut known) {
+        match crate::search::cond::assume(c, t, &mut known) {
             Cond::And(all) if all.is_empty() => {}
             c => limits.push((t.clone(), c)),
         }
