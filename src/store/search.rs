@@ -170,8 +170,7 @@ fn render_cond(
         Cond::LastUpdated(t) => format!("({})", render_test(sql, alias, t)),
         // A denied security label: the labelled resources are few, so
         // their ids are listed once per query rather than probed per row.
-        Cond::Not(inner) if matches!(&**inner, Cond::Index { table: Table::Token, param, .. } if param == "_security") =>
-        {
+        Cond::Not(inner) if denied_label(c).is_some() => {
             format!(
                 "{alias}.id NOT IN ({})",
                 ids_of(sql, rtype, inner, depth, None)
@@ -663,14 +662,37 @@ fn compartment_sql(
     let on_resource = limits.iter().any(|(_, c)| tests_last_updated(c));
     let alias = if on_resource { "r" } else { "x" };
     let limited = (!limits.is_empty()).then(|| {
-        let mut alts: Vec<String> = limits
-            .iter()
-            .map(|(t, c)| {
+        // Types with the same condition are tested together (a Consent's
+        // label deny is the same for every type of the record).
+        let mut groups: Vec<(Vec<&str>, &Cond)> = Vec::new();
+        for (t, c) in limits {
+            match groups.iter_mut().find(|(_, g)| *g == c) {
+                Some((ts, _)) => ts.push(t),
+                None => groups.push((vec![t], c)),
+            }
+        }
+        let mut alts: Vec<String> = Vec::new();
+        for (types, c) in groups {
+            if let (true, Some((param, test))) = (types.len() > 1, denied_label(c)) {
+                let list: Vec<String> = types.iter().map(|t| sql.text(t)).collect();
+                let list2: Vec<String> = types.iter().map(|t| sql.text(t)).collect();
+                let p = sql.text(param);
+                let t = render_test(&mut sql, "x0", test);
+                alts.push(format!(
+                    "({alias}.rtype IN ({}) AND ({alias}.rtype, {alias}.id) NOT IN \
+                     (SELECT x0.rtype, x0.id FROM idx_token x0 WHERE x0.rtype IN ({}) \
+                     AND x0.param = {p} AND ({t})))",
+                    list.join(", "),
+                    list2.join(", ")
+                ));
+                continue;
+            }
+            for t in types {
                 let tv = sql.text(t);
                 let c = render_conds(&mut sql, alias, t, std::slice::from_ref(c), 0);
-                format!("({alias}.rtype = {tv} AND {c})")
-            })
-            .collect();
+                alts.push(format!("({alias}.rtype = {tv} AND {c})"));
+            }
+        }
         let others: Vec<String> = limits.iter().map(|(t, _)| sql.text(t)).collect();
         alts.push(format!("{alias}.rtype NOT IN ({})", others.join(", ")));
         format!(" AND ({})", alts.join(" OR "))
@@ -704,6 +726,21 @@ fn compartment_sql(
     text.push_str(&format!(" ORDER BY r.rtype, r.id LIMIT {limit}"));
     sql.text = text;
     sql
+}
+
+/// The parameter and test of a denied security label (`NOT _security=…`).
+fn denied_label(c: &Cond) -> Option<(&str, &Test)> {
+    match c {
+        Cond::Not(inner) => match &**inner {
+            Cond::Index {
+                table: Table::Token,
+                param,
+                test,
+            } if param == "_security" => Some((param, test)),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 /// Whether `c` tests the resource row's `last_updated` (outside a
