@@ -170,7 +170,8 @@ fn render_cond(
         Cond::LastUpdated(t) => format!("({})", render_test(sql, alias, t)),
         // A denied security label: the labelled resources are few, so
         // their ids are listed once per query rather than probed per row.
-        Cond::Not(inner) if denied_label(c).is_some() => {
+        Cond::Not(inner) if matches!(&**inner, Cond::Index { table: Table::Token, param, .. } if param == "_security") =>
+        {
             format!(
                 "{alias}.id NOT IN ({})",
                 ids_of(sql, rtype, inner, depth, None)
@@ -632,7 +633,6 @@ pub async fn explain_references_to(
 fn compartment_sql(
     target: (&str, &str),
     pairs: &[(String, String)],
-    limits: &[(String, Cond)],
     since: Option<&str>,
     after: Option<(&str, &str)>,
     limit: usize,
@@ -656,50 +656,6 @@ fn compartment_sql(
         "SELECT DISTINCT x.rtype AS t, x.id AS i FROM idx_reference x \
          WHERE x.target_type = {tt} AND x.target_id = {tid} AND x.rtype || '|' || x.param IN ({list})"
     );
-    // The caller's conditions, per type, on the rows of the index (which
-    // carry each resource's type and id), so that the page is cut after
-    // them; a test of `_lastUpdated` needs the resource row instead.
-    let on_resource = limits.iter().any(|(_, c)| tests_last_updated(c));
-    let alias = if on_resource { "r" } else { "x" };
-    let limited = (!limits.is_empty()).then(|| {
-        // Types with the same condition are tested together (a Consent's
-        // label deny is the same for every type of the record).
-        let mut groups: Vec<(Vec<&str>, &Cond)> = Vec::new();
-        for (t, c) in limits {
-            match groups.iter_mut().find(|(_, g)| *g == c) {
-                Some((ts, _)) => ts.push(t),
-                None => groups.push((vec![t], c)),
-            }
-        }
-        let mut alts: Vec<String> = Vec::new();
-        for (types, c) in groups {
-            if let (true, Some((param, test))) = (types.len() > 1, denied_label(c)) {
-                let list: Vec<String> = types.iter().map(|t| sql.text(t)).collect();
-                let list2: Vec<String> = types.iter().map(|t| sql.text(t)).collect();
-                let p = sql.text(param);
-                let t = render_test(&mut sql, "x0", test);
-                alts.push(format!(
-                    "({alias}.rtype IN ({}) AND ({alias}.rtype, {alias}.id) NOT IN \
-                     (SELECT x0.rtype, x0.id FROM idx_token x0 WHERE x0.rtype IN ({}) \
-                     AND x0.param = {p} AND ({t})))",
-                    list.join(", "),
-                    list2.join(", ")
-                ));
-                continue;
-            }
-            for t in types {
-                let tv = sql.text(t);
-                let c = render_conds(&mut sql, alias, t, std::slice::from_ref(c), 0);
-                alts.push(format!("({alias}.rtype = {tv} AND {c})"));
-            }
-        }
-        let others: Vec<String> = limits.iter().map(|(t, _)| sql.text(t)).collect();
-        alts.push(format!("{alias}.rtype NOT IN ({})", others.join(", ")));
-        format!(" AND ({})", alts.join(" OR "))
-    });
-    if !on_resource {
-        inner.push_str(limited.as_deref().unwrap_or(""));
-    }
     if let Some((t, i)) = after {
         let t1 = sql.text(t);
         let t2 = sql.text(t);
@@ -708,7 +664,7 @@ fn compartment_sql(
             " AND (x.rtype > {t1} OR (x.rtype = {t2} AND x.id > {i1}))"
         ));
     }
-    if since.is_none() && !on_resource {
+    if since.is_none() {
         // Index rows exist only for current, non-deleted resources, so the
         // page can be cut before any resource row is read.
         inner.push_str(&format!(" ORDER BY t, i LIMIT {limit}"));
@@ -717,41 +673,12 @@ fn compartment_sql(
         "SELECT r.rtype, r.id, r.version, r.last_updated, r.deleted, r.body FROM ({inner}) m \
          JOIN resource r ON r.rtype = m.t AND r.id = m.i WHERE r.deleted = 0"
     );
-    if on_resource {
-        text.push_str(limited.as_deref().unwrap_or(""));
-    }
     if let Some(s) = since {
         text.push_str(&format!(" AND r.last_updated >= {}", sql.text(s)));
     }
     text.push_str(&format!(" ORDER BY r.rtype, r.id LIMIT {limit}"));
     sql.text = text;
     sql
-}
-
-/// The parameter and test of a denied security label (`NOT _security=…`).
-fn denied_label(c: &Cond) -> Option<(&str, &Test)> {
-    match c {
-        Cond::Not(inner) => match &**inner {
-            Cond::Index {
-                table: Table::Token,
-                param,
-                test,
-            } if param == "_security" => Some((param, test)),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-/// Whether `c` tests the resource row's `last_updated` (outside a
-/// subquery of its own).
-fn tests_last_updated(c: &Cond) -> bool {
-    match c {
-        Cond::LastUpdated(_) => true,
-        Cond::Not(c) => tests_last_updated(c),
-        Cond::And(cs) | Cond::Or(cs) => cs.iter().any(tests_last_updated),
-        _ => false,
-    }
 }
 
 /// Resources in the compartment of `target` (`(type, id)`): those that
@@ -761,12 +688,11 @@ pub async fn compartment_page(
     conn: &mut AnyConnection,
     target: (&str, &str),
     pairs: &[(String, String)],
-    limits: &[(String, Cond)],
     since: Option<&str>,
     after: Option<(&str, &str)>,
     limit: usize,
 ) -> StoreResult<Vec<Version>> {
-    let sql = compartment_sql(target, pairs, limits, since, after, limit);
+    let sql = compartment_sql(target, pairs, since, after, limit);
     let rows = bound(&sql.text, &sql.binds).fetch_all(&mut *conn).await?;
     rows.iter().map(version_from_row).collect()
 }
@@ -777,10 +703,9 @@ pub async fn explain_compartment_page(
     dialect: super::Dialect,
     target: (&str, &str),
     pairs: &[(String, String)],
-    limits: &[(String, Cond)],
     limit: usize,
 ) -> StoreResult<(String, Vec<String>)> {
-    let sql = compartment_sql(target, pairs, limits, None, None, limit);
+    let sql = compartment_sql(target, pairs, None, None, limit);
     let plan = explain_raw(conn, dialect, &sql).await?;
     Ok((sql.text, plan))
 }
