@@ -359,15 +359,9 @@ impl Config {
         };
         let statement_timeout = std::time::Duration::from_secs(self.statement_timeout);
         Ok(
-            // Every audited request commits: no memory map then.
-            Store::open_with(
-                &self.database_url,
-                pool_size,
-                statement_timeout,
-                !self.audit,
-            )
-            .await?
-            .with_secrets(secrets),
+            Store::open(&self.database_url, pool_size, statement_timeout)
+                .await?
+                .with_secrets(secrets),
         )
     }
 

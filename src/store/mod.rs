@@ -127,22 +127,6 @@ impl Store {
         pool_size: u32,
         statement_timeout: Duration,
     ) -> StoreResult<Store> {
-        Store::connect_with(url, pool_size, statement_timeout, true).await
-    }
-
-    /// [`Store::connect`], choosing whether SQLite reads pages through a
-    /// memory map (`map_pages`). The map pays while the database does not
-    /// change: a commit by any connection makes every other connection, at
-    /// its next read, drop its cache and unmap the whole file (SQLite's
-    /// `pagerBeginReadTransaction`), and map it again page fault by page
-    /// fault. With the audit log on, every request commits, so the map is
-    /// left off then.
-    pub async fn connect_with(
-        url: &str,
-        pool_size: u32,
-        statement_timeout: Duration,
-        map_pages: bool,
-    ) -> StoreResult<Store> {
         let timeout_ms = statement_timeout.as_millis().clamp(1, i32::MAX as u128);
         static DRIVERS: Once = Once::new();
         DRIVERS.call_once(sqlx::any::install_default_drivers);
@@ -162,14 +146,10 @@ impl Store {
                         conn.execute("PRAGMA synchronous = NORMAL").await?;
                         conn.execute("PRAGMA busy_timeout = 10000").await?;
                         // Pages are read through a memory map rather than a
-                        // read() system call each (unless the database
-                        // changes all the time: `connect_with`), and each
-                        // connection keeps 32 MB of them (the default is
-                        // 2 MB): ingest and searches spent much of their
-                        // time copying pages.
-                        if map_pages {
-                            conn.execute("PRAGMA mmap_size = 1073741824").await?;
-                        }
+                        // read() system call each, and each connection keeps
+                        // 32 MB of them (the default is 2 MB): ingest and
+                        // searches spent much of their time copying pages.
+                        conn.execute("PRAGMA mmap_size = 1073741824").await?;
                         conn.execute("PRAGMA cache_size = -32768").await?;
                         conn.execute("PRAGMA temp_store = MEMORY").await?;
                         // Checkpoints run beside the writers (checkpoint.rs).
@@ -218,18 +198,7 @@ impl Store {
         pool_size: u32,
         statement_timeout: Duration,
     ) -> StoreResult<Store> {
-        Store::open_with(url, pool_size, statement_timeout, true).await
-    }
-
-    /// [`Store::open`], with or without the memory map
-    /// ([`Store::connect_with`]).
-    pub async fn open_with(
-        url: &str,
-        pool_size: u32,
-        statement_timeout: Duration,
-        map_pages: bool,
-    ) -> StoreResult<Store> {
-        let store = Store::connect_with(url, pool_size, statement_timeout, map_pages).await?;
+        let store = Store::connect(url, pool_size, statement_timeout).await?;
         store.migrate().await?;
         store.optimize().await?;
         Ok(store)
