@@ -3,10 +3,12 @@
 //! memory for proofs, signed checkpoints, witnesses, retention, and the
 //! caller-scoped search of AuditEvents.
 //!
-//! Positions: every appender locks the `audit_head` row (PostgreSQL `FOR
-//! UPDATE`; SQLite has one writer at a time) and takes the next positions
-//! from it, so the entries committed are always a gap-free prefix, in
-//! commit order.
+//! Positions: every appender takes the next positions from the
+//! `audit_head` row in its own transaction (on PostgreSQL the `UPDATE`
+//! locks the row until the commit; SQLite has one writer at a time, and the
+//! batch writer's one-statement transaction is refused if the row moved
+//! since it last read it), so the entries committed are always a gap-free
+//! prefix, in commit order.
 //!
 //! Group commit: events of reads (and refusals, and the SMART and exchange
 //! events) are sent to one writer task, which appends whatever has queued
@@ -411,53 +413,25 @@ async fn append_in_one_trip(
     let rows = at_positions(at, events);
     let mut sql = String::from("BEGIN IMMEDIATE;");
     // $1 is `at`; each row takes the next 13; the count comes last.
-    let mut k = 1;
-    for (chunk_no, chunk) in rows.chunks(ROWS_PER_INSERT).enumerate() {
-        sql.push_str(INSERT_ENTRIES);
-        for (i, _) in chunk.iter().enumerate() {
-            if i > 0 {
-                sql.push(',');
-            }
-            sql.push('(');
-            for c in 1..=13 {
-                k += 1;
-                if c > 1 {
-                    sql.push(',');
-                }
-                if chunk_no == 0 && i == 0 && c == 13 {
-                    sql.push_str(&format!(
-                        "CASE WHEN COALESCE((SELECT size FROM audit_head WHERE id = 1), 0) = $1 \
-                         THEN ${k} END"
-                    ));
-                } else {
-                    sql.push_str(&format!("${k}"));
-                }
-            }
-            sql.push(')');
-        }
+    let mut last = 1;
+    for (i, chunk) in rows.chunks(ROWS_PER_INSERT).enumerate() {
+        insert_rows(&mut sql, chunk.len(), &mut last, i == 0);
         sql.push(';');
     }
     sql.push_str(&format!(
         "INSERT INTO audit_head (id, size) VALUES (1, ${}) \
          ON CONFLICT (id) DO UPDATE SET size = audit_head.size + excluded.size;COMMIT",
-        k + 1
+        last + 1
     ));
-    let mut q = sqlx::query(&sql)
+    let q = sqlx::query(&sql)
         .persistent(rows.len() <= ROWS_PER_INSERT)
         .bind(at);
-    for (seq, cols, body, digest) in &rows {
-        q = q.bind(*seq);
-        for (_, v) in cols.named() {
-            q = q.bind(v.map(str::to_string));
-        }
-        q = q.bind(body.as_str()).bind(digest.as_str());
-    }
-    q.bind(rows.len() as i64).execute(&mut *conn).await?;
+    bind_rows(q, &rows)
+        .bind(rows.len() as i64)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
-
-const INSERT_ENTRIES: &str = "INSERT INTO audit_entry (seq, recorded, type, subtype, action, \
-     outcome, patient, agent, client, entity, purpose, body, digest) VALUES ";
 
 /// Each event's row at its position from `at`: position, columns, the body
 /// with its `id` filled in, and the body's digest (the tree's leaf data).
@@ -530,32 +504,56 @@ pub(super) async fn append(conn: &mut AnyConnection, events: Vec<Prepared>) -> S
     let size = end - n;
     let rows = at_positions(size, &events);
     for chunk in rows.chunks(ROWS_PER_INSERT) {
-        let mut sql = String::from(INSERT_ENTRIES);
-        for i in 0..chunk.len() {
-            let b = i * 13;
-            if i > 0 {
-                sql.push(',');
-            }
-            sql.push('(');
-            for k in 1..=13 {
-                if k > 1 {
-                    sql.push(',');
-                }
-                sql.push_str(&format!("${}", b + k));
-            }
-            sql.push(')');
-        }
-        let mut q = sqlx::query(&sql);
-        for (seq, cols, body, digest) in chunk {
-            q = q.bind(*seq);
-            for (_, v) in cols.named() {
-                q = q.bind(v.map(str::to_string));
-            }
-            q = q.bind(body.as_str()).bind(digest.as_str());
-        }
-        q.execute(&mut *conn).await?;
+        let mut sql = String::new();
+        insert_rows(&mut sql, chunk.len(), &mut 0, false);
+        bind_rows(sqlx::query(&sql), chunk)
+            .execute(&mut *conn)
+            .await?;
     }
     Ok(())
+}
+
+/// Appends an `INSERT` of `n` entry rows to `sql`, its parameters numbered
+/// after `*last` (which it advances). With `guarded`, the first row's
+/// digest is NULL, refused by `NOT NULL`, unless the log's size is `$1`.
+fn insert_rows(sql: &mut String, n: usize, last: &mut usize, guarded: bool) {
+    sql.push_str(
+        "INSERT INTO audit_entry (seq, recorded, type, subtype, action, outcome, patient, \
+         agent, client, entity, purpose, body, digest) VALUES ",
+    );
+    for i in 0..n {
+        sql.push_str(if i > 0 { ",(" } else { "(" });
+        for c in 1..=13 {
+            *last += 1;
+            if c > 1 {
+                sql.push(',');
+            }
+            if guarded && i == 0 && c == 13 {
+                sql.push_str(&format!(
+                    "CASE WHEN COALESCE((SELECT size FROM audit_head WHERE id = 1), 0) = $1 \
+                     THEN ${last} END"
+                ));
+            } else {
+                sql.push_str(&format!("${last}"));
+            }
+        }
+        sql.push(')');
+    }
+}
+
+/// Binds `rows` in the order [`insert_rows`] numbers them.
+fn bind_rows<'q>(
+    mut q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    rows: &'q [(i64, &Columns, String, String)],
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    for (seq, cols, body, digest) in rows {
+        q = q.bind(*seq);
+        for (_, v) in cols.named() {
+            q = q.bind(v.map(str::to_string));
+        }
+        q = q.bind(body.as_str()).bind(digest.as_str());
+    }
+    q
 }
 
 /// Records the writes of the current request (noted by the gate) in the
