@@ -32,7 +32,7 @@ pub struct Config {
     /// Deepest element nesting accepted in exchanged XML (`EHRX_EXCHANGE_MAX_DEPTH`).
     pub exchange_max_depth: usize,
     /// Folder of the C-CDA mapping rules (`EHRX_MAPPINGS_DIR`); defaults to
-    /// `./mappings`, then the one in the source tree.
+    /// `./mappings` when present, else the rules built into the binary.
     pub mappings_dir: Option<std::path::PathBuf>,
     /// Serve HTTPS with this certificate chain (PEM; `EHRX_TLS_CERT_FILE`);
     /// clients may then present certificates (mutual TLS per subscriber).

@@ -46,10 +46,10 @@ impl Exchange {
     /// mapping rules.
     pub async fn load(store: &Store, config: &Config) -> Result<Exchange> {
         let key = keys::exchange_key(store).await?;
+        // A configured folder must be there; `./mappings` is used when present.
         let dir = config
             .mappings_dir
             .clone()
-            .filter(|d| d.is_dir())
             .or_else(|| Some(PathBuf::from("mappings")).filter(|d| d.is_dir()));
         let rules = Rules::load_default(dir.as_deref()).map_err(|e| {
             Error::Exchange(ExchangeError::Mapping {

@@ -131,25 +131,39 @@ impl Rules {
     /// Loads every `*.json` rule in `dir`, and `code-systems.json` (an object
     /// OID → URI).
     pub fn load(dir: &Path) -> Result<Rules, String> {
-        let mut rules = Vec::new();
-        let mut code_systems = HashMap::new();
         let entries = std::fs::read_dir(dir)
             .map_err(|e| format!("cannot read mappings directory {}: {e}", dir.display()))?;
         let mut paths: Vec<_> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
         paths.sort();
+        let mut files = Vec::new();
         for p in paths {
             if p.extension().and_then(|e| e.to_str()) != Some("json") {
                 continue;
             }
             let text = std::fs::read_to_string(&p)
                 .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
-            if p.file_name().and_then(|n| n.to_str()) == Some("code-systems.json") {
-                code_systems =
-                    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?;
+            files.push((p.display().to_string(), text));
+        }
+        Rules::parse(files.iter().map(|(n, t)| (n.as_str(), t.as_str())))
+    }
+
+    /// The rules of the repository's `mappings/` folder, built into the
+    /// binary so that an installed server needs no source tree.
+    pub fn built_in() -> Result<Rules, String> {
+        Rules::parse(BUILT_IN.iter().copied())
+    }
+
+    /// Parses rule files given as (name, text); `code-systems.json` is the
+    /// OID → URI table.
+    fn parse<'a>(files: impl Iterator<Item = (&'a str, &'a str)>) -> Result<Rules, String> {
+        let mut rules = Vec::new();
+        let mut code_systems = HashMap::new();
+        for (name, text) in files {
+            if name.ends_with("code-systems.json") {
+                code_systems = serde_json::from_str(text).map_err(|e| format!("{name}: {e}"))?;
                 continue;
             }
-            let rule: Rule =
-                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?;
+            let rule: Rule = serde_json::from_str(text).map_err(|e| format!("{name}: {e}"))?;
             rules.push(rule);
         }
         rules.sort_by_key(|r| r.order);
@@ -159,15 +173,86 @@ impl Rules {
         })
     }
 
-    /// The rules in the `mappings/` folder next to the binary's sources, or
-    /// `dir` when configured.
+    /// The rules in `dir` when given, else the built-in ones.
     pub fn load_default(dir: Option<&Path>) -> Result<Rules, String> {
         match dir {
             Some(d) => Rules::load(d),
-            None => Rules::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings")),
+            None => Rules::built_in(),
         }
     }
 }
+
+/// The files of `mappings/` (a test checks that none is missing).
+const BUILT_IN: &[(&str, &str)] = &[
+    (
+        "2.16.840.1.113883.10.20.22.1.1-us-realm-header.json",
+        include_str!("../../mappings/2.16.840.1.113883.10.20.22.1.1-us-realm-header.json"),
+    ),
+    (
+        "2.16.840.1.113883.10.20.22.4.1-result-organizer.json",
+        include_str!("../../mappings/2.16.840.1.113883.10.20.22.4.1-result-organizer.json"),
+    ),
+    (
+        "2.16.840.1.113883.10.20.22.4.12-procedure-activity-act.json",
+        include_str!("../../mappings/2.16.840.1.113883.10.20.22.4.12-procedure-activity-act.json"),
+    ),
+    (
+        "2.16.840.1.113883.10.20.22.4.13-procedure-activity-observation.json",
+        include_str!(
+            "../../mappings/2.16.840.1.113883.10.20.22.4.13-procedure-activity-observation.json"
+        ),
+    ),
+    (
+        "2.16.840.1.113883.10.20.22.4.14-procedure-activity-procedure.json",
+        include_str!(
+            "../../mappings/2.16.840.1.113883.10.20.22.4.14-procedure-activity-procedure.json"
+        ),
+    ),
+    (
+        "2.16.840.1.113883.10.20.22.4.16-medication-activity.json",
+        include_str!("../../mappings/2.16.840.1.113883.10.20.22.4.16-medication-activity.json"),
+    ),
+    (
+        "2.16.840.1.113883.10.20.22.4.2-result-observation.json",
+        include_str!("../../mappings/2.16.840.1.113883.10.20.22.4.2-result-observation.json"),
+    ),
+    (
+        "2.16.840.1.113883.10.20.22.4.27-vital-sign-observation.json",
+        include_str!("../../mappings/2.16.840.1.113883.10.20.22.4.27-vital-sign-observation.json"),
+    ),
+    (
+        "2.16.840.1.113883.10.20.22.4.38-social-history-observation.json",
+        include_str!(
+            "../../mappings/2.16.840.1.113883.10.20.22.4.38-social-history-observation.json"
+        ),
+    ),
+    (
+        "2.16.840.1.113883.10.20.22.4.4-problem-observation.json",
+        include_str!("../../mappings/2.16.840.1.113883.10.20.22.4.4-problem-observation.json"),
+    ),
+    (
+        "2.16.840.1.113883.10.20.22.4.49-encounter-activity.json",
+        include_str!("../../mappings/2.16.840.1.113883.10.20.22.4.49-encounter-activity.json"),
+    ),
+    (
+        "2.16.840.1.113883.10.20.22.4.52-immunization-activity.json",
+        include_str!("../../mappings/2.16.840.1.113883.10.20.22.4.52-immunization-activity.json"),
+    ),
+    (
+        "2.16.840.1.113883.10.20.22.4.7-allergy-intolerance-observation.json",
+        include_str!(
+            "../../mappings/2.16.840.1.113883.10.20.22.4.7-allergy-intolerance-observation.json"
+        ),
+    ),
+    (
+        "2.16.840.1.113883.10.20.22.4.78-smoking-status.json",
+        include_str!("../../mappings/2.16.840.1.113883.10.20.22.4.78-smoking-status.json"),
+    ),
+    (
+        "code-systems.json",
+        include_str!("../../mappings/code-systems.json"),
+    ),
+];
 
 /// One resource the document maps to.
 #[derive(Debug, Clone)]
@@ -1134,6 +1219,22 @@ fn escape(s: &str, out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_built_in_rules_are_every_file_of_the_mappings_folder() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings");
+        let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".json"))
+            .collect();
+        on_disk.sort();
+        let built_in: Vec<&str> = BUILT_IN.iter().map(|(n, _)| *n).collect();
+        assert_eq!(built_in, on_disk);
+        let (a, b) = (Rules::built_in().unwrap(), Rules::load(&dir).unwrap());
+        assert_eq!(a.rules.len(), b.rules.len());
+        assert_eq!(a.code_systems, b.code_systems);
+    }
 
     #[test]
     fn dates_keep_their_precision() {
