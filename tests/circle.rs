@@ -762,6 +762,59 @@ async fn a_revoked_consent_counts_on_the_next_request_for_tokens_issued_before()
 }
 
 #[tokio::test]
+async fn a_consent_revoked_through_another_server_counts_on_the_next_request_here() {
+    let w = world().await;
+    let clinic = w.token(Role::Clinic);
+    // The clinic's circle is loaded here (and kept while nothing changes).
+    for _ in 0..2 {
+        assert_eq!(get(&w.s, clinic, "Patient/p").await.0, 200);
+    }
+    // Another server process on the same database, same issuer.
+    let other = TestServer::spawn(&w.s.database_url, &[("EHRX_BASE_URL", &w.s.base)]).await;
+    let mut c = p_consent("inactive");
+    c["id"] = json!(w.consent);
+    let path = format!("Consent/{}", w.consent);
+    let (st, out) = fhir(&other, w.token(Role::Patient), Method::PUT, &path, Some(&c)).await;
+    assert_eq!(st, 200, "{out}");
+    assert_eq!(get(&w.s, clinic, "Patient/p").await.0, 404);
+    assert_eq!(get(&w.s, clinic, "Observation/p-observation").await.0, 404);
+    // Granted again there: visible again here.
+    let (st, out) = fhir(
+        &other,
+        w.token(Role::Patient),
+        Method::PUT,
+        &path,
+        Some(&{
+            let mut c = p_consent("active");
+            c["id"] = json!(w.consent);
+            c
+        }),
+    )
+    .await;
+    assert_eq!(st, 200, "{out}");
+    assert_eq!(get(&w.s, clinic, "Patient/p").await.0, 200);
+    other.stop().await;
+}
+
+#[tokio::test]
+async fn a_consent_stops_counting_when_its_period_ends_without_any_write() {
+    let w = world().await;
+    let clinic = w.token(Role::Clinic);
+    let end = chrono::Utc::now() + chrono::Duration::seconds(3);
+    let mut c = p_consent("active");
+    c["id"] = json!(w.consent);
+    c["provision"]["period"] = json!({"end": end.format("%Y-%m-%dT%H:%M:%SZ").to_string()});
+    put(&w.s, w.token(Role::Patient), &c).await;
+    assert_eq!(get(&w.s, clinic, "Patient/p").await.0, 200);
+    assert_eq!(get(&w.s, clinic, "Patient/p").await.0, 200);
+    tokio::time::sleep((end - chrono::Utc::now()).to_std().unwrap_or_default()).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(get(&w.s, clinic, "Patient/p").await.0, 404);
+    // The care relationship is not a Consent: unchanged.
+    assert_eq!(get(&w.s, w.token(Role::Treating), "Patient/p").await.0, 200);
+}
+
+#[tokio::test]
 async fn an_active_care_team_brings_its_members_into_the_circle() {
     let w = world().await;
     let dr = person_token(&w.s, "Practitioner/dr-team").await;

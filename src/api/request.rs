@@ -105,9 +105,9 @@ pub async fn with_circle(
         return Ok(access);
     }
     let role = access.role().clone();
-    let mut facts =
-        crate::store::circle::facts(&state.store, &role, chrono::Utc::now().timestamp()).await?;
-    facts.default = Some(state.config.consent_default);
+    let now = chrono::Utc::now().timestamp();
+    let facts =
+        crate::store::circle::facts(&state.store, &role, state.config.consent_default, now).await?;
     let insurer = match &role {
         Role::Insurer { rules, .. } => Some(std::sync::Arc::new(
             state
@@ -118,7 +118,7 @@ pub async fn with_circle(
         )),
         _ => None,
     };
-    Ok(access.with_circle(Circle::new(facts, insurer)))
+    Ok(access.with_circle(Circle::new(facts, crate::fhir::unix_instant(now), insurer)))
 }
 
 impl FhirRequest {

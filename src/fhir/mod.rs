@@ -20,3 +20,8 @@ pub use outcome::{operation_outcome, Issue};
 pub fn format_instant(t: chrono::DateTime<chrono::Utc>) -> String {
     t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
 }
+
+/// Unix seconds as a FHIR instant (as [`format_instant`]).
+pub fn unix_instant(secs: i64) -> String {
+    format_instant(chrono::DateTime::from_timestamp(secs, 0).unwrap_or_default())
+}

@@ -159,8 +159,8 @@ pub async fn access_preview(
             ))
         }
     };
-    let mut facts = circle::facts(store, &role, chrono::Utc::now().timestamp()).await?;
-    facts.default = Some(default);
+    let now = chrono::Utc::now().timestamp();
+    let facts = circle::facts(store, &role, default, now).await?;
     let insurer = match &role {
         Role::Insurer { rules, .. } => Some(std::sync::Arc::new(
             insurers
@@ -170,7 +170,7 @@ pub async fn access_preview(
         )),
         _ => None,
     };
-    let circle = Circle::new(facts, insurer);
+    let circle = Circle::new(facts, crate::fhir::unix_instant(now), insurer);
     let scopes = parse_scopes(scopes).map_err(|e| Error::invalid(e.to_string()))?;
     let theirs = store.gate(Access::from_token(&scopes, None, role).with_circle(circle.clone()));
     let everything = store.gate(Access::maintenance(Maintenance::AccessPreview));

@@ -50,22 +50,24 @@ pub enum ConsentDefault {
     PermitTreatment,
 }
 
-/// What `store::circle` loaded for one caller, for one request.
+/// What `store::circle` loaded for one caller: kept across requests while
+/// the data it comes from is unchanged, so whatever depends on the time is
+/// decided by [`Circle`] with the request's own instant.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Facts {
-    /// Now, as an RFC 3339 instant (UTC).
-    pub now: String,
     /// References that name the caller: `Practitioner/x`, its
     /// `PractitionerRole/…`, the `Organization/…` it works for, the
     /// `CareTeam/…` it is part of, `RelatedPerson/…`.
     pub identity: BTreeSet<String>,
     /// Patients the caller treats (general practitioner, care team).
     pub treatment: BTreeSet<String>,
-    /// Patients the caller holds a break-the-glass grant for.
-    pub emergency: BTreeSet<String>,
+    /// Patients the caller holds a break-the-glass grant for, with the
+    /// instant it ends.
+    pub emergency: BTreeMap<String, String>,
     /// An insurer's members.
     pub covered: BTreeSet<String>,
-    /// Active patient-privacy Consents, by patient id.
+    /// Consents, by patient id (whether each is in force is decided per
+    /// request: [`in_force`]).
     pub consents: BTreeMap<String, Vec<Value>>,
     pub default: Option<ConsentDefault>,
 }
@@ -73,8 +75,27 @@ pub struct Facts {
 /// One caller's compiled circle of trust.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Circle {
-    facts: Facts,
+    facts: Arc<Facts>,
+    /// The request's instant (RFC 3339, UTC).
+    now: String,
     insurer: Option<Arc<InsurerRules>>,
+    /// Conditions compiled so far in this request, by operation and type
+    /// (a page's resources are checked one by one against the same one).
+    memo: Memo,
+}
+
+/// [`Circle::cond`]'s results, shared by clones of one circle; not part of
+/// what a circle is.
+#[derive(Debug, Clone, Default)]
+struct Memo(Arc<std::sync::Mutex<Compiled>>);
+
+/// Conditions by operation and resource type.
+type Compiled = std::collections::HashMap<(Ops, String), Option<Arc<Cond>>>;
+
+impl PartialEq for Memo {
+    fn eq(&self, _: &Memo) -> bool {
+        true
+    }
 }
 
 /// A boolean over store conditions, simplified as it is built.
@@ -205,8 +226,37 @@ pub struct Reason {
 }
 
 impl Circle {
-    pub fn new(facts: Facts, insurer: Option<Arc<InsurerRules>>) -> Circle {
-        Circle { facts, insurer }
+    /// The circle of `facts` at the instant `now` (RFC 3339, UTC).
+    pub fn new(
+        facts: impl Into<Arc<Facts>>,
+        now: String,
+        insurer: Option<Arc<InsurerRules>>,
+    ) -> Circle {
+        Circle {
+            facts: facts.into(),
+            now,
+            insurer,
+            memo: Memo::default(),
+        }
+    }
+
+    /// Whether `p`'s break-the-glass grant is running.
+    fn emergency(&self, p: &str) -> bool {
+        self.facts
+            .emergency
+            .get(p)
+            .is_some_and(|until| *until > self.now)
+    }
+
+    /// `p`'s Consents in force now.
+    fn consents<'a>(&'a self, p: &str) -> impl Iterator<Item = &'a Value> + 'a {
+        let now = self.now.as_str();
+        self.facts
+            .consents
+            .get(p)
+            .into_iter()
+            .flatten()
+            .filter(move |c| in_force(c, now))
     }
 
     pub fn facts(&self) -> &Facts {
@@ -220,12 +270,22 @@ impl Circle {
     /// Every patient the caller could see something of.
     pub fn patients(&self) -> BTreeSet<&str> {
         let f = &self.facts;
-        let mut all: BTreeSet<&str> = f.emergency.iter().map(String::as_str).collect();
+        let mut all: BTreeSet<&str> = f
+            .emergency
+            .keys()
+            .filter(|p| self.emergency(p))
+            .map(String::as_str)
+            .collect();
         if self.insurer.is_some() {
             all.extend(f.covered.iter().map(String::as_str));
         } else {
             all.extend(f.treatment.iter().map(String::as_str));
-            all.extend(f.consents.keys().map(String::as_str));
+            all.extend(
+                f.consents
+                    .keys()
+                    .filter(|p| self.consents(p).next().is_some())
+                    .map(String::as_str),
+            );
         }
         all
     }
@@ -286,9 +346,30 @@ impl Circle {
         Some(all.to_cond())
     }
 
-    /// The same decision as [`Circle::cond`], on one resource's index rows.
+    /// The same decision as [`Circle::cond`], on one resource's index rows
+    /// (the condition compiled once per operation and type).
     pub fn holds(&self, op: Ops, rtype: &str, id: &str, rows: &Rows) -> bool {
-        match self.cond(op, rtype) {
+        let key = (op, rtype.to_string());
+        let kept = self
+            .memo
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned();
+        let c = match kept {
+            Some(c) => c,
+            None => {
+                let c = self.cond(op, rtype).map(Arc::new);
+                self.memo
+                    .0
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, c.clone());
+                c
+            }
+        };
+        match c {
             None => true,
             Some(c) => holds(&c, id, rows),
         }
@@ -297,13 +378,13 @@ impl Circle {
     /// What decides for patient `p`, resource type `rtype` and `op`.
     fn visible(&self, p: &str, op: Ops, rtype: &str) -> B {
         let f = &self.facts;
-        if f.emergency.contains(p) && self.insurer.is_none() {
+        if self.emergency(p) && self.insurer.is_none() {
             return B::T;
         }
         let treats = f.treatment.contains(p);
         let mut permits = Vec::new();
         let mut denies = Vec::new();
-        for c in f.consents.get(p).map(Vec::as_slice).unwrap_or(&[]) {
+        for c in self.consents(p) {
             if let Some(root) = c.get("provision") {
                 let ctx = Ctx {
                     circle: self,
@@ -337,7 +418,7 @@ impl Circle {
     pub fn reasons(&self, p: &str, rtype: &str) -> Vec<Reason> {
         let f = &self.facts;
         let mut out = Vec::new();
-        if f.emergency.contains(p) && self.insurer.is_none() {
+        if self.emergency(p) && self.insurer.is_none() {
             out.push(Reason {
                 source: "break-the-glass grant".into(),
                 effect: "permit",
@@ -368,7 +449,7 @@ impl Circle {
             rtype,
             treats: f.treatment.contains(p),
         };
-        for c in f.consents.get(p).map(Vec::as_slice).unwrap_or(&[]) {
+        for c in self.consents(p) {
             let id = c.get("id").and_then(Value::as_str).unwrap_or("?");
             if let Some(root) = c.get("provision") {
                 ctx.explain(root, false, &format!("Consent/{id}.provision"), &mut out);
@@ -445,7 +526,7 @@ impl Ctx<'_> {
     /// condition on resources it adds (codes, labels, data period, data),
     /// and whether an actor on its path names the caller.
     fn applies(&self, n: &Value, named_above: bool) -> Option<(B, bool)> {
-        let now = &self.circle.facts.now;
+        let now = &self.circle.now;
         if let Some(p) = n.get("period") {
             if !covers(p, now) {
                 return None;
@@ -713,7 +794,6 @@ mod tests {
 
     fn circle(identity: &[&str], treats: bool, consents: Vec<Value>) -> Circle {
         let mut f = Facts {
-            now: NOW.into(),
             identity: identity.iter().map(|s| s.to_string()).collect(),
             default: Some(ConsentDefault::PermitTreatment),
             ..Facts::default()
@@ -724,7 +804,7 @@ mod tests {
         if !consents.is_empty() {
             f.consents.insert("p".into(), consents);
         }
-        Circle::new(f, None)
+        Circle::new(f, NOW.into(), None)
     }
 
     fn obs(labels: &[&str]) -> (String, Rows) {
@@ -748,7 +828,7 @@ mod tests {
         assert!(sees(&circle(&["Practitioner/gp"], true, vec![]), &[]));
         assert!(!sees(&circle(&["Practitioner/x"], false, vec![]), &[]));
         let mut deny_default = circle(&["Practitioner/gp"], true, vec![]);
-        deny_default.facts.default = Some(ConsentDefault::Deny);
+        Arc::make_mut(&mut deny_default.facts).default = Some(ConsentDefault::Deny);
         assert!(!sees(&deny_default, &[]));
     }
 
@@ -840,7 +920,6 @@ mod tests {
             .cloned()
             .unwrap();
         let mut f = Facts {
-            now: NOW.into(),
             identity: ["Organization/acme".to_string()].into(),
             ..Facts::default()
         };
@@ -853,7 +932,7 @@ mod tests {
                 {"type": "deny", "actor": actor("Organization/acme"),
                  "securityLabel": [{"system": LABELS, "code": "HIV"}]}]}))],
         );
-        let c = Circle::new(f, Some(Arc::new(rules)));
+        let c = Circle::new(f, NOW.into(), Some(Arc::new(rules)));
         assert!(!c.reaches_type("Observation"));
         assert!(!sees(&c, &[]));
         let claim = |labels: &[&str]| {
@@ -905,6 +984,54 @@ mod tests {
         assert!(!y.holds(Ops::READ, "Observation", "o", &obs("2345-7", "2021-05-05")));
         // A type without a clinical date matches no data period.
         assert!(!y.holds(Ops::READ, "Patient", "p", &Rows::default()));
+    }
+
+    #[test]
+    fn one_set_of_facts_decides_by_each_requests_instant() {
+        // Kept across requests: the grant and the Consent's period are
+        // decided by the instant the circle is made for.
+        let mut f = Facts {
+            identity: ["Practitioner/x".to_string()].into(),
+            default: Some(ConsentDefault::PermitTreatment),
+            ..Facts::default()
+        };
+        f.emergency
+            .insert("p".into(), "2026-06-01T13:00:00.000Z".into());
+        let f = Arc::new(f);
+        let at = |f: &Arc<Facts>, now: &str| sees(&Circle::new(f.clone(), now.into(), None), &[]);
+        assert!(at(&f, NOW));
+        assert!(!at(&f, "2026-06-01T13:00:00.000Z"));
+        let mut g = Facts::clone(&f);
+        g.emergency.clear();
+        g.consents.insert(
+            "p".into(),
+            vec![consent(
+                json!({"type": "permit", "actor": actor("Practitioner/x"),
+                "period": {"start": "2026-06-01T12:30:00Z", "end": "2026-06-02"}}),
+            )],
+        );
+        let g = Arc::new(g);
+        assert!(!at(&g, NOW));
+        assert!(at(&g, "2026-06-01T12:31:00.000Z"));
+        assert!(at(&g, "2026-06-02T23:59:59.000Z"));
+        assert!(!at(&g, "2026-06-03T00:00:00.000Z"));
+    }
+
+    #[test]
+    fn a_condition_compiled_once_serves_every_resource_of_its_type() {
+        let c = circle(
+            &["Practitioner/gp"],
+            true,
+            vec![consent(json!({"type": "deny",
+            "securityLabel": [{"system": LABELS, "code": "HIV"}]}))],
+        );
+        assert!(sees(&c, &[]));
+        assert!(!sees(&c, &["HIV"]));
+        assert!(sees(&c, &["PSY"]));
+        assert_eq!(c.memo.0.lock().unwrap().len(), 1);
+        assert!(!c
+            .clone()
+            .holds(Ops::READ, "Observation", "o", &obs(&["HIV"]).1));
     }
 
     #[test]

@@ -398,8 +398,11 @@ impl Restorer {
         counts(self.tx.conn(), &tables).await
     }
 
-    /// Moves PostgreSQL's sequences past the restored keys, then commits.
+    /// Moves PostgreSQL's sequences past the restored keys, then commits
+    /// (raising the circle generation: a server already running on this
+    /// database reads every circle afresh).
     pub async fn commit(mut self) -> StoreResult<()> {
+        self.tx.circle_changed();
         if self.dialect == Dialect::Postgres {
             let serials = sqlx::query(
                 "SELECT table_name::text, column_name::text FROM information_schema.columns \

@@ -1,16 +1,84 @@
 //! Loading a caller's circle of trust: who they are (their roles,
 //! organisations and care teams), whom they treat, which Consents name
-//! them or govern their patients, and their break-the-glass grants —
-//! read afresh for every request, so a change counts on the next one.
+//! them or govern their patients, and their break-the-glass grants.
+//!
+//! A change counts on the next request: every transaction that writes a
+//! resource of a type the circle is read from ([`CIRCLE_TYPES`]) or a
+//! break-the-glass grant raises the database's circle generation before it
+//! commits, and a circle is kept ([`Cache`]) only while the generation read
+//! at the start of the request is the one it was loaded under. What depends
+//! on the time (a Consent's period, a grant's expiry) is decided per
+//! request, so a kept circle never outlives them.
 //!
 //! The decisions are made in `policy::consent`; this is only the SQL.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 use sqlx::{AnyConnection, Row};
 
 use super::{Store, StoreResult};
-use crate::policy::consent::{in_force, Facts};
+use crate::policy::consent::{ConsentDefault, Facts};
 use crate::policy::role::{Practitioner, Role};
+
+/// The resource types the circle statement below reads: a write of any of
+/// them raises the generation.
+pub const CIRCLE_TYPES: [&str; 5] = [
+    "CareTeam",
+    "Consent",
+    "Coverage",
+    "Patient",
+    "PractitionerRole",
+];
+
+/// Whether writing a resource of `rtype` can change someone's circle.
+pub fn reads_type(rtype: &str) -> bool {
+    CIRCLE_TYPES.contains(&rtype)
+}
+
+/// Raises the circle generation, inside the writing transaction.
+pub(super) async fn raise_generation(conn: &mut AnyConnection) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO circle_generation (id, gen) VALUES (1, 1) \
+         ON CONFLICT (id) DO UPDATE SET gen = circle_generation.gen + 1",
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Circles kept at most at once; past it the cache starts over.
+const CACHE_ENTRIES: usize = 10_000;
+
+/// Callers' circles, loaded under one generation.
+#[derive(Clone, Default)]
+pub struct Cache(Arc<Mutex<Kept>>);
+
+#[derive(Default)]
+struct Kept {
+    generation: i64,
+    circles: HashMap<String, Arc<Facts>>,
+}
+
+impl Cache {
+    fn get(&self, generation: i64, key: &str) -> Option<Arc<Facts>> {
+        let kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        (kept.generation == generation)
+            .then(|| kept.circles.get(key).cloned())
+            .flatten()
+    }
+
+    /// Keeps `facts`, loaded after `generation` was read.
+    fn put(&self, generation: i64, key: String, facts: Arc<Facts>) {
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.generation != generation || kept.circles.len() >= CACHE_ENTRIES {
+            kept.circles.clear();
+            kept.generation = generation;
+        }
+        kept.circles.insert(key, facts);
+    }
+}
 
 /// Facts of one circle beyond which a warning is logged (every fact
 /// counts: leaving a Consent out could leave out a deny).
@@ -35,23 +103,52 @@ impl Sql {
     }
 }
 
-/// The facts of `role`'s circle of trust, now.
-pub async fn facts(store: &Store, role: &Role, now_unix: i64) -> StoreResult<Facts> {
+/// The facts of `role`'s circle of trust as the database holds them now
+/// (kept from an earlier request while nothing they are read from changed).
+pub async fn facts(
+    store: &Store,
+    role: &Role,
+    default: ConsentDefault,
+    now_unix: i64,
+) -> StoreResult<Arc<Facts>> {
+    let Some(key) = cache_key(role, default) else {
+        return Ok(Arc::new(Facts {
+            default: Some(default),
+            ..Facts::default()
+        }));
+    };
     let mut conn = store.reader().await?;
-    facts_on(&mut conn, role, now_unix).await
+    // Read before the facts: facts loaded after it are at least as new.
+    let generation: i64 =
+        sqlx::query("SELECT COALESCE((SELECT gen FROM circle_generation WHERE id = 1), 0)")
+            .fetch_one(&mut *conn)
+            .await?
+            .try_get(0)?;
+    if let Some(f) = store.circles.get(generation, &key) {
+        return Ok(f);
+    }
+    let mut f = load(&mut conn, role, now_unix).await?;
+    f.default = Some(default);
+    let f = Arc::new(f);
+    store.circles.put(generation, key, f.clone());
+    Ok(f)
 }
 
-pub(super) async fn facts_on(
-    conn: &mut AnyConnection,
-    role: &Role,
-    now_unix: i64,
-) -> StoreResult<Facts> {
-    let mut f = Facts {
-        now: crate::fhir::format_instant(
-            chrono::DateTime::from_timestamp(now_unix, 0).unwrap_or_default(),
-        ),
-        ..Facts::default()
+/// What a circle is kept under: the caller as the statement reads them.
+fn cache_key(role: &Role, default: ConsentDefault) -> Option<String> {
+    let who = match role {
+        Role::Practitioner(Practitioner::Id(x)) => format!("Practitioner/{x}"),
+        Role::Practitioner(Practitioner::Role(r)) => format!("PractitionerRole/{r}"),
+        Role::RelatedPerson(x) => format!("RelatedPerson/{x}"),
+        Role::Insurer { organization, .. } => format!("Organization/{organization}"),
+        _ => return None,
     };
+    Some(format!("{default:?} {who}"))
+}
+
+/// Reads the facts: grants that expired before `now_unix` are left out.
+async fn load(conn: &mut AnyConnection, role: &Role, now_unix: i64) -> StoreResult<Facts> {
+    let mut f = Facts::default();
     // One statement: every fact of the circle in one round trip, as rows
     // `(kind, value, body)`.
     let mut q = Sql::new("");
@@ -128,12 +225,16 @@ pub(super) async fn facts_on(
                 .to_string(),
             // Grants to the practitioner, or to the role they signed in as.
             format!(
-                "SELECT patient FROM emergency_access WHERE actor IN \
+                "SELECT patient, expires_at FROM emergency_access WHERE actor IN \
                  (SELECT t || '/' || i FROM me) AND expires_at > CAST({now} AS BIGINT)"
             ),
         )
     } else {
-        (empty.to_string(), empty.to_string(), empty.to_string())
+        (
+            empty.to_string(),
+            empty.to_string(),
+            "SELECT CAST(NULL AS TEXT), CAST(NULL AS BIGINT) WHERE 1 = 0".to_string(),
+        )
     };
     q.text = format!(
         "WITH me(t, i) AS ({me}), \
@@ -146,7 +247,7 @@ pub(super) async fn facts_on(
          teams(id) AS ({teams}), \
          ident(t, i) AS (SELECT t, i FROM base UNION SELECT 'CareTeam', id FROM teams), \
          treat(id) AS ({treat}), \
-         emerg(id) AS ({emerg}), \
+         emerg(id, until) AS ({emerg}), \
          covered(id) AS ({covered}), \
          named(id) AS (SELECT p.target_id FROM idx_reference a JOIN ident b \
            ON a.target_type = b.t AND a.target_id = b.i \
@@ -157,7 +258,7 @@ pub(super) async fn facts_on(
            UNION SELECT id FROM emerg UNION SELECT id FROM covered) \
          SELECT 'identity' AS k, t || '/' || i AS v, CAST(NULL AS TEXT) AS body FROM ident \
          UNION ALL SELECT 'treatment', id, NULL FROM treat \
-         UNION ALL SELECT 'emergency', id, NULL FROM emerg \
+         UNION ALL SELECT 'emergency', id, CAST(until AS TEXT) FROM emerg \
          UNION ALL SELECT 'covered', id, NULL FROM covered \
          UNION ALL SELECT 'consent', p.target_id, r.body FROM idx_reference p \
            JOIN resource r ON r.rtype = 'Consent' AND r.id = p.id \
@@ -187,7 +288,14 @@ pub(super) async fn facts_on(
                 f.treatment.insert(value);
             }
             "emergency" => {
-                f.emergency.insert(value);
+                // Until when (the latest of the caller's grants).
+                let until: Option<String> = row.try_get(2)?;
+                let until = until.and_then(|u| u.parse::<i64>().ok()).unwrap_or(0);
+                let until = crate::fhir::unix_instant(until);
+                let e = f.emergency.entry(value).or_default();
+                if until > *e {
+                    *e = until;
+                }
             }
             "covered" => {
                 f.covered.insert(value);
@@ -197,9 +305,8 @@ pub(super) async fn facts_on(
                 let Some(Ok(consent)) = body.as_deref().map(serde_json::from_str::<Value>) else {
                     continue;
                 };
-                if in_force(&consent, &f.now) {
-                    f.consents.entry(value).or_default().push(consent);
-                }
+                // Whether it is in force (its period) is decided per request.
+                f.consents.entry(value).or_default().push(consent);
             }
         }
     }
@@ -232,6 +339,7 @@ pub async fn grant_emergency(store: &Store, e: &Emergency) -> StoreResult<()> {
     .bind(e.expires_at)
     .execute(tx.conn())
     .await?;
+    tx.circle_changed();
     tx.commit().await
 }
 

@@ -100,6 +100,9 @@ pub struct Store {
     write_lock: Option<Arc<Mutex<()>>>,
     /// Seals the private keys kept in the database.
     secrets: secrets::Secrets,
+    /// Callers' circles of trust, kept while the database's circle
+    /// generation is unchanged.
+    circles: circle::Cache,
 }
 
 /// Normalises a database URL: a bare SQLite path is created if missing.
@@ -178,6 +181,7 @@ impl Store {
             dialect,
             write_lock,
             secrets: secrets::Secrets::default(),
+            circles: circle::Cache::default(),
         })
     }
 
@@ -261,6 +265,7 @@ impl Store {
             dialect: self.dialect,
             _guard: guard,
             pending: PendingIndex::default(),
+            circle_changed: false,
         })
     }
 }
@@ -305,6 +310,9 @@ pub struct Tx {
     _guard: Option<OwnedMutexGuard<()>>,
     /// Search index rows of the versions written so far, not yet inserted.
     pending: PendingIndex,
+    /// A resource callers' circles of trust are read from was written:
+    /// the circle generation is raised at commit.
+    circle_changed: bool,
 }
 
 /// Search index rows of the versions a transaction wrote, inserted together
@@ -348,8 +356,16 @@ impl PendingIndex {
 impl Tx {
     pub async fn commit(mut self) -> StoreResult<()> {
         self.pending.flush(&mut self.tx).await?;
+        if self.circle_changed {
+            circle::raise_generation(&mut self.tx).await?;
+        }
         self.tx.commit().await?;
         Ok(())
+    }
+
+    /// Marks the transaction as changing callers' circles of trust.
+    pub(super) fn circle_changed(&mut self) {
+        self.circle_changed = true;
     }
 
     pub fn conn(&mut self) -> &mut AnyConnection {
@@ -413,6 +429,7 @@ impl Tx {
     /// Appends a version (and makes it current), replacing the resource's
     /// search index rows.
     pub(super) async fn put_version(&mut self, v: &Version, rows: Rows) -> StoreResult<()> {
+        self.circle_changed |= circle::reads_type(&v.rtype);
         let conn: &mut AnyConnection = &mut self.tx;
         if v.version > 1 {
             // The body of the version being replaced moves from `resource`
@@ -483,6 +500,7 @@ impl Tx {
         id: &str,
         rows: &Rows,
     ) -> StoreResult<()> {
+        self.circle_changed |= circle::reads_type(rtype);
         self.pending.flush(&mut self.tx).await?;
         let conn: &mut AnyConnection = &mut self.tx;
         delete_rows(conn, rtype, id).await?;
