@@ -93,9 +93,10 @@ impl FromRequest<AppState> for FhirRequest {
     }
 }
 
-/// The caller's access with its circle of trust loaded, read afresh for
-/// this request (Consents, care relationships, coverage, break-the-glass),
-/// for the roles whose access depends on it.
+/// The caller's access with its circle of trust as the database holds it
+/// now (Consents, care relationships, coverage, break-the-glass; kept from
+/// an earlier request only while none of it changed), for the roles whose
+/// access depends on it.
 pub async fn with_circle(
     state: &AppState,
     access: crate::policy::Access,

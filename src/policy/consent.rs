@@ -1,9 +1,10 @@
 //! The circle of trust: a patient's Consents, care relationships and
 //! emergency grants, compiled into store conditions for one caller.
 //!
-//! Everything here is pure: `store::circle` loads the facts for a caller
-//! at the start of every request (so a revoked Consent counts on the very
-//! next request, whatever token is used), and this module turns them into
+//! Everything here is pure: `store::circle` gives the facts for a caller
+//! as the database holds them at the start of every request (so a revoked
+//! Consent counts on the very next request, whatever token is used), and
+//! this module turns them, with the request's instant, into
 //! a [`Cond`] per resource type, which the gate adds to every query, and
 //! into the same test on a single resource's index rows.
 //!
