@@ -48,8 +48,10 @@ pub(super) async fn raise_generation(conn: &mut AnyConnection) -> StoreResult<()
     Ok(())
 }
 
-/// Circles kept at most at once; past it the cache starts over.
-const CACHE_ENTRIES: usize = 10_000;
+/// Facts (identities, patients, grants, Consents) kept at most, over all
+/// circles; past it the cache starts over, and a circle with more is not
+/// kept at all (its caller's requests read it each time).
+const CACHE_FACTS: usize = 50_000;
 
 /// Callers' circles, loaded under one generation.
 #[derive(Clone, Default)]
@@ -59,6 +61,17 @@ pub struct Cache(Arc<Mutex<Kept>>);
 struct Kept {
     generation: i64,
     circles: HashMap<String, Arc<Facts>>,
+    /// Facts in `circles`.
+    facts: usize,
+}
+
+/// How many facts a circle holds.
+fn size(f: &Facts) -> usize {
+    f.identity.len()
+        + f.treatment.len()
+        + f.emergency.len()
+        + f.covered.len()
+        + f.consents.values().map(Vec::len).sum::<usize>()
 }
 
 impl Cache {
@@ -71,12 +84,20 @@ impl Cache {
 
     /// Keeps `facts`, loaded after `generation` was read.
     fn put(&self, generation: i64, key: String, facts: Arc<Facts>) {
+        let n = size(&facts);
+        if n > CACHE_FACTS {
+            return;
+        }
         let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if kept.generation != generation || kept.circles.len() >= CACHE_ENTRIES {
+        if kept.generation != generation || kept.facts + n > CACHE_FACTS {
             kept.circles.clear();
+            kept.facts = 0;
             kept.generation = generation;
         }
-        kept.circles.insert(key, facts);
+        if let Some(old) = kept.circles.insert(key, facts) {
+            kept.facts -= size(&old);
+        }
+        kept.facts += n;
     }
 }
 
@@ -366,4 +387,44 @@ pub async fn emergencies_of(store: &Store, patient: &str) -> StoreResult<Vec<Eme
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(patients: usize) -> Arc<Facts> {
+        Arc::new(Facts {
+            treatment: (0..patients).map(|i| format!("p{i}")).collect(),
+            ..Facts::default()
+        })
+    }
+
+    #[test]
+    fn a_kept_circle_is_found_only_under_the_generation_it_was_loaded_under() {
+        let c = Cache::default();
+        c.put(3, "a".into(), facts(1));
+        assert!(c.get(3, "a").is_some());
+        assert!(c.get(4, "a").is_none());
+        assert!(c.get(2, "a").is_none());
+        // A newer generation starts over.
+        c.put(4, "b".into(), facts(1));
+        assert!(c.get(4, "a").is_none());
+        assert!(c.get(4, "b").is_some());
+    }
+
+    #[test]
+    fn the_cache_holds_a_bounded_number_of_facts() {
+        let c = Cache::default();
+        c.put(1, "huge".into(), facts(CACHE_FACTS + 1));
+        assert!(c.get(1, "huge").is_none());
+        c.put(1, "a".into(), facts(CACHE_FACTS / 2));
+        c.put(1, "a".into(), facts(CACHE_FACTS / 2));
+        assert!(c.get(1, "a").is_some(), "replacing counts once");
+        c.put(1, "b".into(), facts(CACHE_FACTS / 2));
+        assert!(c.get(1, "a").is_some() && c.get(1, "b").is_some());
+        c.put(1, "c".into(), facts(1));
+        assert!(c.get(1, "a").is_none() && c.get(1, "c").is_some());
+        assert_eq!(c.0.lock().unwrap().facts, 1);
+    }
 }
