@@ -52,6 +52,39 @@ async fn serve_with_no_configuration_creates_the_database_and_answers_metadata()
 }
 
 #[test]
+fn serve_stops_with_a_clear_error_when_the_configured_mappings_folder_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-mappings");
+    let mut child = ehrx()
+        .arg("serve")
+        .current_dir(dir.path())
+        .env("EHRX_LISTEN", "127.0.0.1:0")
+        .env("EHRX_MAPPINGS_DIR", &missing)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("ehrx serve kept running with a missing mappings folder");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains("cannot read mappings directory") && err.contains("no-such-mappings"),
+        "{err}"
+    );
+}
+
+#[test]
 fn config_file_and_environment_override() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
