@@ -159,7 +159,7 @@ impl Rules {
         let mut rules = Vec::new();
         let mut code_systems = HashMap::new();
         for (name, text) in files {
-            if name.ends_with("code-systems.json") {
+            if Path::new(name).file_name().and_then(|n| n.to_str()) == Some("code-systems.json") {
                 code_systems = serde_json::from_str(text).map_err(|e| format!("{name}: {e}"))?;
                 continue;
             }

@@ -303,6 +303,11 @@ impl Circle {
     /// lets the caller `op`; `None` when it adds nothing (shared reference
     /// data for a practitioner).
     pub fn cond(&self, op: Ops, rtype: &str) -> Option<Cond> {
+        self.compiled(op, rtype).map(|c| Cond::clone(&c))
+    }
+
+    /// Builds [`Circle::cond`] from the facts.
+    fn compile(&self, op: Ops, rtype: &str) -> Option<Cond> {
         if !self.reaches_type(rtype) {
             return Some(nothing());
         }
@@ -347,33 +352,34 @@ impl Circle {
         Some(all.to_cond())
     }
 
-    /// The same decision as [`Circle::cond`], on one resource's index rows
-    /// (the condition compiled once per operation and type).
+    /// The same decision as [`Circle::cond`], on one resource's index rows.
     pub fn holds(&self, op: Ops, rtype: &str, id: &str, rows: &Rows) -> bool {
-        let key = (op, rtype.to_string());
-        let kept = self
-            .memo
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-            .cloned();
-        let c = match kept {
-            Some(c) => c,
-            None => {
-                let c = self.cond(op, rtype).map(Arc::new);
-                self.memo
-                    .0
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(key, c.clone());
-                c
-            }
-        };
-        match c {
+        match self.compiled(op, rtype) {
             None => true,
             Some(c) => holds(&c, id, rows),
         }
+    }
+
+    /// [`Circle::compile`], once per circle (a request), operation and type:
+    /// a request's queries, includes and single resources all ask again.
+    fn compiled(&self, op: Ops, rtype: &str) -> Option<Arc<Cond>> {
+        let key = (op, rtype.to_string());
+        let memo = |m: &Memo| {
+            m.0.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&key)
+                .cloned()
+        };
+        if let Some(c) = memo(&self.memo) {
+            return c;
+        }
+        let c = self.compile(op, rtype).map(Arc::new);
+        self.memo
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, c.clone());
+        c
     }
 
     /// What decides for patient `p`, resource type `rtype` and `op`.
