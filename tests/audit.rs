@@ -557,9 +557,19 @@ async fn break_the_glass_is_marked_in_the_access_log() {
         .contains("BREAK-THE-GLASS"));
 }
 
+/// A connection to the server's database; on SQLite with the audit log's
+/// own file attached as `audit`, so the log's tables are reached by name.
 async fn db(s: &TestServer) -> sqlx::AnyConnection {
     sqlx::any::install_default_drivers();
-    sqlx::AnyConnection::connect(&s.database_url).await.unwrap()
+    let mut c = sqlx::AnyConnection::connect(&s.database_url).await.unwrap();
+    if let Some(path) = ehrx::store::sqlite_audit_path(&s.database_url) {
+        sqlx::query("ATTACH DATABASE $1 AS audit")
+            .bind(path)
+            .execute(&mut c)
+            .await
+            .unwrap();
+    }
+    c
 }
 
 async fn exec(s: &TestServer, sql: &str) {
@@ -580,8 +590,11 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_answered() {
         )
     } else {
         (
-            "CREATE TRIGGER audit_down BEFORE INSERT ON audit_entry BEGIN SELECT RAISE(ABORT, 'audit down'); END;",
-            "DROP TRIGGER audit_down;",
+            // The log's own file, and the outbox a write's entries go
+            // through in the main file.
+            "CREATE TRIGGER audit.audit_down BEFORE INSERT ON audit_entry BEGIN SELECT RAISE(ABORT, 'audit down'); END; \
+             CREATE TRIGGER outbox_down BEFORE INSERT ON audit_outbox BEGIN SELECT RAISE(ABORT, 'audit down'); END;",
+            "DROP TRIGGER audit.audit_down; DROP TRIGGER outbox_down;",
         )
     };
     exec(&s, break_it).await;
@@ -1082,4 +1095,253 @@ async fn a_page_is_audited_for_the_patients_it_shows_only() {
     let found = audit(&s, &w.admin, "agent=Practitioner/prac6&subtype=search-type").await;
     let patients: Vec<&str> = found.iter().filter_map(patient_of).collect();
     assert_eq!(patients, ["Patient/pa"]);
+}
+
+#[tokio::test]
+async fn a_writes_entries_are_in_the_log_when_its_response_leaves() {
+    let s = TestServer::start().await;
+    let w = world(&s).await;
+    let obs = json!({"resourceType": "Observation", "id": "fresh", "status": "final",
+        "code": {"text": "written"}, "subject": {"reference": "Patient/pa"}});
+    let (st, b) = fhir(
+        &s,
+        &w.admin,
+        reqwest::Method::PUT,
+        "Observation/fresh",
+        Some(&obs),
+    )
+    .await;
+    assert_eq!(st, 201, "{b}");
+    // Straight after the response, without waiting: the entry is a leaf of
+    // the log, not only committed somewhere on its way there.
+    let mut c = db(&s).await;
+    let n: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM audit_entry WHERE entity = 'Observation/fresh' AND action = 'C'",
+    )
+    .fetch_one(&mut c)
+    .await
+    .unwrap();
+    assert_eq!(n, 1);
+    if s.database_url.starts_with("sqlite") {
+        // On SQLite the log is a file of its own; the database file keeps
+        // only what writes have not yet seen appended.
+        let in_main: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM main.sqlite_master WHERE name IN ('audit_entry', 'audit_head')",
+        )
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+        assert_eq!(in_main, 0);
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM audit_outbox \
+             WHERE id > (SELECT drained FROM audit.audit_head WHERE id = 1)",
+        )
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+        assert_eq!(waiting, 0);
+    }
+    assert_eq!(verify(&s, &[])["verified"], true);
+}
+
+/// Puts an entry in `audit_outbox` as a write's transaction leaves it (an
+/// event whose `id` is empty, with its columns), marked by its `recorded`
+/// instant; with `id`, at that row.
+async fn leave_in_outbox(c: &mut sqlx::AnyConnection, recorded: &str, id: Option<i64>) {
+    let body: String = sqlx::query_scalar("SELECT body FROM audit_entry WHERE seq = 0")
+        .fetch_one(&mut *c)
+        .await
+        .unwrap();
+    let mut e: Value = serde_json::from_str(&body).unwrap();
+    e["id"] = json!("");
+    e["recorded"] = json!(recorded);
+    let row: (
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    ) = sqlx::query_as("SELECT type, subtype, action, outcome FROM audit_entry WHERE seq = 0")
+        .fetch_one(&mut *c)
+        .await
+        .unwrap();
+    let cols: (
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    ) = sqlx::query_as(
+        "SELECT patient, agent, client, entity, purpose FROM audit_entry WHERE seq = 0",
+    )
+    .fetch_one(&mut *c)
+    .await
+    .unwrap();
+    let (sql, id) = match id {
+        Some(id) => (
+            "INSERT INTO audit_outbox (recorded, type, subtype, action, outcome, patient, agent, \
+             client, entity, purpose, body, id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            id,
+        ),
+        None => (
+            "INSERT INTO audit_outbox (recorded, type, subtype, action, outcome, patient, agent, \
+             client, entity, purpose, body) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            0,
+        ),
+    };
+    let mut q = sqlx::query(sql)
+        .bind(recorded)
+        .bind(row.0)
+        .bind(row.1)
+        .bind(row.2)
+        .bind(row.3)
+        .bind(cols.0)
+        .bind(cols.1)
+        .bind(cols.2)
+        .bind(cols.3)
+        .bind(cols.4)
+        .bind(e.to_string());
+    if sql.contains("$12") {
+        q = q.bind(id);
+    }
+    q.execute(&mut *c).await.unwrap();
+}
+
+async fn entries_recorded_at(c: &mut sqlx::AnyConnection, recorded: &str) -> i64 {
+    sqlx::query_scalar("SELECT COUNT(*) FROM audit_entry WHERE recorded = $1")
+        .bind(recorded)
+        .fetch_one(&mut *c)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn entries_left_in_the_outbox_are_appended_once_and_those_already_appended_never_again() {
+    // What a crash between the two commits leaves (SQLite: the database's
+    // and the log's file), or another process's write: rows in the outbox
+    // after the newest one appended, and perhaps rows up to it that were
+    // appended but not yet cleared.
+    let s = TestServer::start().await;
+    let _w = world(&s).await;
+    let mut c = db(&s).await;
+    let drained: i64 = sqlx::query_scalar("SELECT drained FROM audit_head WHERE id = 1")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM audit_outbox WHERE id <= $1")
+        .bind(drained)
+        .execute(&mut c)
+        .await
+        .unwrap();
+    let appended = "2001-01-01T00:00:00.000Z";
+    let pending = "2001-01-02T00:00:00.000Z";
+    leave_in_outbox(&mut c, appended, Some(drained)).await;
+    leave_in_outbox(&mut c, pending, None).await;
+    // The server's writer looks for such rows when nothing wakes it.
+    let mut seen = 0;
+    for _ in 0..100 {
+        seen = entries_recorded_at(&mut c, pending).await;
+        if seen > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, 1);
+    // Some more traffic, and more than one look later: still once.
+    let _ = s.client.get(s.url("Patient/pa")).send().await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(entries_recorded_at(&mut c, pending).await, 1);
+    assert_eq!(entries_recorded_at(&mut c, appended).await, 0);
+    let r = verify(&s, &[]);
+    assert_eq!(r["verified"], true, "{r}");
+}
+
+#[tokio::test]
+async fn a_log_kept_in_the_database_file_moves_to_its_own_file_on_upgrade() {
+    // SQLite only: PostgreSQL keeps the log in its database.
+    if std::env::var("EHRX_TEST_DATABASE_URL").is_ok_and(|u| u.starts_with("postgres")) {
+        return;
+    }
+    // A database as the releases before the log's own file left it: the
+    // migrations up to 0010, and entries in the database file.
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("migrations");
+    std::fs::create_dir(&old).unwrap();
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap();
+        let name = f.file_name().into_string().unwrap();
+        if name.as_str() < "0011" {
+            std::fs::copy(f.path(), old.join(&name)).unwrap();
+        }
+    }
+    let url = format!("sqlite:{}?mode=rwc", dir.path().join("old.db").display());
+    sqlx::any::install_default_drivers();
+    let mut c = sqlx::AnyConnection::connect(&url).await.unwrap();
+    sqlx::migrate::Migrator::new(old.as_path())
+        .await
+        .unwrap()
+        .run_direct(&mut c)
+        .await
+        .unwrap();
+    for seq in 0..3i64 {
+        let body = format!(
+            "{{\"resourceType\":\"AuditEvent\",\"id\":\"{seq}\",\"recorded\":\"2001-01-01T00:00:0{seq}.000Z\"}}"
+        );
+        let digest = hex::encode(Sha256::digest(body.as_bytes()));
+        sqlx::query(
+            "INSERT INTO audit_entry (seq, recorded, body, digest) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(seq)
+        .bind(format!("2001-01-01T00:00:0{seq}.000Z"))
+        .bind(&body)
+        .bind(&digest)
+        .execute(&mut c)
+        .await
+        .unwrap();
+    }
+    sqlx::query("INSERT INTO audit_head (id, size) VALUES (1, 3)")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    c.close().await.unwrap();
+
+    // This release opens it.
+    let store = ehrx::store::Store::open(&url, 2, std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    store.close().await;
+    let mut c = sqlx::AnyConnection::connect(&url).await.unwrap();
+    let in_main: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM sqlite_master WHERE name IN ('audit_entry', 'audit_head')",
+    )
+    .fetch_one(&mut c)
+    .await
+    .unwrap();
+    assert_eq!(in_main, 0);
+    let log = format!("sqlite:{}", ehrx::store::sqlite_audit_path(&url).unwrap());
+    let mut l = sqlx::AnyConnection::connect(&log).await.unwrap();
+    let rows: Vec<(i64, String)> =
+        sqlx::query_as("SELECT seq, digest FROM audit_entry ORDER BY seq")
+            .fetch_all(&mut l)
+            .await
+            .unwrap();
+    assert_eq!(rows.len(), 3);
+    let (size, drained): (i64, i64) =
+        sqlx::query_as("SELECT size, drained FROM audit_head WHERE id = 1")
+            .fetch_one(&mut l)
+            .await
+            .unwrap();
+    assert_eq!((size, drained), (3, 0));
+    // The moved log still verifies, entry by entry.
+    let report = ehrx::store::audit::verify(
+        &ehrx::store::Store::open(&url, 2, std::time::Duration::from_secs(30))
+            .await
+            .unwrap(),
+        None,
+    )
+    .await
+    .unwrap();
+    let report = serde_json::to_value(&report).unwrap();
+    assert_eq!(report["verified"], true, "{report}");
+    assert_eq!(report["size"], 3, "{report}");
 }

@@ -504,8 +504,9 @@ impl Columns {
                 .or_else(|| a["who"]["identifier"]["value"].as_str())
                 .map(str::to_string)
         };
-        let agents = e["agent"].as_array().cloned().unwrap_or_default();
-        let entities = e["entity"].as_array().cloned().unwrap_or_default();
+        let none = Vec::new();
+        let agents = e["agent"].as_array().unwrap_or(&none);
+        let entities = e["entity"].as_array().unwrap_or(&none);
         let role = |x: &Value, code: &str| x["role"]["code"].as_str() == Some(code);
         let purpose: Vec<String> = e["purposeOfUse"]
             .as_array()

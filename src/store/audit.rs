@@ -15,6 +15,16 @@
 //! up in one transaction and then tells every sender; a response waits for
 //! its batch. If the append fails, every sender of that batch gets the
 //! error and its request is answered 503 with nothing else.
+//!
+//! Writes: on PostgreSQL a write's events are appended in the write's own
+//! transaction. On SQLite the log is a file of its own (see [`super`]), and
+//! a transaction is atomic across two files only outside WAL mode, so a
+//! write's events go into `audit_outbox` in the write's transaction; the
+//! writer task, woken by the commit, appends them (before any event queued
+//! after them) and moves `audit_head.drained` to the newest outbox row in
+//! the same transaction, so each is appended exactly once, also after a
+//! crash between the two files' commits. The next write clears the rows
+//! appended.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +44,9 @@ use crate::policy::scope::Ops;
 const MAX_BATCH: usize = 2_000;
 /// Rows bound per INSERT statement.
 const ROWS_PER_INSERT: usize = 100;
+/// How often an idle writer looks for entries another process's writes
+/// left in `audit_outbox`.
+const OUTBOX_POLL: Duration = Duration::from_secs(1);
 /// Rows read per query when catching up or verifying.
 const READ_CHUNK: i64 = 5_000;
 
@@ -142,7 +155,7 @@ impl AuditLog {
     /// The tree, brought up to date with the entries committed since.
     async fn tree(&self) -> StoreResult<tokio::sync::MutexGuard<'_, Tree>> {
         let mut tree = self.inner.tree.lock().await;
-        let mut conn = self.inner.store.pool.acquire().await?;
+        let mut conn = self.inner.store.audit_pool.acquire().await?;
         loop {
             let from = tree.len() as i64;
             let rows = sqlx::query(
@@ -290,17 +303,42 @@ impl AuditLog {
 
 /// The writer task: appends what has queued up, one transaction per batch.
 ///
-/// Under load it keeps one connection of the pool for itself, so that a
-/// batch never queues behind the reads it is holding up; it gives the
+/// Under load it keeps one connection of the log's pool for itself, so that
+/// a batch never queues behind the reads it is holding up; it gives the
 /// connection back whenever nothing is waiting (an idle server, a store
-/// about to close).
+/// about to close). Entries writes left in `audit_outbox` go first: when
+/// it starts (a crash may have left some) and whenever a write's commit
+/// wakes it.
 async fn writer(store: Store, mut rx: mpsc::Receiver<Job>) {
-    let mut held: Option<sqlx::pool::PoolConnection<sqlx::Any>> = None;
-    // The log's size as this writer last left it (SQLite).
-    let mut size: Option<i64> = None;
-    while let Some(first) = rx.recv().await {
-        let mut jobs = vec![first];
-        let mut n = jobs[0].events.len();
+    let outbox = Arc::clone(&store.outbox);
+    outbox
+        .running
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut w = Appender {
+        store,
+        held: None,
+        head: None,
+    };
+    let mut outbox_due = true;
+    loop {
+        let mut jobs = Vec::new();
+        // A write's wake-up counts even while reads keep the queue busy.
+        if futures_util::FutureExt::now_or_never(outbox.notify.notified()).is_some() {
+            outbox_due = true;
+        }
+        if !outbox_due {
+            tokio::select! {
+                biased;
+                job = rx.recv() => match job {
+                    Some(j) => jobs.push(j),
+                    None => break,
+                },
+                _ = outbox.notify.notified() => outbox_due = true,
+                // Another process's writes wake only its own writer.
+                _ = tokio::time::sleep(OUTBOX_POLL) => outbox_due = true,
+            }
+        }
+        let mut n: usize = jobs.iter().map(|j| j.events.len()).sum();
         while n < MAX_BATCH {
             match rx.try_recv() {
                 Ok(j) => {
@@ -315,100 +353,225 @@ async fn writer(store: Store, mut rx: mpsc::Receiver<Job>) {
         for j in &mut jobs {
             events.append(&mut j.events);
         }
-        let result = append_batch(&store, &mut held, &mut size, events).await;
-        crate::metrics::audit_batch(n, jobs.len(), started.elapsed(), result.is_ok());
-        if result.is_err() {
-            // A connection that failed (perhaps still inside its
-            // transaction) is closed, not given back.
-            if let Some(conn) = held.take() {
-                let _ = conn.close().await;
+        let result = w.append(events, outbox_due).await;
+        match &result {
+            Ok(appended) => {
+                crate::metrics::audit_batch(
+                    n + appended.outbox,
+                    jobs.len(),
+                    started.elapsed(),
+                    true,
+                );
+                outbox_due = appended.outbox_left;
+            }
+            Err(_) => {
+                crate::metrics::audit_batch(n, jobs.len(), started.elapsed(), false);
+                // A connection that failed (perhaps still inside its
+                // transaction) is closed, not given back.
+                if let Some(conn) = w.held.take() {
+                    let _ = conn.close().await;
+                }
+                w.head = None;
             }
         }
-        let result = result.map_err(|e| {
+        let result = result.map(|_| ()).map_err(|e| {
             tracing::error!(error = %e, "the audit log could not be written");
             e.to_string()
         });
+        if result.is_err() && jobs.is_empty() {
+            // Only the outbox was due: try again shortly, not at once.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
         for j in jobs {
             let _ = j.done.send(result.clone());
         }
         if rx.is_empty() {
-            held = None;
+            w.held = None;
+        }
+        if w.store.audit_pool.is_closed() {
+            break;
         }
     }
+    outbox
+        .running
+        .store(false, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Appends one batch in its own transaction on the writer's connection
-/// (taken from the pool if it has none).
-///
-/// On SQLite the whole transaction is one round trip to the connection's
-/// worker thread: the writer expects the log's `size` it left, and the
-/// batch is refused by the database if another appender (a write's own
-/// transaction, another process) has moved it since — then the writer reads
-/// the size and tries once more.
-async fn append_batch(
-    store: &Store,
-    held: &mut Option<sqlx::pool::PoolConnection<sqlx::Any>>,
-    size: &mut Option<i64>,
-    events: Vec<Prepared>,
-) -> StoreResult<()> {
-    // This process's other writers go first or after, never beside.
-    let _guard = match &store.write_lock {
-        Some(lock) => Some(lock.clone().lock_owned().await),
-        None => None,
-    };
-    let conn = match held {
-        Some(c) => c,
-        None => held.insert(store.pool.acquire().await?),
-    };
-    match store.dialect {
-        Dialect::Sqlite => {
-            let at = match *size {
-                Some(at) => at,
-                None => head(conn).await?,
-            };
-            let n = events.len() as i64;
-            *size = None;
-            if let Err(first) = append_in_one_trip(conn, at, &events).await {
-                let _ = conn.execute("ROLLBACK").await;
-                let now = head(conn).await?;
-                if now == at {
-                    return Err(first);
+/// The batch writer's connection and what it knows of the log.
+struct Appender {
+    store: Store,
+    held: Option<sqlx::pool::PoolConnection<sqlx::Any>>,
+    /// The log's `(size, drained)` as this writer last left it (SQLite).
+    head: Option<(i64, i64)>,
+}
+
+/// What one batch appended.
+struct Appended {
+    /// Entries taken from `audit_outbox`.
+    outbox: usize,
+    /// `audit_outbox` may hold more than one batch took.
+    outbox_left: bool,
+}
+
+impl Appender {
+    /// Appends one batch in its own transaction on the writer's connection
+    /// (taken from the log's pool if it has none): with `outbox`, the
+    /// entries writes left in `audit_outbox` first, then `events`.
+    ///
+    /// On SQLite the whole transaction is one round trip to the connection's
+    /// worker thread: the writer expects the log's size it left, and the
+    /// batch is refused by the database if another appender (another
+    /// process) has moved it since — then the writer reads the size and
+    /// tries once more.
+    async fn append(&mut self, events: Vec<Prepared>, outbox: bool) -> StoreResult<Appended> {
+        let store = self.store.clone();
+        let conn = match &mut self.held {
+            Some(c) => c,
+            None => self.held.insert(store.audit_pool.acquire().await?),
+        };
+        match store.dialect {
+            Dialect::Sqlite => {
+                let (mut at, mut drained) = match self.head {
+                    Some(h) => h,
+                    None => head(conn).await?,
+                };
+                self.head = None;
+                let mut taken = if outbox {
+                    let mut main = store.pool.acquire().await?;
+                    read_outbox(&mut main, drained).await?
+                } else {
+                    Vec::new()
+                };
+                if taken.is_empty() && events.is_empty() {
+                    self.head = Some((at, drained));
+                    return Ok(Appended {
+                        outbox: 0,
+                        outbox_left: false,
+                    });
                 }
-                if let Err(e) = append_in_one_trip(conn, now, &events).await {
-                    let _ = conn.execute("ROLLBACK").await;
-                    return Err(e);
+                let mut retried = false;
+                loop {
+                    let to = taken.last().map_or(drained, |(id, _)| *id);
+                    let all: Vec<&Prepared> =
+                        taken.iter().map(|(_, p)| p).chain(events.iter()).collect();
+                    match append_in_one_trip(conn, at, to, &all).await {
+                        Ok(()) => {
+                            self.head = Some((at + all.len() as i64, to));
+                            store.outbox.drained.send_if_modified(|d| {
+                                let moved = to > *d;
+                                *d = (*d).max(to);
+                                moved
+                            });
+                            return Ok(Appended {
+                                outbox: taken.len(),
+                                outbox_left: taken.len() >= MAX_BATCH,
+                            });
+                        }
+                        Err(e) => {
+                            let _ = conn.execute("ROLLBACK").await;
+                            let (now, now_drained) = head(conn).await?;
+                            if now == at || retried {
+                                return Err(e);
+                            }
+                            retried = true;
+                            at = now;
+                            if outbox && now_drained != drained {
+                                let mut main = store.pool.acquire().await?;
+                                taken = read_outbox(&mut main, now_drained).await?;
+                            }
+                            drained = now_drained;
+                        }
+                    }
                 }
-                *size = Some(now + n);
-            } else {
-                *size = Some(at + n);
+            }
+            Dialect::Postgres => {
+                let mut tx = sqlx::Connection::begin(&mut **conn).await?;
+                let mut taken = Vec::new();
+                if outbox {
+                    let drained: Option<i64> = sqlx::query_scalar(
+                        "SELECT drained FROM audit_head WHERE id = 1 FOR UPDATE",
+                    )
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    taken = read_outbox(&mut tx, drained.unwrap_or(0)).await?;
+                }
+                let all: Vec<&Prepared> =
+                    taken.iter().map(|(_, p)| p).chain(events.iter()).collect();
+                append(&mut tx, &all).await?;
+                if let Some((to, _)) = taken.last() {
+                    sqlx::query("UPDATE audit_head SET drained = $1 WHERE id = 1")
+                        .bind(*to)
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query("DELETE FROM audit_outbox WHERE id <= $1")
+                        .bind(*to)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok(Appended {
+                    outbox: taken.len(),
+                    outbox_left: taken.len() >= MAX_BATCH,
+                })
             }
         }
-        Dialect::Postgres => {
-            let mut tx = sqlx::Connection::begin(&mut **conn).await?;
-            append(&mut tx, events).await?;
-            tx.commit().await?;
-        }
     }
-    Ok(())
 }
 
-/// The log's size (SQLite; 0 before the first append).
-async fn head(conn: &mut AnyConnection) -> StoreResult<i64> {
-    let size: Option<i64> = sqlx::query_scalar("SELECT size FROM audit_head WHERE id = 1")
-        .fetch_optional(&mut *conn)
-        .await?;
-    Ok(size.unwrap_or(0))
+/// The entries in `audit_outbox` after row `drained`, oldest first (at most
+/// one batch).
+async fn read_outbox(conn: &mut AnyConnection, drained: i64) -> StoreResult<Vec<(i64, Prepared)>> {
+    let rows = sqlx::query(
+        "SELECT id, body, recorded, type, subtype, action, outcome, patient, agent, client, \
+         entity, purpose FROM audit_outbox WHERE id > $1 ORDER BY id LIMIT $2",
+    )
+    .bind(drained)
+    .bind(MAX_BATCH as i64)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let col = |i: usize| -> StoreResult<Option<String>> { Ok(r.try_get(i)?) };
+        let id: i64 = r.try_get(0)?;
+        let body: String = r.try_get(1)?;
+        let columns = Columns {
+            recorded: col(2)?,
+            kind: col(3)?,
+            subtype: col(4)?,
+            action: col(5)?,
+            outcome: col(6)?,
+            patient: col(7)?,
+            agent: col(8)?,
+            client: col(9)?,
+            entity: col(10)?,
+            purpose: col(11)?,
+        };
+        out.push((id, split(body, columns)));
+    }
+    Ok(out)
+}
+
+/// The log's size and the newest `audit_outbox` row appended (SQLite; 0
+/// and 0 before the first append).
+async fn head(conn: &mut AnyConnection) -> StoreResult<(i64, i64)> {
+    let row: Option<(i64, i64)> =
+        sqlx::query_as("SELECT size, drained FROM audit_head WHERE id = 1")
+            .fetch_optional(&mut *conn)
+            .await?;
+    Ok(row.unwrap_or((0, 0)))
 }
 
 /// `events` at positions `at`, `at + 1`, …: `BEGIN IMMEDIATE`, the rows,
-/// the new size and `COMMIT` as one multi-statement query (SQLite binds
-/// `$N` by number across its statements). The first row's digest is NULL,
-/// which `NOT NULL` refuses, unless the log's size is still `at`; after an
-/// error the transaction may be open, and the caller rolls it back.
+/// the new size (and `drained`, the newest outbox row among them) and
+/// `COMMIT` as one multi-statement query (SQLite binds `$N` by number
+/// across its statements). The first row's digest is NULL, which `NOT NULL`
+/// refuses, unless the log's size is still `at`; after an error the
+/// transaction may be open, and the caller rolls it back.
 async fn append_in_one_trip(
     conn: &mut AnyConnection,
     at: i64,
-    events: &[Prepared],
+    drained: i64,
+    events: &[&Prepared],
 ) -> StoreResult<()> {
     let rows = at_positions(at, events);
     let mut sql = String::from("BEGIN IMMEDIATE;");
@@ -419,15 +582,18 @@ async fn append_in_one_trip(
         sql.push(';');
     }
     sql.push_str(&format!(
-        "INSERT INTO audit_head (id, size) VALUES (1, ${}) \
-         ON CONFLICT (id) DO UPDATE SET size = audit_head.size + excluded.size;COMMIT",
-        last + 1
+        "INSERT INTO audit_head (id, size, drained) VALUES (1, ${}, ${}) \
+         ON CONFLICT (id) DO UPDATE SET size = audit_head.size + excluded.size, \
+         drained = MAX(audit_head.drained, excluded.drained);COMMIT",
+        last + 1,
+        last + 2
     ));
     let q = sqlx::query(&sql)
         .persistent(rows.len() <= ROWS_PER_INSERT)
         .bind(at);
     bind_rows(q, &rows)
         .bind(rows.len() as i64)
+        .bind(drained)
         .execute(&mut *conn)
         .await?;
     Ok(())
@@ -435,7 +601,7 @@ async fn append_in_one_trip(
 
 /// Each event's row at its position from `at`: position, columns, the body
 /// with its `id` filled in, and the body's digest (the tree's leaf data).
-fn at_positions(at: i64, events: &[Prepared]) -> Vec<(i64, &Columns, String, String)> {
+fn at_positions<'a>(at: i64, events: &[&'a Prepared]) -> Vec<(i64, &'a Columns, String, String)> {
     events
         .iter()
         .enumerate()
@@ -458,22 +624,27 @@ pub struct Prepared {
 }
 
 fn prepare(e: &Event) -> Prepared {
-    const ID: &str = "\"id\":\"\"";
     let v = e.to_json();
     let columns = Columns::of(&v);
-    let text = v.to_string();
+    split(v.to_string(), columns)
+}
+
+/// An event's JSON (with an empty `id`) split around that `id`.
+fn split(mut text: String, columns: Columns) -> Prepared {
+    const ID: &str = "\"id\":\"\"";
     // `id` is the second member of every event (`Event::to_json`).
     let at = text.find(ID).map_or(text.len(), |i| i + ID.len() - 1);
+    let tail = text.split_off(at);
     Prepared {
-        head: text[..at].to_string(),
-        tail: text[at..].to_string(),
+        head: text,
+        tail,
         columns,
     }
 }
 
 /// Appends `events` inside the transaction `conn` is in, at the next
 /// positions.
-pub(super) async fn append(conn: &mut AnyConnection, events: Vec<Prepared>) -> StoreResult<()> {
+async fn append(conn: &mut AnyConnection, events: &[&Prepared]) -> StoreResult<()> {
     if events.is_empty() {
         return Ok(());
     }
@@ -502,7 +673,7 @@ pub(super) async fn append(conn: &mut AnyConnection, events: Vec<Prepared>) -> S
         }
     };
     let size = end - n;
-    let rows = at_positions(size, &events);
+    let rows = at_positions(size, events);
     for chunk in rows.chunks(ROWS_PER_INSERT) {
         let mut sql = String::new();
         insert_rows(&mut sql, chunk.len(), &mut 0, false);
@@ -557,16 +728,78 @@ fn bind_rows<'q>(
 }
 
 /// Records the writes of the current request (noted by the gate) in the
-/// transaction that is about to commit.
-pub(super) async fn record_writes(conn: &mut AnyConnection) -> StoreResult<()> {
+/// transaction that is about to commit: on PostgreSQL in the log itself, on
+/// SQLite in `audit_outbox` (clearing the rows the log's writer has
+/// appended since).
+pub(super) async fn record_writes(tx: &mut super::Tx) -> StoreResult<()> {
     let events = crate::audit::context::take_written();
     if events.is_empty() {
         return Ok(());
     }
-    let prepared = events.iter().map(prepare).collect();
-    append(conn, prepared)
-        .await
-        .map_err(|e| StoreError::Audit(e.to_string()))
+    let prepared: Vec<Prepared> = events.iter().map(prepare).collect();
+    let result = match tx.dialect {
+        Dialect::Postgres => {
+            let all: Vec<&Prepared> = prepared.iter().collect();
+            append(tx.conn(), &all).await
+        }
+        Dialect::Sqlite => {
+            let drained = *tx.outbox.drained.borrow();
+            match to_outbox(tx.conn(), drained, &prepared).await {
+                Ok(row) => {
+                    tx.outboxed(row);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        }
+    };
+    result.map_err(|e| StoreError::Audit(e.to_string()))
+}
+
+/// Leaves `events` in `audit_outbox`, first clearing the rows up to
+/// `drained` (already in the log). Returns the newest row left.
+async fn to_outbox(
+    conn: &mut AnyConnection,
+    drained: i64,
+    events: &[Prepared],
+) -> StoreResult<i64> {
+    if drained > 0 {
+        sqlx::query("DELETE FROM audit_outbox WHERE id <= $1")
+            .bind(drained)
+            .execute(&mut *conn)
+            .await?;
+    }
+    for chunk in events.chunks(ROWS_PER_INSERT) {
+        let mut sql = String::from(
+            "INSERT INTO audit_outbox (recorded, type, subtype, action, outcome, patient, agent, \
+             client, entity, purpose, body) VALUES ",
+        );
+        let mut n = 0;
+        for i in 0..chunk.len() {
+            sql.push_str(if i > 0 { ",(" } else { "(" });
+            for c in 0..11 {
+                n += 1;
+                if c > 0 {
+                    sql.push(',');
+                }
+                sql.push_str(&format!("${n}"));
+            }
+            sql.push(')');
+        }
+        let mut q = sqlx::query(&sql);
+        for e in chunk {
+            for (_, v) in e.columns.named() {
+                q = q.bind(v.map(str::to_string));
+            }
+            q = q.bind(format!("{}{}", e.head, e.tail));
+        }
+        q.execute(&mut *conn).await?;
+    }
+    // One writer at a time: the newest row is this transaction's.
+    let row: i64 = sqlx::query_scalar("SELECT MAX(id) FROM audit_outbox")
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(row)
 }
 
 async fn latest_checkpoint(store: &Store) -> StoreResult<Option<Checkpoint>> {
@@ -675,7 +908,7 @@ pub async fn verify(store: &Store, extra: Option<Checkpoint>) -> StoreResult<Rep
             _ => unsigned.push(c),
         }
     }
-    let mut conn = store.pool.acquire().await?;
+    let mut conn = store.audit_pool.acquire().await?;
     let head: i64 = sqlx::query_scalar("SELECT size FROM audit_head WHERE id = 1")
         .fetch_optional(&mut *conn)
         .await?
@@ -743,7 +976,7 @@ pub async fn export(
     since: &str,
     mut each: impl FnMut(Exported) -> std::io::Result<()>,
 ) -> StoreResult<u64> {
-    let mut conn = store.pool.acquire().await?;
+    let mut conn = store.audit_pool.acquire().await?;
     let mut last: i64 = -1;
     let mut count = 0;
     loop {
@@ -785,13 +1018,18 @@ pub fn retention_cutoff(days: u64) -> String {
 /// fetched, nor of any entry when no witness fetched one. Digests stay, so
 /// the tree still verifies. Returns the number of entries cleared.
 pub async fn prune(store: &Store, cutoff: &str) -> StoreResult<u64> {
-    let mut tx = store.begin().await?;
-    let witnessed: Option<i64> = sqlx::query_scalar("SELECT MAX(size) FROM audit_witness")
-        .fetch_one(tx.conn())
-        .await?;
+    let witnessed: Option<i64> = {
+        let mut conn = store.pool.acquire().await?;
+        sqlx::query_scalar("SELECT MAX(size) FROM audit_witness")
+            .fetch_one(&mut *conn)
+            .await?
+    };
     let Some(limit) = witnessed else {
         return Ok(0);
     };
+    // Witnesses only ever fetch more of an append-only log, so the limit
+    // read before this transaction still holds in it.
+    let mut conn = store.audit_pool.acquire().await?;
     let n = sqlx::query(
         "UPDATE audit_entry SET body = NULL, recorded = NULL, type = NULL, subtype = NULL, \
          action = NULL, outcome = NULL, patient = NULL, agent = NULL, client = NULL, \
@@ -800,10 +1038,9 @@ pub async fn prune(store: &Store, cutoff: &str) -> StoreResult<u64> {
     )
     .bind(limit)
     .bind(cutoff)
-    .execute(tx.conn())
+    .execute(&mut *conn)
     .await?
     .rows_affected();
-    tx.commit().await?;
     Ok(n)
 }
 
@@ -931,7 +1168,7 @@ impl Gate {
         sql.push_str(&format!(" ORDER BY seq DESC LIMIT {}", q.count.max(1)));
         let mut reader = self
             .store()
-            .pool
+            .audit_pool
             .acquire()
             .await
             .map_err(StoreError::from)?;
@@ -949,7 +1186,7 @@ impl Gate {
     pub async fn audit_read(&self, seq: i64) -> Result<Option<String>> {
         let mut reader = self
             .store()
-            .pool
+            .audit_pool
             .acquire()
             .await
             .map_err(StoreError::from)?;

@@ -6,7 +6,11 @@
 //! The snapshot is a read transaction: on SQLite (WAL) a deferred `BEGIN`
 //! whose first read pins the snapshot every later read of the transaction
 //! sees, so writers go on beside it; on PostgreSQL `REPEATABLE READ READ
-//! ONLY`. Tables and columns are read from the database's own catalogue, so
+//! ONLY`. SQLite pins each file at its first read: the main file first, then
+//! the audit log's (listing the tables reads its catalogue), so an entry a
+//! write left in `audit_outbox` is in the snapshot's outbox, its log, or
+//! both (restoring both appends it once: `audit_head.drained`), never in
+//! neither. Tables and columns are read from the database's own catalogue, so
 //! tables added by later migrations are carried without changes here; a
 //! column of a type other than integer, real or text is refused rather than
 //! copied approximately.
@@ -88,9 +92,11 @@ fn kind_of(dialect: Dialect, table: &str, column: &str, declared: &str) -> Store
 /// The tables of ehrx's schema, by name.
 async fn tables(conn: &mut AnyConnection, dialect: Dialect) -> StoreResult<Vec<Table>> {
     let names: Vec<String> = match dialect {
+        // The audit log's own file is attached as `audit` (store::connect).
         Dialect::Sqlite => sqlx::query(
-            "SELECT name FROM sqlite_master WHERE type = 'table' \
-             AND name NOT LIKE 'sqlite_%' AND name <> $1 ORDER BY name",
+            "SELECT name FROM (SELECT name, type FROM main.sqlite_master \
+             UNION ALL SELECT name, type FROM audit.sqlite_master) \
+             WHERE type = 'table' AND name NOT LIKE 'sqlite_%' AND name <> $1 ORDER BY name",
         ),
         Dialect::Postgres => sqlx::query(
             "SELECT table_name::text FROM information_schema.tables \
@@ -196,11 +202,11 @@ impl Store {
 
     /// Opens a consistent read-only snapshot of every ehrx table.
     pub async fn snapshot(&self) -> StoreResult<Snapshot> {
+        let wide = self.wide().await?;
         let mut tx = match self.dialect {
-            Dialect::Sqlite => self.pool.begin_with("BEGIN").await?,
+            Dialect::Sqlite => wide.begin_with("BEGIN").await?,
             Dialect::Postgres => {
-                self.pool
-                    .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                wide.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
                     .await?
             }
         };
@@ -227,7 +233,7 @@ impl Store {
     /// The first ehrx table that holds a row, if any (restore needs an empty
     /// database).
     pub async fn first_nonempty_table(&self) -> StoreResult<Option<String>> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.wide().await?.acquire().await?;
         let tables = tables(&mut conn, self.dialect).await?;
         for t in tables {
             let any = sqlx::query(&format!("SELECT 1 FROM {} LIMIT 1", quoted(&t.name)))
@@ -242,7 +248,7 @@ impl Store {
 
     /// A transaction that loads a backup into this (empty) database.
     pub async fn restorer(&self) -> StoreResult<Restorer> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.begin_in(&self.wide().await?).await?;
         if self.dialect == Dialect::Postgres {
             sqlx::query("SET LOCAL statement_timeout = 0")
                 .execute(tx.conn())

@@ -511,7 +511,7 @@ impl Writer {
     /// Commits, with the AuditEvents of what was written (in the same
     /// transaction: no write without its audit entry).
     pub async fn commit(mut self) -> StoreResult<()> {
-        super::audit::record_writes(self.tx.conn()).await?;
+        super::audit::record_writes(&mut self.tx).await?;
         self.tx.commit().await
     }
 

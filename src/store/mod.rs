@@ -7,6 +7,18 @@
 //! `resource` (its history row's body is NULL until a newer version moves
 //! it there), older ones in `resource_history`. Writes happen inside a [`Tx`]; dropping a `Tx` without
 //! committing rolls everything back, so a failed request changes nothing.
+//!
+//! On SQLite the audit log's entries (`audit_entry`, `audit_head`) live in a
+//! file of their own beside the database (`PATH-audit`), with a pool of its
+//! own. A commit to an SQLite file makes every other connection drop its
+//! page cache and memory map of that file; with the log in the same file,
+//! each group commit of audit entries (one every few reads) emptied the
+//! caches the reads ran on. Writes carry their audit entries atomically
+//! through `audit_outbox` in the main file (see [`audit`]). The main pool's
+//! connections do not attach the log's file: `BEGIN IMMEDIATE` would take
+//! the write lock of every attached file, so each write would hold up the
+//! log. Migrations, backups and restores, which cover both files, run on a
+//! connection that attaches it ([`Store::wide`]).
 
 pub mod audit;
 pub mod auth;
@@ -26,7 +38,7 @@ use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 
 pub use gate::{Found, Gate, Reader, View, Writer};
 pub use health::{PoolUse, Readiness};
@@ -103,6 +115,78 @@ pub struct Store {
     /// Callers' circles of trust, kept while the database's circle
     /// generation is unchanged.
     circles: circle::Cache,
+    /// The audit log's entries: on SQLite a pool on the log's own file
+    /// (see the module's documentation), on PostgreSQL `pool` itself.
+    audit_pool: AnyPool,
+    /// The database URL, normalised.
+    url: String,
+    statement_timeout: Duration,
+    /// SQLite: the audit log's file.
+    audit_path: Option<String>,
+    /// Audit entries writes left in `audit_outbox`.
+    outbox: Arc<Outbox>,
+}
+
+/// Audit entries writes left in `audit_outbox` (SQLite): how the log's
+/// writer learns of them, and how a write learns that its entries are in
+/// the log.
+pub(crate) struct Outbox {
+    /// Sounded after a commit that left entries.
+    pub(crate) notify: Notify,
+    /// The newest row this process's writer appended to the log (rows up
+    /// to it are cleared by the next write).
+    pub(crate) drained: tokio::sync::watch::Sender<i64>,
+    /// This process runs the log's writer.
+    pub(crate) running: std::sync::atomic::AtomicBool,
+}
+
+impl Default for Outbox {
+    fn default() -> Outbox {
+        Outbox {
+            notify: Notify::new(),
+            drained: tokio::sync::watch::Sender::new(0),
+            running: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+/// How long a write waits for its audit entries to reach the log once they
+/// are committed in `audit_outbox` (they are kept there meanwhile, and the
+/// writer appends them whenever it can).
+const OUTBOX_WAIT: Duration = Duration::from_secs(10);
+
+impl Outbox {
+    /// Waits until the log's writer in this process (if one runs) has
+    /// appended outbox row `id`, so that a write's entries are in the log
+    /// when its response leaves.
+    async fn appended(&self, id: i64) {
+        if !self.running.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let mut rx = self.drained.subscribe();
+        let appended = tokio::time::timeout(OUTBOX_WAIT, async {
+            rx.wait_for(|d| *d >= id).await.is_ok()
+        })
+        .await;
+        if appended != Ok(true) {
+            tracing::warn!(
+                row = id,
+                "a write's audit entries are not in the log yet; they stay in audit_outbox"
+            );
+        }
+    }
+}
+
+/// The audit log's own file beside an SQLite database file (`:memory:` for
+/// an in-memory database).
+pub fn sqlite_audit_path(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("sqlite:")?;
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    let path = rest.split('?').next().unwrap_or("");
+    if path.is_empty() || path == ":memory:" {
+        return Some(":memory:".into());
+    }
+    Some(format!("{path}-audit"))
 }
 
 /// Normalises a database URL: a bare SQLite path is created if missing.
@@ -121,6 +205,93 @@ fn normalise_url(url: &str) -> StoreResult<(String, Dialect)> {
     Err(StoreError::UnsupportedUrl(url.to_string()))
 }
 
+/// How a pool's SQLite connections are set up.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sqlite {
+    /// The database file (resources and ehrx's own tables).
+    Main,
+    /// The audit log's own file.
+    Audit,
+}
+
+/// Sets up a new SQLite connection; with `attach`, the audit log's file is
+/// attached as `audit` (migrations, backups and restores, which cover both
+/// files).
+async fn sqlite_setup(
+    conn: &mut AnyConnection,
+    role: Sqlite,
+    attach: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    conn.execute("PRAGMA journal_mode = WAL").await?;
+    conn.execute("PRAGMA synchronous = NORMAL").await?;
+    conn.execute("PRAGMA busy_timeout = 10000").await?;
+    if role == Sqlite::Main {
+        // Pages are read through a memory map rather than a read() system
+        // call each, and each connection keeps 32 MB of them (the default
+        // is 2 MB): ingest and searches spent much of their time copying
+        // pages.
+        conn.execute("PRAGMA mmap_size = 1073741824").await?;
+        conn.execute("PRAGMA cache_size = -32768").await?;
+    }
+    conn.execute("PRAGMA temp_store = MEMORY").await?;
+    // Checkpoints run beside the writers (checkpoint.rs).
+    conn.execute("PRAGMA wal_autocheckpoint = 0").await?;
+    if let Some(path) = attach {
+        sqlx::query("ATTACH DATABASE $1 AS audit")
+            .bind(path)
+            .execute(&mut *conn)
+            .await?;
+        conn.execute("PRAGMA audit.journal_mode = WAL").await?;
+        conn.execute("PRAGMA audit.synchronous = NORMAL").await?;
+    }
+    Ok(())
+}
+
+/// A pool on `url`, its connections set up for `dialect` (and on SQLite
+/// for `role`, with the audit file attached where `attach` names it).
+async fn pool(
+    url: &str,
+    dialect: Dialect,
+    size: u32,
+    statement_timeout: Duration,
+    role: Sqlite,
+    attach: Option<String>,
+) -> StoreResult<AnyPool> {
+    let timeout_ms = statement_timeout.as_millis().clamp(1, i32::MAX as u128);
+    let options: AnyConnectOptions = url.parse()?;
+    Ok(AnyPoolOptions::new()
+        .max_connections(size.max(1))
+        .acquire_timeout(Duration::from_secs(30))
+        // No ping before every use (a round trip per request, to the
+        // SQLite worker thread or the PostgreSQL server): a connection
+        // that died fails its statement, and the pool replaces it.
+        .test_before_acquire(false)
+        .after_connect(move |conn, _meta| {
+            let attach = attach.clone();
+            Box::pin(async move {
+                if dialect == Dialect::Sqlite {
+                    sqlite_setup(conn, role, attach.as_deref()).await?;
+                } else {
+                    // Search values are skewed (one patient has 10 rows,
+                    // one code 100,000): a generic plan cached for a
+                    // prepared statement picks the wrong index, so every
+                    // execution is planned with its actual values.
+                    conn.execute("SET plan_cache_mode = force_custom_plan")
+                        .await?;
+                    conn.execute(format!("SET statement_timeout = {timeout_ms}").as_str())
+                        .await?;
+                }
+                Ok(())
+            })
+        })
+        .connect_with(options)
+        .await?)
+}
+
+/// Connections the audit log's file gets on SQLite: the batch writer's,
+/// and readers of the log (searches, proofs, verification).
+const AUDIT_POOL_SIZE: u32 = 4;
+
 impl Store {
     /// Connects (creating an SQLite file if needed) without migrating.
     /// On PostgreSQL every statement is cancelled by the server after
@@ -130,59 +301,76 @@ impl Store {
         pool_size: u32,
         statement_timeout: Duration,
     ) -> StoreResult<Store> {
-        let timeout_ms = statement_timeout.as_millis().clamp(1, i32::MAX as u128);
         static DRIVERS: Once = Once::new();
         DRIVERS.call_once(sqlx::any::install_default_drivers);
         let (url, dialect) = normalise_url(url)?;
-        let options: AnyConnectOptions = url.parse()?;
-        let pool = AnyPoolOptions::new()
-            .max_connections(pool_size.max(1))
-            .acquire_timeout(Duration::from_secs(30))
-            // No ping before every use (a round trip per request, to the
-            // SQLite worker thread or the PostgreSQL server): a connection
-            // that died fails its statement, and the pool replaces it.
-            .test_before_acquire(false)
-            .after_connect(move |conn, _meta| {
-                Box::pin(async move {
-                    if dialect == Dialect::Sqlite {
-                        conn.execute("PRAGMA journal_mode = WAL").await?;
-                        conn.execute("PRAGMA synchronous = NORMAL").await?;
-                        conn.execute("PRAGMA busy_timeout = 10000").await?;
-                        // Pages are read through a memory map rather than a
-                        // read() system call each, and each connection keeps
-                        // 32 MB of them (the default is 2 MB): ingest and
-                        // searches spent much of their time copying pages.
-                        conn.execute("PRAGMA mmap_size = 1073741824").await?;
-                        conn.execute("PRAGMA cache_size = -32768").await?;
-                        conn.execute("PRAGMA temp_store = MEMORY").await?;
-                        // Checkpoints run beside the writers (checkpoint.rs).
-                        conn.execute("PRAGMA wal_autocheckpoint = 0").await?;
-                    } else {
-                        // Search values are skewed (one patient has 10 rows,
-                        // one code 100,000): a generic plan cached for a
-                        // prepared statement picks the wrong index, so every
-                        // execution is planned with its actual values.
-                        conn.execute("SET plan_cache_mode = force_custom_plan")
-                            .await?;
-                        conn.execute(format!("SET statement_timeout = {timeout_ms}").as_str())
-                            .await?;
-                    }
-                    Ok(())
-                })
-            })
-            .connect_with(options)
-            .await?;
+        let main = pool(
+            &url,
+            dialect,
+            pool_size,
+            statement_timeout,
+            Sqlite::Main,
+            None,
+        )
+        .await?;
+        let (audit_pool, audit_path) = match dialect {
+            Dialect::Postgres => (main.clone(), None),
+            Dialect::Sqlite => {
+                let path = sqlite_audit_path(&url).unwrap_or_else(|| ":memory:".into());
+                let audit_url = if path == ":memory:" {
+                    "sqlite::memory:".to_string()
+                } else {
+                    format!("sqlite:{path}?mode=rwc")
+                };
+                let p = pool(
+                    &audit_url,
+                    dialect,
+                    AUDIT_POOL_SIZE,
+                    statement_timeout,
+                    Sqlite::Audit,
+                    None,
+                )
+                .await?;
+                (p, Some(path))
+            }
+        };
         let write_lock = (dialect == Dialect::Sqlite).then(|| Arc::new(Mutex::new(())));
         if let Some(lock) = &write_lock {
-            checkpoint::spawn(pool.clone(), Arc::clone(lock));
+            checkpoint::spawn(main.clone(), Arc::clone(lock));
+            checkpoint::spawn(audit_pool.clone(), Arc::new(Mutex::new(())));
         }
         Ok(Store {
-            pool,
+            pool: main,
+            audit_pool,
+            url,
+            statement_timeout,
+            audit_path,
             dialect,
             write_lock,
             secrets: secrets::Secrets::default(),
             circles: circle::Cache::default(),
+            outbox: Arc::new(Outbox::default()),
         })
+    }
+
+    /// One connection on the main file with the audit log's file attached
+    /// as `audit` (SQLite), for what covers both files: migrations,
+    /// backups, restores. On PostgreSQL, the pool itself.
+    pub(crate) async fn wide(&self) -> StoreResult<AnyPool> {
+        match &self.audit_path {
+            None => Ok(self.pool.clone()),
+            Some(path) => {
+                pool(
+                    &self.url,
+                    self.dialect,
+                    1,
+                    self.statement_timeout,
+                    Sqlite::Main,
+                    Some(path.clone()),
+                )
+                .await
+            }
+        }
     }
 
     /// Seals the private keys this store keeps with `secrets`.
@@ -229,7 +417,13 @@ impl Store {
 
     pub async fn migrate(&self) -> StoreResult<()> {
         match self.dialect {
-            Dialect::Sqlite => SQLITE_MIGRATIONS.run(&self.pool).await?,
+            Dialect::Sqlite => {
+                // Migrations reach the audit log's file as `audit`.
+                let wide = self.wide().await?;
+                let result = SQLITE_MIGRATIONS.run(&wide).await;
+                wide.close().await;
+                result?
+            }
             Dialect::Postgres => POSTGRES_MIGRATIONS.run(&self.pool).await?,
         }
         Ok(())
@@ -241,6 +435,7 @@ impl Store {
 
     pub async fn close(&self) {
         self.pool.close().await;
+        self.audit_pool.close().await;
     }
 
     /// A connection for ehrx's own tables (accounts, tokens, keys,
@@ -252,13 +447,19 @@ impl Store {
     /// A write transaction on ehrx's own tables; resources are written only
     /// through [`Store::gate`].
     pub async fn begin(&self) -> StoreResult<Tx> {
+        self.begin_in(&self.pool).await
+    }
+
+    /// A write transaction on a connection of `pool` (the main pool, or
+    /// [`Store::wide`]'s).
+    pub(crate) async fn begin_in(&self, pool: &AnyPool) -> StoreResult<Tx> {
         let guard = match &self.write_lock {
             Some(lock) => Some(lock.clone().lock_owned().await),
             None => None,
         };
         let tx = match self.dialect {
-            Dialect::Sqlite => sqlite_begin_immediate(&self.pool).await?,
-            Dialect::Postgres => self.pool.begin().await?,
+            Dialect::Sqlite => sqlite_begin_immediate(pool).await?,
+            Dialect::Postgres => pool.begin().await?,
         };
         Ok(Tx {
             tx,
@@ -266,6 +467,8 @@ impl Store {
             _guard: guard,
             pending: PendingIndex::default(),
             circle_changed: false,
+            outbox: Arc::clone(&self.outbox),
+            outboxed: None,
         })
     }
 }
@@ -313,6 +516,11 @@ pub struct Tx {
     /// A resource callers' circles of trust are read from was written:
     /// the circle generation is raised at commit.
     circle_changed: bool,
+    /// The audit log writer's wake-up, sounded after the commit when the
+    /// transaction left audit entries in `audit_outbox` (`outboxed`: the
+    /// newest row it left).
+    outbox: Arc<Outbox>,
+    outboxed: Option<i64>,
 }
 
 /// Search index rows of the versions a transaction wrote, inserted together
@@ -359,8 +567,27 @@ impl Tx {
         if self.circle_changed {
             circle::raise_generation(&mut self.tx).await?;
         }
-        self.tx.commit().await?;
+        let Tx {
+            tx,
+            _guard,
+            outbox,
+            outboxed,
+            ..
+        } = self;
+        tx.commit().await?;
+        // Other writers go on while this one waits for the log.
+        drop(_guard);
+        if let Some(row) = outboxed {
+            outbox.notify.notify_one();
+            outbox.appended(row).await;
+        }
         Ok(())
+    }
+
+    /// Marks the transaction as leaving audit entries in `audit_outbox`, up
+    /// to row `id`.
+    pub(super) fn outboxed(&mut self, id: i64) {
+        self.outboxed = Some(id);
     }
 
     /// Marks the transaction as changing callers' circles of trust.
@@ -729,4 +956,30 @@ async fn insert_rows(
         insert_table(conn, "idx_uri", &["param", "grp", "value"], v).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sqlite_audit_path;
+
+    #[test]
+    fn the_audit_log_file_sits_beside_the_database_file() {
+        assert_eq!(
+            sqlite_audit_path("sqlite:/srv/ehrx.db?mode=rwc").as_deref(),
+            Some("/srv/ehrx.db-audit")
+        );
+        assert_eq!(
+            sqlite_audit_path("sqlite:ehrx.db").as_deref(),
+            Some("ehrx.db-audit")
+        );
+        assert_eq!(
+            sqlite_audit_path("sqlite://data/ehrx.db").as_deref(),
+            Some("data/ehrx.db-audit")
+        );
+        assert_eq!(
+            sqlite_audit_path("sqlite::memory:").as_deref(),
+            Some(":memory:")
+        );
+        assert_eq!(sqlite_audit_path("postgres://h/db"), None);
+    }
 }
