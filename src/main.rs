@@ -422,7 +422,15 @@ async fn audit(command: AuditCommand, config: &Config) -> ExitCode {
         Ok(s) => s,
         Err(e) => return print_json("ehrx audit", Err(e.to_string())),
     };
-    let log = || audit::AuditLog::start(store.clone(), config.base_url(), Default::default(), 0);
+    let log = || {
+        audit::AuditLog::start(
+            store.clone(),
+            config.base_url(),
+            Default::default(),
+            0,
+            Default::default(),
+        )
+    };
     match command {
         AuditCommand::Verify { from_checkpoint } => {
             let extra = match from_checkpoint {

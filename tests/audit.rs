@@ -1053,7 +1053,13 @@ async fn an_event_recorded_through_the_audit_api_reaches_the_access_log() {
     let store = ehrx::store::Store::open(&s.database_url, 2, std::time::Duration::from_secs(30))
         .await
         .unwrap();
-    let log = ehrx::store::audit::AuditLog::start(store, s.base.clone(), Default::default(), 0);
+    let log = ehrx::store::audit::AuditLog::start(
+        store,
+        s.base.clone(),
+        Default::default(),
+        0,
+        Default::default(),
+    );
     log.record(vec![Event::new(EventType::break_the_glass(), Action::Read)
         .user(Some("Practitioner/emergency".into()))
         .client(Some("ward-app".into()))
@@ -1155,55 +1161,22 @@ async fn leave_in_outbox(c: &mut sqlx::AnyConnection, recorded: &str, id: Option
     let mut e: Value = serde_json::from_str(&body).unwrap();
     e["id"] = json!("");
     e["recorded"] = json!(recorded);
-    let row: (
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-    ) = sqlx::query_as("SELECT type, subtype, action, outcome FROM audit_entry WHERE seq = 0")
-        .fetch_one(&mut *c)
-        .await
-        .unwrap();
-    let cols: (
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-    ) = sqlx::query_as(
-        "SELECT patient, agent, client, entity, purpose FROM audit_entry WHERE seq = 0",
-    )
-    .fetch_one(&mut *c)
+    // The columns of entry 0, but the time it was recorded.
+    let (id_column, id_value) = match id {
+        Some(id) => (", id", format!(", {id}")),
+        None => ("", String::new()),
+    };
+    sqlx::query(&format!(
+        "INSERT INTO audit_outbox (recorded, type, subtype, action, outcome, patient, agent, \
+         client, entity, purpose, body{id_column}) \
+         SELECT $1, type, subtype, action, outcome, patient, agent, client, entity, purpose, \
+         $2{id_value} FROM audit_entry WHERE seq = 0"
+    ))
+    .bind(recorded)
+    .bind(e.to_string())
+    .execute(&mut *c)
     .await
     .unwrap();
-    let (sql, id) = match id {
-        Some(id) => (
-            "INSERT INTO audit_outbox (recorded, type, subtype, action, outcome, patient, agent, \
-             client, entity, purpose, body, id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-            id,
-        ),
-        None => (
-            "INSERT INTO audit_outbox (recorded, type, subtype, action, outcome, patient, agent, \
-             client, entity, purpose, body) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            0,
-        ),
-    };
-    let mut q = sqlx::query(sql)
-        .bind(recorded)
-        .bind(row.0)
-        .bind(row.1)
-        .bind(row.2)
-        .bind(row.3)
-        .bind(cols.0)
-        .bind(cols.1)
-        .bind(cols.2)
-        .bind(cols.3)
-        .bind(cols.4)
-        .bind(e.to_string());
-    if sql.contains("$12") {
-        q = q.bind(id);
-    }
-    q.execute(&mut *c).await.unwrap();
 }
 
 async fn entries_recorded_at(c: &mut sqlx::AnyConnection, recorded: &str) -> i64 {

@@ -81,6 +81,7 @@ impl AppState {
                 config.base_url(),
                 std::time::Duration::from_secs(config.audit_checkpoint_interval),
                 config.audit_retention_days,
+                std::time::Duration::from_micros(config.audit_batch_window_us),
             )
         });
         AppState(Arc::new(Shared {

@@ -468,6 +468,217 @@ impl Event {
     }
 }
 
+impl Event {
+    /// The AuditEvent as JSON text, its `id` empty: the same text as
+    /// `to_json().to_string()`, written straight out (no `Value` tree: the
+    /// log serialises one event per patient touched by every request).
+    pub fn to_text(&self) -> String {
+        let mut j = Text(Vec::with_capacity(1536));
+        j.raw("{\"resourceType\":\"AuditEvent\",\"id\":\"\"");
+        let success = self.outcome == Outcome::Success;
+        if let Some(p) = self
+            .kind
+            .profile(self.patient.is_some())
+            .filter(|_| success)
+        {
+            j.raw(",\"meta\":{\"profile\":[");
+            j.str(&p);
+            j.raw("]}");
+        }
+        j.raw(",\"type\":");
+        j.code(&self.kind.kind);
+        j.raw(",\"subtype\":[");
+        j.code(&self.kind.subtype);
+        j.raw("],\"action\":");
+        j.str(self.action.code());
+        j.raw(",\"recorded\":");
+        j.str(&self.recorded);
+        j.raw(",\"outcome\":");
+        j.str(self.outcome.code());
+        if let Some(d) = &self.outcome_desc {
+            j.raw(",\"outcomeDesc\":");
+            j.str(d);
+        }
+        if !self.purpose.is_empty() {
+            j.raw(",\"purposeOfUse\":");
+            j.purposes(&self.purpose);
+        }
+        j.raw(",\"agent\":[{\"type\":{\"coding\":[");
+        j.code(&Code::new(DCM, "110153", "Source Role ID"));
+        j.raw("]},\"who\":");
+        match &self.client {
+            Some(c) => {
+                j.raw("{\"identifier\":{\"system\":\"urn:ehrx:client\",\"value\":");
+                j.str(c);
+                j.raw("}}");
+            }
+            None => j.raw("{\"display\":\"unauthenticated caller\"}"),
+        }
+        j.raw(if self.user.is_none() {
+            ",\"requestor\":true"
+        } else {
+            ",\"requestor\":false"
+        });
+        if let Some(a) = &self.address {
+            j.raw(",\"network\":{\"address\":");
+            j.str(a);
+            j.raw(",\"type\":\"2\"}");
+        }
+        j.raw("},{\"type\":{\"coding\":[");
+        j.code(&Code::new(DCM, "110152", "Destination Role ID"));
+        j.raw("]},\"who\":{\"display\":");
+        j.str(&self.observer);
+        j.raw("},\"requestor\":false,\"network\":{\"address\":");
+        j.str(&self.observer);
+        j.raw(",\"type\":\"5\"}}");
+        if let Some(u) = &self.user {
+            j.raw(
+                ",{\"type\":{\"coding\":[{\"system\":\"http://terminology.hl7.org/CodeSystem/v3-ParticipationType\",\
+                 \"code\":\"IRCP\",\"display\":\"information recipient\"}]},\"who\":",
+            );
+            if u.contains('/') {
+                j.raw("{\"reference\":");
+                j.str(u);
+                j.raw("}");
+            } else {
+                j.raw("{\"identifier\":{\"system\":\"urn:ehrx:user\",\"value\":");
+                j.str(u);
+                j.raw("}}");
+            }
+            j.raw(",\"requestor\":true");
+            if !self.purpose.is_empty() {
+                j.raw(",\"purposeOfUse\":");
+                j.purposes(&self.purpose);
+            }
+            j.raw("}");
+        }
+        j.raw("],\"source\":{\"observer\":{\"display\":");
+        j.str(&self.observer);
+        j.raw(
+            "},\"type\":[{\"system\":\"http://terminology.hl7.org/CodeSystem/security-source-type\",\
+             \"code\":\"4\",\"display\":\"Application Server\"}]}",
+        );
+        let mut first = true;
+        let mut entity = |j: &mut Text| {
+            j.raw(if first { ",\"entity\":[{" } else { ",{" });
+            first = false;
+        };
+        if let Some(p) = &self.patient {
+            entity(&mut j);
+            j.raw("\"what\":{\"reference\":");
+            j.str(&format!("Patient/{p}"));
+            j.raw("},\"type\":");
+            j.code(&Code::new(ENTITY_TYPE, "1", "Person"));
+            j.raw(",\"role\":");
+            j.code(&Code::new(OBJECT_ROLE, "1", "Patient"));
+            j.raw("}");
+        }
+        for d in &self.data {
+            entity(&mut j);
+            j.raw("\"what\":{\"reference\":");
+            j.str(d);
+            j.raw("},\"type\":");
+            j.code(&Code::new(ENTITY_TYPE, "2", "System Object"));
+            j.raw(",\"role\":");
+            j.code(&Code::new(OBJECT_ROLE, "4", "Domain Resource"));
+            j.raw("}");
+        }
+        if let Some(q) = &self.query {
+            entity(&mut j);
+            j.raw("\"type\":");
+            j.code(&Code::new(ENTITY_TYPE, "2", "System Object"));
+            j.raw(",\"role\":");
+            j.code(&Code::new(OBJECT_ROLE, "24", "Query"));
+            j.raw(",\"query\":");
+            j.str(&base64::engine::general_purpose::STANDARD.encode(q.as_bytes()));
+            j.raw("}");
+        }
+        let others = [
+            (
+                &self.token,
+                "urn:ehrx:token-tail",
+                "token (last characters only)",
+            ),
+            (&self.request_id, "urn:ehrx:request-id", "X-Request-Id"),
+        ];
+        for (value, system, description) in others {
+            if let Some(v) = value {
+                entity(&mut j);
+                j.raw("\"what\":{\"identifier\":{\"system\":");
+                j.str(system);
+                j.raw(",\"value\":");
+                j.str(v);
+                j.raw("}},\"type\":");
+                j.code(&Code::new(ENTITY_TYPE, "4", "Other"));
+                j.raw(",\"description\":");
+                j.str(description);
+                j.raw("}");
+            }
+        }
+        if !first {
+            j.raw("]");
+        }
+        j.raw("}");
+        // Only `str` and `&'static str` pieces went in.
+        String::from_utf8(j.0).unwrap_or_default()
+    }
+
+    /// The searchable copies of this event's fields: what
+    /// [`Columns::of`] reads from its JSON.
+    pub fn columns(&self) -> Columns {
+        Columns {
+            recorded: Some(self.recorded.clone()),
+            kind: Some(self.kind.kind.code.to_string()),
+            subtype: Some(self.kind.subtype.code.to_string()),
+            action: Some(self.action.code().to_string()),
+            outcome: Some(self.outcome.code().to_string()),
+            patient: self.patient.as_ref().map(|p| format!("Patient/{p}")),
+            agent: self.user.clone().or_else(|| self.client.clone()),
+            client: self.client.clone(),
+            entity: self.data.first().cloned(),
+            purpose: (!self.purpose.is_empty()).then(|| self.purpose.join(",")),
+        }
+    }
+}
+
+/// JSON text being written by [`Event::to_text`].
+struct Text(Vec<u8>);
+
+impl Text {
+    fn raw(&mut self, s: &str) {
+        self.0.extend_from_slice(s.as_bytes());
+    }
+
+    /// A JSON string, escaped.
+    fn str(&mut self, s: &str) {
+        // Writing into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut self.0, s);
+    }
+
+    fn code(&mut self, c: &Code) {
+        self.raw("{\"system\":");
+        self.str(c.system);
+        self.raw(",\"code\":");
+        self.str(c.code);
+        self.raw(",\"display\":");
+        self.str(c.display);
+        self.raw("}");
+    }
+
+    fn purposes(&mut self, codes: &[String]) {
+        self.raw("[");
+        for (i, c) in codes.iter().enumerate() {
+            self.raw(if i > 0 { ",{" } else { "{" });
+            self.raw("\"coding\":[{\"system\":");
+            self.str(ACT_REASON);
+            self.raw(",\"code\":");
+            self.str(c);
+            self.raw("}]}");
+        }
+        self.raw("]");
+    }
+}
+
 /// The current time as a FHIR instant (UTC, milliseconds).
 pub fn now() -> String {
     chrono::Utc::now()
@@ -562,6 +773,50 @@ impl Columns {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Events of every shape `to_text` writes: with and without user,
+    /// client, address, purposes, patient, data, query, token, request id,
+    /// failure text, and characters JSON escapes.
+    fn shapes() -> Vec<Event> {
+        let mut all = Vec::new();
+        let mut full = Event::new(EventType::rest("search-type"), Action::Execute)
+            .user(Some("Practitioner/p\"1".into()))
+            .client(Some("app\\x".into()))
+            .patient(Some("pat".into()))
+            .data("Observation/o1")
+            .data("Observation/o2")
+            .purpose("TREAT")
+            .purpose("BTG")
+            .token("eyJhbGciOi.token-value");
+        full.address = Some("127.0.0.1".into());
+        full.observer = "http://ehrx.example".into();
+        full.query = Some("/Observation?code=a|b&name=Zoë\n".into());
+        full.request_id = Some("req-1".into());
+        all.push(full);
+        all.push(
+            Event::new(EventType::rest("read"), Action::Read)
+                .outcome(Outcome::MinorFailure, Some("403 \"forbidden\"\t".into())),
+        );
+        all.push(Event::new(EventType::login(), Action::Execute).user(Some("alice".into())));
+        all.push(
+            Event::new(EventType::break_the_glass(), Action::Read)
+                .client(Some("ward".into()))
+                .patient(Some("p2".into()))
+                .purpose("BTG"),
+        );
+        all.push(Event::new(EventType::rest("create"), Action::Create).data("Patient/x"));
+        all
+    }
+
+    #[test]
+    fn the_text_written_straight_out_is_the_events_json() {
+        for e in shapes() {
+            let text = e.to_text();
+            assert_eq!(text, e.to_json().to_string());
+            let parsed: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(e.columns(), Columns::of(&parsed), "{text}");
+        }
+    }
 
     #[test]
     fn a_patient_read_has_the_balp_elements_and_its_columns() {

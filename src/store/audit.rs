@@ -11,10 +11,12 @@
 //! prefix, in commit order.
 //!
 //! Group commit: events of reads (and refusals, and the SMART and exchange
-//! events) are sent to one writer task, which appends whatever has queued
-//! up in one transaction and then tells every sender; a response waits for
-//! its batch. If the append fails, every sender of that batch gets the
-//! error and its request is answered 503 with nothing else.
+//! events) are sent to one writer, which appends whatever has queued up in
+//! one transaction and then tells every sender; a response waits for its
+//! batch. If the append fails, every sender of that batch gets the error
+//! and its request is answered 503 with nothing else. On SQLite the writer
+//! is a thread with connections of its own (rusqlite), so a batch is
+//! written where it is gathered; on PostgreSQL it is a task on the pool.
 //!
 //! Writes: on PostgreSQL a write's events are appended in the write's own
 //! transaction. On SQLite the log is a file of its own (see [`super`]), and
@@ -26,13 +28,14 @@
 //! crash between the two files' commits. The next write clears the rows
 //! appended.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sqlx::{AnyConnection, Executor, Row};
-use tokio::sync::{mpsc, oneshot, Mutex, OnceCell};
+use sqlx::{AnyConnection, Row};
+use tokio::sync::{oneshot, Mutex, OnceCell};
 
-use super::{Dialect, Gate, Store, StoreError, StoreResult};
+use super::{Dialect, Gate, Outbox, Store, StoreError, StoreResult};
 use crate::audit::checkpoint::{self, Checkpoint};
 use crate::audit::event::{self, Columns, Event};
 use crate::audit::tree::{self, Tree};
@@ -58,7 +61,7 @@ pub struct AuditLog {
 
 struct Inner {
     store: Store,
-    queue: mpsc::Sender<Job>,
+    queue: flume::Sender<Job>,
     tree: Mutex<Tree>,
     /// The checkpoint origin line (the server's base URL).
     origin: String,
@@ -73,22 +76,56 @@ struct Key {
     public_pem: String,
 }
 
-struct Job {
+/// Entries for the writer, and whom to tell once they are committed.
+pub(super) struct Job {
     events: Vec<Prepared>,
+    /// Entries a write left in `audit_outbox` are to be appended with this
+    /// batch.
+    outbox: bool,
     done: oneshot::Sender<std::result::Result<(), String>>,
 }
 
+impl Job {
+    /// A write's request to append what it left in `audit_outbox`.
+    pub(super) fn outbox(done: oneshot::Sender<std::result::Result<(), String>>) -> Job {
+        Job {
+            events: Vec::new(),
+            outbox: true,
+            done,
+        }
+    }
+}
+
 impl AuditLog {
-    /// Starts the log's writer task (and, with a non-zero interval, its
+    /// Starts the log's writer (and, with a non-zero interval, its
     /// checkpointer, which also applies retention: `retention_days`, 0 for
-    /// none) on `store`.
+    /// none) on `store`. On SQLite a batch waits up to `batch_window` for
+    /// more entries once its first has come.
     pub fn start(
         store: Store,
         origin: String,
         checkpoint_interval: Duration,
         retention_days: u64,
+        batch_window: Duration,
     ) -> AuditLog {
-        let (tx, rx) = mpsc::channel(16_384);
+        let (tx, rx) = flume::bounded(16_384);
+        store.outbox.serve(&tx);
+        match (store.dialect, store.audit_path.clone(), store.main_path()) {
+            (Dialect::Sqlite, Some(log), Some(main)) => {
+                let outbox = Arc::clone(&store.outbox);
+                let spawned = std::thread::Builder::new()
+                    .name("ehrx-audit".into())
+                    .spawn(move || sqlite_writer(&log, &main, &outbox, rx, batch_window));
+                if let Err(e) = spawned {
+                    // Every request then gets 503: nothing is answered
+                    // unrecorded.
+                    tracing::error!(error = %e, "the audit log's writer could not start");
+                }
+            }
+            _ => {
+                tokio::spawn(writer(store.clone(), rx));
+            }
+        }
         let log = AuditLog {
             inner: Arc::new(Inner {
                 store: store.clone(),
@@ -98,7 +135,6 @@ impl AuditLog {
                 key: OnceCell::new(),
             }),
         };
-        tokio::spawn(writer(store, rx));
         if !checkpoint_interval.is_zero() {
             let weak = Arc::downgrade(&log.inner);
             tokio::spawn(async move {
@@ -142,7 +178,11 @@ impl AuditLog {
         let queued = Instant::now();
         self.inner
             .queue
-            .send(Job { events, done })
+            .send_async(Job {
+                events,
+                outbox: false,
+                done,
+            })
             .await
             .map_err(|_| StoreError::Audit("the audit writer has stopped".into()))?;
         let result = wait
@@ -301,60 +341,79 @@ impl AuditLog {
     }
 }
 
-/// The writer task: appends what has queued up, one transaction per batch.
-///
-/// Under load it keeps one connection of the log's pool for itself, so that
-/// a batch never queues behind the reads it is holding up; it gives the
-/// connection back whenever nothing is waiting (an idle server, a store
-/// about to close). Entries writes left in `audit_outbox` go first: when
-/// it starts (a crash may have left some) and whenever a write's commit
-/// wakes it.
-async fn writer(store: Store, mut rx: mpsc::Receiver<Job>) {
-    let outbox = Arc::clone(&store.outbox);
-    outbox
-        .running
-        .store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut w = Appender {
-        store,
-        held: None,
-        head: None,
-    };
+/// How many jobs a writer takes for its next batch: the first (waiting for
+/// it), then whatever else has queued up, or comes by `until`, to
+/// [`MAX_BATCH`] entries.
+fn next_batch(
+    first: Job,
+    rx: &flume::Receiver<Job>,
+    until: Option<Instant>,
+) -> (Vec<Job>, Vec<Prepared>, bool) {
+    let mut jobs = vec![first];
+    let mut n = jobs[0].events.len();
+    while n < MAX_BATCH {
+        let next = match until {
+            Some(t) => rx.recv_deadline(t).ok(),
+            None => rx.try_recv().ok(),
+        };
+        let Some(j) = next else { break };
+        n += j.events.len();
+        jobs.push(j);
+    }
+    let outbox = jobs.iter().any(|j| j.outbox);
+    let mut events = Vec::with_capacity(n);
+    for j in &mut jobs {
+        events.append(&mut j.events);
+    }
+    (jobs, events, outbox)
+}
+
+/// Tells every job of a batch how it went.
+fn tell(jobs: Vec<Job>, result: &std::result::Result<(), String>) {
+    for j in jobs {
+        let _ = j.done.send(result.clone());
+    }
+}
+
+/// The writer on SQLite: a thread of its own with its own connection to the
+/// log's file (and one to the database file, for `audit_outbox`). A batch is
+/// one `BEGIN IMMEDIATE` transaction on that thread — the log's size read
+/// under the file's write lock, one cached INSERT per entry, the new size,
+/// `COMMIT` — without a hand-off to another thread; the requests waiting on
+/// it are woken from here. Entries writes left in `audit_outbox` go first:
+/// when it starts (a crash may have left some), when a write asks, and when
+/// nothing has come for [`OUTBOX_POLL`] (another process's writes).
+fn sqlite_writer(
+    log: &str,
+    main: &str,
+    outbox: &Outbox,
+    rx: flume::Receiver<Job>,
+    window: Duration,
+) {
+    let mut conns: Option<(rusqlite::Connection, rusqlite::Connection)> = None;
     let mut outbox_due = true;
     loop {
-        let mut jobs = Vec::new();
-        // A write's wake-up counts even while reads keep the queue busy.
-        if futures_util::FutureExt::now_or_never(outbox.notify.notified()).is_some() {
-            outbox_due = true;
-        }
-        if !outbox_due {
-            tokio::select! {
-                biased;
-                job = rx.recv() => match job {
-                    Some(j) => jobs.push(j),
-                    None => break,
-                },
-                _ = outbox.notify.notified() => outbox_due = true,
-                // Another process's writes wake only its own writer.
-                _ = tokio::time::sleep(OUTBOX_POLL) => outbox_due = true,
+        let (jobs, events, asked) = match rx.recv_timeout(OUTBOX_POLL) {
+            Ok(first) => {
+                let until = (!window.is_zero()).then(|| Instant::now() + window);
+                next_batch(first, &rx, until)
             }
-        }
-        let mut n: usize = jobs.iter().map(|j| j.events.len()).sum();
-        while n < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(j) => {
-                    n += j.events.len();
-                    jobs.push(j);
-                }
-                Err(_) => break,
-            }
+            Err(flume::RecvTimeoutError::Timeout) => (Vec::new(), Vec::new(), true),
+            Err(flume::RecvTimeoutError::Disconnected) => break,
+        };
+        outbox_due |= asked;
+        if events.is_empty() && !outbox_due {
+            tell(jobs, &Ok(()));
+            continue;
         }
         let started = Instant::now();
-        let mut events: Vec<Prepared> = Vec::with_capacity(n);
-        for j in &mut jobs {
-            events.append(&mut j.events);
+        let n = events.len();
+        let result = match &mut conns {
+            Some(c) => Ok(c),
+            None => open_sqlite(log, main).map(|c| conns.insert(c)),
         }
-        let result = w.append(events, outbox_due).await;
-        match &result {
+        .and_then(|(l, m)| append_sqlite(l, m, &events, outbox_due));
+        let result = match result {
             Ok(appended) => {
                 crate::metrics::audit_batch(
                     n + appended.outbox,
@@ -362,47 +421,43 @@ async fn writer(store: Store, mut rx: mpsc::Receiver<Job>) {
                     started.elapsed(),
                     true,
                 );
+                outbox
+                    .drained
+                    .fetch_max(appended.drained, Ordering::Relaxed);
                 outbox_due = appended.outbox_left;
+                Ok(())
             }
-            Err(_) => {
+            Err(e) => {
                 crate::metrics::audit_batch(n, jobs.len(), started.elapsed(), false);
-                // A connection that failed (perhaps still inside its
-                // transaction) is closed, not given back.
-                if let Some(conn) = w.held.take() {
-                    let _ = conn.close().await;
-                }
-                w.head = None;
+                tracing::error!(error = %e, "the audit log could not be written");
+                // Opened afresh for the next batch.
+                conns = None;
+                Err(e.to_string())
             }
-        }
-        let result = result.map(|_| ()).map_err(|e| {
-            tracing::error!(error = %e, "the audit log could not be written");
-            e.to_string()
-        });
-        if result.is_err() && jobs.is_empty() {
+        };
+        let failed = result.is_err();
+        let nobody = jobs.is_empty();
+        tell(jobs, &result);
+        if failed && nobody {
             // Only the outbox was due: try again shortly, not at once.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        for j in jobs {
-            let _ = j.done.send(result.clone());
-        }
-        if rx.is_empty() {
-            w.held = None;
-        }
-        if w.store.audit_pool.is_closed() {
-            break;
+            std::thread::sleep(Duration::from_millis(500));
         }
     }
-    outbox
-        .running
-        .store(false, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// The batch writer's connection and what it knows of the log.
-struct Appender {
-    store: Store,
-    held: Option<sqlx::pool::PoolConnection<sqlx::Any>>,
-    /// The log's `(size, drained)` as this writer last left it (SQLite).
-    head: Option<(i64, i64)>,
+/// The writer's connections: the log's file and the database file.
+fn open_sqlite(
+    log: &str,
+    main: &str,
+) -> rusqlite::Result<(rusqlite::Connection, rusqlite::Connection)> {
+    let open = |path: &str| -> rusqlite::Result<rusqlite::Connection> {
+        let c = rusqlite::Connection::open(path)?;
+        c.busy_timeout(Duration::from_secs(10))?;
+        let _: String = c.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        c.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 0;")?;
+        Ok(c)
+    };
+    Ok((open(log)?, open(main)?))
 }
 
 /// What one batch appended.
@@ -411,111 +466,172 @@ struct Appended {
     outbox: usize,
     /// `audit_outbox` may hold more than one batch took.
     outbox_left: bool,
+    /// The newest `audit_outbox` row in the log.
+    drained: i64,
 }
 
-impl Appender {
-    /// Appends one batch in its own transaction on the writer's connection
-    /// (taken from the log's pool if it has none): with `outbox`, the
-    /// entries writes left in `audit_outbox` first, then `events`.
-    ///
-    /// On SQLite the whole transaction is one round trip to the connection's
-    /// worker thread: the writer expects the log's size it left, and the
-    /// batch is refused by the database if another appender (another
-    /// process) has moved it since — then the writer reads the size and
-    /// tries once more.
-    async fn append(&mut self, events: Vec<Prepared>, outbox: bool) -> StoreResult<Appended> {
-        let store = self.store.clone();
-        let conn = match &mut self.held {
-            Some(c) => c,
-            None => self.held.insert(store.audit_pool.acquire().await?),
-        };
-        match store.dialect {
-            Dialect::Sqlite => {
-                let (mut at, mut drained) = match self.head {
-                    Some(h) => h,
-                    None => head(conn).await?,
-                };
-                self.head = None;
-                let mut taken = if outbox {
-                    let mut main = store.pool.acquire().await?;
-                    read_outbox(&mut main, drained).await?
-                } else {
-                    Vec::new()
-                };
-                if taken.is_empty() && events.is_empty() {
-                    self.head = Some((at, drained));
-                    return Ok(Appended {
-                        outbox: 0,
-                        outbox_left: false,
-                    });
-                }
-                let mut retried = false;
-                loop {
-                    let to = taken.last().map_or(drained, |(id, _)| *id);
-                    let all: Vec<&Prepared> =
-                        taken.iter().map(|(_, p)| p).chain(events.iter()).collect();
-                    match append_in_one_trip(conn, at, to, &all).await {
-                        Ok(()) => {
-                            self.head = Some((at + all.len() as i64, to));
-                            store.outbox.drained.send_if_modified(|d| {
-                                let moved = to > *d;
-                                *d = (*d).max(to);
-                                moved
-                            });
-                            return Ok(Appended {
-                                outbox: taken.len(),
-                                outbox_left: taken.len() >= MAX_BATCH,
-                            });
-                        }
-                        Err(e) => {
-                            let _ = conn.execute("ROLLBACK").await;
-                            let (now, now_drained) = head(conn).await?;
-                            if now == at || retried {
-                                return Err(e);
-                            }
-                            retried = true;
-                            at = now;
-                            if outbox && now_drained != drained {
-                                let mut main = store.pool.acquire().await?;
-                                taken = read_outbox(&mut main, now_drained).await?;
-                            }
-                            drained = now_drained;
-                        }
-                    }
-                }
-            }
-            Dialect::Postgres => {
-                let mut tx = sqlx::Connection::begin(&mut **conn).await?;
-                let mut taken = Vec::new();
-                if outbox {
-                    let drained: Option<i64> = sqlx::query_scalar(
-                        "SELECT drained FROM audit_head WHERE id = 1 FOR UPDATE",
-                    )
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                    taken = read_outbox(&mut tx, drained.unwrap_or(0)).await?;
-                }
-                let all: Vec<&Prepared> =
-                    taken.iter().map(|(_, p)| p).chain(events.iter()).collect();
-                append(&mut tx, &all).await?;
-                if let Some((to, _)) = taken.last() {
-                    sqlx::query("UPDATE audit_head SET drained = $1 WHERE id = 1")
-                        .bind(*to)
-                        .execute(&mut *tx)
-                        .await?;
-                    sqlx::query("DELETE FROM audit_outbox WHERE id <= $1")
-                        .bind(*to)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                tx.commit().await?;
-                Ok(Appended {
-                    outbox: taken.len(),
-                    outbox_left: taken.len() >= MAX_BATCH,
-                })
-            }
+const INSERT_ENTRY: &str = "INSERT INTO audit_entry (seq, recorded, type, subtype, action, \
+    outcome, patient, agent, client, entity, purpose, body, digest) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+
+/// Appends one batch (with `outbox`, the entries writes left in
+/// `audit_outbox` first, then `events`) in one transaction on the log's
+/// file. The log's size and `drained` are read under its write lock, so
+/// another process's writer goes before or after, never beside.
+fn append_sqlite(
+    log: &mut rusqlite::Connection,
+    main: &rusqlite::Connection,
+    events: &[Prepared],
+    outbox: bool,
+) -> rusqlite::Result<Appended> {
+    use rusqlite::OptionalExtension as _;
+    let tx = log.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let (size, drained): (i64, i64) = tx
+        .prepare_cached("SELECT size, drained FROM audit_head WHERE id = 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?
+        .unwrap_or((0, 0));
+    let taken = if outbox {
+        sqlite_outbox(main, drained)?
+    } else {
+        Vec::new()
+    };
+    if taken.is_empty() && events.is_empty() {
+        return Ok(Appended {
+            outbox: 0,
+            outbox_left: false,
+            drained,
+        });
+    }
+    let all: Vec<&Prepared> = taken.iter().map(|(_, p)| p).chain(events).collect();
+    {
+        let mut insert = tx.prepare_cached(INSERT_ENTRY)?;
+        for (seq, cols, body, digest) in at_positions(size, &all) {
+            let c = cols.named();
+            insert.execute(rusqlite::params![
+                seq, c[0].1, c[1].1, c[2].1, c[3].1, c[4].1, c[5].1, c[6].1, c[7].1, c[8].1,
+                c[9].1, body, digest
+            ])?;
         }
     }
+    let to = taken.last().map_or(drained, |(id, _)| *id);
+    tx.prepare_cached(
+        "INSERT INTO audit_head (id, size, drained) VALUES (1, ?1, ?2) \
+         ON CONFLICT (id) DO UPDATE SET size = excluded.size, \
+         drained = MAX(audit_head.drained, excluded.drained)",
+    )?
+    .execute(rusqlite::params![size + all.len() as i64, to])?;
+    tx.commit()?;
+    Ok(Appended {
+        outbox: taken.len(),
+        outbox_left: taken.len() >= MAX_BATCH,
+        drained: to,
+    })
+}
+
+/// The entries in `audit_outbox` after row `drained`, oldest first (at most
+/// one batch).
+fn sqlite_outbox(
+    main: &rusqlite::Connection,
+    drained: i64,
+) -> rusqlite::Result<Vec<(i64, Prepared)>> {
+    let mut q = main.prepare_cached(
+        "SELECT id, body, recorded, type, subtype, action, outcome, patient, agent, client, \
+         entity, purpose FROM audit_outbox WHERE id > ?1 ORDER BY id LIMIT ?2",
+    )?;
+    let rows = q.query_map(rusqlite::params![drained, MAX_BATCH as i64], |r| {
+        let columns = Columns {
+            recorded: r.get(2)?,
+            kind: r.get(3)?,
+            subtype: r.get(4)?,
+            action: r.get(5)?,
+            outcome: r.get(6)?,
+            patient: r.get(7)?,
+            agent: r.get(8)?,
+            client: r.get(9)?,
+            entity: r.get(10)?,
+            purpose: r.get(11)?,
+        };
+        Ok((r.get::<_, i64>(0)?, split(r.get(1)?, columns)))
+    })?;
+    rows.collect()
+}
+
+/// The writer on PostgreSQL: a task that appends each batch in one
+/// transaction (a write's own entries are appended in the write's
+/// transaction; `audit_outbox` holds only rows restored from an SQLite
+/// backup, appended when it starts).
+///
+/// Under load it keeps one connection of the pool for itself, so that a
+/// batch never queues behind the reads it is holding up; it gives the
+/// connection back whenever nothing is waiting.
+async fn writer(store: Store, rx: flume::Receiver<Job>) {
+    let mut held: Option<sqlx::pool::PoolConnection<sqlx::Any>> = None;
+    let mut outbox_due = true;
+    while let Ok(first) = rx.recv_async().await {
+        let (jobs, events, asked) = next_batch(first, &rx, None);
+        outbox_due |= asked;
+        let started = Instant::now();
+        let n = events.len();
+        let result = append_postgres(&store, &mut held, &events, outbox_due).await;
+        crate::metrics::audit_batch(n, jobs.len(), started.elapsed(), result.is_ok());
+        let result = match result {
+            Ok(left) => {
+                outbox_due = left;
+                Ok(())
+            }
+            Err(e) => {
+                // A connection that failed (perhaps still inside its
+                // transaction) is closed, not given back.
+                if let Some(conn) = held.take() {
+                    let _ = conn.close().await;
+                }
+                tracing::error!(error = %e, "the audit log could not be written");
+                Err(e.to_string())
+            }
+        };
+        tell(jobs, &result);
+        if rx.is_empty() {
+            held = None;
+        }
+    }
+}
+
+/// Appends one batch on PostgreSQL (with `outbox`, what `audit_outbox`
+/// holds first); returns whether the outbox holds more.
+async fn append_postgres(
+    store: &Store,
+    held: &mut Option<sqlx::pool::PoolConnection<sqlx::Any>>,
+    events: &[Prepared],
+    outbox: bool,
+) -> StoreResult<bool> {
+    let conn = match held {
+        Some(c) => c,
+        None => held.insert(store.audit_pool.acquire().await?),
+    };
+    let mut tx = sqlx::Connection::begin(&mut **conn).await?;
+    let mut taken = Vec::new();
+    if outbox {
+        let drained: Option<i64> =
+            sqlx::query_scalar("SELECT drained FROM audit_head WHERE id = 1 FOR UPDATE")
+                .fetch_optional(&mut *tx)
+                .await?;
+        taken = read_outbox(&mut tx, drained.unwrap_or(0)).await?;
+    }
+    let all: Vec<&Prepared> = taken.iter().map(|(_, p)| p).chain(events.iter()).collect();
+    append(&mut tx, &all).await?;
+    if let Some((to, _)) = taken.last() {
+        sqlx::query("UPDATE audit_head SET drained = $1 WHERE id = 1")
+            .bind(*to)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM audit_outbox WHERE id <= $1")
+            .bind(*to)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(taken.len() >= MAX_BATCH)
 }
 
 /// The entries in `audit_outbox` after row `drained`, oldest first (at most
@@ -551,54 +667,6 @@ async fn read_outbox(conn: &mut AnyConnection, drained: i64) -> StoreResult<Vec<
     Ok(out)
 }
 
-/// The log's size and the newest `audit_outbox` row appended (SQLite; 0
-/// and 0 before the first append).
-async fn head(conn: &mut AnyConnection) -> StoreResult<(i64, i64)> {
-    let row: Option<(i64, i64)> =
-        sqlx::query_as("SELECT size, drained FROM audit_head WHERE id = 1")
-            .fetch_optional(&mut *conn)
-            .await?;
-    Ok(row.unwrap_or((0, 0)))
-}
-
-/// `events` at positions `at`, `at + 1`, …: `BEGIN IMMEDIATE`, the rows,
-/// the new size (and `drained`, the newest outbox row among them) and
-/// `COMMIT` as one multi-statement query (SQLite binds `$N` by number
-/// across its statements). The first row's digest is NULL, which `NOT NULL`
-/// refuses, unless the log's size is still `at`; after an error the
-/// transaction may be open, and the caller rolls it back.
-async fn append_in_one_trip(
-    conn: &mut AnyConnection,
-    at: i64,
-    drained: i64,
-    events: &[&Prepared],
-) -> StoreResult<()> {
-    let rows = at_positions(at, events);
-    let mut sql = String::from("BEGIN IMMEDIATE;");
-    // $1 is `at`; each row takes the next 13; the count comes last.
-    let mut last = 1;
-    for (i, chunk) in rows.chunks(ROWS_PER_INSERT).enumerate() {
-        insert_rows(&mut sql, chunk.len(), &mut last, i == 0);
-        sql.push(';');
-    }
-    sql.push_str(&format!(
-        "INSERT INTO audit_head (id, size, drained) VALUES (1, ${}, ${}) \
-         ON CONFLICT (id) DO UPDATE SET size = audit_head.size + excluded.size, \
-         drained = MAX(audit_head.drained, excluded.drained);COMMIT",
-        last + 1,
-        last + 2
-    ));
-    let q = sqlx::query(&sql)
-        .persistent(rows.len() <= ROWS_PER_INSERT)
-        .bind(at);
-    bind_rows(q, &rows)
-        .bind(rows.len() as i64)
-        .bind(drained)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
-}
-
 /// Each event's row at its position from `at`: position, columns, the body
 /// with its `id` filled in, and the body's digest (the tree's leaf data).
 fn at_positions<'a>(at: i64, events: &[&'a Prepared]) -> Vec<(i64, &'a Columns, String, String)> {
@@ -624,9 +692,7 @@ pub struct Prepared {
 }
 
 fn prepare(e: &Event) -> Prepared {
-    let v = e.to_json();
-    let columns = Columns::of(&v);
-    split(v.to_string(), columns)
+    split(e.to_text(), e.columns())
 }
 
 /// An event's JSON (with an empty `id`) split around that `id`.
@@ -676,7 +742,7 @@ async fn append(conn: &mut AnyConnection, events: &[&Prepared]) -> StoreResult<(
     let rows = at_positions(size, events);
     for chunk in rows.chunks(ROWS_PER_INSERT) {
         let mut sql = String::new();
-        insert_rows(&mut sql, chunk.len(), &mut 0, false);
+        insert_rows(&mut sql, chunk.len());
         bind_rows(sqlx::query(&sql), chunk)
             .execute(&mut *conn)
             .await?;
@@ -685,28 +751,21 @@ async fn append(conn: &mut AnyConnection, events: &[&Prepared]) -> StoreResult<(
 }
 
 /// Appends an `INSERT` of `n` entry rows to `sql`, its parameters numbered
-/// after `*last` (which it advances). With `guarded`, the first row's
-/// digest is NULL, refused by `NOT NULL`, unless the log's size is `$1`.
-fn insert_rows(sql: &mut String, n: usize, last: &mut usize, guarded: bool) {
+/// from 1.
+fn insert_rows(sql: &mut String, n: usize) {
     sql.push_str(
         "INSERT INTO audit_entry (seq, recorded, type, subtype, action, outcome, patient, \
          agent, client, entity, purpose, body, digest) VALUES ",
     );
+    let mut last = 0;
     for i in 0..n {
         sql.push_str(if i > 0 { ",(" } else { "(" });
         for c in 1..=13 {
-            *last += 1;
+            last += 1;
             if c > 1 {
                 sql.push(',');
             }
-            if guarded && i == 0 && c == 13 {
-                sql.push_str(&format!(
-                    "CASE WHEN COALESCE((SELECT size FROM audit_head WHERE id = 1), 0) = $1 \
-                     THEN ${last} END"
-                ));
-            } else {
-                sql.push_str(&format!("${last}"));
-            }
+            sql.push_str(&format!("${last}"));
         }
         sql.push(')');
     }
@@ -743,26 +802,20 @@ pub(super) async fn record_writes(tx: &mut super::Tx) -> StoreResult<()> {
             append(tx.conn(), &all).await
         }
         Dialect::Sqlite => {
-            let drained = *tx.outbox.drained.borrow();
-            match to_outbox(tx.conn(), drained, &prepared).await {
-                Ok(row) => {
-                    tx.outboxed(row);
-                    Ok(())
-                }
-                Err(e) => Err(e),
+            let drained = tx.outbox.drained.load(Ordering::Relaxed);
+            let left = to_outbox(tx.conn(), drained, &prepared).await;
+            if left.is_ok() {
+                tx.outboxed();
             }
+            left
         }
     };
     result.map_err(|e| StoreError::Audit(e.to_string()))
 }
 
 /// Leaves `events` in `audit_outbox`, first clearing the rows up to
-/// `drained` (already in the log). Returns the newest row left.
-async fn to_outbox(
-    conn: &mut AnyConnection,
-    drained: i64,
-    events: &[Prepared],
-) -> StoreResult<i64> {
+/// `drained` (already in the log).
+async fn to_outbox(conn: &mut AnyConnection, drained: i64, events: &[Prepared]) -> StoreResult<()> {
     if drained > 0 {
         sqlx::query("DELETE FROM audit_outbox WHERE id <= $1")
             .bind(drained)
@@ -795,11 +848,7 @@ async fn to_outbox(
         }
         q.execute(&mut *conn).await?;
     }
-    // One writer at a time: the newest row is this transaction's.
-    let row: i64 = sqlx::query_scalar("SELECT MAX(id) FROM audit_outbox")
-        .fetch_one(&mut *conn)
-        .await?;
-    Ok(row)
+    Ok(())
 }
 
 async fn latest_checkpoint(store: &Store) -> StoreResult<Option<Checkpoint>> {

@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
-use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
 pub use gate::{Found, Gate, Reader, View, Writer};
 pub use health::{PoolUse, Readiness};
@@ -127,27 +127,15 @@ pub struct Store {
     outbox: Arc<Outbox>,
 }
 
-/// Audit entries writes left in `audit_outbox` (SQLite): how the log's
-/// writer learns of them, and how a write learns that its entries are in
-/// the log.
-pub(crate) struct Outbox {
-    /// Sounded after a commit that left entries.
-    pub(crate) notify: Notify,
+/// Audit entries writes left in `audit_outbox` (SQLite): how a write asks
+/// the log's writer to append them, and which of them it has appended.
+#[derive(Default)]
+struct Outbox {
+    /// The queue of the log's writer in this process, while one runs.
+    queue: std::sync::Mutex<Option<flume::WeakSender<audit::Job>>>,
     /// The newest row this process's writer appended to the log (rows up
     /// to it are cleared by the next write).
-    pub(crate) drained: tokio::sync::watch::Sender<i64>,
-    /// This process runs the log's writer.
-    pub(crate) running: std::sync::atomic::AtomicBool,
-}
-
-impl Default for Outbox {
-    fn default() -> Outbox {
-        Outbox {
-            notify: Notify::new(),
-            drained: tokio::sync::watch::Sender::new(0),
-            running: std::sync::atomic::AtomicBool::new(false),
-        }
-    }
+    drained: std::sync::atomic::AtomicI64,
 }
 
 /// How long a write waits for its audit entries to reach the log once they
@@ -156,37 +144,62 @@ impl Default for Outbox {
 const OUTBOX_WAIT: Duration = Duration::from_secs(10);
 
 impl Outbox {
-    /// Waits until the log's writer in this process (if one runs) has
-    /// appended outbox row `id`, so that a write's entries are in the log
-    /// when its response leaves.
-    async fn appended(&self, id: i64) {
-        if !self.running.load(std::sync::atomic::Ordering::Relaxed) {
+    /// Notes the queue of the log's writer in this process.
+    fn serve(&self, queue: &flume::Sender<audit::Job>) {
+        *self.queue.lock().unwrap_or_else(|e| e.into_inner()) = Some(queue.downgrade());
+    }
+
+    /// Asks the log's writer in this process (if one runs) to append what
+    /// writes left in `audit_outbox`, and waits until it has, so that a
+    /// write's entries are in the log when its response leaves.
+    async fn append(&self) {
+        let queue = self
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(|q| q.upgrade());
+        let Some(queue) = queue else { return };
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if queue.send_async(audit::Job::outbox(done)).await.is_err() {
             return;
         }
-        let mut rx = self.drained.subscribe();
-        let appended = tokio::time::timeout(OUTBOX_WAIT, async {
-            rx.wait_for(|d| *d >= id).await.is_ok()
-        })
-        .await;
-        if appended != Ok(true) {
-            tracing::warn!(
-                row = id,
+        drop(queue);
+        match tokio::time::timeout(OUTBOX_WAIT, wait).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(
+                error = %e,
                 "a write's audit entries are not in the log yet; they stay in audit_outbox"
-            );
+            ),
+            _ => tracing::warn!(
+                "a write's audit entries are not in the log yet; they stay in audit_outbox"
+            ),
         }
     }
 }
 
-/// The audit log's own file beside an SQLite database file (`:memory:` for
-/// an in-memory database).
-pub fn sqlite_audit_path(url: &str) -> Option<String> {
+/// The file of an SQLite database URL (`:memory:` for an in-memory
+/// database).
+fn sqlite_path(url: &str) -> Option<String> {
     let rest = url.strip_prefix("sqlite:")?;
     let rest = rest.strip_prefix("//").unwrap_or(rest);
     let path = rest.split('?').next().unwrap_or("");
     if path.is_empty() || path == ":memory:" {
         return Some(":memory:".into());
     }
-    Some(format!("{path}-audit"))
+    Some(path.to_string())
+}
+
+/// The audit log's own file beside an SQLite database file (`:memory:` for
+/// an in-memory database).
+pub fn sqlite_audit_path(url: &str) -> Option<String> {
+    sqlite_path(url).map(|p| {
+        if p == ":memory:" {
+            p
+        } else {
+            format!("{p}-audit")
+        }
+    })
 }
 
 /// Normalises a database URL: a bare SQLite path is created if missing.
@@ -353,6 +366,14 @@ impl Store {
         })
     }
 
+    /// SQLite: the database file.
+    pub(crate) fn main_path(&self) -> Option<String> {
+        match self.dialect {
+            Dialect::Sqlite => sqlite_path(&self.url),
+            Dialect::Postgres => None,
+        }
+    }
+
     /// One connection on the main file with the audit log's file attached
     /// as `audit` (SQLite), for what covers both files: migrations,
     /// backups, restores. On PostgreSQL, the pool itself.
@@ -468,7 +489,7 @@ impl Store {
             pending: PendingIndex::default(),
             circle_changed: false,
             outbox: Arc::clone(&self.outbox),
-            outboxed: None,
+            outboxed: false,
         })
     }
 }
@@ -516,11 +537,10 @@ pub struct Tx {
     /// A resource callers' circles of trust are read from was written:
     /// the circle generation is raised at commit.
     circle_changed: bool,
-    /// The audit log writer's wake-up, sounded after the commit when the
-    /// transaction left audit entries in `audit_outbox` (`outboxed`: the
-    /// newest row it left).
+    /// The log's writer is asked to append them after the commit when the
+    /// transaction left audit entries in `audit_outbox` (`outboxed`).
     outbox: Arc<Outbox>,
-    outboxed: Option<i64>,
+    outboxed: bool,
 }
 
 /// Search index rows of the versions a transaction wrote, inserted together
@@ -577,17 +597,15 @@ impl Tx {
         tx.commit().await?;
         // Other writers go on while this one waits for the log.
         drop(_guard);
-        if let Some(row) = outboxed {
-            outbox.notify.notify_one();
-            outbox.appended(row).await;
+        if outboxed {
+            outbox.append().await;
         }
         Ok(())
     }
 
-    /// Marks the transaction as leaving audit entries in `audit_outbox`, up
-    /// to row `id`.
-    pub(super) fn outboxed(&mut self, id: i64) {
-        self.outboxed = Some(id);
+    /// Marks the transaction as leaving audit entries in `audit_outbox`.
+    pub(super) fn outboxed(&mut self) {
+        self.outboxed = true;
     }
 
     /// Marks the transaction as changing callers' circles of trust.
