@@ -415,12 +415,14 @@ fn sqlite_writer(
         .and_then(|(l, m)| append_sqlite(l, m, &events, outbox_due));
         let result = match result {
             Ok(appended) => {
-                crate::metrics::audit_batch(
-                    n + appended.outbox,
-                    jobs.len(),
-                    started.elapsed(),
-                    true,
-                );
+                if n + appended.outbox > 0 {
+                    crate::metrics::audit_batch(
+                        n + appended.outbox,
+                        jobs.len(),
+                        started.elapsed(),
+                        true,
+                    );
+                }
                 outbox
                     .drained
                     .fetch_max(appended.drained, Ordering::Relaxed);
@@ -560,7 +562,7 @@ fn sqlite_outbox(
 /// The writer on PostgreSQL: a task that appends each batch in one
 /// transaction (a write's own entries are appended in the write's
 /// transaction; `audit_outbox` holds only rows restored from an SQLite
-/// backup, appended when it starts).
+/// backup, appended when it starts and looked for when it is idle).
 ///
 /// Under load it keeps one connection of the pool for itself, so that a
 /// batch never queues behind the reads it is holding up; it gives the
@@ -568,19 +570,30 @@ fn sqlite_outbox(
 async fn writer(store: Store, rx: flume::Receiver<Job>) {
     let mut held: Option<sqlx::pool::PoolConnection<sqlx::Any>> = None;
     let mut outbox_due = true;
-    while let Ok(first) = rx.recv_async().await {
-        let (jobs, events, asked) = next_batch(first, &rx, None);
+    loop {
+        let (jobs, events, asked) = match tokio::time::timeout(OUTBOX_POLL, rx.recv_async()).await {
+            Ok(Ok(first)) => next_batch(first, &rx, None),
+            Ok(Err(_)) => break,
+            Err(_) => (Vec::new(), Vec::new(), true),
+        };
+        if store.audit_pool.is_closed() {
+            tell(jobs, &Err("the audit log's database is closed".into()));
+            break;
+        }
         outbox_due |= asked;
         let started = Instant::now();
         let n = events.len();
         let result = append_postgres(&store, &mut held, &events, outbox_due).await;
-        crate::metrics::audit_batch(n, jobs.len(), started.elapsed(), result.is_ok());
         let result = match result {
-            Ok(left) => {
+            Ok((taken, left)) => {
+                if n + taken > 0 {
+                    crate::metrics::audit_batch(n + taken, jobs.len(), started.elapsed(), true);
+                }
                 outbox_due = left;
                 Ok(())
             }
             Err(e) => {
+                crate::metrics::audit_batch(n, jobs.len(), started.elapsed(), false);
                 // A connection that failed (perhaps still inside its
                 // transaction) is closed, not given back.
                 if let Some(conn) = held.take() {
@@ -598,13 +611,14 @@ async fn writer(store: Store, rx: flume::Receiver<Job>) {
 }
 
 /// Appends one batch on PostgreSQL (with `outbox`, what `audit_outbox`
-/// holds first); returns whether the outbox holds more.
+/// holds first); returns how many entries it took from the outbox, and
+/// whether the outbox holds more.
 async fn append_postgres(
     store: &Store,
     held: &mut Option<sqlx::pool::PoolConnection<sqlx::Any>>,
     events: &[Prepared],
     outbox: bool,
-) -> StoreResult<bool> {
+) -> StoreResult<(usize, bool)> {
     let conn = match held {
         Some(c) => c,
         None => held.insert(store.audit_pool.acquire().await?),
@@ -631,7 +645,7 @@ async fn append_postgres(
             .await?;
     }
     tx.commit().await?;
-    Ok(taken.len() >= MAX_BATCH)
+    Ok((taken.len(), taken.len() >= MAX_BATCH))
 }
 
 /// The entries in `audit_outbox` after row `drained`, oldest first (at most
