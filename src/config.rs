@@ -127,10 +127,11 @@ pub struct Config {
     /// 0 (the default) keeps everything. Entries at or after the newest
     /// checkpoint a witness fetched are never cleared.
     pub audit_retention_days: u64,
-    /// Microseconds the audit log's writer waits, once a batch has begun,
-    /// for more entries to commit with it (`EHRX_AUDIT_BATCH_WINDOW_US`):
-    /// fewer, larger commits under load, at the cost of up to this much
-    /// more latency per request. 0 commits whatever has queued at once.
+    /// Microseconds the audit log's writer sleeps once a batch has begun,
+    /// gathering the entries that come meanwhile into the same commit
+    /// (`EHRX_AUDIT_BATCH_WINDOW_US`; SQLite): fewer, larger commits under
+    /// load, at the cost of up to this much more latency per request. 0
+    /// commits whatever has queued at once.
     pub audit_batch_window_us: u64,
 }
 
@@ -218,7 +219,7 @@ impl Default for Config {
             audit: true,
             audit_checkpoint_interval: 60,
             audit_retention_days: 0,
-            audit_batch_window_us: 200,
+            audit_batch_window_us: 300,
         }
     }
 }

@@ -342,21 +342,21 @@ impl AuditLog {
 }
 
 /// How many jobs a writer takes for its next batch: the first (waiting for
-/// it), then whatever else has queued up, or comes by `until`, to
-/// [`MAX_BATCH`] entries.
+/// it), then whatever else has queued up — after `pause`, if given, during
+/// which the writer sleeps rather than being woken by each job that comes —
+/// to [`MAX_BATCH`] entries.
 fn next_batch(
     first: Job,
     rx: &flume::Receiver<Job>,
-    until: Option<Instant>,
+    pause: Option<Duration>,
 ) -> (Vec<Job>, Vec<Prepared>, bool) {
     let mut jobs = vec![first];
     let mut n = jobs[0].events.len();
+    if let Some(p) = pause {
+        std::thread::sleep(p);
+    }
     while n < MAX_BATCH {
-        let next = match until {
-            Some(t) => rx.recv_deadline(t).ok(),
-            None => rx.try_recv().ok(),
-        };
-        let Some(j) = next else { break };
+        let Ok(j) = rx.try_recv() else { break };
         n += j.events.len();
         jobs.push(j);
     }
@@ -394,10 +394,7 @@ fn sqlite_writer(
     let mut outbox_due = true;
     loop {
         let (jobs, events, asked) = match rx.recv_timeout(OUTBOX_POLL) {
-            Ok(first) => {
-                let until = (!window.is_zero()).then(|| Instant::now() + window);
-                next_batch(first, &rx, until)
-            }
+            Ok(first) => next_batch(first, &rx, (!window.is_zero()).then_some(window)),
             Err(flume::RecvTimeoutError::Timeout) => (Vec::new(), Vec::new(), true),
             Err(flume::RecvTimeoutError::Disconnected) => break,
         };
