@@ -477,7 +477,31 @@ const INSERT_ENTRY: &str = "INSERT INTO audit_entry (seq, recorded, type, subtyp
 /// `audit_outbox` first, then `events`) in one transaction on the log's
 /// file. The log's size and `drained` are read under its write lock, so
 /// another process's writer goes before or after, never beside.
+///
+/// A batch that takes outbox rows is synced to disk at its commit
+/// (`synchronous = FULL`): the next write clears those rows from the
+/// database file, and that must not outlast them in the log should the
+/// machine lose power. Other batches commit as the database file does
+/// (`NORMAL`: safe from a crash of the process, not of the machine).
 fn append_sqlite(
+    log: &mut rusqlite::Connection,
+    main: &rusqlite::Connection,
+    events: &[Prepared],
+    outbox: bool,
+) -> rusqlite::Result<Appended> {
+    if !outbox {
+        return append_sqlite_in(log, main, events, false);
+    }
+    log.execute_batch("PRAGMA synchronous = FULL")?;
+    let appended = append_sqlite_in(log, main, events, true);
+    if let Err(e) = log.execute_batch("PRAGMA synchronous = NORMAL") {
+        // Committed either way; later batches are then synced too.
+        tracing::warn!(error = %e, "the audit log's writer stays on synchronous = FULL");
+    }
+    appended
+}
+
+fn append_sqlite_in(
     log: &mut rusqlite::Connection,
     main: &rusqlite::Connection,
     events: &[Prepared],
