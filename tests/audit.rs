@@ -12,6 +12,7 @@ use std::process::Stdio;
 use base64::Engine as _;
 use common::smart::*;
 use common::TestServer;
+use ehrx::audit::packed;
 use jsonwebtoken::Algorithm;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -572,6 +573,16 @@ async fn db(s: &TestServer) -> sqlx::AnyConnection {
     c
 }
 
+/// The JSON of entry `seq`, from its stored (packed) body.
+async fn stored_body(c: &mut sqlx::AnyConnection, seq: i64) -> String {
+    let stored: String = sqlx::query_scalar("SELECT body FROM audit_entry WHERE seq = $1")
+        .bind(seq)
+        .fetch_one(&mut *c)
+        .await
+        .unwrap();
+    packed::unpack(&stored).unwrap().into_owned()
+}
+
 async fn exec(s: &TestServer, sql: &str) {
     let mut c = db(s).await;
     sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
@@ -662,6 +673,29 @@ async fn logged() -> (TestServer, World) {
 }
 
 #[tokio::test]
+async fn entries_are_stored_packed_and_served_as_the_json_their_digest_is_of() {
+    let (s, w) = logged().await;
+    let mut c = db(&s).await;
+    let (stored, digest): (String, String) =
+        sqlx::query_as("SELECT body, digest FROM audit_entry WHERE seq = 3")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+    let (status, served) = get(&s, &w.admin, "AuditEvent/3").await;
+    assert_eq!(status, 200, "{served}");
+    assert_eq!(served["id"], "3");
+    let json = packed::unpack(&stored).unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&json).unwrap(), served);
+    assert_eq!(hex::encode(Sha256::digest(json.as_bytes())), digest);
+    assert!(
+        stored.starts_with("~1") && stored.len() * 4 < json.len(),
+        "{} bytes stored for {} of JSON",
+        stored.len(),
+        json.len()
+    );
+}
+
+#[tokio::test]
 async fn an_untouched_log_verifies() {
     let (s, _w) = logged().await;
     let r = verify(&s, &[]);
@@ -728,11 +762,15 @@ async fn verify_names_an_entry_whose_column_was_changed() {
 #[tokio::test]
 async fn verify_names_an_entry_whose_body_was_changed() {
     let (s, _w) = logged().await;
-    exec(
-        &s,
-        "UPDATE audit_entry SET body = REPLACE(body, '\"outcome\":\"0\"', '\"outcome\":\"4\"') WHERE seq = 3",
-    )
-    .await;
+    let mut c = db(&s).await;
+    let changed = stored_body(&mut c, 3)
+        .await
+        .replace("\"outcome\":\"0\"", "\"outcome\":\"4\"");
+    sqlx::query("UPDATE audit_entry SET body = $1 WHERE seq = 3")
+        .bind(packed::pack(&changed))
+        .execute(&mut c)
+        .await
+        .unwrap();
     let r = verify(&s, &[]);
     assert_eq!(r["first_bad"], 3, "{r}");
 }
@@ -777,10 +815,7 @@ async fn verify_names_an_inserted_entry() {
     // at position 3; the entries after it are renumbered and the size
     // raised to match.
     let mut c = db(&s).await;
-    let body: String = sqlx::query_scalar("SELECT body FROM audit_entry WHERE seq = 0")
-        .fetch_one(&mut c)
-        .await
-        .unwrap();
+    let body = stored_body(&mut c, 0).await;
     let mut forged: Value = serde_json::from_str(&body).unwrap();
     forged["id"] = json!("3");
     let forged_body = forged.to_string();
@@ -814,10 +849,7 @@ async fn a_consistent_rewrite_is_caught_by_the_checkpoint() {
     // Body, digest and columns rewritten together: only the signed
     // checkpoint can tell.
     let mut c = db(&s).await;
-    let body: String = sqlx::query_scalar("SELECT body FROM audit_entry WHERE seq = 4")
-        .fetch_one(&mut c)
-        .await
-        .unwrap();
+    let body = stored_body(&mut c, 4).await;
     let mut v: Value = serde_json::from_str(&body).unwrap();
     v["recorded"] = json!("2000-01-01T00:00:00.000Z");
     let forged = v.to_string();
@@ -1154,10 +1186,7 @@ async fn a_writes_entries_are_in_the_log_when_its_response_leaves() {
 /// event whose `id` is empty, with its columns), marked by its `recorded`
 /// instant; with `id`, at that row.
 async fn leave_in_outbox(c: &mut sqlx::AnyConnection, recorded: &str, id: Option<i64>) {
-    let body: String = sqlx::query_scalar("SELECT body FROM audit_entry WHERE seq = 0")
-        .fetch_one(&mut *c)
-        .await
-        .unwrap();
+    let body = stored_body(c, 0).await;
     let mut e: Value = serde_json::from_str(&body).unwrap();
     e["id"] = json!("");
     e["recorded"] = json!(recorded);

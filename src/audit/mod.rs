@@ -7,6 +7,8 @@
 //! - [`context`]: what the request being served has touched (the patients
 //!   of the resources read or written) and who it is for, collected by the
 //!   caller-scoped store as it runs;
+//! - [`packed`]: how an entry's body is stored (compressed against a fixed
+//!   dictionary);
 //! - [`tree`]: the log as an RFC 6962 Merkle tree (`ct-merkle`);
 //! - [`checkpoint`]: signed checkpoints (tree size and root);
 //! - [`verify`]: recomputing the log from its rows and naming the first
@@ -25,6 +27,7 @@
 pub mod checkpoint;
 pub mod context;
 pub mod event;
+pub mod packed;
 pub mod tree;
 pub mod verify;
 

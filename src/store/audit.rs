@@ -38,6 +38,7 @@ use tokio::sync::{oneshot, Mutex, OnceCell};
 use super::{Dialect, Gate, Outbox, Store, StoreError, StoreResult};
 use crate::audit::checkpoint::{self, Checkpoint};
 use crate::audit::event::{self, Columns, Event};
+use crate::audit::packed;
 use crate::audit::tree::{self, Tree};
 use crate::audit::verify::{Report, Row as VerifyRow, Verifier};
 use crate::error::{Error, Result};
@@ -703,7 +704,8 @@ async fn read_outbox(conn: &mut AnyConnection, drained: i64) -> StoreResult<Vec<
 }
 
 /// Each event's row at its position from `at`: position, columns, the body
-/// with its `id` filled in, and the body's digest (the tree's leaf data).
+/// with its `id` filled in as stored ([`packed`]), and the digest of its
+/// JSON (the tree's leaf data).
 fn at_positions<'a>(at: i64, events: &[&'a Prepared]) -> Vec<(i64, &'a Columns, String, String)> {
     events
         .iter()
@@ -712,7 +714,7 @@ fn at_positions<'a>(at: i64, events: &[&'a Prepared]) -> Vec<(i64, &'a Columns, 
             let seq = at + i as i64;
             let body = format!("{}{seq}{}", e.head, e.tail);
             let digest = hex::encode(tree::digest(body.as_bytes()));
-            (seq, &e.columns, body, digest)
+            (seq, &e.columns, packed::pack(&body), digest)
         })
         .collect()
 }
@@ -1027,9 +1029,15 @@ pub async fn verify(store: &Store, extra: Option<Checkpoint>) -> StoreResult<Rep
 
 fn verify_row(r: &sqlx::any::AnyRow) -> StoreResult<VerifyRow> {
     let col = |i: usize| -> StoreResult<Option<String>> { Ok(r.try_get(i)?) };
+    // A body that cannot be unpacked is checked as stored: it matches no
+    // digest, and the entry is named as changed.
+    let body = col(1)?.map(|b| match packed::unpack(&b) {
+        Ok(json) => json.into_owned(),
+        Err(_) => b,
+    });
     Ok(VerifyRow {
         seq: r.try_get(0)?,
-        body: col(1)?,
+        body,
         digest: r.try_get(2)?,
         columns: Columns {
             recorded: col(3)?,
@@ -1077,6 +1085,7 @@ pub async fn export(
         for (seq, body, digest) in rows {
             last = seq;
             count += 1;
+            let body = body.map(|b| readable(&b, seq)).transpose()?;
             each(Exported {
                 seq: seq as u64,
                 body,
@@ -1088,6 +1097,14 @@ pub async fn export(
             return Ok(count);
         }
     }
+}
+
+/// An entry's JSON from its stored body; a body that cannot be read is a
+/// damaged log (`ehrx audit verify` names the entry), not an empty answer.
+fn readable(stored: &str, seq: i64) -> StoreResult<String> {
+    packed::unpack(stored)
+        .map(|b| b.into_owned())
+        .map_err(|e| StoreError::Audit(format!("audit entry {seq}: {e}")))
 }
 
 /// The instant `days` days ago, as entries record time.
@@ -1260,10 +1277,14 @@ impl Gate {
         for b in &binds {
             query = query.bind(b.as_str());
         }
-        Ok(query
+        let rows = query
             .fetch_all(&mut *reader)
             .await
-            .map_err(StoreError::from)?)
+            .map_err(StoreError::from)?;
+        Ok(rows
+            .into_iter()
+            .map(|(seq, b)| Ok((seq, readable(&b, seq)?)))
+            .collect::<StoreResult<_>>()?)
     }
 
     /// One AuditEvent by position, if this caller may see it.
@@ -1283,6 +1304,7 @@ impl Gate {
         let Some((Some(body), patient)) = row else {
             return Ok(None);
         };
+        let body = readable(&body, seq)?;
         match reach(self.access()) {
             AuditReach::All => Ok(Some(body)),
             AuditReach::Patient(p) if patient.as_deref() == Some(&format!("Patient/{p}")) => {
