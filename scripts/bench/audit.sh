@@ -4,6 +4,9 @@
 # default 10s) with real tokens against two servers on copies of one
 # database (the Synthea HIV set, SQLite), one started with EHRX_AUDIT=false;
 # then the group-commit batches the audited server wrote (from /metrics).
+# ROUNDS (default 1) repeats the pair, off then on, and gives each round's
+# share and their median: the unaudited runs alone spread by a fifth on a
+# small shared machine, so one round is not a verdict.
 #   scripts/bench/audit.sh [DATA_DIR]
 # PROFILE selects the cargo profile built (default release; `profiling`
 # for line tables); EHRX_BIN runs another build instead. Needs wrk, curl,
@@ -12,6 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 data="${1:-../shared/data}"
 duration="${DURATION:-10s}"
+rounds="${ROUNDS:-1}"
 profile="${PROFILE:-release}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ehrx-target}"
 if [ -z "${EHRX_BIN:-}" ]; then
@@ -86,15 +90,17 @@ PY
   done
 }
 
-echo "== $($bin --version 2>/dev/null || echo ehrx); machine: $(nproc) cores, shared by server and wrk; $duration per run"
-serve off false
-measure off
-stop
-serve on true
-measure on
-echo "== group commit (audited server, whole run):"
-curl -s "$base/metrics" | grep -E '^ehrx_audit_(events_total|batches_total|batch_events|batch_requests|wait_seconds_(sum|count)|commit_seconds_(sum|count)|failures_total)' || true
-curl -s "$base/metrics" | python3 -c '
+echo "== $($bin --version 2>/dev/null || echo ehrx); machine: $(nproc) cores, shared by server and wrk; $duration per run, $rounds round(s)"
+for r in $(seq "$rounds"); do
+  echo "== round $r"
+  serve "off$r" false
+  measure "off$r"
+  stop
+  serve "on$r" true
+  measure "on$r"
+  echo "== group commit (audited server, whole run):"
+  curl -s "$base/metrics" | grep -E '^ehrx_audit_(events_total|batches_total|batch_events|batch_requests|wait_seconds_(sum|count)|commit_seconds_(sum|count)|failures_total)' || true
+  curl -s "$base/metrics" | python3 -c '
 import sys
 m = {}
 for line in sys.stdin:
@@ -109,11 +115,21 @@ wait_s = m.get("ehrx_audit_wait_seconds_sum", 0)
 print(f"== {events:.0f} entries in {batches:.0f} batches: {events / max(batches, 1):.1f} entries per batch; "
       f"mean wait for the batch {1000 * wait_s / max(wait_n, 1):.2f} ms")
 '
-stop
-echo "== throughput with the audit on, as a share of audit off (target >= 70 %):"
+  stop
+done
+echo "== throughput with the audit on, as a share of audit off (target >= 70 %), each round and the median:"
 for s in "${shapes[@]}"; do
   IFS='|' read -r what _ _ <<<"$s"
-  off=${rps["off|$what"]}
-  on=${rps["on|$what"]}
-  python3 -c "import sys; off, on = float(sys.argv[1]), float(sys.argv[2]); print(f'{sys.argv[3]}: off {off:.0f}/s, on {on:.0f}/s = {100 * on / off:.0f} %')" "$off" "$on" "$what"
+  pairs=()
+  for r in $(seq "$rounds"); do
+    pairs+=("${rps["off$r|$what"]}" "${rps["on$r|$what"]}")
+  done
+  python3 -c '
+import statistics, sys
+what, v = sys.argv[1], [float(x) for x in sys.argv[2:]]
+rounds = [(v[i], v[i + 1]) for i in range(0, len(v), 2)]
+shares = [100 * on / off for off, on in rounds]
+each = ", ".join(f"off {off:.0f}/s, on {on:.0f}/s = {100 * on / off:.0f} %" for off, on in rounds)
+print(f"{what}: {each}" + (f"; median {statistics.median(shares):.0f} %" if len(rounds) > 1 else ""))
+' "$what" "${pairs[@]}"
 done

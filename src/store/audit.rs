@@ -1304,11 +1304,11 @@ impl Gate {
         let Some((Some(body), patient)) = row else {
             return Ok(None);
         };
-        let body = readable(&body, seq)?;
+        // Unpacked only once the caller may see it.
         match reach(self.access()) {
-            AuditReach::All => Ok(Some(body)),
+            AuditReach::All => Ok(Some(readable(&body, seq)?)),
             AuditReach::Patient(p) if patient.as_deref() == Some(&format!("Patient/{p}")) => {
-                Ok(Some(body))
+                Ok(Some(readable(&body, seq)?))
             }
             AuditReach::Patient(_) => Ok(None),
             AuditReach::None => Err(Error::Forbidden(
