@@ -696,6 +696,25 @@ async fn entries_are_stored_packed_and_served_as_the_json_their_digest_is_of() {
 }
 
 #[tokio::test]
+async fn verify_names_an_entry_whose_stored_body_cannot_be_unpacked() {
+    let (s, _w) = logged().await;
+    let mut c = db(&s).await;
+    let stored: String = sqlx::query_scalar("SELECT body FROM audit_entry WHERE seq = 2")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    // Cut short, as a damaged page or a careless edit would leave it.
+    sqlx::query("UPDATE audit_entry SET body = $1 WHERE seq = 2")
+        .bind(&stored[..stored.len() / 2])
+        .execute(&mut c)
+        .await
+        .unwrap();
+    let r = verify(&s, &[]);
+    assert_eq!(r["verified"], false, "{r}");
+    assert_eq!(r["first_bad"], 2, "{r}");
+}
+
+#[tokio::test]
 async fn an_untouched_log_verifies() {
     let (s, _w) = logged().await;
     let r = verify(&s, &[]);
