@@ -127,11 +127,13 @@ pub struct Config {
     /// 0 (the default) keeps everything. Entries at or after the newest
     /// checkpoint a witness fetched are never cleared.
     pub audit_retention_days: u64,
-    /// Microseconds the audit log's writer sleeps once a batch has begun,
-    /// gathering the entries that come meanwhile into the same commit
-    /// (`EHRX_AUDIT_BATCH_WINDOW_US`; SQLite): fewer, larger commits under
-    /// load, at the cost of up to this much more latency per request. 0
-    /// commits whatever has queued at once.
+    /// Longest the audit log's writer waits, in microseconds, once a batch
+    /// has begun, for the entries of requests still being answered,
+    /// gathering them into the same commit (`EHRX_AUDIT_BATCH_WINDOW_US`;
+    /// SQLite); it commits at once when every request in flight has sent
+    /// its entries. Fewer, larger commits under load, at the cost of up to
+    /// this much more latency per request. 0 commits whatever has queued
+    /// at once.
     pub audit_batch_window_us: u64,
 }
 

@@ -159,6 +159,7 @@ pub async fn fhir(State(s): State<AppState>, req: Request, next: Next) -> Respon
     let Some(log) = s.audit.clone() else {
         return next.run(req).await;
     };
+    let _in_flight = log.enter();
     let caller = caller_of(&s, &req);
     let what = Interaction::of(req.method(), req.uri().path());
     let query = match req.uri().query() {
@@ -255,6 +256,7 @@ pub async fn exchange(State(s): State<AppState>, req: Request, next: Next) -> Re
     let Some(log) = s.audit.clone() else {
         return next.run(req).await;
     };
+    let _in_flight = log.enter();
     let ctx = Context::new(caller_of(&s, &req));
     let response = context::scope(ctx.clone(), next.run(req)).await;
     let status = response.status().as_u16();
@@ -341,6 +343,7 @@ pub async fn smart(State(s): State<AppState>, req: Request, next: Next) -> Respo
     let Some(log) = s.audit.clone() else {
         return next.run(req).await;
     };
+    let _in_flight = log.enter();
     let path = req.uri().path().to_string();
     let kind = match (req.method(), path.as_str()) {
         (&Method::POST, "/auth/token") => None,

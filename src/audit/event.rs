@@ -687,9 +687,7 @@ impl Text {
 
 /// The current time as a FHIR instant (UTC, milliseconds).
 pub fn now() -> String {
-    chrono::Utc::now()
-        .format("%Y-%m-%dT%H:%M:%S%.3fZ")
-        .to_string()
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// The searchable copies of an AuditEvent's fields, kept beside it.
@@ -779,6 +777,19 @@ impl Columns {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recorded_is_a_utc_instant_to_the_millisecond() {
+        let t = now();
+        assert_eq!(t.len(), "2026-01-01T00:00:00.000Z".len(), "{t}");
+        assert!(t.ends_with('Z') && t.as_bytes()[19] == b'.', "{t}");
+        let parsed = chrono::DateTime::parse_from_rfc3339(&t).expect(&t);
+        let age = chrono::Utc::now() - parsed.with_timezone(&chrono::Utc);
+        assert!(
+            age >= chrono::Duration::zero() && age < chrono::Duration::minutes(5),
+            "{t}"
+        );
+    }
 
     /// Events of every shape `to_text` writes: with and without user,
     /// client, address, purposes, patient, data, query, token, request id,

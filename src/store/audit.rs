@@ -28,8 +28,8 @@
 //! crash between the two files' commits. The next write clears the rows
 //! appended.
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use sqlx::{AnyConnection, Row};
@@ -97,6 +97,68 @@ impl Job {
     }
 }
 
+/// Who waits for this process's writer: requests inside the audit seam,
+/// and the jobs they have sent. On SQLite a batch gathers up to its window,
+/// but no longer than until every request in flight has sent its job: after
+/// that nobody else is coming, and waiting on would leave the machine idle
+/// and a lone request waiting out the window for nothing (see
+/// [`next_batch`]).
+#[derive(Default)]
+pub(super) struct Waiters {
+    /// Requests inside the audit seam ([`AuditLog::enter`]).
+    in_flight: AtomicUsize,
+    /// Jobs sent to the writer and not yet told.
+    queued: AtomicUsize,
+    /// The writer's thread, woken when the last request in flight has sent
+    /// its job.
+    writer: OnceLock<std::thread::Thread>,
+}
+
+impl Waiters {
+    /// Sends `job` to the writer's queue, and wakes the writer if every
+    /// request in flight has now sent its job.
+    pub(super) async fn send(
+        &self,
+        queue: &flume::Sender<Job>,
+        job: Job,
+    ) -> std::result::Result<(), flume::SendError<Job>> {
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        if let Err(e) = queue.send_async(job).await {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(e);
+        }
+        if self.everyone_waits() {
+            if let Some(w) = self.writer.get() {
+                w.unpark();
+            }
+        }
+        Ok(())
+    }
+
+    /// Every request inside the audit seam has sent its entries.
+    fn everyone_waits(&self) -> bool {
+        self.queued.load(Ordering::SeqCst) >= self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Tells every job of a batch how it went.
+    fn tell(&self, jobs: Vec<Job>, result: &std::result::Result<(), String>) {
+        self.queued.fetch_sub(jobs.len(), Ordering::SeqCst);
+        for j in jobs {
+            let _ = j.done.send(result.clone());
+        }
+    }
+}
+
+/// A request inside the audit seam, from [`AuditLog::enter`] until it is
+/// dropped.
+pub struct InFlight(Arc<Outbox>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.waiters.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl AuditLog {
     /// Starts the log's writer (and, with a non-zero interval, its
     /// checkpointer, which also applies retention: `retention_days`, 0 for
@@ -117,10 +179,15 @@ impl AuditLog {
                 let spawned = std::thread::Builder::new()
                     .name("ehrx-audit".into())
                     .spawn(move || sqlite_writer(&log, &main, &outbox, rx, batch_window));
-                if let Err(e) = spawned {
+                match spawned {
+                    Ok(writer) => {
+                        let _ = store.outbox.waiters.writer.set(writer.thread().clone());
+                    }
                     // Every request then gets 503: nothing is answered
                     // unrecorded.
-                    tracing::error!(error = %e, "the audit log's writer could not start");
+                    Err(e) => {
+                        tracing::error!(error = %e, "the audit log's writer could not start")
+                    }
                 }
             }
             _ => {
@@ -169,6 +236,14 @@ impl AuditLog {
         &self.inner.store
     }
 
+    /// Notes a request entering the audit seam until the guard returned is
+    /// dropped (see [`Waiters`]).
+    pub fn enter(&self) -> InFlight {
+        let outbox = Arc::clone(&self.inner.store.outbox);
+        outbox.waiters.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(outbox)
+    }
+
     /// Appends `events` and returns once they are committed (group commit).
     pub async fn record(&self, events: Vec<Event>) -> StoreResult<()> {
         if events.is_empty() {
@@ -177,13 +252,16 @@ impl AuditLog {
         let events = events.iter().map(prepare).collect();
         let (done, wait) = oneshot::channel();
         let queued = Instant::now();
+        let job = Job {
+            events,
+            outbox: false,
+            done,
+        };
         self.inner
-            .queue
-            .send_async(Job {
-                events,
-                outbox: false,
-                done,
-            })
+            .store
+            .outbox
+            .waiters
+            .send(&self.inner.queue, job)
             .await
             .map_err(|_| StoreError::Audit("the audit writer has stopped".into()))?;
         let result = wait
@@ -342,24 +420,40 @@ impl AuditLog {
     }
 }
 
-/// How many jobs a writer takes for its next batch: the first (waiting for
-/// it), then whatever else has queued up — after `pause`, if given, during
-/// which the writer sleeps rather than being woken by each job that comes —
-/// to [`MAX_BATCH`] entries.
+/// The jobs a writer takes for its next batch: the first (waiting for it),
+/// then whatever else has queued up, to [`MAX_BATCH`] entries. With a
+/// `window` (SQLite), the writer then waits up to the window for more —
+/// parked, not woken by each job that comes — unless every request in
+/// flight has already sent its job ([`Waiters`]); the last to send wakes
+/// it.
 fn next_batch(
     first: Job,
     rx: &flume::Receiver<Job>,
-    pause: Option<Duration>,
+    window: Option<(Duration, &Waiters)>,
 ) -> (Vec<Job>, Vec<Prepared>, bool) {
+    let deadline = window.map(|(w, waiters)| (Instant::now() + w, waiters));
     let mut jobs = vec![first];
     let mut n = jobs[0].events.len();
-    if let Some(p) = pause {
-        std::thread::sleep(p);
-    }
-    while n < MAX_BATCH {
-        let Ok(j) = rx.try_recv() else { break };
-        n += j.events.len();
-        jobs.push(j);
+    loop {
+        while n < MAX_BATCH {
+            let Ok(j) = rx.try_recv() else { break };
+            n += j.events.len();
+            jobs.push(j);
+        }
+        let Some((deadline, waiters)) = deadline else {
+            break;
+        };
+        let now = Instant::now();
+        if n >= MAX_BATCH || now >= deadline || waiters.everyone_waits() {
+            // What a last sender put in the queue before waking us.
+            while n < MAX_BATCH {
+                let Ok(j) = rx.try_recv() else { break };
+                n += j.events.len();
+                jobs.push(j);
+            }
+            break;
+        }
+        std::thread::park_timeout(deadline - now);
     }
     let outbox = jobs.iter().any(|j| j.outbox);
     let mut events = Vec::with_capacity(n);
@@ -369,21 +463,13 @@ fn next_batch(
     (jobs, events, outbox)
 }
 
-/// Tells every job of a batch how it went.
-fn tell(jobs: Vec<Job>, result: &std::result::Result<(), String>) {
-    for j in jobs {
-        let _ = j.done.send(result.clone());
-    }
-}
-
 /// The writer on SQLite: a thread of its own with its own connection to the
-/// log's file (and one to the database file, for `audit_outbox`). A batch is
-/// one `BEGIN IMMEDIATE` transaction on that thread — the log's size read
-/// under the file's write lock, one cached INSERT per entry, the new size,
-/// `COMMIT` — without a hand-off to another thread; the requests waiting on
-/// it are woken from here. Entries writes left in `audit_outbox` go first:
-/// when it starts (a crash may have left some), when a write asks, and when
-/// nothing has come for [`OUTBOX_POLL`] (another process's writes).
+/// log's file (and one to the database file, for `audit_outbox`), so a batch
+/// is written where it is gathered, without a hand-off to another thread,
+/// and the requests waiting on it are woken from here. A batch is one
+/// [`Batch`]. Entries writes left in `audit_outbox` go first: when it starts
+/// (a crash may have left some), when a write asks, and when nothing has
+/// come for [`OUTBOX_POLL`] (another process's writes).
 fn sqlite_writer(
     log: &str,
     main: &str,
@@ -391,31 +477,38 @@ fn sqlite_writer(
     rx: flume::Receiver<Job>,
     window: Duration,
 ) {
-    let mut conns: Option<(rusqlite::Connection, rusqlite::Connection)> = None;
+    let mut conns: Option<Conns> = None;
     let mut outbox_due = true;
     loop {
         let (jobs, events, asked) = match rx.recv_timeout(OUTBOX_POLL) {
-            Ok(first) => next_batch(first, &rx, (!window.is_zero()).then_some(window)),
+            Ok(first) => next_batch(
+                first,
+                &rx,
+                (!window.is_zero()).then_some((window, &outbox.waiters)),
+            ),
             Err(flume::RecvTimeoutError::Timeout) => (Vec::new(), Vec::new(), true),
             Err(flume::RecvTimeoutError::Disconnected) => break,
         };
         outbox_due |= asked;
         if events.is_empty() && !outbox_due {
-            tell(jobs, &Ok(()));
+            outbox.waiters.tell(jobs, &Ok(()));
             continue;
         }
         let started = Instant::now();
-        let n = events.len();
         let result = match &mut conns {
             Some(c) => Ok(c),
             None => open_sqlite(log, main).map(|c| conns.insert(c)),
         }
-        .and_then(|(l, m)| append_sqlite(l, m, &events, outbox_due));
+        .and_then(|c| {
+            let mut batch = Batch::begin(c, outbox_due)?;
+            batch.insert(&events.iter().collect::<Vec<_>>())?;
+            batch.commit()
+        });
         let result = match result {
             Ok(appended) => {
-                if n + appended.outbox > 0 {
+                if appended.entries > 0 {
                     crate::metrics::audit_batch(
-                        n + appended.outbox,
+                        appended.entries,
                         jobs.len(),
                         started.elapsed(),
                         true,
@@ -428,7 +521,7 @@ fn sqlite_writer(
                 Ok(())
             }
             Err(e) => {
-                crate::metrics::audit_batch(n, jobs.len(), started.elapsed(), false);
+                crate::metrics::audit_batch(events.len(), jobs.len(), started.elapsed(), false);
                 tracing::error!(error = %e, "the audit log could not be written");
                 // Opened afresh for the next batch.
                 conns = None;
@@ -437,7 +530,7 @@ fn sqlite_writer(
         };
         let failed = result.is_err();
         let nobody = jobs.is_empty();
-        tell(jobs, &result);
+        outbox.waiters.tell(jobs, &result);
         if failed && nobody {
             // Only the outbox was due: try again shortly, not at once.
             std::thread::sleep(Duration::from_millis(500));
@@ -446,10 +539,14 @@ fn sqlite_writer(
 }
 
 /// The writer's connections: the log's file and the database file.
-fn open_sqlite(
-    log: &str,
-    main: &str,
-) -> rusqlite::Result<(rusqlite::Connection, rusqlite::Connection)> {
+struct Conns {
+    log: rusqlite::Connection,
+    main: rusqlite::Connection,
+    /// The log's connection commits with `synchronous = FULL`.
+    synced: bool,
+}
+
+fn open_sqlite(log: &str, main: &str) -> rusqlite::Result<Conns> {
     let open = |path: &str| -> rusqlite::Result<rusqlite::Connection> {
         let c = rusqlite::Connection::open(path)?;
         c.busy_timeout(Duration::from_secs(10))?;
@@ -457,13 +554,17 @@ fn open_sqlite(
         c.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 0;")?;
         Ok(c)
     };
-    Ok((open(log)?, open(main)?))
+    Ok(Conns {
+        log: open(log)?,
+        main: open(main)?,
+        synced: false,
+    })
 }
 
 /// What one batch appended.
 struct Appended {
-    /// Entries taken from `audit_outbox`.
-    outbox: usize,
+    /// Entries appended, from `audit_outbox` and the batch's jobs.
+    entries: usize,
     /// `audit_outbox` may hold more than one batch took.
     outbox_left: bool,
     /// The newest `audit_outbox` row in the log.
@@ -474,83 +575,104 @@ const INSERT_ENTRY: &str = "INSERT INTO audit_entry (seq, recorded, type, subtyp
     outcome, patient, agent, client, entity, purpose, body, digest) \
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
 
-/// Appends one batch (with `outbox`, the entries writes left in
-/// `audit_outbox` first, then `events`) in one transaction on the log's
-/// file. The log's size and `drained` are read under its write lock, so
-/// another process's writer goes before or after, never beside.
-///
-/// A batch that takes outbox rows is synced to disk at its commit
-/// (`synchronous = FULL`): the next write clears those rows from the
-/// database file, and that must not outlast them in the log should the
-/// machine lose power. Other batches commit as the database file does
-/// (`NORMAL`: safe from a crash of the process, not of the machine).
-fn append_sqlite(
-    log: &mut rusqlite::Connection,
-    main: &rusqlite::Connection,
-    events: &[Prepared],
-    outbox: bool,
-) -> rusqlite::Result<Appended> {
-    if !outbox {
-        return append_sqlite_in(log, main, events, false);
-    }
-    log.execute_batch("PRAGMA synchronous = FULL")?;
-    let appended = append_sqlite_in(log, main, events, true);
-    if let Err(e) = log.execute_batch("PRAGMA synchronous = NORMAL") {
-        // Committed either way; later batches are then synced too.
-        tracing::warn!(error = %e, "the audit log's writer stays on synchronous = FULL");
-    }
-    appended
+/// One batch being appended on SQLite: a `BEGIN IMMEDIATE` transaction on
+/// the log's file — the log's size read under the file's write lock (so
+/// another process's writer goes before or after, never beside), one cached
+/// INSERT per entry, the new size, `COMMIT`.
+struct Batch<'c> {
+    tx: rusqlite::Transaction<'c>,
+    /// The log's size before this batch.
+    size: i64,
+    /// Entries inserted so far.
+    entries: usize,
+    /// The newest `audit_outbox` row in the log, and whether the outbox
+    /// holds more than this batch took.
+    drained: i64,
+    outbox_left: bool,
 }
 
-fn append_sqlite_in(
-    log: &mut rusqlite::Connection,
-    main: &rusqlite::Connection,
-    events: &[Prepared],
-    outbox: bool,
-) -> rusqlite::Result<Appended> {
-    use rusqlite::OptionalExtension as _;
-    let tx = log.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let (size, drained): (i64, i64) = tx
-        .prepare_cached("SELECT size, drained FROM audit_head WHERE id = 1")?
-        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?
-        .unwrap_or((0, 0));
-    let taken = if outbox {
-        sqlite_outbox(main, drained)?
-    } else {
-        Vec::new()
-    };
-    if taken.is_empty() && events.is_empty() {
-        return Ok(Appended {
-            outbox: 0,
-            outbox_left: false,
+impl<'c> Batch<'c> {
+    /// Opens a batch; with `outbox`, it first takes the entries writes left
+    /// in `audit_outbox` after the log's `drained`.
+    ///
+    /// Such a batch is synced to disk at its commit (`synchronous = FULL`,
+    /// which SQLite lets change only outside a transaction): the next write
+    /// clears those rows from the database file, and that must not outlast
+    /// them in the log should the machine lose power. Other batches commit
+    /// as the database file does (`NORMAL`: safe from a crash of the
+    /// process, not of the machine).
+    fn begin(c: &'c mut Conns, outbox: bool) -> rusqlite::Result<Batch<'c>> {
+        use rusqlite::OptionalExtension as _;
+        if c.synced != outbox {
+            c.log.execute_batch(if outbox {
+                "PRAGMA synchronous = FULL"
+            } else {
+                "PRAGMA synchronous = NORMAL"
+            })?;
+            c.synced = outbox;
+        }
+        let tx = c
+            .log
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let (size, drained): (i64, i64) = tx
+            .prepare_cached("SELECT size, drained FROM audit_head WHERE id = 1")?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?
+            .unwrap_or((0, 0));
+        let mut batch = Batch {
+            tx,
+            size,
+            entries: 0,
             drained,
-        });
+            outbox_left: false,
+        };
+        if outbox {
+            let taken = sqlite_outbox(&c.main, drained)?;
+            batch.outbox_left = taken.len() >= MAX_BATCH;
+            if let Some((id, _)) = taken.last() {
+                batch.drained = *id;
+            }
+            batch.insert(&taken.iter().map(|(_, p)| p).collect::<Vec<_>>())?;
+        }
+        Ok(batch)
     }
-    let all: Vec<&Prepared> = taken.iter().map(|(_, p)| p).chain(events).collect();
-    {
-        let mut insert = tx.prepare_cached(INSERT_ENTRY)?;
-        for (seq, cols, body, digest) in at_positions(size, &all) {
+
+    /// Inserts `events` at the next positions.
+    fn insert(&mut self, events: &[&Prepared]) -> rusqlite::Result<()> {
+        let at = self.size + self.entries as i64;
+        let mut insert = self.tx.prepare_cached(INSERT_ENTRY)?;
+        for (seq, cols, body, digest) in at_positions(at, events) {
             let c = cols.named();
             insert.execute(rusqlite::params![
                 seq, c[0].1, c[1].1, c[2].1, c[3].1, c[4].1, c[5].1, c[6].1, c[7].1, c[8].1,
                 c[9].1, body, digest
             ])?;
         }
+        self.entries += events.len();
+        Ok(())
     }
-    let to = taken.last().map_or(drained, |(id, _)| *id);
-    tx.prepare_cached(
-        "INSERT INTO audit_head (id, size, drained) VALUES (1, ?1, ?2) \
-         ON CONFLICT (id) DO UPDATE SET size = excluded.size, \
-         drained = MAX(audit_head.drained, excluded.drained)",
-    )?
-    .execute(rusqlite::params![size + all.len() as i64, to])?;
-    tx.commit()?;
-    Ok(Appended {
-        outbox: taken.len(),
-        outbox_left: taken.len() >= MAX_BATCH,
-        drained: to,
-    })
+
+    /// Records the new size (and `drained`) and commits.
+    fn commit(self) -> rusqlite::Result<Appended> {
+        if self.entries > 0 {
+            self.tx
+                .prepare_cached(
+                    "INSERT INTO audit_head (id, size, drained) VALUES (1, ?1, ?2) \
+                     ON CONFLICT (id) DO UPDATE SET size = excluded.size, \
+                     drained = MAX(audit_head.drained, excluded.drained)",
+                )?
+                .execute(rusqlite::params![
+                    self.size + self.entries as i64,
+                    self.drained
+                ])?;
+        }
+        self.tx.commit()?;
+        Ok(Appended {
+            entries: self.entries,
+            outbox_left: self.outbox_left,
+            drained: self.drained,
+        })
+    }
 }
 
 /// The entries in `audit_outbox` after row `drained`, oldest first (at most
@@ -599,7 +721,10 @@ async fn writer(store: Store, rx: flume::Receiver<Job>) {
             Err(_) => (Vec::new(), Vec::new(), true),
         };
         if store.audit_pool.is_closed() {
-            tell(jobs, &Err("the audit log's database is closed".into()));
+            store
+                .outbox
+                .waiters
+                .tell(jobs, &Err("the audit log's database is closed".into()));
             break;
         }
         outbox_due |= asked;
@@ -625,7 +750,7 @@ async fn writer(store: Store, rx: flume::Receiver<Job>) {
                 Err(e.to_string())
             }
         };
-        tell(jobs, &result);
+        store.outbox.waiters.tell(jobs, &result);
         if rx.is_empty() {
             held = None;
         }
@@ -712,7 +837,7 @@ fn at_positions<'a>(at: i64, events: &[&'a Prepared]) -> Vec<(i64, &'a Columns, 
         .enumerate()
         .map(|(i, e)| {
             let seq = at + i as i64;
-            let body = format!("{}{seq}{}", e.head, e.tail);
+            let body = e.with_id(seq);
             let digest = hex::encode(tree::digest(body.as_bytes()));
             (seq, &e.columns, packed::pack(&body), digest)
         })
@@ -720,29 +845,39 @@ fn at_positions<'a>(at: i64, events: &[&'a Prepared]) -> Vec<(i64, &'a Columns, 
 }
 
 /// An event serialised before it reaches the writer (on the requesting
-/// task, not the writer's): its JSON split around its empty `id`, which the
-/// writer fills in with the entry's position, and its columns.
+/// task, not the writer's): its JSON with an empty `id`, which the writer
+/// fills in with the entry's position, and its columns.
 pub struct Prepared {
-    head: String,
-    tail: String,
+    text: String,
+    /// Where the `id`'s value goes in `text`.
+    at: usize,
     columns: Columns,
+}
+
+impl Prepared {
+    /// The JSON with `id` filled in.
+    fn with_id(&self, id: impl std::fmt::Display) -> String {
+        use std::fmt::Write as _;
+        let (head, tail) = self.text.split_at(self.at);
+        let mut body = String::with_capacity(self.text.len() + 20);
+        body.push_str(head);
+        // Writing into a String cannot fail.
+        let _ = write!(body, "{id}");
+        body.push_str(tail);
+        body
+    }
 }
 
 fn prepare(e: &Event) -> Prepared {
     split(e.to_text(), e.columns())
 }
 
-/// An event's JSON (with an empty `id`) split around that `id`.
-fn split(mut text: String, columns: Columns) -> Prepared {
+/// An event's JSON (with an empty `id`), and where that `id` goes.
+fn split(text: String, columns: Columns) -> Prepared {
     const ID: &str = "\"id\":\"\"";
     // `id` is the second member of every event (`Event::to_json`).
     let at = text.find(ID).map_or(text.len(), |i| i + ID.len() - 1);
-    let tail = text.split_off(at);
-    Prepared {
-        head: text,
-        tail,
-        columns,
-    }
+    Prepared { text, at, columns }
 }
 
 /// Appends `events` inside the transaction `conn` is in, at the next
@@ -881,7 +1016,7 @@ async fn to_outbox(conn: &mut AnyConnection, drained: i64, events: &[Prepared]) 
             for (_, v) in e.columns.named() {
                 q = q.bind(v.map(str::to_string));
             }
-            q = q.bind(format!("{}{}", e.head, e.tail));
+            q = q.bind(e.text.clone());
         }
         q.execute(&mut *conn).await?;
     }
@@ -1334,4 +1469,92 @@ pub(super) fn wrote(op: Ops, prev: Option<&super::Version>, v: &super::Version) 
         .as_deref()
         .or_else(|| prev.and_then(|p| p.body.as_deref()));
     crate::audit::context::wrote(action, interaction, &v.rtype, &v.id, body);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A window no test waits out: a batch that closes does so because
+    /// every request in flight has sent its job.
+    const FOREVER: Duration = Duration::from_secs(3600);
+    /// How long a test waits for a batch that should close at once.
+    const LIVENESS: Duration = Duration::from_secs(60);
+
+    fn job() -> (Job, oneshot::Receiver<std::result::Result<(), String>>) {
+        let (done, told) = oneshot::channel();
+        (Job::outbox(done), told)
+    }
+
+    /// Runs [`next_batch`] with a window of [`FOREVER`] on a thread of its
+    /// own (the writer, as `waiters` know it); answers with the number of
+    /// jobs its batch took.
+    fn gather(
+        first: Job,
+        rx: &flume::Receiver<Job>,
+        waiters: &Arc<Waiters>,
+    ) -> std::sync::mpsc::Receiver<usize> {
+        let (out, taken) = std::sync::mpsc::channel();
+        let (rx, w) = (rx.clone(), Arc::clone(waiters));
+        let writer = std::thread::spawn(move || {
+            let (jobs, _, _) = next_batch(first, &rx, Some((FOREVER, &w)));
+            let _ = out.send(jobs.len());
+        });
+        let _ = waiters.writer.set(writer.thread().clone());
+        taken
+    }
+
+    #[tokio::test]
+    async fn a_batch_closes_once_every_request_in_flight_has_sent_its_job() {
+        let waiters = Arc::new(Waiters::default());
+        waiters.in_flight.store(2, Ordering::SeqCst);
+        let (tx, rx) = flume::unbounded();
+        let (first, _t1) = job();
+        let (second, _t2) = job();
+        waiters.queued.store(1, Ordering::SeqCst);
+        waiters.send(&tx, second).await.unwrap();
+        assert_eq!(gather(first, &rx, &waiters).recv_timeout(LIVENESS), Ok(2));
+    }
+
+    #[tokio::test]
+    async fn a_batch_waits_for_a_request_still_in_flight_whose_job_wakes_it() {
+        let waiters = Arc::new(Waiters::default());
+        waiters.in_flight.store(2, Ordering::SeqCst);
+        let (tx, rx) = flume::unbounded();
+        let (first, _t1) = job();
+        waiters.queued.store(1, Ordering::SeqCst);
+        let taken = gather(first, &rx, &waiters);
+        assert_eq!(
+            taken.recv_timeout(Duration::from_millis(200)),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+        );
+        let (second, _t2) = job();
+        waiters.send(&tx, second).await.unwrap();
+        assert_eq!(taken.recv_timeout(LIVENESS), Ok(2));
+    }
+
+    #[test]
+    fn a_batch_without_a_window_takes_what_has_queued_and_no_more() {
+        let waiters = Waiters::default();
+        waiters.in_flight.store(5, Ordering::SeqCst);
+        let (tx, rx) = flume::unbounded();
+        let (first, _t1) = job();
+        let (queued, _t2) = job();
+        tx.send(queued).unwrap();
+        let (jobs, _, outbox) = next_batch(first, &rx, None);
+        assert_eq!(jobs.len(), 2);
+        assert!(outbox);
+    }
+
+    #[test]
+    fn telling_a_batch_leaves_none_of_its_jobs_counted_as_queued() {
+        let waiters = Waiters::default();
+        let (a, told_a) = job();
+        let (b, told_b) = job();
+        waiters.queued.store(2, Ordering::SeqCst);
+        waiters.tell(vec![a, b], &Ok(()));
+        assert_eq!(waiters.queued.load(Ordering::SeqCst), 0);
+        assert_eq!(told_a.blocking_recv(), Ok(Ok(())));
+        assert_eq!(told_b.blocking_recv(), Ok(Ok(())));
+    }
 }

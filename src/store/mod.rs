@@ -127,8 +127,9 @@ pub struct Store {
     outbox: Arc<Outbox>,
 }
 
-/// Audit entries writes left in `audit_outbox` (SQLite): how a write asks
-/// the log's writer to append them, and which of them it has appended.
+/// The log's writer in this process, as the store sees it: how a write asks
+/// it to append the entries it left in `audit_outbox` (SQLite), which of
+/// them it has appended, and who is waiting for it.
 #[derive(Default)]
 struct Outbox {
     /// The queue of the log's writer in this process, while one runs.
@@ -136,6 +137,9 @@ struct Outbox {
     /// The newest row this process's writer appended to the log (rows up
     /// to it are cleared by the next write).
     drained: std::sync::atomic::AtomicI64,
+    /// Who waits for that writer, so that it commits a batch as soon as
+    /// nobody else is coming.
+    waiters: audit::Waiters,
 }
 
 /// How long a write waits for its audit entries to reach the log once they
@@ -161,7 +165,12 @@ impl Outbox {
             .and_then(|q| q.upgrade());
         let Some(queue) = queue else { return };
         let (done, wait) = tokio::sync::oneshot::channel();
-        if queue.send_async(audit::Job::outbox(done)).await.is_err() {
+        if self
+            .waiters
+            .send(&queue, audit::Job::outbox(done))
+            .await
+            .is_err()
+        {
             return;
         }
         drop(queue);
