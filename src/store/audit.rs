@@ -1504,25 +1504,29 @@ mod tests {
         taken
     }
 
-    #[tokio::test]
-    async fn a_batch_closes_once_every_request_in_flight_has_sent_its_job() {
+    /// Two requests in flight, the first of which has sent `first` (which
+    /// opens the writer's batch).
+    fn two_in_flight_one_sent() -> (Arc<Waiters>, flume::Sender<Job>, flume::Receiver<Job>) {
         let waiters = Arc::new(Waiters::default());
         waiters.in_flight.store(2, Ordering::SeqCst);
+        waiters.queued.store(1, Ordering::SeqCst);
         let (tx, rx) = flume::unbounded();
+        (waiters, tx, rx)
+    }
+
+    #[tokio::test]
+    async fn a_batch_closes_once_every_request_in_flight_has_sent_its_job() {
+        let (waiters, tx, rx) = two_in_flight_one_sent();
         let (first, _t1) = job();
         let (second, _t2) = job();
-        waiters.queued.store(1, Ordering::SeqCst);
         waiters.send(&tx, second).await.unwrap();
         assert_eq!(gather(first, &rx, &waiters).recv_timeout(LIVENESS), Ok(2));
     }
 
     #[tokio::test]
     async fn a_batch_waits_for_a_request_still_in_flight_whose_job_wakes_it() {
-        let waiters = Arc::new(Waiters::default());
-        waiters.in_flight.store(2, Ordering::SeqCst);
-        let (tx, rx) = flume::unbounded();
+        let (waiters, tx, rx) = two_in_flight_one_sent();
         let (first, _t1) = job();
-        waiters.queued.store(1, Ordering::SeqCst);
         let taken = gather(first, &rx, &waiters);
         assert_eq!(
             taken.recv_timeout(Duration::from_millis(200)),
