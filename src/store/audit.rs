@@ -435,25 +435,24 @@ fn next_batch(
     let mut jobs = vec![first];
     let mut n = jobs[0].events.len();
     loop {
+        // Decided before the queue is drained, so that what the last
+        // sender queued before waking the writer is taken with it.
+        let now = Instant::now();
+        let wait = match deadline {
+            Some((deadline, waiters)) if now < deadline && !waiters.everyone_waits() => {
+                Some(deadline - now)
+            }
+            _ => None,
+        };
         while n < MAX_BATCH {
             let Ok(j) = rx.try_recv() else { break };
             n += j.events.len();
             jobs.push(j);
         }
-        let Some((deadline, waiters)) = deadline else {
-            break;
-        };
-        let now = Instant::now();
-        if n >= MAX_BATCH || now >= deadline || waiters.everyone_waits() {
-            // What a last sender put in the queue before waking us.
-            while n < MAX_BATCH {
-                let Ok(j) = rx.try_recv() else { break };
-                n += j.events.len();
-                jobs.push(j);
-            }
-            break;
+        match wait {
+            Some(w) if n < MAX_BATCH => std::thread::park_timeout(w),
+            _ => break,
         }
-        std::thread::park_timeout(deadline - now);
     }
     let outbox = jobs.iter().any(|j| j.outbox);
     let mut events = Vec::with_capacity(n);
@@ -856,13 +855,11 @@ pub struct Prepared {
 
 impl Prepared {
     /// The JSON with `id` filled in.
-    fn with_id(&self, id: impl std::fmt::Display) -> String {
-        use std::fmt::Write as _;
+    fn with_id(&self, id: i64) -> String {
         let (head, tail) = self.text.split_at(self.at);
         let mut body = String::with_capacity(self.text.len() + 20);
         body.push_str(head);
-        // Writing into a String cannot fail.
-        let _ = write!(body, "{id}");
+        body.push_str(&id.to_string());
         body.push_str(tail);
         body
     }
