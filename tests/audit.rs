@@ -527,6 +527,93 @@ async fn a_patient_sees_who_read_their_record_and_nothing_about_others() {
 }
 
 #[tokio::test]
+async fn an_insurers_access_names_its_organisation_in_the_access_log() {
+    let s = TestServer::start().await;
+    let w = world(&s).await;
+    for r in [
+        json!({"resourceType": "Organization", "id": "insurer", "name": "Insurer"}),
+        json!({"resourceType": "Coverage", "id": "cov-pa", "status": "active",
+            "beneficiary": {"reference": "Patient/pa"},
+            "payor": [{"reference": "Organization/insurer"}]}),
+    ] {
+        let path = format!(
+            "{}/{}",
+            r["resourceType"].as_str().unwrap(),
+            r["id"].as_str().unwrap()
+        );
+        let (st, b) = fhir(&s, &w.admin, reqwest::Method::PUT, &path, Some(&r)).await;
+        assert!(st == 200 || st == 201, "{b}");
+    }
+    // A backend client bound to the insurer, and a practitioner bound to
+    // no organisation.
+    let k = client_key(Algorithm::RS384);
+    let insurer = backend_client_with(
+        &s,
+        &k,
+        "system/*.rs",
+        &["--organization", "Organization/insurer"],
+    );
+    let (st, t) = backend_token(&s, &insurer, &k, "system/*.rs").await;
+    assert_eq!(st, 200, "{t}");
+    let (st, b) = get(&s, t["access_token"].as_str().unwrap(), "Coverage/cov-pa").await;
+    assert_eq!(st, 200, "{b}");
+    let dr = practitioner(&s, "prac6").await;
+    assert_eq!(get(&s, &dr, "Observation/oa").await.0, 200);
+    // The insurer's event names the organisation as a third agent.
+    let found = audit(&s, &w.admin, "entity=Coverage/cov-pa").await;
+    let read = found
+        .iter()
+        .find(|e| e["subtype"][0]["code"] == "read")
+        .expect("the insurer's read is recorded");
+    assert_eq!(
+        agent(read, "RESP")["who"]["reference"],
+        "Organization/insurer"
+    );
+    assert_eq!(agent(read, "RESP")["requestor"], false);
+    assert_eq!(
+        agent(read, "110153")["who"]["identifier"]["value"],
+        insurer.as_str()
+    );
+    // The patient's summary shows it beside the client; the practitioner's
+    // access names none.
+    let me = patient(&s, "pa").await;
+    let (st, log) = get(&s, &me, "Patient/pa/$access-log").await;
+    assert_eq!(st, 200, "{log}");
+    let accesses: Vec<&Value> = log["parameter"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["name"] == "access")
+        .collect();
+    let part = |a: &Value, name: &str| {
+        a["part"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .cloned()
+    };
+    let by_insurer = accesses
+        .iter()
+        .find(|a| part(a, "client").unwrap()["valueString"] == insurer.as_str())
+        .expect("the insurer's access is listed");
+    assert_eq!(
+        part(by_insurer, "organization").expect("with its organisation")["valueReference"]
+            ["reference"],
+        "Organization/insurer"
+    );
+    assert!(part(by_insurer, "summary").unwrap()["valueString"]
+        .as_str()
+        .unwrap()
+        .contains("for Organization/insurer"));
+    let by_dr = accesses
+        .iter()
+        .find(|a| part(a, "who").unwrap()["valueString"] == "Practitioner/prac6")
+        .expect("the practitioner's access is listed");
+    assert!(part(by_dr, "organization").is_none(), "{by_dr}");
+}
+
+#[tokio::test]
 async fn break_the_glass_is_marked_in_the_access_log() {
     let s = TestServer::start().await;
     let w = world(&s).await;

@@ -573,7 +573,8 @@ pub async fn not_writable(req: FhirRequest) -> Response {
 }
 
 /// `GET /Patient/{id}/$access-log`: who accessed the patient's record, per
-/// accessor and day, with break-the-glass accesses marked.
+/// accessor and day (with the client, and the organisation it acts for),
+/// with break-the-glass accesses marked.
 pub async fn access_log(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -598,7 +599,7 @@ pub async fn access_log(
             ..AuditQuery::default()
         };
         let found = req.gate.audit_search(&q).await?;
-        let mut groups: BTreeMap<(String, String, String), Group> = BTreeMap::new();
+        let mut groups: BTreeMap<(String, String, String, String), Group> = BTreeMap::new();
         for (_, body) in &found {
             let Ok(v) = serde_json::from_str::<Value>(body) else {
                 continue;
@@ -616,7 +617,8 @@ pub async fn access_log(
                 .clone()
                 .unwrap_or_else(|| "unauthenticated caller".into());
             let client = c.client.clone().unwrap_or_default();
-            let g = groups.entry((day, who, client)).or_default();
+            let org = event::organization_of(&v).unwrap_or_default().to_string();
+            let g = groups.entry((day, who, client, org)).or_default();
             g.count += 1;
             if c.outcome.as_deref() != Some("0") {
                 g.refused += 1;
@@ -633,14 +635,19 @@ pub async fn access_log(
         let mut params = vec![
             json!({"name": "patient", "valueReference": {"reference": format!("Patient/{id}")}}),
         ];
-        for ((day, who, client), g) in groups.into_iter().rev() {
+        for ((day, who, client, org), g) in groups.into_iter().rev() {
             let what: Vec<String> = g.what.iter().map(|(k, n)| format!("{k} ×{n}")).collect();
             let mut summary = format!(
-                "{day} {who}{}: {} access(es) ({})",
+                "{day} {who}{}{}: {} access(es) ({})",
                 if client.is_empty() {
                     String::new()
                 } else {
                     format!(" via {client}")
+                },
+                if org.is_empty() {
+                    String::new()
+                } else {
+                    format!(" for {org}")
                 },
                 g.count,
                 what.join(", ")
@@ -651,19 +658,20 @@ pub async fn access_log(
             if g.break_the_glass {
                 summary.push_str(" — BREAK-THE-GLASS");
             }
-            params.push(json!({
-                "name": "access",
-                "part": [
-                    {"name": "day", "valueDate": day},
-                    {"name": "who", "valueString": who},
-                    {"name": "client", "valueString": client},
-                    {"name": "what", "valueString": what.join(", ")},
-                    {"name": "count", "valueInteger": g.count},
-                    {"name": "refused", "valueInteger": g.refused},
-                    {"name": "breakTheGlass", "valueBoolean": g.break_the_glass},
-                    {"name": "summary", "valueString": summary},
-                ]
-            }));
+            let mut part = vec![
+                json!({"name": "day", "valueDate": day}),
+                json!({"name": "who", "valueString": who}),
+                json!({"name": "client", "valueString": client}),
+                json!({"name": "what", "valueString": what.join(", ")}),
+                json!({"name": "count", "valueInteger": g.count}),
+                json!({"name": "refused", "valueInteger": g.refused}),
+                json!({"name": "breakTheGlass", "valueBoolean": g.break_the_glass}),
+                json!({"name": "summary", "valueString": summary}),
+            ];
+            if !org.is_empty() {
+                part.push(json!({"name": "organization", "valueReference": {"reference": org}}));
+            }
+            params.push(json!({"name": "access", "part": part}));
         }
         let _ = &s;
         Ok(FhirResponse::new(StatusCode::OK)

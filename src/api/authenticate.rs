@@ -50,6 +50,7 @@ pub async fn authenticate(State(s): State<AppState>, mut req: Request, next: Nex
                 c.fhir_user.as_deref(),
                 &c.client_id,
                 c.patient.as_deref(),
+                c.organization.as_deref(),
             );
             req.extensions_mut().insert(verified.access.clone());
             req.extensions_mut().insert(verified);

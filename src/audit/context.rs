@@ -37,6 +37,8 @@ pub struct Caller {
     pub request_id: Option<String>,
     /// The server's base URL.
     pub observer: String,
+    /// The Organization (id) the token's client acts for (an insurer's).
+    pub organization: Option<String>,
 }
 
 /// A resource written in this request, not yet recorded.
@@ -129,13 +131,20 @@ pub fn active() -> bool {
     current().is_some()
 }
 
-/// Names the caller (from the checked token).
-pub fn identify(user: Option<&str>, client: &str, patient: Option<&str>) {
+/// Names the caller (from the checked token): its user, client, patient
+/// context and the organisation its client acts for.
+pub fn identify(
+    user: Option<&str>,
+    client: &str,
+    patient: Option<&str>,
+    organization: Option<&str>,
+) {
     if let Some(c) = current() {
         c.with(|i| {
             i.caller.user = user.map(str::to_string);
             i.caller.client = Some(client.to_string());
             i.caller.patient = patient.map(str::to_string);
+            i.caller.organization = organization.map(str::to_string);
         });
     }
 }
@@ -256,7 +265,8 @@ impl Caller {
     pub fn event(&self, kind: EventType, action: Action) -> Event {
         let mut e = Event::new(kind, action)
             .user(self.user.clone())
-            .client(self.client.clone());
+            .client(self.client.clone())
+            .organization(self.organization.clone());
         e.address = self.address.clone();
         e.purpose = self.purpose.clone();
         e.request_id = self.request_id.clone();

@@ -47,6 +47,7 @@ const AUDIT_EVENT_TYPE: &str = "http://terminology.hl7.org/CodeSystem/audit-even
 const RESTFUL: &str = "http://hl7.org/fhir/restful-interaction";
 const ENTITY_TYPE: &str = "http://terminology.hl7.org/CodeSystem/audit-entity-type";
 const OBJECT_ROLE: &str = "http://terminology.hl7.org/CodeSystem/object-role";
+const PARTICIPATION: &str = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType";
 /// ehrx's own subtypes, where no standard code names the event.
 pub const EHRX_SUBTYPE: &str = "urn:ehrx:audit-subtype";
 /// The code system of purposes of use (`BTG`, `ETREAT`, `TREAT`, …).
@@ -290,6 +291,9 @@ pub struct Event {
     pub request_id: Option<String>,
     /// The server (its base URL).
     pub observer: String,
+    /// The Organization (id) the client acts for: an insurer's backend
+    /// client is bound to one at registration.
+    pub organization: Option<String>,
 }
 
 impl Event {
@@ -310,6 +314,7 @@ impl Event {
             token: None,
             request_id: None,
             observer: String::new(),
+            organization: None,
         }
     }
 
@@ -326,6 +331,11 @@ impl Event {
 
     pub fn client(mut self, client: Option<String>) -> Event {
         self.client = client;
+        self
+    }
+
+    pub fn organization(mut self, organization: Option<String>) -> Event {
+        self.organization = organization;
         self
     }
 
@@ -419,6 +429,13 @@ impl Event {
                 user["purposeOfUse"] = json!(purposes);
             }
             agents.push(user);
+        }
+        if let Some(org) = &self.organization {
+            agents.push(json!({
+                "type": {"coding": [Code::new(PARTICIPATION, "RESP", "responsible party").json()]},
+                "who": {"reference": format!("Organization/{org}")},
+                "requestor": false,
+            }));
         }
         o.insert("agent".into(), json!(agents));
         o.insert(
@@ -557,6 +574,13 @@ impl Event {
                 j.purposes(&self.purpose);
             }
             j.raw("}");
+        }
+        if let Some(org) = &self.organization {
+            j.raw(",{\"type\":{\"coding\":[");
+            j.code(&Code::new(PARTICIPATION, "RESP", "responsible party"));
+            j.raw("]},\"who\":{\"reference\":");
+            j.str(&format!("Organization/{org}"));
+            j.raw("},\"requestor\":false}");
         }
         j.raw("],\"source\":{\"observer\":{\"display\":");
         j.str(&self.observer);
@@ -709,6 +733,16 @@ pub struct Columns {
     pub purpose: Option<String>,
 }
 
+/// The Organization an AuditEvent's client acted for (its responsible
+/// party agent, `Organization/{id}`), if it names one.
+pub fn organization_of(e: &Value) -> Option<&str> {
+    e["agent"]
+        .as_array()?
+        .iter()
+        .find(|a| a["type"]["coding"][0]["code"] == "RESP")
+        .and_then(|a| a["who"]["reference"].as_str())
+}
+
 impl Columns {
     /// The columns of an AuditEvent.
     pub fn of(e: &Value) -> Columns {
@@ -822,6 +856,13 @@ mod tests {
                 .purpose("BTG"),
         );
         all.push(Event::new(EventType::rest("create"), Action::Create).data("Patient/x"));
+        all.push(
+            Event::new(EventType::rest("read"), Action::Read)
+                .client(Some("claims-app".into()))
+                .organization(Some("insurer".into()))
+                .patient(Some("p3".into()))
+                .data("Coverage/c1"),
+        );
         all
     }
 
@@ -832,6 +873,8 @@ mod tests {
             assert_eq!(text, e.to_json().to_string());
             let parsed: Value = serde_json::from_str(&text).unwrap();
             assert_eq!(e.columns(), Columns::of(&parsed), "{text}");
+            let org = e.organization.as_ref().map(|o| format!("Organization/{o}"));
+            assert_eq!(organization_of(&parsed), org.as_deref(), "{text}");
         }
     }
 

@@ -145,7 +145,7 @@ async fn claim_and_store(store: &Store, env: &Env, doc: Received) -> Result<Rece
     let org_id = doc.org.trim_start_matches("Organization/");
     let gate = store.gate(Access::subscriber(&source, org_id));
     // The signer, verified, is the requestor of the audit record.
-    crate::audit::context::identify(Some(&doc.org), &source, None);
+    crate::audit::context::identify(Some(&doc.org), &source, None, None);
     let key = db::ReceiptKey {
         subscriber: &source,
         digest: &digest,
