@@ -920,35 +920,24 @@ async fn append(conn: &mut AnyConnection, events: &[&Prepared]) -> StoreResult<(
 }
 
 /// Appends an `INSERT` of `n` entry rows to `sql`, its parameters numbered
-/// from 1.
+/// from 1 (the log's own appends run on PostgreSQL only).
 fn insert_rows(sql: &mut String, n: usize) {
     sql.push_str(
         "INSERT INTO audit_entry (seq, recorded, type, subtype, action, outcome, patient, \
          agent, client, entity, purpose, body, digest) VALUES ",
     );
-    let mut last = 0;
-    for i in 0..n {
-        sql.push_str(if i > 0 { ",(" } else { "(" });
-        for c in 1..=13 {
-            last += 1;
-            if c > 1 {
-                sql.push(',');
-            }
-            sql.push_str(&format!("${last}"));
-        }
-        sql.push(')');
-    }
+    super::push_values(sql, n, 13, true);
 }
 
 /// Binds `rows` in the order [`insert_rows`] numbers them.
 fn bind_rows<'q>(
     mut q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
-    rows: &'q [(i64, &Columns, String, String)],
+    rows: &'q [(i64, &'q Columns, String, String)],
 ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
     for (seq, cols, body, digest) in rows {
         q = q.bind(*seq);
         for (_, v) in cols.named() {
-            q = q.bind(v.map(str::to_string));
+            q = q.bind(v);
         }
         q = q.bind(body.as_str()).bind(digest.as_str());
     }
@@ -991,29 +980,19 @@ async fn to_outbox(conn: &mut AnyConnection, drained: i64, events: &[Prepared]) 
             .execute(&mut *conn)
             .await?;
     }
+    let numbered = !conn.backend_name().eq_ignore_ascii_case("sqlite");
     for chunk in events.chunks(ROWS_PER_INSERT) {
         let mut sql = String::from(
             "INSERT INTO audit_outbox (recorded, type, subtype, action, outcome, patient, agent, \
              client, entity, purpose, body) VALUES ",
         );
-        let mut n = 0;
-        for i in 0..chunk.len() {
-            sql.push_str(if i > 0 { ",(" } else { "(" });
-            for c in 0..11 {
-                n += 1;
-                if c > 0 {
-                    sql.push(',');
-                }
-                sql.push_str(&format!("${n}"));
-            }
-            sql.push(')');
-        }
+        super::push_values(&mut sql, chunk.len(), 11, numbered);
         let mut q = sqlx::query(&sql);
         for e in chunk {
             for (_, v) in e.columns.named() {
-                q = q.bind(v.map(str::to_string));
+                q = q.bind(v);
             }
-            q = q.bind(e.text.clone());
+            q = q.bind(e.text.as_str());
         }
         q.execute(&mut *conn).await?;
     }

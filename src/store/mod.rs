@@ -823,6 +823,30 @@ enum Col<'a> {
     R(f64),
 }
 
+/// Appends the parameters of a multi-row `VALUES` list to `sql`: `rows`
+/// groups of `per_row`, numbered (`$1`, PostgreSQL) or anonymous (`?`,
+/// SQLite, which binds numbered parameters in time quadratic in their
+/// count).
+pub(super) fn push_values(sql: &mut String, rows: usize, per_row: usize, numbered: bool) {
+    let mut n = 0;
+    for i in 0..rows {
+        sql.push_str(if i > 0 { ", (" } else { "(" });
+        for j in 0..per_row {
+            n += 1;
+            if j > 0 {
+                sql.push_str(", ");
+            }
+            if numbered {
+                sql.push('$');
+                sql.push_str(&n.to_string());
+            } else {
+                sql.push('?');
+            }
+        }
+        sql.push(')');
+    }
+}
+
 /// Rows per multi-row INSERT: full statements share one prepared statement.
 const ROWS_PER_INSERT: usize = 128;
 
@@ -843,26 +867,7 @@ async fn insert_table(
             "INSERT INTO {table} (rtype, id, {}) VALUES ",
             columns.join(", ")
         );
-        let mut n = 0;
-        for (i, _) in chunk.iter().enumerate() {
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push('(');
-            for j in 0..per_row {
-                n += 1;
-                if j > 0 {
-                    sql.push_str(", ");
-                }
-                if numbered {
-                    sql.push('$');
-                    sql.push_str(&n.to_string());
-                } else {
-                    sql.push('?');
-                }
-            }
-            sql.push(')');
-        }
+        push_values(&mut sql, chunk.len(), per_row, numbered);
         let mut q = sqlx::query(&sql);
         for row in chunk {
             for c in row {
