@@ -28,13 +28,15 @@ struct World {
 
 /// The practitioners of these tests: the general practitioners of both
 /// patients, so that the circle of trust lets them in.
-const GENERAL_PRACTITIONERS: [&str; 7] = [
+const GENERAL_PRACTITIONERS: [&str; 9] = [
     "prac1",
     "prac2",
     "prac3",
     "prac4",
     "prac5",
     "prac6",
+    "prac7",
+    "prac8",
     "emergency",
 ];
 
@@ -611,6 +613,130 @@ async fn an_insurers_access_names_its_organisation_in_the_access_log() {
         .find(|a| part(a, "who").unwrap()["valueString"] == "Practitioner/prac6")
         .expect("the practitioner's access is listed");
     assert!(part(by_dr, "organization").is_none(), "{by_dr}");
+}
+
+/// Stores an Organization and `prac`'s PractitionerRole `role` at it.
+async fn works_at(s: &TestServer, admin: &str, prac: &str, role: &str, org: &str) {
+    for r in [
+        json!({"resourceType": "Organization", "id": org, "name": org}),
+        json!({"resourceType": "PractitionerRole", "id": role, "active": true,
+            "practitioner": {"reference": format!("Practitioner/{prac}")},
+            "organization": {"reference": format!("Organization/{org}")}}),
+    ] {
+        let path = format!(
+            "{}/{}",
+            r["resourceType"].as_str().unwrap(),
+            r["id"].as_str().unwrap()
+        );
+        let (st, b) = fhir(s, admin, reqwest::Method::PUT, &path, Some(&r)).await;
+        assert!(st == 200 || st == 201, "{b}");
+    }
+}
+
+/// The `access` parameters of `patient`'s own `$access-log` by the
+/// accessor `who`.
+async fn accesses_by(s: &TestServer, patient_id: &str, who: &str) -> Vec<Value> {
+    let me = patient(s, patient_id).await;
+    let (st, log) = get(s, &me, &format!("Patient/{patient_id}/$access-log")).await;
+    assert_eq!(st, 200, "{log}");
+    log["parameter"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["name"] == "access")
+        .filter(|a| {
+            a["part"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["name"] == "who" && p["valueString"] == who)
+        })
+        .cloned()
+        .collect()
+}
+
+/// The references of an `access` parameter's `organization` parts.
+fn organization_parts(access: &Value) -> Vec<&str> {
+    access["part"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["name"] == "organization")
+        .filter_map(|p| p["valueReference"]["reference"].as_str())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_practitioners_access_names_the_organisation_of_their_role() {
+    let s = TestServer::start().await;
+    let w = world(&s).await;
+    works_at(&s, &w.admin, "prac7", "prac7-at-a", "hospital-a").await;
+    let dr = practitioner(&s, "prac7").await;
+    assert_eq!(get(&s, &dr, "Observation/oa").await.0, 200);
+    let found = audit(&s, &w.admin, "agent=Practitioner/prac7").await;
+    let read = found
+        .iter()
+        .find(|e| e["subtype"][0]["code"] == "read")
+        .expect("the practitioner's read is recorded");
+    assert_eq!(
+        agent(read, "RESP")["who"]["reference"],
+        "Organization/hospital-a"
+    );
+    assert_eq!(agent(read, "RESP")["requestor"], false);
+    assert_eq!(
+        agent(read, "IRCP")["who"]["reference"],
+        "Practitioner/prac7"
+    );
+    let listed = accesses_by(&s, "pa", "Practitioner/prac7").await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(organization_parts(&listed[0]), ["Organization/hospital-a"]);
+    let summary = listed[0]["part"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "summary")
+        .unwrap()["valueString"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        summary.contains("Practitioner/prac7") && summary.contains("for Organization/hospital-a"),
+        "{summary}"
+    );
+}
+
+#[tokio::test]
+async fn a_practitioner_with_roles_at_two_organisations_is_shown_with_both() {
+    let s = TestServer::start().await;
+    let w = world(&s).await;
+    works_at(&s, &w.admin, "prac8", "prac8-at-a", "hospital-a").await;
+    works_at(&s, &w.admin, "prac8", "prac8-at-b", "hospital-b").await;
+    let dr = practitioner(&s, "prac8").await;
+    assert_eq!(get(&s, &dr, "Observation/ob").await.0, 200);
+    let found = audit(&s, &w.admin, "agent=Practitioner/prac8").await;
+    let read = found
+        .iter()
+        .find(|e| e["subtype"][0]["code"] == "read")
+        .expect("the practitioner's read is recorded");
+    let named: Vec<&Value> = read["agent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["type"]["coding"][0]["code"] == "RESP")
+        .map(|a| &a["who"]["reference"])
+        .collect();
+    assert_eq!(
+        named,
+        ["Organization/hospital-a", "Organization/hospital-b"]
+    );
+    let listed = accesses_by(&s, "pb", "Practitioner/prac8").await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(
+        organization_parts(&listed[0]),
+        ["Organization/hospital-a", "Organization/hospital-b"]
+    );
+    // Nothing of it reaches the other patient's log.
+    assert!(accesses_by(&s, "pa", "Practitioner/prac8").await.is_empty());
 }
 
 #[tokio::test]

@@ -573,7 +573,8 @@ pub async fn not_writable(req: FhirRequest) -> Response {
 }
 
 /// `GET /Patient/{id}/$access-log`: who accessed the patient's record, per
-/// accessor and day (with the client, and the organisation it acts for),
+/// accessor and day (with the client, and the organisations the accessor
+/// acts for),
 /// with break-the-glass accesses marked.
 pub async fn access_log(
     State(s): State<AppState>,
@@ -599,7 +600,7 @@ pub async fn access_log(
             ..AuditQuery::default()
         };
         let found = req.gate.audit_search(&q).await?;
-        let mut groups: BTreeMap<(String, String, String, String), Group> = BTreeMap::new();
+        let mut groups: BTreeMap<(String, String, String, Vec<String>), Group> = BTreeMap::new();
         for (_, body) in &found {
             let Ok(v) = serde_json::from_str::<Value>(body) else {
                 continue;
@@ -617,8 +618,11 @@ pub async fn access_log(
                 .clone()
                 .unwrap_or_else(|| "unauthenticated caller".into());
             let client = c.client.clone().unwrap_or_default();
-            let org = event::organization_of(&v).unwrap_or_default().to_string();
-            let g = groups.entry((day, who, client, org)).or_default();
+            let orgs: Vec<String> = event::organizations_of(&v)
+                .into_iter()
+                .map(str::to_string)
+                .collect();
+            let g = groups.entry((day, who, client, orgs)).or_default();
             g.count += 1;
             if c.outcome.as_deref() != Some("0") {
                 g.refused += 1;
@@ -635,7 +639,7 @@ pub async fn access_log(
         let mut params = vec![
             json!({"name": "patient", "valueReference": {"reference": format!("Patient/{id}")}}),
         ];
-        for ((day, who, client, org), g) in groups.into_iter().rev() {
+        for ((day, who, client, orgs), g) in groups.into_iter().rev() {
             let what: Vec<String> = g.what.iter().map(|(k, n)| format!("{k} ×{n}")).collect();
             let mut summary = format!(
                 "{day} {who}{}{}: {} access(es) ({})",
@@ -644,10 +648,10 @@ pub async fn access_log(
                 } else {
                     format!(" via {client}")
                 },
-                if org.is_empty() {
+                if orgs.is_empty() {
                     String::new()
                 } else {
-                    format!(" for {org}")
+                    format!(" for {}", orgs.join(", "))
                 },
                 g.count,
                 what.join(", ")
@@ -668,8 +672,8 @@ pub async fn access_log(
                 json!({"name": "breakTheGlass", "valueBoolean": g.break_the_glass}),
                 json!({"name": "summary", "valueString": summary}),
             ];
-            if !org.is_empty() {
-                part.push(json!({"name": "organization", "valueReference": {"reference": org}}));
+            for o in &orgs {
+                part.push(json!({"name": "organization", "valueReference": {"reference": o}}));
             }
             params.push(json!({"name": "access", "part": part}));
         }

@@ -109,6 +109,18 @@ pub async fn with_circle(
     let now = chrono::Utc::now().timestamp();
     let facts =
         crate::store::circle::facts(&state.store, &role, state.config.consent_default, now).await?;
+    if let Role::Practitioner(_) = role {
+        // The organisations of the practitioner's roles, for the audit.
+        crate::audit::context::acting_for(
+            facts
+                .identity
+                .range::<str, _>((
+                    std::ops::Bound::Included("Organization/"),
+                    std::ops::Bound::Excluded("Organization0"),
+                ))
+                .filter_map(|r| r.strip_prefix("Organization/")),
+        );
+    }
     let insurer = match &role {
         Role::Insurer { rules, .. } => Some(std::sync::Arc::new(
             state

@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
-use super::event::{Action, Event, EventType};
+use super::event::{Action, Event, EventType, MAX_ORGANIZATIONS};
 
 tokio::task_local! {
     static CONTEXT: Arc<Context>;
@@ -37,8 +37,9 @@ pub struct Caller {
     pub request_id: Option<String>,
     /// The server's base URL.
     pub observer: String,
-    /// The Organization (id) the token's client acts for (an insurer's).
-    pub organization: Option<String>,
+    /// The Organizations (ids) the caller acts for: an insurer's, from its
+    /// token, or a practitioner's, from their roles ([`acting_for`]).
+    pub organizations: Vec<String>,
 }
 
 /// A resource written in this request, not yet recorded.
@@ -144,7 +145,24 @@ pub fn identify(
             i.caller.user = user.map(str::to_string);
             i.caller.client = Some(client.to_string());
             i.caller.patient = patient.map(str::to_string);
-            i.caller.organization = organization.map(str::to_string);
+            i.caller.organizations = organization.map(str::to_string).into_iter().collect();
+        });
+    }
+}
+
+/// Names the Organizations (ids) the caller acts for, as their circle of
+/// trust found them (a practitioner's roles), unless the token named one.
+/// At most [`MAX_ORGANIZATIONS`] are kept, in the order given.
+pub fn acting_for<'a>(organizations: impl IntoIterator<Item = &'a str>) {
+    if let Some(c) = current() {
+        c.with(|i| {
+            if i.caller.organizations.is_empty() {
+                i.caller.organizations = organizations
+                    .into_iter()
+                    .take(MAX_ORGANIZATIONS)
+                    .map(str::to_string)
+                    .collect();
+            }
         });
     }
 }
@@ -266,7 +284,7 @@ impl Caller {
         let mut e = Event::new(kind, action)
             .user(self.user.clone())
             .client(self.client.clone())
-            .organization(self.organization.clone());
+            .organizations(self.organizations.clone());
         e.address = self.address.clone();
         e.purpose = self.purpose.clone();
         e.request_id = self.request_id.clone();

@@ -291,10 +291,15 @@ pub struct Event {
     pub request_id: Option<String>,
     /// The server (its base URL).
     pub observer: String,
-    /// The Organization (id) the client acts for: an insurer's backend
-    /// client is bound to one at registration.
-    pub organization: Option<String>,
+    /// The Organizations (ids) the caller acts for: the one an insurer's
+    /// backend client was bound to at registration, or those of the
+    /// practitioner's roles (at most [`MAX_ORGANIZATIONS`]).
+    pub organizations: Vec<String>,
 }
+
+/// Organisations one event names at most; of a practitioner working for
+/// more, the first by id.
+pub const MAX_ORGANIZATIONS: usize = 8;
 
 impl Event {
     pub fn new(kind: EventType, action: Action) -> Event {
@@ -314,7 +319,7 @@ impl Event {
             token: None,
             request_id: None,
             observer: String::new(),
-            organization: None,
+            organizations: Vec::new(),
         }
     }
 
@@ -334,8 +339,8 @@ impl Event {
         self
     }
 
-    pub fn organization(mut self, organization: Option<String>) -> Event {
-        self.organization = organization;
+    pub fn organizations(mut self, organizations: Vec<String>) -> Event {
+        self.organizations = organizations;
         self
     }
 
@@ -430,7 +435,7 @@ impl Event {
             }
             agents.push(user);
         }
-        if let Some(org) = &self.organization {
+        for org in &self.organizations {
             agents.push(json!({
                 "type": {"coding": [Code::new(PARTICIPATION, "RESP", "responsible party").json()]},
                 "who": {"reference": format!("Organization/{org}")},
@@ -575,7 +580,7 @@ impl Event {
             }
             j.raw("}");
         }
-        if let Some(org) = &self.organization {
+        for org in &self.organizations {
             j.raw(",{\"type\":{\"coding\":[");
             j.code(&Code::new(PARTICIPATION, "RESP", "responsible party"));
             j.raw("]},\"who\":{\"reference\":");
@@ -733,14 +738,19 @@ pub struct Columns {
     pub purpose: Option<String>,
 }
 
-/// The Organization an AuditEvent's client acted for (its responsible
-/// party agent, `Organization/{id}`), if it names one.
-pub fn organization_of(e: &Value) -> Option<&str> {
+/// The Organizations an AuditEvent's caller acted for (its responsible
+/// party agents, `Organization/{id}`), in the event's order.
+pub fn organizations_of(e: &Value) -> Vec<&str> {
     e["agent"]
-        .as_array()?
-        .iter()
-        .find(|a| a["type"]["coding"][0]["code"] == "RESP")
-        .and_then(|a| a["who"]["reference"].as_str())
+        .as_array()
+        .map(|agents| {
+            agents
+                .iter()
+                .filter(|a| a["type"]["coding"][0]["code"] == "RESP")
+                .filter_map(|a| a["who"]["reference"].as_str())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 impl Columns {
@@ -859,9 +869,17 @@ mod tests {
         all.push(
             Event::new(EventType::rest("read"), Action::Read)
                 .client(Some("claims-app".into()))
-                .organization(Some("insurer".into()))
+                .organizations(vec!["insurer".into()])
                 .patient(Some("p3".into()))
                 .data("Coverage/c1"),
+        );
+        all.push(
+            Event::new(EventType::rest("read"), Action::Read)
+                .user(Some("Practitioner/p2".into()))
+                .client(Some("ward".into()))
+                .organizations(vec!["hospital-a".into(), "hospital-b".into()])
+                .patient(Some("p3".into()))
+                .data("Observation/o2"),
         );
         all
     }
@@ -873,8 +891,12 @@ mod tests {
             assert_eq!(text, e.to_json().to_string());
             let parsed: Value = serde_json::from_str(&text).unwrap();
             assert_eq!(e.columns(), Columns::of(&parsed), "{text}");
-            let org = e.organization.as_ref().map(|o| format!("Organization/{o}"));
-            assert_eq!(organization_of(&parsed), org.as_deref(), "{text}");
+            let orgs: Vec<String> = e
+                .organizations
+                .iter()
+                .map(|o| format!("Organization/{o}"))
+                .collect();
+            assert_eq!(organizations_of(&parsed), orgs, "{text}");
         }
     }
 
