@@ -1173,6 +1173,49 @@ async fn retention_keeps_everything_from_the_witnessed_checkpoint_on() {
 }
 
 #[tokio::test]
+async fn a_patient_or_practitioner_reading_the_checkpoint_is_no_witness() {
+    let (s, _w) = logged().await;
+    // Anyone can sign up as a patient: their fetch must not let retention
+    // clear what no real witness holds.
+    let me = patient(&s, "pa").await;
+    let dr = practitioner(&s, "prac1").await;
+    for token in [&me, &dr] {
+        let r = s
+            .client
+            .get(s.url("audit/checkpoint"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let cp: Value = r.json().await.unwrap();
+        assert!(cp["size"].as_u64().unwrap() >= 8, "{cp}");
+    }
+    let mut c = db(&s).await;
+    let witnesses: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_witness")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(witnesses, 0);
+    let out = s
+        .ehrx()
+        .args(["audit", "prune", "--before", "2999-01-01"])
+        .env("EHRX_AUDIT_RETENTION_DAYS", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cleared: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_entry WHERE body IS NULL")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(cleared, 0);
+}
+
+#[tokio::test]
 async fn export_writes_each_entry_with_an_inclusion_proof() {
     let (s, _w) = logged().await;
     let out = s
