@@ -132,6 +132,10 @@ pub enum AuditCommand {
     },
     /// Sign a checkpoint of the log as it is now; prints it.
     Checkpoint,
+    /// Make a new checkpoint key: the next checkpoints are signed with it,
+    /// the older keys stay published (`GET /audit/keys`) for the
+    /// checkpoints they signed. Prints the new key's id.
+    RotateKey,
     /// Clear the content of entries older than `audit_retention_days`
     /// (never past the newest checkpoint a witness fetched).
     Prune {

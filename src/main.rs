@@ -475,6 +475,13 @@ async fn audit(command: AuditCommand, config: &Config) -> ExitCode {
                 .map(|c| c.map(|c| c.to_json()).unwrap_or_default())
                 .map_err(|e| e.to_string()),
         ),
+        AuditCommand::RotateKey => print_json(
+            "ehrx audit rotate-key",
+            audit::rotate_key(&store)
+                .await
+                .map(|id| serde_json::json!({ "key_id": id }))
+                .map_err(|e| e.to_string()),
+        ),
         AuditCommand::Prune { before } => {
             let cutoff = match before {
                 Some(b) => b,

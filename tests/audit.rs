@@ -633,11 +633,10 @@ async fn works_at(s: &TestServer, admin: &str, prac: &str, role: &str, org: &str
     }
 }
 
-/// The `access` parameters of `patient`'s own `$access-log` by the
-/// accessor `who`.
-async fn accesses_by(s: &TestServer, patient_id: &str, who: &str) -> Vec<Value> {
-    let me = patient(s, patient_id).await;
-    let (st, log) = get(s, &me, &format!("Patient/{patient_id}/$access-log")).await;
+/// The `access` parameters by the accessor `who` in the `$access-log` of
+/// patient `patient_id`, read with the patient's own token `me`.
+async fn accesses_by(s: &TestServer, me: &str, patient_id: &str, who: &str) -> Vec<Value> {
+    let (st, log) = get(s, me, &format!("Patient/{patient_id}/$access-log")).await;
     assert_eq!(st, 200, "{log}");
     log["parameter"]
         .as_array()
@@ -687,7 +686,8 @@ async fn a_practitioners_access_names_the_organisation_of_their_role() {
         agent(read, "IRCP")["who"]["reference"],
         "Practitioner/prac7"
     );
-    let listed = accesses_by(&s, "pa", "Practitioner/prac7").await;
+    let me = patient(&s, "pa").await;
+    let listed = accesses_by(&s, &me, "pa", "Practitioner/prac7").await;
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(organization_parts(&listed[0]), ["Organization/hospital-a"]);
     let summary = listed[0]["part"]
@@ -729,14 +729,75 @@ async fn a_practitioner_with_roles_at_two_organisations_is_shown_with_both() {
         named,
         ["Organization/hospital-a", "Organization/hospital-b"]
     );
-    let listed = accesses_by(&s, "pb", "Practitioner/prac8").await;
+    let me = patient(&s, "pb").await;
+    let listed = accesses_by(&s, &me, "pb", "Practitioner/prac8").await;
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(
         organization_parts(&listed[0]),
         ["Organization/hospital-a", "Organization/hospital-b"]
     );
     // Nothing of it reaches the other patient's log.
-    assert!(accesses_by(&s, "pa", "Practitioner/prac8").await.is_empty());
+    let other = patient(&s, "pa").await;
+    assert!(accesses_by(&s, &other, "pa", "Practitioner/prac8")
+        .await
+        .is_empty());
+}
+
+#[tokio::test]
+async fn an_ehr_launch_for_a_patient_is_recorded_granted_or_refused() {
+    let s = TestServer::start().await;
+    let w = world(&s).await;
+    let launch = |token: String| {
+        let s = &s;
+        async move {
+            s.client
+                .post(s.url("auth/launch"))
+                .bearer_auth(token)
+                .json(&json!({"patient": "pa"}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    // pa's general practitioner may; a practitioner outside pa's circle
+    // may not.
+    assert_eq!(launch(practitioner(&s, "prac3").await).await, 201);
+    assert_eq!(launch(practitioner(&s, "stranger").await).await, 403);
+    let found = audit(&s, &w.admin, "subtype=launch-context").await;
+    assert_eq!(found.len(), 2, "{found:?}");
+    for e in &found {
+        assert_balp(e);
+        assert_eq!(e["action"], "C");
+        assert_eq!(patient_of(e), Some("Patient/pa"), "{e}");
+    }
+    let by = |who: &str| {
+        found
+            .iter()
+            .find(|e| agent(e, "IRCP")["who"]["reference"] == who)
+            .unwrap_or_else(|| panic!("{who}'s launch is recorded: {found:?}"))
+    };
+    assert_eq!(by("Practitioner/prac3")["outcome"], "0");
+    assert_ne!(by("Practitioner/stranger")["outcome"], "0");
+    // pa sees both in their own log, the refused one as refused.
+    let me = patient(&s, "pa").await;
+    let granted = accesses_by(&s, &me, "pa", "Practitioner/prac3").await;
+    assert_eq!(granted.len(), 1, "{granted:?}");
+    let refused = accesses_by(&s, &me, "pa", "Practitioner/stranger").await;
+    let part = |a: &Value, name: &str| {
+        a["part"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(part(&refused[0], "refused")["valueInteger"], 1);
+    assert!(part(&refused[0], "what")["valueString"]
+        .as_str()
+        .unwrap()
+        .contains("launch-context"));
 }
 
 #[tokio::test]
@@ -1213,6 +1274,49 @@ async fn a_patient_or_practitioner_reading_the_checkpoint_is_no_witness() {
         .await
         .unwrap();
     assert_eq!(cleared, 0);
+}
+
+#[tokio::test]
+async fn a_rotated_key_signs_the_next_checkpoints_and_the_old_key_stays_published() {
+    let (s, w) = logged().await;
+    let json_at = |path: &'static str| {
+        let s = &s;
+        async move {
+            let r = s.client.get(s.url(path)).send().await.unwrap();
+            assert_eq!(r.status(), 200, "{path}");
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let old = json_at("audit/key").await["key_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let first = json_at("audit/checkpoint").await;
+    assert_eq!(first["key_id"], old.as_str());
+    let new = cli(&s, &["audit", "rotate-key"], None)["key_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(new, old);
+    assert_eq!(json_at("audit/key").await["key_id"], new.as_str());
+    let published: Vec<String> = json_at("audit/keys").await["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["key_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(published, [old.clone(), new.clone()]);
+    // The log grows; the next checkpoint is signed with the new key.
+    assert_eq!(get(&s, &w.admin, "Patient/pa").await.0, 200);
+    let next = cli(&s, &["audit", "checkpoint"], None);
+    assert_eq!(next["key_id"], new.as_str(), "{next}");
+    assert!(next["size"].as_u64() > first["size"].as_u64());
+    // Both checkpoints verify, each against the key it names, and so does
+    // the one kept from before the rotation.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), first.to_string()).unwrap();
+    let r = verify(&s, &["--from-checkpoint", file.path().to_str().unwrap()]);
+    assert_eq!(r["verified"], true, "{r}");
 }
 
 #[tokio::test]

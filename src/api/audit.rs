@@ -353,6 +353,7 @@ pub async fn smart(State(s): State<AppState>, req: Request, next: Next) -> Respo
         (&Method::POST, "/auth/logout") => Some(EventType::logout()),
         (&Method::POST, "/auth/consent") => Some(EventType::authorization_consent()),
         (&Method::POST, "/auth/signup") => Some(EventType::login()),
+        (&Method::POST, "/auth/launch") => Some(EventType::launch_context()),
         _ => return next.run(req).await,
     };
     let caller = caller_of(&s, &req);
@@ -364,6 +365,17 @@ pub async fn smart(State(s): State<AppState>, req: Request, next: Next) -> Respo
             false,
         );
     };
+    // The patient and encounter a launch context is asked for (JSON), kept
+    // whether or not it is granted; their ids only.
+    let asked = (path == "/auth/launch")
+        .then(|| serde_json::from_slice::<Value>(&bytes).ok())
+        .flatten();
+    let launch_for = |k: &str| -> Option<String> {
+        let id = asked.as_ref()?[k].as_str()?;
+        crate::interaction::check_id(id).ok()?;
+        Some(id.to_string())
+    };
+    let (launch_patient, launch_encounter) = (launch_for("patient"), launch_for("encounter"));
     let form: Vec<(String, String)> = form_urlencoded::parse(&bytes).into_owned().collect();
     let field = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let client = requesting_client(&form, &parts.headers);
@@ -400,8 +412,11 @@ pub async fn smart(State(s): State<AppState>, req: Request, next: Next) -> Respo
         None => format!("HTTP {status}"),
     });
     let mut caller = ctx.caller();
-    caller.client = client.clone();
+    // The client the request names; /auth/launch names none, and its
+    // handler identifies the caller from its token.
+    caller.client = client.clone().or(caller.client);
     let mut e = match kind {
+        Some(k) if path == "/auth/launch" => caller.event(k, Action::Create),
         Some(k) => caller.event(k, Action::Execute),
         None => {
             let k = if grant.as_deref() == Some("refresh_token") {
@@ -433,6 +448,12 @@ pub async fn smart(State(s): State<AppState>, req: Request, next: Next) -> Respo
         "/auth/introspect" | "/auth/revoke" => {
             if let Some(t) = field("token") {
                 e = e.token(&t);
+            }
+        }
+        "/auth/launch" => {
+            e.patient = launch_patient;
+            if let Some(enc) = launch_encounter {
+                e = e.data(format!("Encounter/{enc}"));
             }
         }
         "/auth/login" | "/auth/signup" => {
@@ -779,6 +800,29 @@ pub async fn key(State(s): State<AppState>) -> Response {
         Ok((id, pem)) => json_response(
             StatusCode::OK,
             json!({"key_id": id, "algorithm": crate::audit::checkpoint::ALGORITHM, "public_key": pem}),
+        ),
+        Err(e) => store_failure(e),
+    }
+}
+
+/// `GET /audit/keys`: every public key checkpoints were signed with,
+/// oldest first (a witness holding a checkpoint signed before a rotation
+/// checks it with the key it names).
+pub async fn keys(State(s): State<AppState>) -> Response {
+    if s.audit.is_none() {
+        return switched_off();
+    }
+    match crate::store::audit::public_keys(&s.store).await {
+        Ok(keys) => json_response(
+            StatusCode::OK,
+            json!({"keys": keys
+                .into_iter()
+                .map(|(id, pem)| json!({
+                    "key_id": id,
+                    "algorithm": crate::audit::checkpoint::ALGORITHM,
+                    "public_key": pem,
+                }))
+                .collect::<Vec<_>>()}),
         ),
         Err(e) => store_failure(e),
     }

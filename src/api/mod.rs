@@ -181,6 +181,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/audit/checkpoint", get(audit::checkpoint))
         .route("/audit/key", get(audit::key))
+        .route("/audit/keys", get(audit::keys))
         .route("/audit/proof/inclusion", get(audit::inclusion))
         .route("/audit/proof/consistency", get(audit::consistency))
         .merge(

@@ -110,6 +110,12 @@ impl EventType {
         Self::security("token-introspected", "Token introspected")
     }
 
+    /// An EHR user created a launch context (SMART EHR launch) for a
+    /// patient.
+    pub fn launch_context() -> EventType {
+        Self::security("launch-context", "EHR launch context created")
+    }
+
     /// Consent to an app's access given on the authorization page.
     pub fn authorization_consent() -> EventType {
         Self::security("authorization-consent", "Access authorised by the user")

@@ -33,7 +33,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use sqlx::{AnyConnection, Row};
-use tokio::sync::{oneshot, Mutex, OnceCell};
+use tokio::sync::{oneshot, Mutex};
 
 use super::{Dialect, Gate, Outbox, Store, StoreError, StoreResult};
 use crate::audit::checkpoint::{self, Checkpoint};
@@ -66,7 +66,6 @@ struct Inner {
     tree: Mutex<Tree>,
     /// The checkpoint origin line (the server's base URL).
     origin: String,
-    key: OnceCell<Key>,
 }
 
 /// The checkpoint signing key.
@@ -200,7 +199,6 @@ impl AuditLog {
                 queue: tx,
                 tree: Mutex::new(Tree::new()),
                 origin,
-                key: OnceCell::new(),
             }),
         };
         if !checkpoint_interval.is_zero() {
@@ -307,17 +305,19 @@ impl AuditLog {
         }
     }
 
-    async fn key(&self) -> StoreResult<&Key> {
-        self.inner
-            .key
-            .get_or_try_init(|| load_or_create_key(&self.inner.store))
-            .await
+    /// The newest audit key, read afresh (one `ehrx audit rotate-key`
+    /// later, the next checkpoint is signed with the new key).
+    async fn key(&self) -> StoreResult<Key> {
+        load_or_create_key(&self.inner.store).await
     }
 
-    /// The published half of the audit key: `(key id, PEM)`.
+    /// The published half of the newest audit key: `(key id, PEM)`.
     pub async fn public_key(&self) -> StoreResult<(String, String)> {
+        if let Some(newest) = public_keys(&self.inner.store).await?.pop() {
+            return Ok(newest);
+        }
         let k = self.key().await?;
-        Ok((k.id.clone(), k.public_pem.clone()))
+        Ok((k.id, k.public_pem))
     }
 
     /// Signs and stores a checkpoint of the log as it is now, unless the
@@ -1040,23 +1040,35 @@ pub async fn checkpoints(store: &Store) -> StoreResult<Vec<Checkpoint>> {
     rows.iter().map(checkpoint_of).collect()
 }
 
-/// The public keys that signed checkpoints: `(key id, PEM)`.
+/// The public halves of every audit key, oldest first: `(key id, PEM)`.
 pub async fn public_keys(store: &Store) -> StoreResult<Vec<(String, String)>> {
     let mut conn = store.pool.acquire().await?;
     Ok(
-        sqlx::query_as("SELECT id, public_key FROM audit_key ORDER BY created")
+        sqlx::query_as("SELECT id, public_key FROM audit_key ORDER BY created, id")
             .fetch_all(&mut *conn)
             .await?,
     )
 }
 
+/// Makes a new audit key the one checkpoints are signed with from now on
+/// (the checkpointer of a running server takes it at its next checkpoint);
+/// the older keys stay published for the checkpoints they signed. Returns
+/// the new key's id.
+pub async fn rotate_key(store: &Store) -> StoreResult<String> {
+    Ok(create_key(store).await?.id)
+}
+
 async fn load_or_create_key(store: &Store) -> StoreResult<Key> {
-    let mut conn = store.pool.acquire().await?;
-    let row: Option<(String, String, String)> = sqlx::query_as(
-        "SELECT id, private_key, public_key FROM audit_key ORDER BY created DESC, id LIMIT 1",
-    )
-    .fetch_optional(&mut *conn)
-    .await?;
+    // The connection goes back before a key is made on one of its own.
+    let row: Option<(String, String, String)> = {
+        let mut conn = store.pool.acquire().await?;
+        sqlx::query_as(
+            "SELECT id, private_key, public_key FROM audit_key \
+             ORDER BY created DESC, id DESC LIMIT 1",
+        )
+        .fetch_optional(&mut *conn)
+        .await?
+    };
     if let Some((id, sealed, public_pem)) = row {
         let private_pem = store
             .secrets()
@@ -1067,6 +1079,11 @@ async fn load_or_create_key(store: &Store) -> StoreResult<Key> {
             public_pem,
         });
     }
+    create_key(store).await
+}
+
+async fn create_key(store: &Store) -> StoreResult<Key> {
+    let mut conn = store.pool.acquire().await?;
     let (private_pem, public_pem) = checkpoint::generate().map_err(StoreError::Audit)?;
     let id = checkpoint::key_id(&public_pem).map_err(StoreError::Audit)?;
     let sealed = store
