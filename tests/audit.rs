@@ -528,6 +528,81 @@ async fn a_patient_sees_who_read_their_record_and_nothing_about_others() {
     assert_eq!(st, 403);
 }
 
+/// Stores an Organization and `prac`'s PractitionerRole `role` at it.
+async fn works_at(s: &TestServer, admin: &str, prac: &str, role: &str, org: &str) {
+    for r in [
+        json!({"resourceType": "Organization", "id": org, "name": org}),
+        json!({"resourceType": "PractitionerRole", "id": role, "active": true,
+            "practitioner": {"reference": format!("Practitioner/{prac}")},
+            "organization": {"reference": format!("Organization/{org}")}}),
+    ] {
+        let path = format!(
+            "{}/{}",
+            r["resourceType"].as_str().unwrap(),
+            r["id"].as_str().unwrap()
+        );
+        let (st, b) = fhir(s, admin, reqwest::Method::PUT, &path, Some(&r)).await;
+        assert!(st == 200 || st == 201, "{b}");
+    }
+}
+
+/// The `access` parameters of the `$access-log` of patient `patient_id`,
+/// read with the patient's own token `me`.
+async fn access_log(s: &TestServer, me: &str, patient_id: &str) -> Vec<Value> {
+    let (st, log) = get(s, me, &format!("Patient/{patient_id}/$access-log")).await;
+    assert_eq!(st, 200, "{log}");
+    log["parameter"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["name"] == "access")
+        .cloned()
+        .collect()
+}
+
+/// The part `name` of an `access` parameter.
+fn part<'a>(access: &'a Value, name: &str) -> Option<&'a Value> {
+    access["part"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+}
+
+/// [`access_log`]'s entries of the accessor `who`.
+async fn accesses_by(s: &TestServer, me: &str, patient_id: &str, who: &str) -> Vec<Value> {
+    access_log(s, me, patient_id)
+        .await
+        .into_iter()
+        .filter(|a| part(a, "who").is_some_and(|p| p["valueString"] == who))
+        .collect()
+}
+
+/// The references of an `access` parameter's `organization` parts.
+fn organization_parts(access: &Value) -> Vec<&str> {
+    access["part"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["name"] == "organization")
+        .filter_map(|p| p["valueReference"]["reference"].as_str())
+        .collect()
+}
+
+/// The read among `found`.
+fn the_read(found: &[Value]) -> &Value {
+    found
+        .iter()
+        .find(|e| e["subtype"][0]["code"] == "read")
+        .unwrap_or_else(|| panic!("a read is recorded: {found:?}"))
+}
+
+/// `e` names `org` as the organisation its caller acts for.
+fn assert_acts_for(e: &Value, org: &str) {
+    assert_eq!(agent(e, "RESP")["who"]["reference"], org, "{e}");
+    assert_eq!(agent(e, "RESP")["requestor"], false, "{e}");
+}
+
 #[tokio::test]
 async fn an_insurers_access_names_its_organisation_in_the_access_log() {
     let s = TestServer::start().await;
@@ -563,15 +638,8 @@ async fn an_insurers_access_names_its_organisation_in_the_access_log() {
     assert_eq!(get(&s, &dr, "Observation/oa").await.0, 200);
     // The insurer's event names the organisation as a third agent.
     let found = audit(&s, &w.admin, "entity=Coverage/cov-pa").await;
-    let read = found
-        .iter()
-        .find(|e| e["subtype"][0]["code"] == "read")
-        .expect("the insurer's read is recorded");
-    assert_eq!(
-        agent(read, "RESP")["who"]["reference"],
-        "Organization/insurer"
-    );
-    assert_eq!(agent(read, "RESP")["requestor"], false);
+    let read = the_read(&found);
+    assert_acts_for(read, "Organization/insurer");
     assert_eq!(
         agent(read, "110153")["who"]["identifier"]["value"],
         insurer.as_str()
@@ -579,31 +647,12 @@ async fn an_insurers_access_names_its_organisation_in_the_access_log() {
     // The patient's summary shows it beside the client; the practitioner's
     // access names none.
     let me = patient(&s, "pa").await;
-    let (st, log) = get(&s, &me, "Patient/pa/$access-log").await;
-    assert_eq!(st, 200, "{log}");
-    let accesses: Vec<&Value> = log["parameter"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["name"] == "access")
-        .collect();
-    let part = |a: &Value, name: &str| {
-        a["part"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == name)
-            .cloned()
-    };
+    let accesses = access_log(&s, &me, "pa").await;
     let by_insurer = accesses
         .iter()
         .find(|a| part(a, "client").unwrap()["valueString"] == insurer.as_str())
         .expect("the insurer's access is listed");
-    assert_eq!(
-        part(by_insurer, "organization").expect("with its organisation")["valueReference"]
-            ["reference"],
-        "Organization/insurer"
-    );
+    assert_eq!(organization_parts(by_insurer), ["Organization/insurer"]);
     assert!(part(by_insurer, "summary").unwrap()["valueString"]
         .as_str()
         .unwrap()
@@ -615,56 +664,6 @@ async fn an_insurers_access_names_its_organisation_in_the_access_log() {
     assert!(part(by_dr, "organization").is_none(), "{by_dr}");
 }
 
-/// Stores an Organization and `prac`'s PractitionerRole `role` at it.
-async fn works_at(s: &TestServer, admin: &str, prac: &str, role: &str, org: &str) {
-    for r in [
-        json!({"resourceType": "Organization", "id": org, "name": org}),
-        json!({"resourceType": "PractitionerRole", "id": role, "active": true,
-            "practitioner": {"reference": format!("Practitioner/{prac}")},
-            "organization": {"reference": format!("Organization/{org}")}}),
-    ] {
-        let path = format!(
-            "{}/{}",
-            r["resourceType"].as_str().unwrap(),
-            r["id"].as_str().unwrap()
-        );
-        let (st, b) = fhir(s, admin, reqwest::Method::PUT, &path, Some(&r)).await;
-        assert!(st == 200 || st == 201, "{b}");
-    }
-}
-
-/// The `access` parameters by the accessor `who` in the `$access-log` of
-/// patient `patient_id`, read with the patient's own token `me`.
-async fn accesses_by(s: &TestServer, me: &str, patient_id: &str, who: &str) -> Vec<Value> {
-    let (st, log) = get(s, me, &format!("Patient/{patient_id}/$access-log")).await;
-    assert_eq!(st, 200, "{log}");
-    log["parameter"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["name"] == "access")
-        .filter(|a| {
-            a["part"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|p| p["name"] == "who" && p["valueString"] == who)
-        })
-        .cloned()
-        .collect()
-}
-
-/// The references of an `access` parameter's `organization` parts.
-fn organization_parts(access: &Value) -> Vec<&str> {
-    access["part"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["name"] == "organization")
-        .filter_map(|p| p["valueReference"]["reference"].as_str())
-        .collect()
-}
-
 #[tokio::test]
 async fn a_practitioners_access_names_the_organisation_of_their_role() {
     let s = TestServer::start().await;
@@ -673,15 +672,8 @@ async fn a_practitioners_access_names_the_organisation_of_their_role() {
     let dr = practitioner(&s, "prac7").await;
     assert_eq!(get(&s, &dr, "Observation/oa").await.0, 200);
     let found = audit(&s, &w.admin, "agent=Practitioner/prac7").await;
-    let read = found
-        .iter()
-        .find(|e| e["subtype"][0]["code"] == "read")
-        .expect("the practitioner's read is recorded");
-    assert_eq!(
-        agent(read, "RESP")["who"]["reference"],
-        "Organization/hospital-a"
-    );
-    assert_eq!(agent(read, "RESP")["requestor"], false);
+    let read = the_read(&found);
+    assert_acts_for(read, "Organization/hospital-a");
     assert_eq!(
         agent(read, "IRCP")["who"]["reference"],
         "Practitioner/prac7"
@@ -690,12 +682,7 @@ async fn a_practitioners_access_names_the_organisation_of_their_role() {
     let listed = accesses_by(&s, &me, "pa", "Practitioner/prac7").await;
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(organization_parts(&listed[0]), ["Organization/hospital-a"]);
-    let summary = listed[0]["part"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "summary")
-        .unwrap()["valueString"]
+    let summary = part(&listed[0], "summary").unwrap()["valueString"]
         .as_str()
         .unwrap()
         .to_string();
@@ -714,10 +701,7 @@ async fn a_practitioner_with_roles_at_two_organisations_is_shown_with_both() {
     let dr = practitioner(&s, "prac8").await;
     assert_eq!(get(&s, &dr, "Observation/ob").await.0, 200);
     let found = audit(&s, &w.admin, "agent=Practitioner/prac8").await;
-    let read = found
-        .iter()
-        .find(|e| e["subtype"][0]["code"] == "read")
-        .expect("the practitioner's read is recorded");
+    let read = the_read(&found);
     let named: Vec<&Value> = read["agent"]
         .as_array()
         .unwrap()
@@ -784,17 +768,8 @@ async fn an_ehr_launch_for_a_patient_is_recorded_granted_or_refused() {
     let granted = accesses_by(&s, &me, "pa", "Practitioner/prac3").await;
     assert_eq!(granted.len(), 1, "{granted:?}");
     let refused = accesses_by(&s, &me, "pa", "Practitioner/stranger").await;
-    let part = |a: &Value, name: &str| {
-        a["part"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == name)
-            .cloned()
-            .unwrap()
-    };
-    assert_eq!(part(&refused[0], "refused")["valueInteger"], 1);
-    assert!(part(&refused[0], "what")["valueString"]
+    assert_eq!(part(&refused[0], "refused").unwrap()["valueInteger"], 1);
+    assert!(part(&refused[0], "what").unwrap()["valueString"]
         .as_str()
         .unwrap()
         .contains("launch-context"));
@@ -1195,6 +1170,21 @@ async fn a_witness_checkpoint_kept_elsewhere_catches_a_truncated_log() {
     assert_eq!(verify(&s, &["--from-checkpoint", path])["first_bad"], 2);
 }
 
+/// Runs `ehrx audit prune` for everything recorded so far (retention on).
+fn prune_everything(s: &TestServer) {
+    let out = s
+        .ehrx()
+        .args(["audit", "prune", "--before", "2999-01-01"])
+        .env("EHRX_AUDIT_RETENTION_DAYS", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test]
 async fn retention_keeps_everything_from_the_witnessed_checkpoint_on() {
     let (s, w) = logged().await;
@@ -1207,17 +1197,7 @@ async fn retention_keeps_everything_from_the_witnessed_checkpoint_on() {
         .unwrap();
     let size = r.json::<Value>().await.unwrap()["size"].as_i64().unwrap();
     assert_eq!(get(&s, &w.admin, "Patient/pa").await.0, 200);
-    let out = s
-        .ehrx()
-        .args(["audit", "prune", "--before", "2999-01-01"])
-        .env("EHRX_AUDIT_RETENTION_DAYS", "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    prune_everything(&s);
     let mut c = db(&s).await;
     let cleared: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_entry WHERE body IS NULL")
         .fetch_one(&mut c)
@@ -1258,17 +1238,7 @@ async fn a_patient_or_practitioner_reading_the_checkpoint_is_no_witness() {
         .await
         .unwrap();
     assert_eq!(witnesses, 0);
-    let out = s
-        .ehrx()
-        .args(["audit", "prune", "--before", "2999-01-01"])
-        .env("EHRX_AUDIT_RETENTION_DAYS", "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    prune_everything(&s);
     let cleared: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_entry WHERE body IS NULL")
         .fetch_one(&mut c)
         .await

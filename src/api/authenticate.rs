@@ -45,13 +45,7 @@ pub async fn authenticate(State(s): State<AppState>, mut req: Request, next: Nex
     };
     match token::verify(&s.auth, &bearer).await {
         Ok(verified) => {
-            let c = &verified.principal.claims;
-            crate::audit::context::identify(
-                c.fhir_user.as_deref(),
-                &c.client_id,
-                c.patient.as_deref(),
-                c.organization.as_deref(),
-            );
+            identify(&verified.principal.claims);
             req.extensions_mut().insert(verified.access.clone());
             req.extensions_mut().insert(verified);
             next.run(req).await
@@ -83,4 +77,15 @@ fn refuse(format: Format, why: &str, error: Option<&'static str>) -> Response {
         r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
     }
     r
+}
+
+/// Names the caller of the request being audited from its checked token:
+/// user, client, patient context and the organisation its client acts for.
+pub(super) fn identify(c: &token::Claims) {
+    crate::audit::context::identify(
+        c.fhir_user.as_deref(),
+        &c.client_id,
+        c.patient.as_deref(),
+        c.organization.as_deref(),
+    );
 }

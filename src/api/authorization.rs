@@ -1195,13 +1195,7 @@ async fn launch(
             .and_then(|a| a.strip_prefix("Bearer "))
             .ok_or_else(|| AuthError::InvalidToken("a bearer token is required".into()))?;
         let verified = token::verify(&s.auth, bearer.trim()).await?;
-        let c = &verified.principal.claims;
-        crate::audit::context::identify(
-            c.fhir_user.as_deref(),
-            &c.client_id,
-            c.patient.as_deref(),
-            c.organization.as_deref(),
-        );
+        super::authenticate::identify(&verified.principal.claims);
         if verified
             .principal
             .claims
