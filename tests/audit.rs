@@ -1149,11 +1149,10 @@ async fn a_witness_checkpoint_kept_elsewhere_catches_a_truncated_log() {
     let kept: Value = r.json().await.unwrap();
     let size = kept["size"].as_i64().unwrap();
     let mut c = db(&s).await;
-    let witnessed: i64 = sqlx::query_scalar("SELECT MAX(size) FROM audit_witness")
-        .fetch_one(&mut c)
-        .await
-        .unwrap();
-    assert_eq!(witnessed, size);
+    assert_eq!(
+        number(&mut c, "SELECT MAX(size) FROM audit_witness").await,
+        size
+    );
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), kept.to_string()).unwrap();
     let path = file.path().to_str().unwrap();
@@ -1170,19 +1169,16 @@ async fn a_witness_checkpoint_kept_elsewhere_catches_a_truncated_log() {
     assert_eq!(verify(&s, &["--from-checkpoint", path])["first_bad"], 2);
 }
 
-/// Runs `ehrx audit prune` for everything recorded so far (retention on).
-fn prune_everything(s: &TestServer) {
-    let out = s
-        .ehrx()
-        .args(["audit", "prune", "--before", "2999-01-01"])
-        .env("EHRX_AUDIT_RETENTION_DAYS", "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Runs `ehrx audit prune` for everything recorded so far; returns how
+/// many entries it cleared.
+fn prune_everything(s: &TestServer) -> u64 {
+    let out = cli(s, &["audit", "prune", "--before", "2999-01-01"], None);
+    out["cleared"].as_u64().unwrap_or_else(|| panic!("{out}"))
+}
+
+/// A number one query of `sql` reads (`COUNT`, `MAX`, `MIN`).
+async fn number(c: &mut sqlx::AnyConnection, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(&mut *c).await.unwrap()
 }
 
 #[tokio::test]
@@ -1197,17 +1193,18 @@ async fn retention_keeps_everything_from_the_witnessed_checkpoint_on() {
         .unwrap();
     let size = r.json::<Value>().await.unwrap()["size"].as_i64().unwrap();
     assert_eq!(get(&s, &w.admin, "Patient/pa").await.0, 200);
-    prune_everything(&s);
+    assert_eq!(prune_everything(&s), size as u64);
     let mut c = db(&s).await;
-    let cleared: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_entry WHERE body IS NULL")
-        .fetch_one(&mut c)
-        .await
-        .unwrap();
-    let kept_from: i64 =
-        sqlx::query_scalar("SELECT MIN(seq) FROM audit_entry WHERE body IS NOT NULL")
-            .fetch_one(&mut c)
-            .await
-            .unwrap();
+    let cleared = number(
+        &mut c,
+        "SELECT COUNT(*) FROM audit_entry WHERE body IS NULL",
+    )
+    .await;
+    let kept_from = number(
+        &mut c,
+        "SELECT MIN(seq) FROM audit_entry WHERE body IS NOT NULL",
+    )
+    .await;
     assert_eq!((cleared, kept_from), (size, size));
     // Cleared entries keep their digests: the log still verifies.
     assert_eq!(verify(&s, &[])["verified"], true);
@@ -1233,16 +1230,16 @@ async fn a_patient_or_practitioner_reading_the_checkpoint_is_no_witness() {
         assert!(cp["size"].as_u64().unwrap() >= 8, "{cp}");
     }
     let mut c = db(&s).await;
-    let witnesses: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_witness")
-        .fetch_one(&mut c)
-        .await
-        .unwrap();
-    assert_eq!(witnesses, 0);
-    prune_everything(&s);
-    let cleared: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_entry WHERE body IS NULL")
-        .fetch_one(&mut c)
-        .await
-        .unwrap();
+    assert_eq!(
+        number(&mut c, "SELECT COUNT(*) FROM audit_witness").await,
+        0
+    );
+    assert_eq!(prune_everything(&s), 0);
+    let cleared = number(
+        &mut c,
+        "SELECT COUNT(*) FROM audit_entry WHERE body IS NULL",
+    )
+    .await;
     assert_eq!(cleared, 0);
 }
 
@@ -1378,11 +1375,7 @@ async fn the_audit_can_be_switched_off() {
     assert_eq!(get(&s, &w.admin, "Patient/pa").await.0, 200);
     assert_eq!(s.get("audit/checkpoint").await.status(), 404);
     let mut c = db(&s).await;
-    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_entry")
-        .fetch_one(&mut c)
-        .await
-        .unwrap();
-    assert_eq!(n, 0);
+    assert_eq!(number(&mut c, "SELECT COUNT(*) FROM audit_entry").await, 0);
 }
 
 #[tokio::test]
@@ -1502,22 +1495,20 @@ async fn a_writes_entries_are_in_the_log_when_its_response_leaves() {
     // Straight after the response, without waiting: the entry is a leaf of
     // the log, not only committed somewhere on its way there.
     let mut c = db(&s).await;
-    let n: i64 = sqlx::query_scalar(
+    let n = number(
+        &mut c,
         "SELECT COUNT(*) FROM audit_entry WHERE entity = 'Observation/fresh' AND action = 'C'",
     )
-    .fetch_one(&mut c)
-    .await
-    .unwrap();
+    .await;
     assert_eq!(n, 1);
     if s.database_url.starts_with("sqlite") {
         // On SQLite the log is a file of its own; the database file keeps
         // only what writes have not yet seen appended.
-        let in_main: i64 = sqlx::query_scalar(
+        let in_main = number(
+            &mut c,
             "SELECT COUNT(*) FROM main.sqlite_master WHERE name IN ('audit_entry', 'audit_head')",
         )
-        .fetch_one(&mut c)
-        .await
-        .unwrap();
+        .await;
         assert_eq!(in_main, 0);
         let waiting: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM audit_outbox \
@@ -1662,12 +1653,11 @@ async fn a_log_kept_in_the_database_file_moves_to_its_own_file_on_upgrade() {
         .unwrap();
     store.close().await;
     let mut c = sqlx::AnyConnection::connect(&url).await.unwrap();
-    let in_main: i64 = sqlx::query_scalar(
+    let in_main = number(
+        &mut c,
         "SELECT COUNT(*) FROM sqlite_master WHERE name IN ('audit_entry', 'audit_head')",
     )
-    .fetch_one(&mut c)
-    .await
-    .unwrap();
+    .await;
     assert_eq!(in_main, 0);
     let log = format!("sqlite:{}", ehrx::store::sqlite_audit_path(&url).unwrap());
     let mut l = sqlx::AnyConnection::connect(&log).await.unwrap();
