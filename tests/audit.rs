@@ -693,6 +693,68 @@ async fn a_practitioners_access_names_the_organisation_of_their_role() {
 }
 
 #[tokio::test]
+async fn an_auditor_finds_accesses_by_the_organisation_acted_for() {
+    let s = TestServer::start().await;
+    let w = world(&s).await;
+    works_at(&s, &w.admin, "prac8", "prac8-at-a", "hospital-a").await;
+    works_at(&s, &w.admin, "prac8", "prac8-at-b", "hospital-b").await;
+    works_at(&s, &w.admin, "prac7", "prac7-at-a2", "hospital-a2").await;
+    let dr8 = practitioner(&s, "prac8").await;
+    let dr7 = practitioner(&s, "prac7").await;
+    assert_eq!(get(&s, &dr8, "Observation/ob").await.0, 200);
+    assert_eq!(get(&s, &dr7, "Observation/oa").await.0, 200);
+    // Either of prac8's organisations finds prac8's read, and only it.
+    for org in ["Organization/hospital-a", "Organization/hospital-b"] {
+        let found = audit(&s, &w.admin, &format!("agent={org}")).await;
+        let read = the_read(&found);
+        assert_eq!(
+            agent(read, "IRCP")["who"]["reference"],
+            "Practitioner/prac8"
+        );
+        let resp: Vec<&Value> = read["agent"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["type"]["coding"][0]["code"] == "RESP")
+            .map(|a| &a["who"]["reference"])
+            .collect();
+        assert!(resp.contains(&&json!(org)), "{read}");
+        assert!(
+            found
+                .iter()
+                .all(|e| agent(e, "IRCP")["who"]["reference"] != "Practitioner/prac7"),
+            "{org}"
+        );
+    }
+    let a2 = audit(&s, &w.admin, "agent=Organization/hospital-a2").await;
+    assert_eq!(
+        agent(the_read(&a2), "IRCP")["who"]["reference"],
+        "Practitioner/prac7"
+    );
+    // A part of a reference, or a pattern, matches nothing.
+    for q in [
+        "Organization/hospital",
+        "Organization/hospital-%",
+        "Organization/hospital-_",
+    ] {
+        assert!(
+            audit(&s, &w.admin, &format!("agent={q}")).await.is_empty(),
+            "{q}"
+        );
+    }
+    // A patient's own search by organisation stays within their record.
+    let me = patient(&s, "pa").await;
+    let mine = audit(&s, &me, "agent=Organization/hospital-a").await;
+    assert!(
+        mine.iter().all(|e| patient_of(e) == Some("Patient/pa")),
+        "{mine:?}"
+    );
+    assert!(!mine
+        .iter()
+        .any(|e| entity(e, "4")["what"]["reference"] == "Observation/ob"));
+}
+
+#[tokio::test]
 async fn a_practitioner_with_roles_at_two_organisations_is_shown_with_both() {
     let s = TestServer::start().await;
     let w = world(&s).await;
@@ -1041,6 +1103,60 @@ async fn verify_names_an_entry_whose_body_was_changed() {
         .unwrap();
     let r = verify(&s, &[]);
     assert_eq!(r["first_bad"], 3, "{r}");
+}
+
+/// A log with a practitioner's read naming the organisation of their role;
+/// the read's position.
+async fn logged_with_an_organisation() -> (TestServer, i64) {
+    let (s, w) = logged().await;
+    works_at(&s, &w.admin, "prac7", "prac7-at-a", "hospital-a").await;
+    let dr = practitioner(&s, "prac7").await;
+    assert_eq!(get(&s, &dr, "Observation/oa").await.0, 200);
+    let found = audit(&s, &w.admin, "agent=Organization/hospital-a").await;
+    let seq = the_read(&found)["id"].as_str().unwrap().parse().unwrap();
+    (s, seq)
+}
+
+#[tokio::test]
+async fn verify_names_an_entry_whose_organisations_were_changed() {
+    let (s, seq) = logged_with_an_organisation().await;
+    exec(
+        &s,
+        &format!("UPDATE audit_entry SET organizations = 'Organization/other' WHERE seq = {seq}"),
+    )
+    .await;
+    let r = verify(&s, &[]);
+    assert_eq!(r["first_bad"], seq, "{r}");
+}
+
+#[tokio::test]
+async fn entries_from_before_the_organisations_column_are_checked_to_have_none() {
+    let (s, seq) = logged_with_an_organisation().await;
+    // As the migration leaves an entry appended before it: no value, and
+    // `organizations_from` after it.
+    exec(
+        &s,
+        &format!(
+            "UPDATE audit_entry SET organizations = NULL WHERE seq = {seq}; \
+             UPDATE audit_head SET organizations_from = {}",
+            seq + 1
+        ),
+    )
+    .await;
+    assert_eq!(verify(&s, &[])["verified"], true);
+    // Moving the boundary back over it, or giving it a value, is named.
+    exec(&s, "UPDATE audit_head SET organizations_from = 0").await;
+    assert_eq!(verify(&s, &[])["first_bad"], seq);
+    exec(
+        &s,
+        &format!(
+            "UPDATE audit_entry SET organizations = 'Organization/hospital-a' WHERE seq = {seq}; \
+             UPDATE audit_head SET organizations_from = {}",
+            seq + 1
+        ),
+    )
+    .await;
+    assert_eq!(verify(&s, &[])["first_bad"], seq);
 }
 
 #[tokio::test]
@@ -1730,9 +1846,9 @@ async fn leave_in_outbox(c: &mut sqlx::AnyConnection, recorded: &str, id: Option
     };
     sqlx::query(&format!(
         "INSERT INTO audit_outbox (recorded, type, subtype, action, outcome, patient, agent, \
-         client, entity, purpose, body{id_column}) \
+         client, entity, purpose, organizations, body{id_column}) \
          SELECT $1, type, subtype, action, outcome, patient, agent, client, entity, purpose, \
-         $2{id_value} FROM audit_entry WHERE seq = 0"
+         organizations, $2{id_value} FROM audit_entry WHERE seq = 0"
     ))
     .bind(recorded)
     .bind(e.to_string())
@@ -1790,6 +1906,106 @@ async fn entries_left_in_the_outbox_are_appended_once_and_those_already_appended
     assert_eq!(r["verified"], true, "{r}");
 }
 
+/// SQLite: a database in `dir` as a release left it whose last migration
+/// came before `first_new` (the audit log's file attached as `audit` with
+/// `attach`, as the store does from `0011` on); its URL and a connection.
+async fn migrated_before(
+    dir: &std::path::Path,
+    first_new: &str,
+    attach: bool,
+) -> (String, sqlx::AnyConnection) {
+    let old = dir.join("migrations");
+    std::fs::create_dir(&old).unwrap();
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap();
+        let name = f.file_name().into_string().unwrap();
+        if name.as_str() < first_new {
+            std::fs::copy(f.path(), old.join(&name)).unwrap();
+        }
+    }
+    let url = format!("sqlite:{}?mode=rwc", dir.join("old.db").display());
+    sqlx::any::install_default_drivers();
+    let mut c = sqlx::AnyConnection::connect(&url).await.unwrap();
+    if attach {
+        sqlx::query("ATTACH DATABASE $1 AS audit")
+            .bind(ehrx::store::sqlite_audit_path(&url).unwrap())
+            .execute(&mut c)
+            .await
+            .unwrap();
+    }
+    sqlx::migrate::Migrator::new(old.as_path())
+        .await
+        .unwrap()
+        .run_direct(&mut c)
+        .await
+        .unwrap();
+    (url, c)
+}
+
+#[tokio::test]
+async fn organisations_become_searchable_on_upgrade_and_older_entries_still_verify() {
+    if on_postgres() {
+        return;
+    }
+    // A log as the release before the organisations column left it: one
+    // entry naming an organisation, and a write's entry naming two still in
+    // `audit_outbox`.
+    let dir = tempfile::tempdir().unwrap();
+    let (url, mut c) = migrated_before(dir.path(), "0013", true).await;
+    let resp = |org: &str| {
+        json!({"type": {"coding": [{"code": "RESP"}]}, "who": {"reference": org},
+            "requestor": false})
+    };
+    let logged = json!({"resourceType": "AuditEvent", "id": "0",
+        "recorded": "2001-01-01T00:00:00.000Z", "agent": [resp("Organization/h1")]})
+    .to_string();
+    sqlx::query(
+        "INSERT INTO audit.audit_entry (seq, recorded, body, digest) VALUES (0, $1, $2, $3); \
+         INSERT INTO audit.audit_head (id, size) VALUES (1, 1)",
+    )
+    .bind("2001-01-01T00:00:00.000Z")
+    .bind(&logged)
+    .bind(hex::encode(Sha256::digest(logged.as_bytes())))
+    .execute(&mut c)
+    .await
+    .unwrap();
+    let waiting = json!({"resourceType": "AuditEvent", "id": "",
+        "recorded": "2001-01-01T00:00:01.000Z",
+        "agent": [resp("Organization/h2"), {"who": {"reference": "Practitioner/p"}},
+            resp("Organization/h3")]})
+    .to_string();
+    sqlx::query("INSERT INTO audit_outbox (recorded, body) VALUES ($1, $2)")
+        .bind("2001-01-01T00:00:01.000Z")
+        .bind(&waiting)
+        .execute(&mut c)
+        .await
+        .unwrap();
+    c.close().await.unwrap();
+
+    // This release serves it: its writer appends the outbox's entry.
+    let url2 = url.clone();
+    let s = TestServer::start_authorized(move |c| c.database_url = url2).await;
+    let admin = s.token.clone().unwrap();
+    for org in ["Organization/h2", "Organization/h3"] {
+        let found = audit(&s, &admin, &format!("agent={org}")).await;
+        assert_eq!(found.len(), 1, "{org}: {found:?}");
+        assert_eq!(found[0]["id"], "1");
+    }
+    let mut l = db(&s).await;
+    assert_eq!(
+        number(
+            &mut l,
+            "SELECT organizations_from FROM audit_head WHERE id = 1"
+        )
+        .await,
+        1
+    );
+    let r = verify(&s, &[]);
+    assert_eq!(r["verified"], true, "{r}");
+    assert!(r["size"].as_u64().unwrap() >= 2, "{r}");
+}
+
 #[tokio::test]
 async fn a_log_kept_in_the_database_file_moves_to_its_own_file_on_upgrade() {
     // SQLite only: PostgreSQL keeps the log in its database.
@@ -1799,25 +2015,7 @@ async fn a_log_kept_in_the_database_file_moves_to_its_own_file_on_upgrade() {
     // A database as the releases before the log's own file left it: the
     // migrations up to 0010, and entries in the database file.
     let dir = tempfile::tempdir().unwrap();
-    let old = dir.path().join("migrations");
-    std::fs::create_dir(&old).unwrap();
-    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
-    for f in std::fs::read_dir(&src).unwrap() {
-        let f = f.unwrap();
-        let name = f.file_name().into_string().unwrap();
-        if name.as_str() < "0011" {
-            std::fs::copy(f.path(), old.join(&name)).unwrap();
-        }
-    }
-    let url = format!("sqlite:{}?mode=rwc", dir.path().join("old.db").display());
-    sqlx::any::install_default_drivers();
-    let mut c = sqlx::AnyConnection::connect(&url).await.unwrap();
-    sqlx::migrate::Migrator::new(old.as_path())
-        .await
-        .unwrap()
-        .run_direct(&mut c)
-        .await
-        .unwrap();
+    let (url, mut c) = migrated_before(dir.path(), "0011", false).await;
     for seq in 0..3i64 {
         let body = format!(
             "{{\"resourceType\":\"AuditEvent\",\"id\":\"{seq}\",\"recorded\":\"2001-01-01T00:00:0{seq}.000Z\"}}"

@@ -385,6 +385,49 @@ async fn restore_refuses_a_database_that_is_not_empty() {
 }
 
 #[tokio::test]
+async fn an_embedded_databases_backup_restores_into_postgresql() {
+    // Needs both databases: it runs with the PostgreSQL suite.
+    if !std::env::var("EHRX_TEST_DATABASE_URL").is_ok_and(|u| u.starts_with("postgres")) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = format!("sqlite:{}", dir.path().join("embedded.db").display());
+    let url = sqlite.clone();
+    let s = TestServer::start_authorized(move |c| c.database_url = url).await;
+    let mut ids = Vec::new();
+    for family in ["Alpha", "Beta", "Gamma"] {
+        let p = s
+            .create(&json!({"resourceType": "Patient", "name": [{"family": family}]}))
+            .await;
+        ids.push(p["id"].as_str().unwrap().to_string());
+    }
+    for id in &ids {
+        assert_eq!(s.get(&format!("Patient/{id}")).await.status(), 200);
+    }
+    let file = dir.path().join("embedded.jsonl.gz");
+    let (ok, _, err) = ehrx(&sqlite, &["backup", "--out", file.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    s.stop().await;
+
+    let target = fresh_database(dir.path()).await;
+    assert!(target.starts_with("postgres"));
+    let (ok, _, err) = ehrx(&target, &["restore", file.to_str().unwrap()]);
+    assert!(ok, "ehrx restore into PostgreSQL: {err}");
+    // The log moved whole: it verifies there, and the patients' reads are in
+    // it.
+    let (ok, report, err) = ehrx(&target, &["audit", "verify"]);
+    assert!(ok && report["verified"] == true, "{report} {err}");
+    assert!(report["size"].as_u64().unwrap() >= 6, "{report}");
+    let pg = TestServer::start_authorized(move |c| c.database_url = target).await;
+    assert_eq!(pg.count("Patient").await, 3);
+    let b = pg
+        .get_json(&format!("AuditEvent?patient=Patient/{}", ids[0]))
+        .await;
+    assert!(b["entry"].as_array().is_some_and(|e| !e.is_empty()), "{b}");
+    pg.stop().await;
+}
+
+#[tokio::test]
 async fn scheduled_backups_are_taken_verified_and_pruned() {
     let dir = tempfile::tempdir().unwrap();
     let db = fresh_database(dir.path()).await;

@@ -678,6 +678,13 @@ impl Event {
             client: self.client.clone(),
             entity: self.data.first().cloned(),
             purpose: (!self.purpose.is_empty()).then(|| self.purpose.join(",")),
+            organizations: (!self.organizations.is_empty()).then(|| {
+                self.organizations
+                    .iter()
+                    .map(|o| format!("Organization/{o}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            }),
         }
     }
 }
@@ -742,6 +749,9 @@ pub struct Columns {
     pub entity: Option<String>,
     /// Purposes of use, comma-separated.
     pub purpose: Option<String>,
+    /// The Organizations the caller acted for (`Organization/{id}`), in the
+    /// event's order, space-separated.
+    pub organizations: Option<String>,
 }
 
 /// The Organizations an AuditEvent's caller acted for (its responsible
@@ -758,6 +768,19 @@ pub fn organizations_of(e: &Value) -> Vec<&str> {
         })
         .unwrap_or_default()
 }
+
+/// The searchable columns of `audit_entry` and `audit_outbox`, in the order
+/// of [`Columns::named`], for the SQL that writes and reads them.
+macro_rules! audit_columns {
+    () => {
+        "recorded, type, subtype, action, outcome, patient, agent, client, entity, purpose, \
+         organizations"
+    };
+}
+pub(crate) use audit_columns;
+pub const COLUMNS: &str = audit_columns!();
+/// How many there are.
+pub const COLUMN_COUNT: usize = 11;
 
 impl Columns {
     /// The columns of an AuditEvent.
@@ -804,11 +827,34 @@ impl Columns {
                 .find(|x| role(x, "4"))
                 .and_then(|x| s(&x["what"]["reference"])),
             purpose: (!purpose.is_empty()).then(|| purpose.join(",")),
+            organizations: {
+                let orgs = organizations_of(e);
+                (!orgs.is_empty()).then(|| orgs.join(" "))
+            },
         }
     }
 
-    /// The columns in table order (for binding and comparing), named.
-    pub fn named(&self) -> [(&'static str, Option<&str>); 10] {
+    /// The columns read back in the order of [`COLUMNS`], `get(i)` giving
+    /// the `i`-th.
+    pub fn read<E>(mut get: impl FnMut(usize) -> Result<Option<String>, E>) -> Result<Columns, E> {
+        Ok(Columns {
+            recorded: get(0)?,
+            kind: get(1)?,
+            subtype: get(2)?,
+            action: get(3)?,
+            outcome: get(4)?,
+            patient: get(5)?,
+            agent: get(6)?,
+            client: get(7)?,
+            entity: get(8)?,
+            purpose: get(9)?,
+            organizations: get(10)?,
+        })
+    }
+
+    /// The columns in table order (for binding and comparing), named: the
+    /// order of [`COLUMNS`].
+    pub fn named(&self) -> [(&'static str, Option<&str>); COLUMN_COUNT] {
         [
             ("recorded", self.recorded.as_deref()),
             ("type", self.kind.as_deref()),
@@ -820,6 +866,7 @@ impl Columns {
             ("client", self.client.as_deref()),
             ("entity", self.entity.as_deref()),
             ("purpose", self.purpose.as_deref()),
+            ("organizations", self.organizations.as_deref()),
         ]
     }
 }

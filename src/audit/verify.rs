@@ -64,6 +64,9 @@ pub struct Verifier<'a> {
     checkpoints: Vec<&'a Checkpoint>,
     checked: usize,
     last_good: u64,
+    /// Entries before this position were appended before the log had an
+    /// `organizations` column: theirs must be empty.
+    organizations_from: u64,
 }
 
 impl<'a> Verifier<'a> {
@@ -78,7 +81,14 @@ impl<'a> Verifier<'a> {
             checkpoints: cps,
             checked: 0,
             last_good: 0,
+            organizations_from: 0,
         }
+    }
+
+    /// The first entry appended with an `organizations` column
+    /// (`audit_head.organizations_from`).
+    pub fn organizations_from(&mut self, seq: u64) {
+        self.organizations_from = seq;
     }
 
     /// Reports a checkpoint whose signature does not verify.
@@ -151,7 +161,10 @@ impl<'a> Verifier<'a> {
                             ),
                             _ => {}
                         }
-                        let derived = Columns::of(&v);
+                        let mut derived = Columns::of(&v);
+                        if seq < self.organizations_from {
+                            derived.organizations = None;
+                        }
                         for ((name, stored), (_, expect)) in
                             row.columns.named().iter().zip(derived.named().iter())
                         {

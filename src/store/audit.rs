@@ -46,7 +46,7 @@ use tokio::sync::{oneshot, Mutex};
 
 use super::{Dialect, Gate, Outbox, Store, StoreError, StoreResult};
 use crate::audit::checkpoint::{self, Checkpoint};
-use crate::audit::event::{self, Columns, Event};
+use crate::audit::event::{self, audit_columns, Columns, Event};
 use crate::audit::packed;
 use crate::audit::tree::{self, Tree};
 use crate::audit::verify::{Report, Row as VerifyRow, Verifier};
@@ -598,9 +598,11 @@ struct Appended {
     unindexed: i64,
 }
 
-const INSERT_ENTRY: &str = "INSERT INTO audit_entry (seq, recorded, type, subtype, action, \
-    outcome, patient, agent, client, entity, purpose, body, digest) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+const INSERT_ENTRY: &str = concat!(
+    "INSERT INTO audit_entry (seq, ",
+    audit_columns!(),
+    ", body, digest) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+);
 
 /// One batch being appended on SQLite: a `BEGIN IMMEDIATE` transaction on
 /// the log's file — the log's size read under the file's write lock (so
@@ -675,7 +677,7 @@ impl<'c> Batch<'c> {
             let c = cols.named();
             insert.execute(rusqlite::params![
                 seq, c[0].1, c[1].1, c[2].1, c[3].1, c[4].1, c[5].1, c[6].1, c[7].1, c[8].1,
-                c[9].1, body, digest
+                c[9].1, c[10].1, body, digest
             ])?;
         }
         self.entries += events.len();
@@ -738,23 +740,13 @@ fn sqlite_outbox(
     main: &rusqlite::Connection,
     drained: i64,
 ) -> rusqlite::Result<Vec<(i64, Prepared)>> {
-    let mut q = main.prepare_cached(
-        "SELECT id, body, recorded, type, subtype, action, outcome, patient, agent, client, \
-         entity, purpose FROM audit_outbox WHERE id > ?1 ORDER BY id LIMIT ?2",
-    )?;
+    let mut q = main.prepare_cached(concat!(
+        "SELECT id, body, ",
+        audit_columns!(),
+        " FROM audit_outbox WHERE id > ?1 ORDER BY id LIMIT ?2"
+    ))?;
     let rows = q.query_map(rusqlite::params![drained, MAX_BATCH as i64], |r| {
-        let columns = Columns {
-            recorded: r.get(2)?,
-            kind: r.get(3)?,
-            subtype: r.get(4)?,
-            action: r.get(5)?,
-            outcome: r.get(6)?,
-            patient: r.get(7)?,
-            agent: r.get(8)?,
-            client: r.get(9)?,
-            entity: r.get(10)?,
-            purpose: r.get(11)?,
-        };
+        let columns = Columns::read(|i| r.get(2 + i))?;
         Ok((r.get::<_, i64>(0)?, split(r.get(1)?, columns)))
     })?;
     rows.collect()
@@ -855,31 +847,20 @@ async fn append_postgres(
 /// The entries in `audit_outbox` after row `drained`, oldest first (at most
 /// one batch).
 async fn read_outbox(conn: &mut AnyConnection, drained: i64) -> StoreResult<Vec<(i64, Prepared)>> {
-    let rows = sqlx::query(
-        "SELECT id, body, recorded, type, subtype, action, outcome, patient, agent, client, \
-         entity, purpose FROM audit_outbox WHERE id > $1 ORDER BY id LIMIT $2",
-    )
+    let rows = sqlx::query(concat!(
+        "SELECT id, body, ",
+        audit_columns!(),
+        " FROM audit_outbox WHERE id > $1 ORDER BY id LIMIT $2"
+    ))
     .bind(drained)
     .bind(MAX_BATCH as i64)
     .fetch_all(&mut *conn)
     .await?;
     let mut out = Vec::with_capacity(rows.len());
     for r in &rows {
-        let col = |i: usize| -> StoreResult<Option<String>> { Ok(r.try_get(i)?) };
         let id: i64 = r.try_get(0)?;
         let body: String = r.try_get(1)?;
-        let columns = Columns {
-            recorded: col(2)?,
-            kind: col(3)?,
-            subtype: col(4)?,
-            action: col(5)?,
-            outcome: col(6)?,
-            patient: col(7)?,
-            agent: col(8)?,
-            client: col(9)?,
-            entity: col(10)?,
-            purpose: col(11)?,
-        };
+        let columns = Columns::read(|i| r.try_get(2 + i))?;
         out.push((id, split(body, columns)));
     }
     Ok(out)
@@ -980,11 +961,12 @@ async fn append(conn: &mut AnyConnection, events: &[&Prepared]) -> StoreResult<(
 /// Appends an `INSERT` of `n` entry rows to `sql`, its parameters numbered
 /// from 1 (the log's own appends run on PostgreSQL only).
 fn insert_rows(sql: &mut String, n: usize) {
-    sql.push_str(
-        "INSERT INTO audit_entry (seq, recorded, type, subtype, action, outcome, patient, \
-         agent, client, entity, purpose, body, digest) VALUES ",
-    );
-    super::push_values(sql, n, 13, true);
+    sql.push_str(concat!(
+        "INSERT INTO audit_entry (seq, ",
+        audit_columns!(),
+        ", body, digest) VALUES "
+    ));
+    super::push_values(sql, n, event::COLUMN_COUNT + 3, true);
 }
 
 /// Binds `rows` in the order [`insert_rows`] numbers them.
@@ -1040,11 +1022,12 @@ async fn to_outbox(conn: &mut AnyConnection, drained: i64, events: &[Prepared]) 
     }
     let numbered = !conn.backend_name().eq_ignore_ascii_case("sqlite");
     for chunk in events.chunks(ROWS_PER_INSERT) {
-        let mut sql = String::from(
-            "INSERT INTO audit_outbox (recorded, type, subtype, action, outcome, patient, agent, \
-             client, entity, purpose, body) VALUES ",
-        );
-        super::push_values(&mut sql, chunk.len(), 11, numbered);
+        let mut sql = String::from(concat!(
+            "INSERT INTO audit_outbox (",
+            audit_columns!(),
+            ", body) VALUES "
+        ));
+        super::push_values(&mut sql, chunk.len(), event::COLUMN_COUNT + 1, numbered);
         let mut q = sqlx::query(&sql);
         for e in chunk {
             for (_, v) in e.columns.named() {
@@ -1181,20 +1164,23 @@ pub async fn verify(store: &Store, extra: Option<Checkpoint>) -> StoreResult<Rep
         }
     }
     let mut conn = store.audit_pool.acquire().await?;
-    let head: i64 = sqlx::query_scalar("SELECT size FROM audit_head WHERE id = 1")
-        .fetch_optional(&mut *conn)
-        .await?
-        .unwrap_or(0);
+    let (head, organizations_from): (i64, i64) =
+        sqlx::query_as("SELECT size, organizations_from FROM audit_head WHERE id = 1")
+            .fetch_optional(&mut *conn)
+            .await?
+            .unwrap_or((0, 0));
     let mut v = Verifier::new(&signed);
+    v.organizations_from(organizations_from.max(0) as u64);
     for c in &unsigned {
         v.unsigned(c);
     }
     let mut last: i64 = -1;
     loop {
-        let rows = sqlx::query(
-            "SELECT seq, body, digest, recorded, type, subtype, action, outcome, patient, agent, \
-             client, entity, purpose FROM audit_entry WHERE seq > $1 ORDER BY seq LIMIT $2",
-        )
+        let rows = sqlx::query(concat!(
+            "SELECT seq, body, digest, ",
+            audit_columns!(),
+            " FROM audit_entry WHERE seq > $1 ORDER BY seq LIMIT $2"
+        ))
         .bind(last)
         .bind(READ_CHUNK)
         .fetch_all(&mut *conn)
@@ -1241,18 +1227,7 @@ fn verify_row(r: &sqlx::any::AnyRow) -> StoreResult<VerifyRow> {
         seq: r.try_get(0)?,
         body,
         digest: r.try_get(2)?,
-        columns: Columns {
-            recorded: col(3)?,
-            kind: col(4)?,
-            subtype: col(5)?,
-            action: col(6)?,
-            outcome: col(7)?,
-            patient: col(8)?,
-            agent: col(9)?,
-            client: col(10)?,
-            entity: col(11)?,
-            purpose: col(12)?,
-        },
+        columns: Columns::read(|i| col(3 + i))?,
     })
 }
 
@@ -1333,25 +1308,24 @@ pub async fn prune(store: &Store, cutoff: &str) -> StoreResult<u64> {
     // Witnesses only ever fetch more of an append-only log, so the limit
     // read before this transaction still holds in it.
     let mut tx = store.audit_pool.begin().await?;
-    if store.dialect == Dialect::Sqlite {
-        // Their rows in the search tables go with them.
-        for sql in [
-            "DELETE FROM audit_by_patient WHERE (patient, seq) IN (SELECT patient, seq \
-             FROM audit_entry WHERE seq < $1 AND recorded < $2 AND body IS NOT NULL)",
-            "DELETE FROM audit_by_date WHERE (recorded, seq) IN (SELECT recorded, seq \
-             FROM audit_entry WHERE seq < $1 AND recorded < $2 AND body IS NOT NULL)",
-        ] {
-            sqlx::query(sql)
-                .bind(limit)
-                .bind(cutoff)
-                .execute(&mut *tx)
-                .await?;
-        }
+    // Their rows in the search tables go with them (on PostgreSQL, rows an
+    // SQLite backup brought).
+    for sql in [
+        "DELETE FROM audit_by_patient WHERE (patient, seq) IN (SELECT patient, seq \
+         FROM audit_entry WHERE seq < $1 AND recorded < $2 AND body IS NOT NULL)",
+        "DELETE FROM audit_by_date WHERE (recorded, seq) IN (SELECT recorded, seq \
+         FROM audit_entry WHERE seq < $1 AND recorded < $2 AND body IS NOT NULL)",
+    ] {
+        sqlx::query(sql)
+            .bind(limit)
+            .bind(cutoff)
+            .execute(&mut *tx)
+            .await?;
     }
     let n = sqlx::query(
         "UPDATE audit_entry SET body = NULL, recorded = NULL, type = NULL, subtype = NULL, \
          action = NULL, outcome = NULL, patient = NULL, agent = NULL, client = NULL, \
-         entity = NULL, purpose = NULL \
+         entity = NULL, purpose = NULL, organizations = NULL \
          WHERE seq < $1 AND recorded < $2 AND body IS NOT NULL",
     )
     .bind(limit)
@@ -1493,9 +1467,15 @@ impl Gate {
             }
         }
         if let Some(a) = &q.agent {
+            // The requestor, the client, or one of the organisations.
             binds.push(a.clone());
             let n = binds.len();
-            filters.push_str(&format!(" AND (e.agent = ${n} OR e.client = ${n})"));
+            binds.push(format!("% {} %", super::search::like_escaped(a)));
+            let m = binds.len();
+            filters.push_str(&format!(
+                " AND (e.agent = ${n} OR e.client = ${n} \
+                 OR (' ' || e.organizations || ' ') LIKE ${m} ESCAPE '\\')"
+            ));
         }
         if let Some(e) = &q.entity {
             binds.push(e.clone());

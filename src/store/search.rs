@@ -54,10 +54,7 @@ fn render_test(sql: &mut Sql, alias: &str, t: &Test) -> String {
             format!("{} >= {lo} AND {} < {hi}", col(c), col(c))
         }
         Test::Contains(c, p) => {
-            let escaped = index_text(p)
-                .replace('\\', "\\\\")
-                .replace('%', "\\%")
-                .replace('_', "\\_");
+            let escaped = like_escaped(index_text(p));
             let pat = sql.text(&format!("%{escaped}%"));
             format!("{} LIKE {pat} ESCAPE '\\'", col(c))
         }
@@ -68,6 +65,13 @@ fn render_test(sql: &mut Sql, alias: &str, t: &Test) -> String {
         Test::And(ts) => join_tests(sql, alias, ts, " AND ", "1 = 1"),
         Test::Or(ts) => join_tests(sql, alias, ts, " OR ", "1 = 0"),
     }
+}
+
+/// `s` as a literal part of a `LIKE` pattern with `ESCAPE '\'`.
+pub(super) fn like_escaped(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_")
 }
 
 /// Tests joined by `op`; `empty` when there are none.
