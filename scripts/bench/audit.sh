@@ -7,6 +7,10 @@
 # ROUNDS (default 1) repeats the pair, off then on, and gives each round's
 # share and their median: the unaudited runs alone spread by a fifth on a
 # small shared machine, so one round is not a verdict.
+# SLICES=N runs each round's two servers side by side instead, and measures
+# every shape in N pairs of short runs (DURATION each), off then on, so that
+# both see the same state of the machine; a shape's throughput is the mean
+# of its N runs.
 #   scripts/bench/audit.sh [DATA_DIR]
 # PROFILE selects the cargo profile built (default release; `profiling`
 # for line tables); EHRX_BIN runs another build instead. Needs wrk, curl,
@@ -27,31 +31,39 @@ port="${BENCH_PORT:-18083}"
 base="http://127.0.0.1:$port"
 export EHRX_LOG=warn EHRX_BASE_URL="$base"
 EHRX_DATABASE_URL="sqlite:$work/seed.db" "$bin" import --quiet "$data/synthea/hiv-transaction-bundles" >/dev/null
-pid=""
-trap '[ -n "$pid" ] && kill $pid 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
+slices="${SLICES:-}"
+pids=()
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; rm -rf "$work"' EXIT
 
 declare -A rps
 shapes=()
 
-# serve NAME AUDIT: a server on a fresh copy of the imported database.
+# serve NAME AUDIT PORT: a server on a fresh copy of the imported database.
 serve() {
   for f in "$work"/seed.db*; do cp "$f" "${f/seed/$1}"; done
-  export EHRX_DATABASE_URL="sqlite:$work/$1.db"
-  EHRX_AUDIT="$2" EHRX_LISTEN="127.0.0.1:$port" "$bin" serve &
-  pid=$!
-  for _ in $(seq 100); do curl -sf "$base/metadata" >/dev/null && break; sleep 0.1; done
+  EHRX_DATABASE_URL="sqlite:$work/$1.db" EHRX_BASE_URL="http://127.0.0.1:$3" \
+    EHRX_AUDIT="$2" EHRX_LISTEN="127.0.0.1:$3" "$bin" serve &
+  pids+=($!)
+  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$3/metadata" >/dev/null && break; sleep 0.1; done
 }
 
 stop() {
-  kill "$pid"
-  wait "$pid" 2>/dev/null || true
-  pid=""
+  for p in "${pids[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done
+  pids=()
 }
 
-# measure NAME: every shape against the running server.
-measure() {
-  local name=$1
-  local sys pat patient obs code q
+# wrk_rps TOKEN URL: requests per second of one run.
+wrk_rps() {
+  local out
+  out=$(wrk -t2 -c16 -d"$duration" --latency -H "Authorization: Bearer $1" "$2")
+  echo "$out" | grep -E "Requests/sec|50%|99%|Non-2xx|errors" >&2 || true
+  echo "$out" | awk '/Requests\/sec/ {print $2}'
+}
+
+# shapes_of BASE: the shapes against the server at BASE, with its tokens.
+shapes_of() {
+  local base=$1 sys pat patient obs code q
+  export EHRX_DATABASE_URL="sqlite:$work/$2.db" EHRX_BASE_URL="$1"
   sys=$(python3 scripts/bench/smart_token.py system "$base" "$bin" "system/*.rs")
   read -r patient obs code < <(python3 - "$base" "$sys" <<'PY'
 import collections, json, sys, urllib.request
@@ -80,27 +92,61 @@ PY
     "patient token, read own Observation|$pat|Observation/$obs"
     "patient token, search own Observations by code|$pat|Observation?patient=$patient&code=$q"
   )
+}
+
+# measure NAME BASE: every shape against the server at BASE.
+measure() {
+  shapes_of "$2" "$1"
   for s in "${shapes[@]}"; do
     IFS='|' read -r what token path <<<"$s"
-    local out
-    out=$(wrk -t2 -c16 -d"$duration" --latency -H "Authorization: Bearer $token" "$base/$path")
-    echo "== audit $name: $what: GET /$path"
-    echo "$out" | grep -E "Requests/sec|50%|99%|Non-2xx|errors" || true
-    rps["$name|$what"]=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+    echo "== audit $1: $what: GET /$path"
+    rps["$1|$what"]=$(wrk_rps "$token" "$2/$path" 2>&1 | tee /dev/stderr | tail -1)
+  done 2>&1
+}
+
+# measure_paired OFF ON: every shape against both servers (ports $port and
+# $port + 1), in SLICES pairs of runs.
+measure_paired() {
+  local off=("") on=("")
+  shapes_of "http://127.0.0.1:$port" "$1"
+  off=("${shapes[@]}")
+  shapes_of "http://127.0.0.1:$((port + 1))" "$2"
+  on=("${shapes[@]}")
+  for k in "${!shapes[@]}"; do
+    IFS='|' read -r what t0 path <<<"${off[$k]}"
+    IFS='|' read -r _ t1 _ <<<"${on[$k]}"
+    echo "== $what: GET /$path, $slices pairs of $duration runs (off, on):"
+    local a=() b=()
+    for _ in $(seq "$slices"); do
+      a+=("$(wrk_rps "$t0" "http://127.0.0.1:$port/$path" 2>/dev/null)")
+      b+=("$(wrk_rps "$t1" "http://127.0.0.1:$((port + 1))/$path" 2>/dev/null)")
+    done
+    echo "   off: ${a[*]}"
+    echo "   on:  ${b[*]}"
+    rps["$1|$what"]=$(python3 -c 'import sys; v = [float(x) for x in sys.argv[1:]]; print(sum(v) / len(v))' "${a[@]}")
+    rps["$2|$what"]=$(python3 -c 'import sys; v = [float(x) for x in sys.argv[1:]]; print(sum(v) / len(v))' "${b[@]}")
   done
 }
 
 echo "== $($bin --version 2>/dev/null || echo ehrx); machine: $(nproc) cores, shared by server and wrk; $duration per run, $rounds round(s)"
 for r in $(seq "$rounds"); do
   echo "== round $r"
-  serve "off$r" false
-  measure "off$r"
-  stop
-  serve "on$r" true
-  measure "on$r"
+  if [ -n "$slices" ]; then
+    serve "off$r" false "$port"
+    serve "on$r" true "$((port + 1))"
+    measure_paired "off$r" "on$r"
+    audited="http://127.0.0.1:$((port + 1))"
+  else
+    serve "off$r" false "$port"
+    measure "off$r" "$base"
+    stop
+    serve "on$r" true "$port"
+    measure "on$r" "$base"
+    audited=$base
+  fi
   echo "== group commit (audited server, whole run):"
-  curl -s "$base/metrics" | grep -E '^ehrx_audit_(events_total|batches_total|batch_events|batch_requests|wait_seconds_(sum|count)|commit_seconds_(sum|count)|failures_total)' || true
-  curl -s "$base/metrics" | python3 -c '
+  curl -s "$audited/metrics" | grep -E '^ehrx_audit_(events_total|batches_total|batch_events|batch_requests|wait_seconds_(sum|count)|commit_seconds_(sum|count)|failures_total)' || true
+  curl -s "$audited/metrics" | python3 -c '
 import sys
 m = {}
 for line in sys.stdin:
