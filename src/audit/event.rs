@@ -778,8 +778,7 @@ macro_rules! audit_columns {
     };
 }
 pub(crate) use audit_columns;
-pub const COLUMNS: &str = audit_columns!();
-/// How many there are.
+/// How many columns [`audit_columns!`] names.
 pub const COLUMN_COUNT: usize = 11;
 
 impl Columns {
@@ -834,8 +833,8 @@ impl Columns {
         }
     }
 
-    /// The columns read back in the order of [`COLUMNS`], `get(i)` giving
-    /// the `i`-th.
+    /// The columns read back in the order of [`audit_columns!`], `get(i)`
+    /// giving the `i`-th.
     pub fn read<E>(mut get: impl FnMut(usize) -> Result<Option<String>, E>) -> Result<Columns, E> {
         Ok(Columns {
             recorded: get(0)?,
@@ -853,7 +852,7 @@ impl Columns {
     }
 
     /// The columns in table order (for binding and comparing), named: the
-    /// order of [`COLUMNS`].
+    /// order of [`audit_columns!`].
     pub fn named(&self) -> [(&'static str, Option<&str>); COLUMN_COUNT] {
         [
             ("recorded", self.recorded.as_deref()),
@@ -874,6 +873,18 @@ impl Columns {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sql_column_list_is_the_order_columns_are_bound_and_read_in() {
+        let listed: Vec<&str> = audit_columns!().split(',').map(str::trim).collect();
+        let named: Vec<&str> = Columns::default().named().iter().map(|(n, _)| *n).collect();
+        assert_eq!(listed, named);
+        assert_eq!(listed.len(), COLUMN_COUNT);
+        let read = Columns::read(|i| Ok::<_, ()>(Some(named[i].to_string()))).unwrap();
+        for (name, value) in read.named() {
+            assert_eq!(Some(name), value);
+        }
+    }
 
     #[test]
     fn recorded_is_a_utc_instant_to_the_millisecond() {

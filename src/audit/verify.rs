@@ -102,14 +102,6 @@ impl<'a> Verifier<'a> {
         );
     }
 
-    /// Entry `seq` is missing from a search table it belongs in.
-    pub fn unindexed(&mut self, seq: u64) {
-        self.problem(
-            seq,
-            format!("entry {seq} removed from the search tables: searches would not find it"),
-        );
-    }
-
     fn problem(&mut self, entry: u64, what: String) {
         self.problems.push(Problem { entry, what });
     }

@@ -27,15 +27,6 @@
 //! the same transaction, so each is appended exactly once, also after a
 //! crash between the two files' commits. The next write clears the rows
 //! appended.
-//!
-//! Search tables (SQLite): the log is searched by patient and by date
-//! through `audit_by_patient` and `audit_by_date`, which the writer fills
-//! behind the entries, [`INDEX_RUN`] or more at a time once a batch's
-//! requests have been told (or when it is idle), instead of SQL indexes
-//! written in every group commit that requests wait for. A search merges
-//! what it finds through a table with the entries after
-//! `audit_head.indexed`, scanned by position, and checks each entry's own
-//! columns; `ehrx audit verify` names an entry missing from a table.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -62,12 +53,6 @@ const ROWS_PER_INSERT: usize = 100;
 const OUTBOX_POLL: Duration = Duration::from_secs(1);
 /// Rows read per query when catching up or verifying.
 const READ_CHUNK: i64 = 5_000;
-/// SQLite: the log's writer fills the search tables (`audit_by_patient`,
-/// `audit_by_date`) once this many entries wait for them, or when it is
-/// idle; a search scans at most about this many newest entries by position.
-const INDEX_RUN: i64 = 256;
-/// SQLite: most entries one run puts into the search tables.
-const INDEX_MAX: i64 = 4_096;
 
 /// The audit log of one store.
 #[derive(Clone)]
@@ -518,7 +503,6 @@ fn sqlite_writer(
             batch.insert(&events.iter().collect::<Vec<_>>())?;
             batch.commit()
         });
-        let mut unindexed = 0;
         let result = match result {
             Ok(appended) => {
                 if appended.entries > 0 {
@@ -533,7 +517,6 @@ fn sqlite_writer(
                     .drained
                     .fetch_max(appended.drained, Ordering::Relaxed);
                 outbox_due = appended.outbox_left;
-                unindexed = appended.unindexed;
                 Ok(())
             }
             Err(e) => {
@@ -547,15 +530,6 @@ fn sqlite_writer(
         let failed = result.is_err();
         let nobody = jobs.is_empty();
         outbox.waiters.tell(jobs, &result);
-        // Nobody waits on the search tables: they are filled once the batch's
-        // requests have been told, while the next batch gathers.
-        if let (Ok(()), Some(c)) = (&result, &mut conns) {
-            if unindexed >= INDEX_RUN || (nobody && unindexed > 0) {
-                if let Err(e) = index_behind(&mut c.log) {
-                    tracing::warn!(error = %e, "the audit log's search tables could not be filled");
-                }
-            }
-        }
         if failed && nobody {
             // Only the outbox was due: try again shortly, not at once.
             std::thread::sleep(Duration::from_millis(500));
@@ -594,8 +568,6 @@ struct Appended {
     outbox_left: bool,
     /// The newest `audit_outbox` row in the log.
     drained: i64,
-    /// Entries not yet in the search tables.
-    unindexed: i64,
 }
 
 const INSERT_ENTRY: &str = concat!(
@@ -612,8 +584,6 @@ struct Batch<'c> {
     tx: rusqlite::Transaction<'c>,
     /// The log's size before this batch.
     size: i64,
-    /// `audit_head.indexed`: the entries before it are in the search tables.
-    indexed: i64,
     /// Entries inserted so far.
     entries: usize,
     /// The newest `audit_outbox` row in the log, and whether the outbox
@@ -645,15 +615,14 @@ impl<'c> Batch<'c> {
         let tx = c
             .log
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let (size, drained, indexed): (i64, i64, i64) = tx
-            .prepare_cached("SELECT size, drained, indexed FROM audit_head WHERE id = 1")?
-            .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        let (size, drained): (i64, i64) = tx
+            .prepare_cached("SELECT size, drained FROM audit_head WHERE id = 1")?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?
-            .unwrap_or((0, 0, 0));
+            .unwrap_or((0, 0));
         let mut batch = Batch {
             tx,
             size,
-            indexed,
             entries: 0,
             drained,
             outbox_left: false,
@@ -703,35 +672,8 @@ impl<'c> Batch<'c> {
             entries: self.entries,
             outbox_left: self.outbox_left,
             drained: self.drained,
-            unindexed: self.size + self.entries as i64 - self.indexed,
         })
     }
-}
-
-/// Puts the next entries not yet in the search tables into them (at most
-/// [`INDEX_MAX`]), sorted by key so that each table's pages are written once
-/// per run, and moves `audit_head.indexed` past them; one transaction.
-fn index_behind(log: &mut rusqlite::Connection) -> rusqlite::Result<()> {
-    let tx = log.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let (size, indexed): (i64, i64) = tx
-        .prepare_cached("SELECT size, indexed FROM audit_head WHERE id = 1")?
-        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    let to = size.min(indexed + INDEX_MAX);
-    if to > indexed {
-        for sql in [
-            "INSERT OR IGNORE INTO audit_by_patient (patient, seq) SELECT patient, seq \
-             FROM audit_entry WHERE seq >= ?1 AND seq < ?2 AND patient IS NOT NULL \
-             ORDER BY patient, seq",
-            "INSERT OR IGNORE INTO audit_by_date (recorded, seq) SELECT recorded, seq \
-             FROM audit_entry WHERE seq >= ?1 AND seq < ?2 AND recorded IS NOT NULL \
-             ORDER BY recorded, seq",
-            "UPDATE audit_head SET indexed = ?2 WHERE id = 1",
-        ] {
-            tx.prepare_cached(sql)?
-                .execute(rusqlite::params![indexed, to])?;
-        }
-    }
-    tx.commit()
 }
 
 /// The entries in `audit_outbox` after row `drained`, oldest first (at most
@@ -1195,22 +1137,6 @@ pub async fn verify(store: &Store, extra: Option<Checkpoint>) -> StoreResult<Rep
             break;
         }
     }
-    if store.dialect == Dialect::Sqlite {
-        // An entry missing from a search table would not be found by a
-        // search through it (a patient reading who looked at their record).
-        let missing: Option<i64> = sqlx::query_scalar(
-            "SELECT MIN(e.seq) FROM audit_entry e WHERE e.seq < (SELECT indexed FROM audit_head \
-             WHERE id = 1) AND ((e.patient IS NOT NULL AND NOT EXISTS (SELECT 1 FROM \
-             audit_by_patient x WHERE x.patient = e.patient AND x.seq = e.seq)) OR \
-             (e.recorded IS NOT NULL AND NOT EXISTS (SELECT 1 FROM audit_by_date x \
-             WHERE x.recorded = e.recorded AND x.seq = e.seq)))",
-        )
-        .fetch_one(&mut *conn)
-        .await?;
-        if let Some(seq) = missing {
-            v.unindexed(seq.max(0) as u64);
-        }
-    }
     let report = v.finish(head.max(0) as u64);
     Ok(report)
 }
@@ -1307,21 +1233,7 @@ pub async fn prune(store: &Store, cutoff: &str) -> StoreResult<u64> {
     };
     // Witnesses only ever fetch more of an append-only log, so the limit
     // read before this transaction still holds in it.
-    let mut tx = store.audit_pool.begin().await?;
-    // Their rows in the search tables go with them (on PostgreSQL, rows an
-    // SQLite backup brought).
-    for sql in [
-        "DELETE FROM audit_by_patient WHERE (patient, seq) IN (SELECT patient, seq \
-         FROM audit_entry WHERE seq < $1 AND recorded < $2 AND body IS NOT NULL)",
-        "DELETE FROM audit_by_date WHERE (recorded, seq) IN (SELECT recorded, seq \
-         FROM audit_entry WHERE seq < $1 AND recorded < $2 AND body IS NOT NULL)",
-    ] {
-        sqlx::query(sql)
-            .bind(limit)
-            .bind(cutoff)
-            .execute(&mut *tx)
-            .await?;
-    }
+    let mut conn = store.audit_pool.acquire().await?;
     let n = sqlx::query(
         "UPDATE audit_entry SET body = NULL, recorded = NULL, type = NULL, subtype = NULL, \
          action = NULL, outcome = NULL, patient = NULL, agent = NULL, client = NULL, \
@@ -1330,10 +1242,9 @@ pub async fn prune(store: &Store, cutoff: &str) -> StoreResult<u64> {
     )
     .bind(limit)
     .bind(cutoff)
-    .execute(&mut *tx)
+    .execute(&mut *conn)
     .await?
     .rows_affected();
-    tx.commit().await?;
     Ok(n)
 }
 
@@ -1390,42 +1301,6 @@ pub fn reach(access: &crate::policy::Access) -> AuditReach {
     }
 }
 
-/// The SQL of an AuditEvent search: `filters` (over `audit_entry e`, every
-/// condition the search asks for), newest first, at most `count` rows.
-///
-/// On SQLite the patient and date indexes are tables kept a little behind
-/// the log (see the migration `0012`): `through` names the table to search
-/// and its condition over `x` (the patient, or the lower date bound, and
-/// the page's upper position). What it finds is merged with the entries
-/// after `audit_head.indexed`, scanned by position. Either way every
-/// entry's own columns are checked by `filters`.
-fn search_sql(
-    dialect: Dialect,
-    filters: &str,
-    through: Option<(&str, String)>,
-    count: usize,
-) -> String {
-    match through {
-        Some((table, key)) if dialect == Dialect::Sqlite => {
-            let indexed = "(SELECT indexed FROM audit_head WHERE id = 1)";
-            // `x.seq` (not `e.seq`) is selected so that SQLite reads the
-            // patient's table in order and merges the two arms without
-            // sorting them.
-            format!(
-                "SELECT x.seq, e.body FROM {table} x JOIN audit_entry e ON e.seq = x.seq \
-                 WHERE {key} AND x.seq < {indexed} AND {filters} \
-                 UNION ALL SELECT e.seq, e.body FROM audit_entry e \
-                 WHERE e.seq >= {indexed} AND {filters} \
-                 ORDER BY 1 DESC LIMIT {count}"
-            )
-        }
-        _ => format!(
-            "SELECT e.seq, e.body FROM audit_entry e WHERE {filters} \
-             ORDER BY e.seq DESC LIMIT {count}"
-        ),
-    }
-}
-
 impl Gate {
     /// AuditEvents matching `q` that this caller may see, newest first:
     /// `(position, stored JSON)`.
@@ -1447,24 +1322,25 @@ impl Gate {
                 ))
             }
         }
-        let mut filters = String::from("e.body IS NOT NULL");
+        let mut sql = String::from("SELECT seq, body FROM audit_entry WHERE body IS NOT NULL");
         let mut binds: Vec<String> = Vec::new();
-        // The first date bound, for the search table on SQLite.
-        let mut from_date: Option<(String, usize)> = None;
+        let mut bind = |sql: &mut String, clause: &str, v: &str| {
+            binds.push(v.to_string());
+            sql.push_str(&clause.replace('?', &format!("${}", binds.len())));
+        };
         for (cmp, v) in &q.date {
-            let (op, value) = match cmp.as_str() {
-                "ge" => (">=", v.clone()),
-                "gt" => (">", v.clone()),
-                "le" => ("<", format!("{v}\u{ffff}")),
-                "lt" => ("<", v.clone()),
-                "eq" | "" => ("LIKE", format!("{v}%")),
-                _ => ("LIKE", v.clone()),
+            let clause = match cmp.as_str() {
+                "ge" => " AND recorded >= ?",
+                "gt" => " AND recorded > ?",
+                "le" | "lt" => " AND recorded < ?",
+                _ => " AND recorded LIKE ?",
             };
-            binds.push(value);
-            filters.push_str(&format!(" AND e.recorded {op} ${}", binds.len()));
-            if from_date.is_none() && matches!(op, ">=" | ">") {
-                from_date = Some((op.to_string(), binds.len()));
-            }
+            let value = match cmp.as_str() {
+                "le" => format!("{v}\u{ffff}"),
+                "eq" | "" => format!("{v}%"),
+                _ => v.clone(),
+            };
+            bind(&mut sql, clause, &value);
         }
         if let Some(a) = &q.agent {
             // The requestor, the client, or one of the organisations.
@@ -1472,17 +1348,16 @@ impl Gate {
             let n = binds.len();
             binds.push(format!("% {} %", super::search::like_escaped(a)));
             let m = binds.len();
-            filters.push_str(&format!(
-                " AND (e.agent = ${n} OR e.client = ${n} \
-                 OR (' ' || e.organizations || ' ') LIKE ${m} ESCAPE '\\')"
+            sql.push_str(&format!(
+                " AND (agent = ${n} OR client = ${n} \
+                 OR (' ' || organizations || ' ') LIKE ${m} ESCAPE '\\')"
             ));
         }
         if let Some(e) = &q.entity {
             binds.push(e.clone());
             let n = binds.len();
-            filters.push_str(&format!(" AND (e.entity = ${n} OR e.patient = ${n})"));
+            sql.push_str(&format!(" AND (entity = ${n} OR patient = ${n})"));
         }
-        let mut patient_bind = None;
         let simple = [
             ("patient", &q.patient),
             ("type", &q.kind),
@@ -1493,26 +1368,14 @@ impl Gate {
         for (col, v) in simple {
             if let Some(v) = v {
                 binds.push(v.clone());
-                filters.push_str(&format!(" AND e.{col} = ${}", binds.len()));
-                if col == "patient" {
-                    patient_bind = Some(binds.len());
-                }
+                sql.push_str(&format!(" AND {col} = ${}", binds.len()));
             }
         }
-        let mut before = String::new();
         if let Some(b) = q.before {
             binds.push(b.to_string());
-            before = format!(" AND x.seq < CAST(${} AS BIGINT)", binds.len());
-            filters.push_str(&format!(" AND e.seq < CAST(${} AS BIGINT)", binds.len()));
+            sql.push_str(&format!(" AND seq < CAST(${} AS BIGINT)", binds.len()));
         }
-        let through = match (patient_bind, &from_date) {
-            (Some(n), _) => Some(("audit_by_patient", format!("x.patient = ${n}{before}"))),
-            (None, Some((op, n))) => {
-                Some(("audit_by_date", format!("x.recorded {op} ${n}{before}")))
-            }
-            (None, None) => None,
-        };
-        let sql = search_sql(self.store().dialect, &filters, through, q.count.max(1));
+        sql.push_str(&format!(" ORDER BY seq DESC LIMIT {}", q.count.max(1)));
         let mut reader = self
             .store()
             .audit_pool
