@@ -52,7 +52,8 @@ stop() {
   pids=()
 }
 
-# wrk_rps TOKEN URL: requests per second of one run.
+# wrk_rps TOKEN URL: requests per second of one run (its latency lines go
+# to stderr).
 wrk_rps() {
   local out
   out=$(wrk -t2 -c16 -d"$duration" --latency -H "Authorization: Bearer $1" "$2")
@@ -100,14 +101,14 @@ measure() {
   for s in "${shapes[@]}"; do
     IFS='|' read -r what token path <<<"$s"
     echo "== audit $1: $what: GET /$path"
-    rps["$1|$what"]=$(wrk_rps "$token" "$2/$path" 2>&1 | tee /dev/stderr | tail -1)
-  done 2>&1
+    rps["$1|$what"]=$(wrk_rps "$token" "$2/$path")
+  done
 }
 
 # measure_paired OFF ON: every shape against both servers (ports $port and
 # $port + 1), in SLICES pairs of runs.
 measure_paired() {
-  local off=("") on=("")
+  local off on
   shapes_of "http://127.0.0.1:$port" "$1"
   off=("${shapes[@]}")
   shapes_of "http://127.0.0.1:$((port + 1))" "$2"
