@@ -1159,6 +1159,82 @@ async fn entries_from_before_the_organisations_column_are_checked_to_have_none()
     assert_eq!(verify(&s, &[])["first_bad"], seq);
 }
 
+/// Waits until a server has filled in the organisations of the entries
+/// from before the column (`organizations_from` down to 0).
+async fn organisations_filled_in(c: &mut sqlx::AnyConnection) {
+    for _ in 0..200 {
+        if number(c, "SELECT organizations_from FROM audit_head WHERE id = 1").await == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the organisations of older entries were not filled in");
+}
+
+#[tokio::test]
+async fn entries_from_before_the_organisations_column_are_filled_in_when_a_server_starts() {
+    let (s, seq) = logged_with_an_organisation().await;
+    // As an upgrade leaves a log an earlier release appended to: the
+    // entry's column empty and the boundary after it; one older entry
+    // pruned (no body, no columns).
+    exec(
+        &s,
+        &format!(
+            "UPDATE audit_entry SET organizations = NULL WHERE seq = {seq}; \
+             UPDATE audit_head SET organizations_from = {}; \
+             UPDATE audit_entry SET body = NULL, recorded = NULL, type = NULL, subtype = NULL, \
+             action = NULL, outcome = NULL, patient = NULL, agent = NULL, client = NULL, \
+             entity = NULL, purpose = NULL, organizations = NULL WHERE seq = 0",
+            seq + 1
+        ),
+    )
+    .await;
+    assert_eq!(verify(&s, &[])["verified"], true);
+    let before = audit(&s, &admin_token(&s).await, "agent=Organization/hospital-a").await;
+    assert!(
+        before.iter().all(|e| e["id"] != seq.to_string().as_str()),
+        "{before:?}"
+    );
+
+    // A server started on the database fills it in from the entry's body.
+    let url = s.database_url.clone();
+    let s2 = TestServer::start_authorized(move |c| c.database_url = url).await;
+    let mut c = db(&s2).await;
+    organisations_filled_in(&mut c).await;
+    let found = audit(
+        &s2,
+        s2.token.as_deref().unwrap(),
+        "agent=Organization/hospital-a",
+    )
+    .await;
+    assert!(
+        found.iter().any(|e| e["id"] == seq.to_string().as_str()),
+        "{found:?}"
+    );
+    let column: Option<String> =
+        sqlx::query_scalar("SELECT organizations FROM audit_entry WHERE seq = $1")
+            .bind(seq)
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+    assert_eq!(column.as_deref(), Some("Organization/hospital-a"));
+    let pruned: Option<String> =
+        sqlx::query_scalar("SELECT organizations FROM audit_entry WHERE seq = 0")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+    assert_eq!(pruned, None);
+    // From here on every entry's column is checked against its body.
+    let r = verify(&s2, &[]);
+    assert_eq!(r["verified"], true, "{r}");
+    exec(
+        &s2,
+        &format!("UPDATE audit_entry SET organizations = NULL WHERE seq = {seq}"),
+    )
+    .await;
+    assert_eq!(verify(&s2, &[])["first_bad"], seq);
+}
+
 #[tokio::test]
 async fn verify_names_a_deleted_entry() {
     let (s, _w) = logged().await;
@@ -1757,7 +1833,7 @@ async fn migrated_before(
 }
 
 #[tokio::test]
-async fn organisations_become_searchable_on_upgrade_and_older_entries_still_verify() {
+async fn organisations_become_searchable_on_upgrade_for_older_entries_too() {
     if on_postgres() {
         return;
     }
@@ -1805,15 +1881,12 @@ async fn organisations_become_searchable_on_upgrade_and_older_entries_still_veri
         assert_eq!(found.len(), 1, "{org}: {found:?}");
         assert_eq!(found[0]["id"], "1");
     }
+    // The entry already in the log gets its organisation from its body.
     let mut l = db(&s).await;
-    assert_eq!(
-        number(
-            &mut l,
-            "SELECT organizations_from FROM audit_head WHERE id = 1"
-        )
-        .await,
-        1
-    );
+    organisations_filled_in(&mut l).await;
+    let found = audit(&s, &admin, "agent=Organization/h1").await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["id"], "0");
     let r = verify(&s, &[]);
     assert_eq!(r["verified"], true, "{r}");
     assert!(r["size"].as_u64().unwrap() >= 2, "{r}");

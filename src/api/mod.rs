@@ -84,6 +84,9 @@ impl AppState {
                 std::time::Duration::from_micros(config.audit_batch_window_us),
             )
         });
+        if let Some(log) = &audit {
+            log.complete_upgrades();
+        }
         AppState(Arc::new(Shared {
             insurers: Arc::new(insurers),
             audit,

@@ -234,6 +234,26 @@ impl AuditLog {
         &self.inner.store
     }
 
+    /// Fills in, in the background, what the entries appended by earlier
+    /// releases lack ([`fill_organizations`]); a server calls it once it
+    /// has started its log.
+    pub fn complete_upgrades(&self) {
+        let store = self.inner.store.clone();
+        tokio::spawn(async move {
+            match fill_organizations(&store).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    entries = n,
+                    "the organizations of audit entries from an earlier release are filled in"
+                ),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "filling in the organizations of older audit entries stopped; the next start goes on"
+                ),
+            }
+        });
+    }
+
     /// Notes a request entering the audit seam until the guard returned is
     /// dropped (see [`Waiters`]).
     pub fn enter(&self) -> InFlight {
@@ -1105,7 +1125,17 @@ pub async fn verify(store: &Store, extra: Option<Checkpoint>) -> StoreResult<Rep
             _ => unsigned.push(c),
         }
     }
-    let mut conn = store.audit_pool.acquire().await?;
+    // One snapshot for the head and every row, so that what the server
+    // appends, prunes or fills in meanwhile is seen whole or not at all.
+    let mut conn = match store.dialect {
+        Dialect::Sqlite => store.audit_pool.begin_with("BEGIN").await?,
+        Dialect::Postgres => {
+            store
+                .audit_pool
+                .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .await?
+        }
+    };
     let (head, organizations_from): (i64, i64) =
         sqlx::query_as("SELECT size, organizations_from FROM audit_head WHERE id = 1")
             .fetch_optional(&mut *conn)
@@ -1137,6 +1167,7 @@ pub async fn verify(store: &Store, extra: Option<Checkpoint>) -> StoreResult<Rep
             break;
         }
     }
+    conn.commit().await?;
     let report = v.finish(head.max(0) as u64);
     Ok(report)
 }
@@ -1246,6 +1277,87 @@ pub async fn prune(store: &Store, cutoff: &str) -> StoreResult<u64> {
     .await?
     .rows_affected();
     Ok(n)
+}
+
+/// Entries whose `organizations` one step of [`fill_organizations`] fills
+/// in.
+const FILL_CHUNK: i64 = 1_000;
+
+/// Fills in the `organizations` column of the entries appended before the
+/// log had one (below `audit_head.organizations_from`), from their bodies,
+/// newest first, and moves the boundary down with each chunk in the same
+/// transaction — so `ehrx audit verify` holds at every step, and from the
+/// end on checks every entry's column against its body. The boundary is
+/// compare-and-set: two processes filling in at once take turns, and a
+/// pruned entry (no body) keeps an empty column. Returns the number of
+/// entries filled in.
+pub async fn fill_organizations(store: &Store) -> StoreResult<u64> {
+    let mut filled = 0;
+    loop {
+        let from: Option<i64> = {
+            let mut conn = store.audit_pool.acquire().await?;
+            sqlx::query_scalar("SELECT organizations_from FROM audit_head WHERE id = 1")
+                .fetch_optional(&mut *conn)
+                .await?
+        };
+        let from = from.unwrap_or(0);
+        if from <= 0 {
+            return Ok(filled);
+        }
+        let low = (from - FILL_CHUNK).max(0);
+        let rows: Vec<(i64, String)> = {
+            let mut conn = store.audit_pool.acquire().await?;
+            sqlx::query_as(
+                "SELECT seq, body FROM audit_entry WHERE seq >= $1 AND seq < $2 \
+                 AND body IS NOT NULL AND organizations IS NULL",
+            )
+            .bind(low)
+            .bind(from)
+            .fetch_all(&mut *conn)
+            .await?
+        };
+        let found: Vec<(i64, String)> = rows
+            .iter()
+            .filter_map(|(seq, stored)| {
+                // A damaged body is left as it is: `ehrx audit verify`
+                // names it by its digest.
+                let json = packed::unpack(stored).ok()?;
+                let v: serde_json::Value = serde_json::from_str(&json).ok()?;
+                Columns::of(&v).organizations.map(|o| (*seq, o))
+            })
+            .collect();
+        let mut tx = match store.dialect {
+            Dialect::Sqlite => super::sqlite_begin_immediate(&store.audit_pool).await?,
+            Dialect::Postgres => store.audit_pool.begin().await?,
+        };
+        let moved = sqlx::query(
+            "UPDATE audit_head SET organizations_from = $1 WHERE id = 1 AND organizations_from = $2",
+        )
+        .bind(low)
+        .bind(from)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if moved == 0 {
+            // Another process moved it first; start again from where it is.
+            tx.rollback().await?;
+            continue;
+        }
+        for (seq, organizations) in &found {
+            filled += sqlx::query(
+                "UPDATE audit_entry SET organizations = $1 \
+                 WHERE seq = $2 AND body IS NOT NULL AND organizations IS NULL",
+            )
+            .bind(organizations)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        // Leaves room for the writer between chunks.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// A search of AuditEvents.
