@@ -1892,6 +1892,54 @@ async fn organisations_become_searchable_on_upgrade_for_older_entries_too() {
     assert!(r["size"].as_u64().unwrap() >= 2, "{r}");
 }
 
+/// How many times SQLite has started the write-ahead log `wal` afresh: the
+/// checkpoint sequence number in its header (big-endian, at byte
+/// 12; SQLite adds one at each restart).
+fn wal_restarts(wal: &str) -> u32 {
+    let header = std::fs::read(wal).unwrap_or_default();
+    header
+        .get(12..16)
+        .map(|b| u32::from_be_bytes(b.try_into().unwrap()))
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn the_logs_write_ahead_log_starts_afresh_under_steady_load() {
+    // SQLite only: the log's own file and its write-ahead log.
+    if on_postgres() {
+        return;
+    }
+    let s = TestServer::start().await;
+    let w = world(&s).await;
+    let wal = format!(
+        "{}-wal",
+        ehrx::store::sqlite_audit_path(&s.database_url).unwrap()
+    );
+    let before = wal_restarts(&wal);
+    // Eight readers without a pause for two seconds: the writer is never
+    // idle long enough for a checkpoint beside it to copy every frame.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let readers = (0..8).map(|_| async {
+        let mut n = 0;
+        while std::time::Instant::now() < until {
+            assert_eq!(get(&s, &w.admin, "Patient/pa").await.0, 200);
+            n += 1;
+        }
+        n
+    });
+    let reads: usize = futures_util::future::join_all(readers)
+        .await
+        .into_iter()
+        .sum();
+    let after = wal_restarts(&wal);
+    // A checkpoint every 250 ms, each finished by the writer: the log
+    // starts again from its first frame several times.
+    assert!(
+        after >= before + 3,
+        "restarts {before} -> {after} over {reads} reads"
+    );
+}
+
 #[tokio::test]
 async fn a_log_kept_in_the_database_file_moves_to_its_own_file_on_upgrade() {
     // SQLite only: PostgreSQL keeps the log in its database.

@@ -550,6 +550,19 @@ fn sqlite_writer(
         let failed = result.is_err();
         let nobody = jobs.is_empty();
         outbox.waiters.tell(jobs, &result);
+        if outbox.checkpointed.swap(false, Ordering::Relaxed) {
+            if let Some(c) = &conns {
+                // The frames appended since the checkpoint beside began
+                // (see `super::checkpoint`); a failure leaves the
+                // write-ahead log to grow until the next one.
+                let copied = c
+                    .log
+                    .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0));
+                if let Err(e) = copied {
+                    tracing::debug!(error = %e, "the writer's checkpoint failed");
+                }
+            }
+        }
         if failed && nobody {
             // Only the outbox was due: try again shortly, not at once.
             std::thread::sleep(Duration::from_millis(500));

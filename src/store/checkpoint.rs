@@ -11,14 +11,24 @@
 //! past [`WAL_LIMIT_PAGES`], one RESTART checkpoint is taken between writers
 //! (holding the write lock), which waits for those readers and bounds the
 //! log's size.
+//!
+//! The audit log's file has one busy writer, which appends a batch every
+//! millisecond or so: a checkpoint beside it never finds every frame copied
+//! when it ends, so SQLite never starts that write-ahead log afresh, and it
+//! would grow to [`WAL_LIMIT_PAGES`] — every frame appended to a growing
+//! file, which costs the writer about twice what overwriting one does. So
+//! once a checkpoint of the log has copied most of it, the writer copies
+//! the few frames it appended meanwhile ([`super::Outbox::checkpointed`]),
+//! and its next batch begins the write-ahead log again from the start.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::{AnyPool, Row};
 use tokio::sync::Mutex;
 
-use super::StoreResult;
+use super::{Outbox, StoreResult};
 
 /// How often the log is checkpointed.
 const EVERY: Duration = Duration::from_millis(250);
@@ -27,8 +37,9 @@ const EVERY: Duration = Duration::from_millis(250);
 const WAL_LIMIT_PAGES: i64 = 65_536;
 
 /// Checkpoints the log of `pool`'s database every [`EVERY`] until the pool
-/// is closed (or the runtime ends).
-pub fn spawn(pool: AnyPool, write_lock: Arc<Mutex<()>>) {
+/// is closed (or the runtime ends); with `writer`, the audit log's, whose
+/// writer is told after each checkpoint to finish it.
+pub(super) fn spawn(pool: AnyPool, write_lock: Arc<Mutex<()>>, writer: Option<Arc<Outbox>>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -37,8 +48,13 @@ pub fn spawn(pool: AnyPool, write_lock: Arc<Mutex<()>>) {
             if pool.is_closed() {
                 break;
             }
-            if let Err(e) = checkpoint(&pool, &write_lock).await {
-                tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
+            match checkpoint(&pool, &write_lock).await {
+                Ok(()) => {
+                    if let Some(w) = &writer {
+                        w.checkpointed.store(true, Ordering::Relaxed);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; retrying"),
             }
         }
     });

@@ -140,6 +140,11 @@ struct Outbox {
     /// Who waits for that writer, so that it commits a batch as soon as
     /// nobody else is coming.
     waiters: audit::Waiters,
+    /// The log's write-ahead log has just been checkpointed beside the
+    /// writer (SQLite): the writer copies what it appended meanwhile, so
+    /// that its next batch starts the write-ahead log afresh (see
+    /// [`checkpoint`]).
+    checkpointed: std::sync::atomic::AtomicBool,
 }
 
 /// How long a write waits for its audit entries to reach the log once they
@@ -357,9 +362,14 @@ impl Store {
             }
         };
         let write_lock = (dialect == Dialect::Sqlite).then(|| Arc::new(Mutex::new(())));
+        let outbox = Arc::new(Outbox::default());
         if let Some(lock) = &write_lock {
-            checkpoint::spawn(main.clone(), Arc::clone(lock));
-            checkpoint::spawn(audit_pool.clone(), Arc::new(Mutex::new(())));
+            checkpoint::spawn(main.clone(), Arc::clone(lock), None);
+            checkpoint::spawn(
+                audit_pool.clone(),
+                Arc::new(Mutex::new(())),
+                Some(Arc::clone(&outbox)),
+            );
         }
         Ok(Store {
             pool: main,
@@ -371,7 +381,7 @@ impl Store {
             write_lock,
             secrets: secrets::Secrets::default(),
             circles: circle::Cache::default(),
-            outbox: Arc::new(Outbox::default()),
+            outbox,
         })
     }
 
