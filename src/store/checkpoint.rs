@@ -14,12 +14,13 @@
 //!
 //! The audit log's file has one busy writer, which appends a batch every
 //! millisecond or so: a checkpoint beside it never finds every frame copied
-//! when it ends, so SQLite never starts that write-ahead log afresh, and it
-//! would grow to [`WAL_LIMIT_PAGES`] — every frame appended to a growing
-//! file, which costs the writer about twice what overwriting one does. So
-//! once a checkpoint of the log has copied most of it, the writer copies
-//! the few frames it appended meanwhile ([`super::Outbox::checkpointed`]),
-//! and its next batch begins the write-ahead log again from the start.
+//! when it ends, so SQLite never starts that write-ahead log afresh. It
+//! would grow to [`WAL_LIMIT_PAGES`], and the RESTART checkpoint there
+//! holds the writer, and every request waiting for its batch, until the
+//! whole log is copied. So once a checkpoint of the log has copied most of
+//! it, the writer copies the few frames it appended meanwhile
+//! ([`super::Outbox::checkpointed`]), and its next batch begins the
+//! write-ahead log again from the start.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
