@@ -1129,13 +1129,11 @@ async fn verify_names_an_entry_whose_organisations_were_changed() {
     assert_eq!(r["first_bad"], seq, "{r}");
 }
 
-#[tokio::test]
-async fn entries_from_before_the_organisations_column_are_checked_to_have_none() {
-    let (s, seq) = logged_with_an_organisation().await;
-    // As the migration leaves an entry appended before it: no value, and
-    // `organizations_from` after it.
+/// Entry `seq` as an upgrade leaves one an earlier release appended: no
+/// `organizations`, and `organizations_from` after it.
+async fn appended_before_the_column(s: &TestServer, seq: i64) {
     exec(
-        &s,
+        s,
         &format!(
             "UPDATE audit_entry SET organizations = NULL WHERE seq = {seq}; \
              UPDATE audit_head SET organizations_from = {}",
@@ -1143,6 +1141,12 @@ async fn entries_from_before_the_organisations_column_are_checked_to_have_none()
         ),
     )
     .await;
+}
+
+#[tokio::test]
+async fn entries_from_before_the_organisations_column_are_checked_to_have_none() {
+    let (s, seq) = logged_with_an_organisation().await;
+    appended_before_the_column(&s, seq).await;
     assert_eq!(verify(&s, &[])["verified"], true);
     // Moving the boundary back over it, or giving it a value, is named.
     exec(&s, "UPDATE audit_head SET organizations_from = 0").await;
@@ -1174,19 +1178,13 @@ async fn organisations_filled_in(c: &mut sqlx::AnyConnection) {
 #[tokio::test]
 async fn entries_from_before_the_organisations_column_are_filled_in_when_a_server_starts() {
     let (s, seq) = logged_with_an_organisation().await;
-    // As an upgrade leaves a log an earlier release appended to: the
-    // entry's column empty and the boundary after it; one older entry
-    // pruned (no body, no columns).
+    appended_before_the_column(&s, seq).await;
+    // One older entry pruned: no body, no columns.
     exec(
         &s,
-        &format!(
-            "UPDATE audit_entry SET organizations = NULL WHERE seq = {seq}; \
-             UPDATE audit_head SET organizations_from = {}; \
-             UPDATE audit_entry SET body = NULL, recorded = NULL, type = NULL, subtype = NULL, \
-             action = NULL, outcome = NULL, patient = NULL, agent = NULL, client = NULL, \
-             entity = NULL, purpose = NULL, organizations = NULL WHERE seq = 0",
-            seq + 1
-        ),
+        "UPDATE audit_entry SET body = NULL, recorded = NULL, type = NULL, subtype = NULL, \
+         action = NULL, outcome = NULL, patient = NULL, agent = NULL, client = NULL, \
+         entity = NULL, purpose = NULL, organizations = NULL WHERE seq = 0",
     )
     .await;
     assert_eq!(verify(&s, &[])["verified"], true);
