@@ -1537,6 +1537,78 @@ async fn export_writes_each_entry_with_an_inclusion_proof() {
     assert_eq!(n, size);
 }
 
+/// Every entry's inclusion proof as the server at `s` gives it, against the
+/// checkpoint `ehrx audit checkpoint` signs from the database alone.
+async fn proofs_match_the_database(s: &TestServer) {
+    let cp = cli(s, &["audit", "checkpoint"], None);
+    let size = cp["size"].as_u64().unwrap();
+    let root = cp["root"].as_str().unwrap();
+    let mut c = db(s).await;
+    for index in 0..size {
+        let digest: String = sqlx::query_scalar("SELECT digest FROM audit_entry WHERE seq = $1")
+            .bind(index as i64)
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        let r = s
+            .client
+            .get(s.url(&format!("audit/proof/inclusion?index={index}&size={size}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "entry {index}");
+        let p: Value = r.json().await.unwrap();
+        assert_eq!(p["leaf"], digest.as_str(), "entry {index} of {size}");
+        assert_eq!(p["root"], root, "entry {index} of {size}");
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let proof: Vec<[u8; 32]> = p["proof"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| b64.decode(h.as_str().unwrap()).unwrap().try_into().unwrap())
+            .collect();
+        assert!(ehrx::audit::tree::verify_inclusion(
+            &b64.decode(root).unwrap().try_into().unwrap(),
+            size,
+            &hex::decode(&digest).unwrap().try_into().unwrap(),
+            index,
+            &proof
+        ));
+    }
+}
+
+#[tokio::test]
+async fn two_servers_appending_in_turn_each_prove_the_log_the_database_holds() {
+    let (s, w) = logged().await;
+    // The first server's tree is built before the second appends.
+    proofs_match_the_database(&s).await;
+    let url = s.database_url.clone();
+    let s2 = TestServer::start_authorized(move |c| c.database_url = url).await;
+    let t2 = s2.token.clone().unwrap();
+    for _ in 0..3 {
+        for p in ["Patient/pa", "Observation/oa"] {
+            assert_eq!(get(&s, &w.admin, p).await.0, 200);
+        }
+        // A write: on SQLite its entries reach the log through the outbox.
+        let obs = json!({"resourceType": "Observation", "status": "final",
+            "code": {"text": "x"}, "subject": {"reference": "Patient/pa"}});
+        let (st, b) = fhir(
+            &s,
+            &w.admin,
+            reqwest::Method::POST,
+            "Observation",
+            Some(&obs),
+        )
+        .await;
+        assert_eq!(st, 201, "{b}");
+        for p in ["Patient/pb", "Observation/ob"] {
+            assert_eq!(get(&s2, &t2, p).await.0, 200);
+        }
+    }
+    proofs_match_the_database(&s).await;
+    proofs_match_the_database(&s2).await;
+}
+
 #[tokio::test]
 async fn python_checks_the_checkpoint_signature_and_the_proofs() {
     let (s, w) = logged().await;

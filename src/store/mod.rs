@@ -145,6 +145,8 @@ struct Outbox {
     /// that its next batch starts the write-ahead log afresh (see
     /// [`checkpoint`]).
     checkpointed: std::sync::atomic::AtomicBool,
+    /// What that writer has committed, for the log's tree.
+    committed: audit::Committed,
 }
 
 /// How long a write waits for its audit entries to reach the log once they
