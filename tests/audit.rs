@@ -197,12 +197,17 @@ async fn a_practitioners_read_is_a_balp_patient_read() {
     assert_eq!(entity(e, "4")["what"]["reference"], "Observation/oa");
 }
 
+/// A final Observation of `patient` (an id), with a text code only.
+fn observation_of(patient: &str) -> Value {
+    json!({"resourceType": "Observation", "status": "final",
+        "code": {"text": "x"}, "subject": {"reference": format!("Patient/{patient}")}})
+}
+
 #[tokio::test]
 async fn creates_updates_and_deletes_are_recorded_with_their_patient() {
     let s = TestServer::start().await;
     let w = world(&s).await;
-    let obs = json!({"resourceType": "Observation", "status": "final",
-        "code": {"text": "x"}, "subject": {"reference": "Patient/pa"}});
+    let obs = observation_of("pa");
     let (st, made) = fhir(
         &s,
         &w.admin,
@@ -291,8 +296,7 @@ async fn refused_requests_are_recorded_with_their_outcome() {
     assert_eq!(r.status(), 401);
     // A patient's token writing: 403.
     let p = patient(&s, "pb").await;
-    let obs = json!({"resourceType": "Observation", "status": "final",
-        "code": {"text": "x"}, "subject": {"reference": "Patient/pb"}});
+    let obs = observation_of("pb");
     let (st, _) = fhir(&s, &p, reqwest::Method::POST, "Observation", Some(&obs)).await;
     assert_eq!(st, 403);
     let refused = audit(&s, &w.admin, "outcome=4").await;
@@ -1482,6 +1486,20 @@ async fn a_rotated_key_signs_the_next_checkpoints_and_the_old_key_stays_publishe
     assert_eq!(r["verified"], true, "{r}");
 }
 
+/// A hash served in base64.
+fn hash_of(b64: &Value) -> [u8; 32] {
+    base64::engine::general_purpose::STANDARD
+        .decode(b64.as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap()
+}
+
+/// The hashes of a served proof.
+fn proof_of(proof: &Value) -> Vec<[u8; 32]> {
+    proof.as_array().unwrap().iter().map(hash_of).collect()
+}
+
 #[tokio::test]
 async fn export_writes_each_entry_with_an_inclusion_proof() {
     let (s, _w) = logged().await;
@@ -1499,11 +1517,7 @@ async fn export_writes_each_entry_with_an_inclusion_proof() {
     let mut lines = text.lines().filter(|l| l.starts_with('{'));
     let head: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
     let cp = &head["checkpoint"];
-    let root: [u8; 32] = base64::engine::general_purpose::STANDARD
-        .decode(cp["root"].as_str().unwrap())
-        .unwrap()
-        .try_into()
-        .unwrap();
+    let root = hash_of(&cp["root"]);
     let size = cp["size"].as_u64().unwrap();
     let mut n = 0;
     for l in lines {
@@ -1513,24 +1527,12 @@ async fn export_writes_each_entry_with_an_inclusion_proof() {
         }
         let body = e["body"].as_str().unwrap();
         let leaf: [u8; 32] = Sha256::digest(body.as_bytes()).into();
-        let proof: Vec<[u8; 32]> = e["inclusion"]["proof"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| {
-                base64::engine::general_purpose::STANDARD
-                    .decode(h.as_str().unwrap())
-                    .unwrap()
-                    .try_into()
-                    .unwrap()
-            })
-            .collect();
         assert!(ehrx::audit::tree::verify_inclusion(
             &root,
             size,
             &leaf,
             e["index"].as_u64().unwrap(),
-            &proof
+            &proof_of(&e["inclusion"]["proof"])
         ));
         n += 1;
     }
@@ -1542,7 +1544,7 @@ async fn export_writes_each_entry_with_an_inclusion_proof() {
 async fn proofs_match_the_database(s: &TestServer) {
     let cp = cli(s, &["audit", "checkpoint"], None);
     let size = cp["size"].as_u64().unwrap();
-    let root = cp["root"].as_str().unwrap();
+    let root = &cp["root"];
     let mut c = db(s).await;
     for index in 0..size {
         let digest: String = sqlx::query_scalar("SELECT digest FROM audit_entry WHERE seq = $1")
@@ -1551,28 +1553,18 @@ async fn proofs_match_the_database(s: &TestServer) {
             .await
             .unwrap();
         let r = s
-            .client
-            .get(s.url(&format!("audit/proof/inclusion?index={index}&size={size}")))
-            .send()
-            .await
-            .unwrap();
+            .get(&format!("audit/proof/inclusion?index={index}&size={size}"))
+            .await;
         assert_eq!(r.status(), 200, "entry {index}");
         let p: Value = r.json().await.unwrap();
         assert_eq!(p["leaf"], digest.as_str(), "entry {index} of {size}");
-        assert_eq!(p["root"], root, "entry {index} of {size}");
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let proof: Vec<[u8; 32]> = p["proof"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| b64.decode(h.as_str().unwrap()).unwrap().try_into().unwrap())
-            .collect();
+        assert_eq!(&p["root"], root, "entry {index} of {size}");
         assert!(ehrx::audit::tree::verify_inclusion(
-            &b64.decode(root).unwrap().try_into().unwrap(),
+            &hash_of(root),
             size,
             &hex::decode(&digest).unwrap().try_into().unwrap(),
             index,
-            &proof
+            &proof_of(&p["proof"])
         ));
     }
 }
@@ -1590,8 +1582,7 @@ async fn two_servers_appending_in_turn_each_prove_the_log_the_database_holds() {
             assert_eq!(get(&s, &w.admin, p).await.0, 200);
         }
         // A write: on SQLite its entries reach the log through the outbox.
-        let obs = json!({"resourceType": "Observation", "status": "final",
-            "code": {"text": "x"}, "subject": {"reference": "Patient/pa"}});
+        let obs = observation_of("pa");
         let (st, b) = fhir(
             &s,
             &w.admin,
